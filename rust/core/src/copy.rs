@@ -1,0 +1,92 @@
+//! Copies between private memory and ring memory that another process may be writing or
+//! reading at the same time. Ring memory is accessed only through relaxed 64-bit atomics
+//! (the "bytewise atomic memcpy" of C++ proposal P1478), so a copy that races with the
+//! producer is not undefined behaviour: it yields some mixture of bytes, which the caller
+//! detects afterwards (copy, then validate) and discards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Copies `len` bytes from `src` (private) into the ring at `dst`.
+///
+/// # Safety
+/// `dst` is 8-aligned and valid for writes of `len` rounded up to a multiple of 8 (ring
+/// records are 64-byte multiples, so the rounding stays inside the record); `src` is valid
+/// for reads of `len` bytes.
+#[inline]
+pub unsafe fn to_ring(dst: *mut u8, src: *const u8, len: usize) {
+    debug_assert!(dst as usize % 8 == 0);
+    let words = len / 8;
+    let d = dst.cast::<u64>();
+    for i in 0..words {
+        // SAFETY: i < words, so both the 8 source bytes and the destination word are in
+        // bounds; the source may be unaligned, hence read_unaligned.
+        unsafe {
+            let w = std::ptr::read_unaligned(src.add(i * 8).cast::<u64>());
+            AtomicU64::from_ptr(d.add(i)).store(w, Ordering::Relaxed);
+        }
+    }
+    let rest = len % 8;
+    if rest != 0 {
+        let mut last = [0u8; 8];
+        // SAFETY: the last `rest` source bytes are in bounds; the destination word is
+        // covered by the caller's rounding guarantee.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.add(words * 8), last.as_mut_ptr(), rest);
+            AtomicU64::from_ptr(d.add(words)).store(u64::from_ne_bytes(last), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Copies `len` bytes from the ring at `src` into private memory at `dst`.
+///
+/// # Safety
+/// `src` is 8-aligned and valid for reads of `len` rounded up to a multiple of 8; `dst`
+/// is valid for writes of `len` bytes and does not overlap the ring.
+#[inline]
+pub unsafe fn from_ring(dst: *mut u8, src: *const u8, len: usize) {
+    debug_assert!(src as usize % 8 == 0);
+    let words = len / 8;
+    let s = src.cast::<u64>().cast_mut();
+    for i in 0..words {
+        // SAFETY: i < words: in bounds on both sides; destination may be unaligned.
+        unsafe {
+            let w = AtomicU64::from_ptr(s.add(i)).load(Ordering::Relaxed);
+            std::ptr::write_unaligned(dst.add(i * 8).cast::<u64>(), w);
+        }
+    }
+    let rest = len % 8;
+    if rest != 0 {
+        // SAFETY: the source word is covered by the caller's rounding guarantee; only the
+        // `rest` bytes that belong to the destination are written.
+        unsafe {
+            let w = AtomicU64::from_ptr(s.add(words))
+                .load(Ordering::Relaxed)
+                .to_ne_bytes();
+            std::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(words * 8), rest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_length_and_misalignment() {
+        let mut ring = vec![0u64; 64];
+        for len in 0..200usize {
+            for mis in 0..8usize {
+                let src: Vec<u8> = (0..len + mis).map(|i| (i * 31 + len) as u8).collect();
+                ring.iter_mut().for_each(|w| *w = u64::MAX);
+                unsafe { to_ring(ring.as_mut_ptr().cast(), src.as_ptr().add(mis), len) };
+                let mut out = vec![0xAAu8; len + mis + 3];
+                unsafe { from_ring(out.as_mut_ptr().add(mis), ring.as_ptr().cast(), len) };
+                assert_eq!(&out[mis..mis + len], &src[mis..]);
+                assert_eq!(out[mis + len], 0xAA, "wrote past the end");
+                // The rounding bytes of the last word are zeroed, not left stale.
+                let bytes: &[u8] = unsafe { std::slice::from_raw_parts(ring.as_ptr().cast(), 512) };
+                assert!(bytes[len..len.div_ceil(8) * 8].iter().all(|&b| b == 0));
+            }
+        }
+    }
+}

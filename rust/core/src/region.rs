@@ -1,0 +1,563 @@
+//! The mapped ring file: creation, validation, mapping, and typed access to its fields.
+//!
+//! Memory another process writes is only ever touched through raw pointers and atomics
+//! (`AtomicU64::from_ptr`): no `&[u8]` or `&T` of plain data points into the mapping.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::{Error, Result};
+use crate::format::{self, off};
+
+/// What the caller wants from `Region::create`.
+#[derive(Clone, Copy, Debug)]
+pub struct CreateOptions {
+    pub capacity: u64,
+    pub schema_size: u64,
+    pub policy: u32,
+    /// Replace an existing file of another capacity or policy instead of failing.
+    pub replace: bool,
+}
+
+/// Immutable facts read from the header at open time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub capacity: u64,
+    pub data_offset: u64,
+    pub schema_offset: u64,
+    pub schema_size: u64,
+    pub session_id: u64,
+    pub policy: u32,
+    pub created_ns: i64,
+}
+
+/// A mapped ring file. The header and schema region form one mapping (writable when the
+/// file is), the data region another (writable only for the producer).
+pub struct Region {
+    path: PathBuf,
+    geometry: Geometry,
+    meta: MmapRaw,
+    data: MmapRaw,
+    header_writable: bool,
+    data_writable: bool,
+    _file: File,
+}
+
+// SAFETY: a Region only hands out raw pointers and atomic references into its mappings;
+// all cross-thread (and cross-process) access goes through atomics. The mappings live as
+// long as the Region.
+unsafe impl Send for Region {}
+// SAFETY: as above; no method takes `&self` and mutates non-atomic state.
+unsafe impl Sync for Region {}
+
+pub(crate) fn now_ns() -> i64 {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf, which we own.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == buf.len() as isize {
+        u64::from_le_bytes(buf)
+    } else {
+        // No entropy syscall: time and pid still make session ids differ between runs.
+        (now_ns() as u64) ^ ((std::process::id() as u64) << 32)
+    }
+}
+
+fn header_bytes(g: &Geometry) -> Vec<u8> {
+    let mut h = vec![0u8; format::HEADER_SIZE as usize];
+    let mut put = |at: usize, bytes: &[u8]| h[at..at + bytes.len()].copy_from_slice(bytes);
+    put(off::MAGIC, &format::MAGIC);
+    put(off::VERSION, &format::VERSION.to_le_bytes());
+    put(
+        off::HEADER_SIZE,
+        &(format::HEADER_SIZE as u32).to_le_bytes(),
+    );
+    put(off::CAPACITY, &g.capacity.to_le_bytes());
+    put(off::DATA_OFFSET, &g.data_offset.to_le_bytes());
+    put(off::SCHEMA_OFFSET, &g.schema_offset.to_le_bytes());
+    put(off::SCHEMA_SIZE, &g.schema_size.to_le_bytes());
+    put(off::SESSION_ID, &g.session_id.to_le_bytes());
+    put(off::POLICY, &g.policy.to_le_bytes());
+    put(
+        off::RECORD_ALIGN,
+        &(format::RECORD_ALIGN as u32).to_le_bytes(),
+    );
+    put(off::CREATED_NS, &g.created_ns.to_le_bytes());
+    h
+}
+
+fn u32_at(h: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(h: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(h[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Validates a header read from a file of `file_len` bytes. Pure: unit-tested on bytes.
+pub fn validate_header(path: &Path, h: &[u8], file_len: u64) -> Result<Geometry> {
+    if h.len() < 8 || h[..8] != format::MAGIC {
+        let mut m = [0u8; 8];
+        let n = h.len().min(8);
+        m[..n].copy_from_slice(&h[..n]);
+        return Err(Error::format(
+            path,
+            format!(
+                "not a rust-daq ring file (magic 0x{:016x}, expected 0x{:016x} \"RDAQRING\")",
+                u64::from_be_bytes(m),
+                u64::from_be_bytes(format::MAGIC)
+            ),
+        ));
+    }
+    if (h.len() as u64) < format::HEADER_SIZE || file_len < format::HEADER_SIZE {
+        return Err(Error::format(
+            path,
+            format!(
+                "truncated ring file: {file_len} bytes, shorter than its {}-byte header",
+                format::HEADER_SIZE
+            ),
+        ));
+    }
+    let version = u32_at(h, off::VERSION);
+    if version != format::VERSION {
+        return Err(Error::format(
+            path,
+            format!(
+                "unsupported ring layout version {version}; this rust-daq reads version {} \
+                 (upgrade rust-daq, or recreate the ring)",
+                format::VERSION
+            ),
+        ));
+    }
+    let bad = |what: String| Err(Error::format(path, format!("corrupt ring header: {what}")));
+    let header_size = u32_at(h, off::HEADER_SIZE) as u64;
+    if header_size != format::HEADER_SIZE {
+        return bad(format!(
+            "header size {header_size}, expected {}",
+            format::HEADER_SIZE
+        ));
+    }
+    let align = u32_at(h, off::RECORD_ALIGN) as u64;
+    if align != format::RECORD_ALIGN {
+        return bad(format!(
+            "record alignment {align}, expected {}",
+            format::RECORD_ALIGN
+        ));
+    }
+    let g = Geometry {
+        capacity: u64_at(h, off::CAPACITY),
+        data_offset: u64_at(h, off::DATA_OFFSET),
+        schema_offset: u64_at(h, off::SCHEMA_OFFSET),
+        schema_size: u64_at(h, off::SCHEMA_SIZE),
+        session_id: u64_at(h, off::SESSION_ID),
+        policy: u32_at(h, off::POLICY),
+        created_ns: u64_at(h, off::CREATED_NS) as i64,
+    };
+    if g.capacity < format::MIN_CAPACITY
+        || g.capacity > format::MAX_CAPACITY
+        || g.capacity % format::RECORD_ALIGN != 0
+    {
+        return bad(format!(
+            "capacity {} is not a multiple of 64 between {} and {}",
+            g.capacity,
+            format::MIN_CAPACITY,
+            format::MAX_CAPACITY
+        ));
+    }
+    if g.schema_offset != format::HEADER_SIZE
+        || g.schema_size % 4096 != 0
+        || g.schema_size > 1 << 32
+    {
+        return bad(format!(
+            "schema region at {} of {} bytes",
+            g.schema_offset, g.schema_size
+        ));
+    }
+    if g.data_offset != g.schema_offset + g.schema_size {
+        return bad(format!(
+            "data offset {}, expected {}",
+            g.data_offset,
+            g.schema_offset + g.schema_size
+        ));
+    }
+    if g.policy != format::POLICY_OVERWRITE && g.policy != format::POLICY_BLOCK {
+        return bad(format!("unknown policy {}", g.policy));
+    }
+    let expected = g.data_offset + g.capacity;
+    if file_len != expected {
+        return Err(Error::format(
+            path,
+            format!(
+                "ring file is {file_len} bytes but its header describes {expected} bytes \
+                 (capacity {}): truncated or not a ring",
+                g.capacity
+            ),
+        ));
+    }
+    // Positions: loaded in an order in which the producer's updates keep these relations
+    // true at every instant (write_pos is stored after oldest_pos and before commit_pos).
+    let read_tail = u64_at(h, off::READ_TAIL);
+    let commit = u64_at(h, off::COMMIT_POS);
+    let write = u64_at(h, off::WRITE_POS);
+    let oldest = u64_at(h, off::OLDEST_POS);
+    let c = g.capacity;
+    let limit = 1u64 << 62;
+    if write >= limit || oldest >= limit || read_tail >= limit {
+        return bad(format!(
+            "positions out of range (write {write}, oldest {oldest}, read_tail {read_tail})"
+        ));
+    }
+    if commit > write || write > oldest + c || oldest > write + c {
+        return bad(format!("inconsistent positions (write {write}, commit {commit}, oldest {oldest}, capacity {c})"));
+    }
+    if read_tail > commit
+        || [write, commit, oldest, read_tail]
+            .iter()
+            .any(|p| p % format::RECORD_ALIGN != 0)
+    {
+        return bad(format!(
+            "misaligned or impossible positions (read_tail {read_tail}, commit {commit})"
+        ));
+    }
+    Ok(g)
+}
+
+impl Region {
+    /// Creates a new ring file atomically: written in full under a temporary name in the
+    /// same directory, then linked into place (or renamed over, with `replace`). Returns
+    /// `Ok(None)` if a file already exists at `path` and `replace` is false.
+    pub fn create_new(path: &Path, opts: CreateOptions) -> Result<Option<()>> {
+        let g = Geometry {
+            capacity: opts.capacity,
+            data_offset: format::HEADER_SIZE + opts.schema_size,
+            schema_offset: format::HEADER_SIZE,
+            schema_size: opts.schema_size,
+            session_id: random_u64(),
+            policy: opts.policy,
+            created_ns: now_ns(),
+        };
+        let total = g.data_offset + g.capacity;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path.file_name().ok_or_else(|| {
+            Error::invalid(format!("ring path {} has no file name", path.display()))
+        })?;
+        let tmp = dir.join(format!(
+            ".{}.{}.{:x}.tmp",
+            name.to_string_lossy(),
+            std::process::id(),
+            random_u64()
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(|e| Error::io("cannot create ring file in", &dir, e))?;
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
+        reserve_space(&file, total, &dir).map_err(cleanup)?;
+        file.write_all_at(&header_bytes(&g), 0)
+            .map_err(|e| cleanup(Error::io("cannot write ring header to", &tmp, e)))?;
+        if opts.replace {
+            // rename(2) replaces the directory entry itself; it never follows a symlink there.
+            std::fs::rename(&tmp, path)
+                .map_err(|e| cleanup(Error::io("cannot move new ring into place at", path, e)))?;
+            return Ok(Some(()));
+        }
+        // link(2) fails if anything (file or symlink) exists at `path`: no clobbering races.
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(Some(())),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(Error::io("cannot create ring file", path, e)),
+        }
+    }
+
+    /// Opens and maps an existing ring. `producer` maps the data region writable and
+    /// requires write access; otherwise write access to the header is used when the file
+    /// permits it (readers record `read_tail` and sleep on futexes there).
+    pub fn open(path: &Path, producer: bool, nofollow: bool) -> Result<Region> {
+        let flags = libc::O_CLOEXEC | if nofollow { libc::O_NOFOLLOW } else { 0 };
+        let rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path);
+        let (file, writable) = match rw {
+            Ok(f) => (f, true),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied && !producer => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(flags)
+                    .open(path)
+                    .map_err(|e| Error::io("cannot open ring", path, e))?;
+                (f, false)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(Error::io(
+                    "refusing to follow a symlink at ring path",
+                    path,
+                    e,
+                ))
+            }
+            Err(e) => return Err(Error::io("cannot open ring", path, e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat ring", path, e))?;
+        if !meta.is_file() {
+            return Err(Error::format(path, "not a regular file, so not a ring"));
+        }
+        let file_len = meta.len();
+        // Read the header with pread, not through a mapping: a short file gives a short
+        // read here, never a SIGBUS.
+        let mut h = vec![0u8; format::HEADER_SIZE as usize];
+        let n = read_prefix(&file, &mut h)
+            .map_err(|e| Error::io("cannot read ring header of", path, e))?;
+        h.truncate(n);
+        let g = validate_header(path, &h, file_len)?;
+        let mut meta_opts = MmapOptions::new();
+        meta_opts.offset(0).len(g.data_offset as usize);
+        let meta_map = if writable {
+            meta_opts.map_raw(&file)
+        } else {
+            meta_opts.map_raw_read_only(&file)
+        }
+        .map_err(|e| Error::io("cannot map ring header of", path, e))?;
+        let mut data_opts = MmapOptions::new();
+        data_opts.offset(g.data_offset).len(g.capacity as usize);
+        let data_map = if producer {
+            data_opts.map_raw(&file)
+        } else {
+            data_opts.map_raw_read_only(&file)
+        }
+        .map_err(|e| map_error(path, g.capacity, e))?;
+        Ok(Region {
+            path: path.to_path_buf(),
+            geometry: g,
+            meta: meta_map,
+            data: data_map,
+            header_writable: writable,
+            data_writable: producer,
+            _file: file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+    pub fn capacity(&self) -> u64 {
+        self.geometry.capacity
+    }
+    pub fn header_writable(&self) -> bool {
+        self.header_writable
+    }
+    pub fn data_writable(&self) -> bool {
+        self.data_writable
+    }
+
+    /// An atomic view of a 64-bit header field.
+    #[inline(always)]
+    pub fn h64(&self, field: usize) -> &AtomicU64 {
+        debug_assert!(field % 8 == 0 && field + 8 <= format::HEADER_SIZE as usize);
+        // SAFETY: `field` is one of the `format::off` constants: 8-aligned and inside the
+        // header page, which is inside `meta` (mapped for the Region's lifetime, and
+        // page-aligned so the address is 8-aligned). Access is atomic, so concurrent writes
+        // by other processes are not data races on our side.
+        unsafe { AtomicU64::from_ptr(self.meta.as_mut_ptr().add(field).cast()) }
+    }
+
+    /// An atomic view of a 32-bit header field.
+    #[inline(always)]
+    pub fn h32(&self, field: usize) -> &AtomicU32 {
+        debug_assert!(field % 4 == 0 && field + 4 <= format::HEADER_SIZE as usize);
+        // SAFETY: as for `h64`, with 4-byte alignment.
+        unsafe { AtomicU32::from_ptr(self.meta.as_mut_ptr().add(field).cast()) }
+    }
+
+    /// An atomic view of a 64-bit field of the record header at data offset `at`.
+    #[inline(always)]
+    pub fn r64(&self, at: u64, field: usize) -> &AtomicU64 {
+        assert!(
+            at % format::RECORD_ALIGN == 0
+                && at + format::RECORD_HEADER_SIZE <= self.geometry.capacity
+        );
+        // SAFETY: checked above: the 64-byte record header at `at` lies inside the data
+        // mapping and is 64-aligned (the mapping is page-aligned); `field` < 64 and
+        // 8-aligned. Atomic access only.
+        unsafe { AtomicU64::from_ptr(self.data.as_mut_ptr().add(at as usize + field).cast()) }
+    }
+
+    /// An atomic view of a 32-bit field of the record header at data offset `at`.
+    #[inline(always)]
+    pub fn r32(&self, at: u64, field: usize) -> &AtomicU32 {
+        assert!(
+            at % format::RECORD_ALIGN == 0
+                && at + format::RECORD_HEADER_SIZE <= self.geometry.capacity
+        );
+        // SAFETY: as for `r64`, with a 4-aligned field.
+        unsafe { AtomicU32::from_ptr(self.data.as_mut_ptr().add(at as usize + field).cast()) }
+    }
+
+    /// Start of the data region in this process. Only for raw-pointer use.
+    #[inline(always)]
+    pub fn data_ptr(&self) -> *mut u8 {
+        self.data.as_mut_ptr()
+    }
+
+    /// Start of the schema region in this process. Only for raw-pointer use.
+    pub fn schema_ptr(&self) -> *mut u8 {
+        // SAFETY: schema_offset (== HEADER_SIZE) < data_offset == meta's length.
+        unsafe {
+            self.meta
+                .as_mut_ptr()
+                .add(self.geometry.schema_offset as usize)
+        }
+    }
+}
+
+fn read_prefix(file: &File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn map_error(path: &Path, capacity: u64, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        Error::config(format!(
+            "cannot map a {capacity}-byte ring ({}): not enough address space or memory",
+            path.display()
+        ))
+    } else {
+        Error::io("cannot map ring data of", path, e)
+    }
+}
+
+/// Allocates every block of the file now, so that a full filesystem (a full /dev/shm)
+/// is an error here rather than a SIGBUS on first touch of a page later.
+fn reserve_space(file: &File, total: u64, dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = i64::try_from(total)
+        .map_err(|_| Error::config(format!("ring of {total} bytes is too large")))?;
+    // SAFETY: plain syscall on a file descriptor we own.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    match rc {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => {
+            let free = free_bytes(dir)
+                .map(|f| format!("{f} bytes free"))
+                .unwrap_or_else(|| "free space unknown".into());
+            Err(Error::config(format!(
+                "not enough space for a {total}-byte ring in {} ({free}); choose a smaller capacity",
+                dir.display()
+            )))
+        }
+        // Filesystems without fallocate: fall back to a sparse file.
+        libc::EOPNOTSUPP | libc::EINVAL => file
+            .set_len(total)
+            .map_err(|e| Error::io("cannot size ring file in", dir, e)),
+        e => Err(Error::io(
+            "cannot allocate ring file in",
+            dir,
+            io::Error::from_raw_os_error(e),
+        )),
+    }
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> (Vec<u8>, u64) {
+        let g = Geometry {
+            capacity: 8192,
+            data_offset: format::HEADER_SIZE + 4096,
+            schema_offset: format::HEADER_SIZE,
+            schema_size: 4096,
+            session_id: 7,
+            policy: 0,
+            created_ns: 1,
+        };
+        (header_bytes(&g), g.data_offset + g.capacity)
+    }
+
+    #[test]
+    fn accepts_a_fresh_header() {
+        let (h, len) = good();
+        let g = validate_header(Path::new("r"), &h, len).unwrap();
+        assert_eq!(g.capacity, 8192);
+        assert_eq!(g.session_id, 7);
+    }
+
+    #[test]
+    fn rejects_bad_headers_with_reasons() {
+        let p = Path::new("r");
+        let (h, len) = good();
+        let msg = |h: &[u8], len: u64| validate_header(p, h, len).unwrap_err().to_string();
+        let mut m = h.clone();
+        m[0] = b'X';
+        assert!(msg(&m, len).contains("not a rust-daq ring file"));
+        let mut v = h.clone();
+        v[off::VERSION] = 9;
+        assert!(msg(&v, len).contains("unsupported ring layout version 9"));
+        assert!(msg(&h, len - 1).contains("truncated or not a ring"));
+        assert!(msg(&h[..100], 100).contains("truncated ring file"));
+        let mut c = h.clone();
+        c[off::CAPACITY..off::CAPACITY + 8].copy_from_slice(&8193u64.to_le_bytes());
+        assert!(msg(&c, len).contains("capacity 8193"));
+        let mut w = h.clone();
+        w[off::WRITE_POS..off::WRITE_POS + 8].copy_from_slice(&(1u64 << 63).to_le_bytes());
+        assert!(msg(&w, len).contains("positions out of range"));
+        let mut o = h.clone();
+        o[off::WRITE_POS..off::WRITE_POS + 8].copy_from_slice(&(64 * 1000u64).to_le_bytes());
+        assert!(msg(&o, len).contains("inconsistent positions"));
+        let mut pol = h.clone();
+        pol[off::POLICY] = 5;
+        assert!(msg(&pol, len).contains("unknown policy 5"));
+    }
+}

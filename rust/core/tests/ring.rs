@@ -1,0 +1,515 @@
+//! Tier-1 tests of the ring core, through its public API, on real files in /dev/shm
+//! (or the temp dir where there is none).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rust_daq_core::format::{self, off};
+use rust_daq_core::{ClaimResult, Error, Next, Policy, Reader, Ring, Start};
+
+struct TempRing(PathBuf);
+
+impl TempRing {
+    fn new(tag: &str) -> TempRing {
+        let dir = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        TempRing(dir.join(format!("rdaq-test-{tag}-{}-{n}", std::process::id())))
+    }
+}
+impl Drop for TempRing {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// xorshift64*: deterministic sizes without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A payload that carries its own index and a checksum of everything else.
+fn payload(index: u64, len: usize) -> Vec<u8> {
+    let len = len.max(16);
+    let mut v = vec![0u8; len];
+    v[..8].copy_from_slice(&index.to_le_bytes());
+    for (i, b) in v[16..].iter_mut().enumerate() {
+        *b = (index as usize * 31 + i * 7) as u8;
+    }
+    let sum = fnv(&v[16..]);
+    v[8..16].copy_from_slice(&sum.to_le_bytes());
+    v
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn check(p: &[u8]) -> u64 {
+    let idx = u64::from_le_bytes(p[..8].try_into().unwrap());
+    let sum = u64::from_le_bytes(p[8..16].try_into().unwrap());
+    assert_eq!(sum, fnv(&p[16..]), "payload of record {idx} is corrupt");
+    idx
+}
+
+fn drain(rd: &mut Reader) -> Vec<(u64, Vec<u8>)> {
+    let mut out = vec![];
+    while let Some((rec, buf)) = rd.next_copy().unwrap() {
+        out.push((rec.seq, buf));
+    }
+    out
+}
+
+#[test]
+fn records_round_trip_in_order_with_sequence_numbers() {
+    let t = TempRing::new("roundtrip");
+    let (ring, mut p) = Ring::create(&t.0, 64 * 1024, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    for i in 0..100u64 {
+        let seq = p
+            .write(
+                &payload(i, 16 + i as usize * 3),
+                7,
+                Some(i as i64 * 10),
+                Duration::ZERO,
+            )
+            .unwrap();
+        assert_eq!(seq, i);
+    }
+    let got = drain(&mut rd);
+    assert_eq!(got.len(), 100);
+    for (i, (seq, buf)) in got.iter().enumerate() {
+        assert_eq!(*seq, i as u64);
+        assert_eq!(buf.len(), 16 + i * 3);
+        assert_eq!(check(buf), i as u64);
+    }
+    assert_eq!(rd.lost(), 0);
+    let st = ring.status();
+    assert_eq!(st.next_seq, 100);
+    assert_eq!(st.commit_pos, st.write_pos);
+    assert_eq!(st.producer_pid, Some(std::process::id()));
+}
+
+#[test]
+fn zero_length_records_and_exact_fit() {
+    let t = TempRing::new("sizes");
+    let (ring, mut p) = Ring::create(&t.0, 4096, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    p.write(&[], 0, None, Duration::ZERO).unwrap();
+    // The largest record fills the whole data region.
+    let max = vec![0xABu8; ring.max_payload() as usize];
+    p.write(&max, 0, None, Duration::ZERO).unwrap();
+    let got = drain(&mut rd);
+    // The zero-length record was overwritten by the full-size one before we read.
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, max);
+    assert_eq!(rd.lost(), 1);
+    let too_big = vec![0u8; ring.max_payload() as usize + 1];
+    match p.write(&too_big, 0, None, Duration::ZERO) {
+        Err(Error::TooLarge {
+            payload,
+            max_payload,
+        }) => {
+            assert_eq!(payload, 4033);
+            assert_eq!(max_payload, 4032);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_record_never_straddles_the_end_padding_fills_the_gap() {
+    let t = TempRing::new("padding");
+    let (ring, mut p) = Ring::create(&t.0, 4096, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    // 3 records of 1024+64 bytes = 3264; the 4th (1088) does not fit in the 832 left.
+    for i in 0..4u64 {
+        p.write(&payload(i, 1024), 0, None, Duration::ZERO).unwrap();
+    }
+    let st = ring.status();
+    assert_eq!(
+        st.write_pos,
+        4096 + 1088,
+        "4th record starts after 832 bytes of padding"
+    );
+    // The padding record at 3264 is committed and typed as padding.
+    let at = 3 * 1088;
+    assert_eq!(
+        ring.region().r32(at, off::R_TYPE).load(Ordering::Relaxed),
+        format::TYPE_PADDING
+    );
+    assert_eq!(
+        ring.region().r64(at, off::R_COMMIT).load(Ordering::Relaxed),
+        format::COMMITTED | 832
+    );
+    // Readers see the three surviving... the first was reclaimed for the 4th.
+    let got = drain(&mut rd);
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(rd.lost(), 1);
+    for (seq, buf) in &got {
+        assert_eq!(check(buf), *seq);
+    }
+}
+
+#[test]
+fn lapped_reader_jumps_to_oldest_and_counts_exactly() {
+    let t = TempRing::new("lapping");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let mut rng = Rng(42);
+    let mut slow = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    let mut fast = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    let mut fast_seen = 0u64;
+    let mut slow_seen = vec![];
+    let n = 5000u64;
+    for i in 0..n {
+        p.write(
+            &payload(i, 16 + rng.below(900) as usize),
+            0,
+            None,
+            Duration::ZERO,
+        )
+        .unwrap();
+        fast_seen += drain(&mut fast).len() as u64;
+        if i % 97 == 0 {
+            slow_seen.extend(drain(&mut slow).into_iter().map(|(s, b)| {
+                assert_eq!(check(&b), s);
+                s
+            }));
+        }
+    }
+    slow_seen.extend(drain(&mut slow).into_iter().map(|(s, _)| s));
+    assert_eq!(fast_seen, n);
+    assert_eq!(fast.lost(), 0);
+    assert!(
+        slow_seen.windows(2).all(|w| w[0] < w[1]),
+        "delivered in order"
+    );
+    assert!(slow.lost() > 0);
+    assert_eq!(
+        slow_seen.len() as u64 + slow.lost(),
+        n,
+        "delivered + lost == written"
+    );
+    assert_eq!(*slow_seen.last().unwrap(), n - 1);
+    // The producer's own count: everything nobody committed as consumed was lost.
+    let st = ring.status();
+    let survivors = {
+        let mut r = Reader::new(ring.clone(), Start::Oldest).unwrap();
+        drain(&mut r).len() as u64
+    };
+    assert_eq!(st.records_lost + survivors, n);
+}
+
+#[test]
+fn uncommitted_records_are_invisible_and_abort_reuses_the_sequence() {
+    let t = TempRing::new("commit");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    let c = match p.try_claim(100, 3, Some(5)).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    assert_eq!(rd.peek().unwrap(), Next::Busy { seq: 0 });
+    assert!(rd.next_copy().unwrap().is_none());
+    // A second claim while one is pending is refused.
+    assert!(matches!(
+        p.try_claim(8, 0, None),
+        Err(Error::Invalid { .. })
+    ));
+    unsafe { p.fill(&c, payload(0, 100).as_ptr(), 100) };
+    p.abort(c).unwrap();
+    assert!(
+        rd.next_copy().unwrap().is_none(),
+        "aborted record is padding"
+    );
+    let seq = p
+        .write(&payload(0, 100), 3, Some(5), Duration::ZERO)
+        .unwrap();
+    assert_eq!(seq, 0, "the aborted sequence number is reused");
+    let (rec, buf) = rd.next_copy().unwrap().unwrap();
+    assert_eq!((rec.seq, rec.stream, rec.timestamp_ns), (0, 3, 5));
+    assert_eq!(check(&buf), 0);
+    assert_eq!(rd.lost(), 0);
+}
+
+#[test]
+fn producer_killed_mid_record_leaves_nothing_readable_and_restart_continues() {
+    let t = TempRing::new("crash");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    for i in 0..3u64 {
+        p.write(&payload(i, 40), 0, None, Duration::ZERO).unwrap();
+    }
+    let c = match p.try_claim(64, 0, None).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    unsafe { p.fill(&c, [0xEEu8; 32].as_ptr(), 32) };
+    // Simulate SIGKILL: the process vanishes without running Drop; its pid is gone.
+    std::mem::forget(p);
+    ring.region().h64(off::PRODUCER_LOCK).store(
+        rust_daq_core::lock::lock_word(0x7fff_fff0, 1),
+        Ordering::Release,
+    );
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    assert_eq!(drain(&mut rd).len(), 3);
+    assert_eq!(rd.peek().unwrap(), Next::Busy { seq: 3 });
+    let (ring2, mut p2) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    assert_eq!(p2.took_over_from(), Some(0x7fff_fff0));
+    assert_eq!(
+        p2.next_seq(),
+        3,
+        "sequence continues; the torn record's number is reused"
+    );
+    assert_eq!(
+        rd.peek().unwrap(),
+        Next::Empty,
+        "the torn record became padding"
+    );
+    assert_eq!(
+        p2.write(&payload(3, 40), 0, None, Duration::ZERO).unwrap(),
+        3
+    );
+    let got = drain(&mut rd);
+    assert_eq!(got.len(), 1);
+    assert_eq!(check(&got[0].1), 3);
+    assert_eq!(rd.lost(), 0);
+    drop(ring2);
+}
+
+#[test]
+fn one_producer_per_ring() {
+    let t = TempRing::new("lock");
+    let (_ring, p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    match Ring::open(&t.0, true) {
+        Err(Error::ProducerActive {
+            pid,
+            this_process: true,
+        }) => assert_eq!(pid, std::process::id()),
+        other => panic!("expected ProducerActive, got {:?}", other.map(|_| ())),
+    }
+    drop(p);
+    let (_r2, p2) = Ring::open(&t.0, true).unwrap();
+    assert!(p2.is_some());
+}
+
+#[test]
+fn reopen_keeps_data_other_capacity_needs_replace() {
+    let t = TempRing::new("reopen");
+    {
+        let (_r, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+        for i in 0..5u64 {
+            p.write(&payload(i, 30), 0, None, Duration::ZERO).unwrap();
+        }
+    }
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    assert_eq!(
+        p.write(&payload(5, 30), 0, None, Duration::ZERO).unwrap(),
+        5
+    );
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    assert_eq!(
+        drain(&mut rd).iter().map(|g| g.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4, 5]
+    );
+    drop(p);
+    let err = Ring::create(&t.0, 16384, Policy::Overwrite, false)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("capacity 8192"), "{err}");
+    let err = Ring::create(&t.0, 8192, Policy::Block, false)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("policy \"overwrite\""), "{err}");
+    let (ring3, _p3) = Ring::create(&t.0, 16384, Policy::Overwrite, true).unwrap();
+    assert_eq!(ring3.capacity(), 16384);
+    assert_eq!(ring3.status().next_seq, 0);
+    assert_ne!(ring3.session_id(), ring.session_id());
+}
+
+#[test]
+fn bad_capacities_are_refused() {
+    let t = TempRing::new("cap");
+    for (cap, needle) in [
+        (0u64, "greater than 0"),
+        (100, "too small"),
+        (1 << 50, "beyond what can be mapped"),
+    ] {
+        let e = Ring::create(&t.0, cap, Policy::Overwrite, false)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.to_string().contains(needle), "{cap}: {e}");
+    }
+    assert!(!t.0.exists());
+    // Unaligned capacities are rounded up to the record alignment.
+    let (ring, _p) = Ring::create(&t.0, 5000, Policy::Overwrite, false).unwrap();
+    assert_eq!(ring.capacity(), 5056);
+}
+
+#[test]
+fn start_positions_latest_and_tail() {
+    let t = TempRing::new("start");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    for i in 0..10u64 {
+        p.write(&payload(i, 20), 0, None, Duration::ZERO).unwrap();
+    }
+    let mut primary = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    for _ in 0..4 {
+        primary.next_copy().unwrap().unwrap();
+    }
+    primary.commit().unwrap();
+    assert_eq!(ring.status().read_tail_seq, 4);
+    let mut latest = Reader::new(ring.clone(), Start::Latest).unwrap();
+    let mut tail = Reader::new(ring.clone(), Start::Tail).unwrap();
+    p.write(&payload(10, 20), 0, None, Duration::ZERO).unwrap();
+    assert_eq!(
+        drain(&mut latest).iter().map(|g| g.0).collect::<Vec<_>>(),
+        vec![10]
+    );
+    assert_eq!(
+        drain(&mut tail).iter().map(|g| g.0).collect::<Vec<_>>(),
+        (4..11).collect::<Vec<_>>()
+    );
+    assert_eq!((latest.lost(), tail.lost()), (0, 0));
+    // A tail that was lapped: the reader counts what the consumer never saw.
+    for i in 11..400u64 {
+        p.write(&payload(i, 20), 0, None, Duration::ZERO).unwrap();
+    }
+    let mut late = Reader::new(ring.clone(), Start::Tail).unwrap();
+    let got = drain(&mut late);
+    assert_eq!(got.last().unwrap().0, 399);
+    assert_eq!(got.len() as u64 + late.lost(), 400 - 4);
+}
+
+#[test]
+fn snapshot_and_advance_tail_follow_the_original_api() {
+    let t = TempRing::new("snapshot");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    for i in 0..3u64 {
+        p.write(&payload(i, 100), 0, None, Duration::ZERO).unwrap();
+    }
+    let (start, snap) = ring.read_snapshot();
+    assert_eq!(start, 0);
+    assert_eq!(snap.len(), 3 * 192);
+    // The snapshot is framed records: the second record's header says position 192.
+    assert_eq!(
+        u64::from_le_bytes(snap[192 + 24..192 + 32].try_into().unwrap()),
+        192
+    );
+    assert_eq!(check(&snap[64..64 + 100]), 0);
+    let e = ring.advance_tail(100).unwrap_err();
+    assert!(e.to_string().contains("inside a record"), "{e}");
+    let e = ring.advance_tail(10_000).unwrap_err();
+    assert!(e.to_string().contains("past the committed data"), "{e}");
+    assert_eq!(ring.advance_tail(192).unwrap(), 192);
+    assert_eq!(ring.status().read_tail_seq, 1);
+    assert_eq!(ring.read_snapshot().1.len(), 2 * 192);
+    ring.advance_tail(2 * 192).unwrap();
+    assert!(ring.read_snapshot().1.is_empty());
+    assert_eq!(ring.status().read_tail_seq, 3);
+}
+
+#[test]
+fn block_policy_waits_for_the_consumer_and_loses_nothing() {
+    let t = TempRing::new("block");
+    let (ring, mut p) = Ring::create(&t.0, 4096, Policy::Block, false).unwrap();
+    // 1024-byte payloads: 3 fit (3 * 1088 = 3264 of 4096).
+    for i in 0..3u64 {
+        p.write(&payload(i, 1024), 0, None, Duration::ZERO).unwrap();
+    }
+    let e = p
+        .write(&payload(3, 1024), 0, None, Duration::from_millis(20))
+        .unwrap_err();
+    assert!(matches!(e, Error::Full { .. }), "{e}");
+    assert_eq!(
+        ring.status().next_seq,
+        3,
+        "a timed-out write leaves nothing behind"
+    );
+    let consumer_ring = ring.clone();
+    let consumer = std::thread::spawn(move || {
+        let mut rd = Reader::new(consumer_ring, Start::Tail).unwrap();
+        let mut seen = vec![];
+        while seen.len() < 200 {
+            match rd.next_copy().unwrap() {
+                Some((rec, buf)) => {
+                    assert_eq!(check(&buf), rec.seq);
+                    seen.push(rec.seq);
+                    rd.commit().unwrap();
+                }
+                None => rd.wait(Duration::from_millis(50)),
+            }
+        }
+        (seen, rd.lost())
+    });
+    for i in 3..200u64 {
+        p.write(&payload(i, 1024), 0, None, Duration::from_secs(10))
+            .unwrap();
+    }
+    let (seen, lost) = consumer.join().unwrap();
+    assert_eq!(seen, (0..200).collect::<Vec<_>>());
+    assert_eq!(lost, 0);
+    assert_eq!(ring.status().records_lost, 0);
+}
+
+#[test]
+fn threaded_stress_many_laps_every_record_intact_or_counted() {
+    let t = TempRing::new("stress");
+    let (ring, mut p) = Ring::create(&t.0, 64 * 1024, Policy::Overwrite, false).unwrap();
+    let n = 200_000u64;
+    let readers: Vec<_> = (0..2)
+        .map(|k| {
+            // Created before the producer starts: every record is this reader's to count.
+            let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+            std::thread::spawn(move || {
+                let mut last = None;
+                let mut delivered = 0u64;
+                loop {
+                    match rd.next_copy().unwrap() {
+                        Some((rec, buf)) => {
+                            assert_eq!(check(&buf), rec.seq, "reader {k}");
+                            assert!(last.is_none_or(|l| rec.seq > l), "reader {k} out of order");
+                            last = Some(rec.seq);
+                            delivered += 1;
+                            if rec.seq == n - 1 {
+                                return (delivered, rd.lost());
+                            }
+                        }
+                        None => rd.wait(Duration::from_millis(10)),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut rng = Rng(7);
+    for i in 0..n {
+        let len = if rng.below(100) == 0 {
+            16 + rng.below(16 * 1024)
+        } else {
+            16 + rng.below(200)
+        };
+        p.write(&payload(i, len as usize), 0, None, Duration::ZERO)
+            .unwrap();
+    }
+    for r in readers {
+        let (delivered, lost) = r.join().unwrap();
+        assert_eq!(delivered + lost, n, "delivered {delivered} + lost {lost}");
+    }
+}
