@@ -1,1 +1,25 @@
-//! placeholder
+//! `rust_daq._native`: the PyO3 layer over `rust-daq-core`. It translates types, errors and
+//! the GIL; the ring logic lives in the core crate.
+
+mod buffer;
+mod errors;
+mod reader;
+mod ring;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ring::RingBuffer>()?;
+    m.add_class::<reader::RingReader>()?;
+    m.add_class::<reader::Record>()?;
+    m.add_class::<buffer::MapView>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "RECORD_HEADER_SIZE",
+        rust_daq_core::format::RECORD_HEADER_SIZE,
+    )?;
+    m.add("RECORD_ALIGN", rust_daq_core::format::RECORD_ALIGN)?;
+    m.add("FORMAT_VERSION", rust_daq_core::format::VERSION)?;
+    Ok(())
+}

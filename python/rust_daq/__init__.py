@@ -1,0 +1,39 @@
+"""rust-daq: a lossless data plane for laboratory acquisition.
+
+A Rust ring buffer in shared memory (:class:`RingBuffer`), read by any number of processes
+(:class:`RingReader`), zero-copy through numpy.
+"""
+
+from ._errors import (
+    ProducerActiveError,
+    ReadOnlyRingError,
+    RecordTooLargeError,
+    RingClosedError,
+    RingConfigError,
+    RingCorruptError,
+    RingFormatError,
+    RingFullError,
+    RingUsageError,
+    RustDaqError,
+)
+from ._native import FORMAT_VERSION, Record, __version__
+from ._ring import RingBuffer, RingReader, resolve_ring_path
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ProducerActiveError",
+    "ReadOnlyRingError",
+    "Record",
+    "RecordTooLargeError",
+    "RingBuffer",
+    "RingClosedError",
+    "RingConfigError",
+    "RingCorruptError",
+    "RingFormatError",
+    "RingFullError",
+    "RingReader",
+    "RingUsageError",
+    "RustDaqError",
+    "__version__",
+    "resolve_ring_path",
+]

@@ -1,0 +1,67 @@
+"""The exceptions rust-daq raises. One hierarchy rooted at :class:`RustDaqError`; each
+class also derives from the built-in exception whose meaning it shares, so ``except
+ValueError`` or ``except TimeoutError`` code keeps working.
+
+Operating-system failures (a missing directory, permission denied, no space) are raised
+as the built-in :class:`OSError` subclasses (``FileNotFoundError``, ``PermissionError``...)
+with the path in the message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ProducerActiveError",
+    "ReadOnlyRingError",
+    "RecordTooLargeError",
+    "RingClosedError",
+    "RingConfigError",
+    "RingCorruptError",
+    "RingFormatError",
+    "RingFullError",
+    "RingUsageError",
+    "RustDaqError",
+]
+
+
+class RustDaqError(Exception):
+    """Base class of every error rust-daq raises on purpose."""
+
+
+class RingFormatError(RustDaqError, ValueError):
+    """The file is not a usable ring: wrong magic, unsupported layout version, truncated,
+    or a header that contradicts itself or the file size."""
+
+
+class RingCorruptError(RingFormatError):
+    """Record data inside a ring is inconsistent (found while reading)."""
+
+
+class RingConfigError(RustDaqError, ValueError):
+    """An impossible ring configuration (capacity 0 or too large, unknown policy) or one
+    that contradicts the existing ring at that path (capacity, policy)."""
+
+
+class RecordTooLargeError(RustDaqError, ValueError):
+    """A record does not fit in the ring; the message gives the largest that does."""
+
+
+class ReadOnlyRingError(RustDaqError, PermissionError):
+    """A write through a handle that is not the ring's producer."""
+
+
+class ProducerActiveError(RustDaqError, RuntimeError):
+    """Another live process (or another handle in this one) is the ring's producer."""
+
+
+class RingFullError(RustDaqError, TimeoutError):
+    """``policy="block"``: the consumer did not free room before the timeout. Nothing of
+    the record was written."""
+
+
+class RingClosedError(RustDaqError, ValueError):
+    """An operation on a closed ring handle."""
+
+
+class RingUsageError(RustDaqError, ValueError):
+    """A call that cannot be honoured in the ring's current state (advancing the tail past
+    the data or into a record, committing a reservation that is not pending...)."""

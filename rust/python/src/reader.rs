@@ -1,0 +1,239 @@
+//! `RingReader` and `Record`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyMemoryView};
+use rust_daq_core::{Next, Reader, RecordRef, Ring, Start};
+
+use crate::buffer::{MapView, SendPtr};
+use crate::errors::IntoPy;
+use crate::ring::{lock_detached, RingBuffer};
+
+/// Payloads at least this large are copied with the GIL released.
+const DETACH_COPY_BYTES: u64 = 256 * 1024;
+/// Longest sleep between two checks for Ctrl-C while waiting.
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+
+/// One record read from the ring.
+#[pyclass(frozen, module = "rust_daq._native")]
+pub struct Record {
+    /// Sequence number: 0, 1, 2... per ring, across producer restarts.
+    #[pyo3(get)]
+    seq: u64,
+    /// Wall-clock time in ns since the epoch (given by the writer, or taken at the write).
+    #[pyo3(get)]
+    timestamp_ns: i64,
+    /// Stream id the record was written under.
+    #[pyo3(get)]
+    stream: u32,
+    /// Absolute position of the record in the ring.
+    #[pyo3(get)]
+    position: u64,
+    /// Schema id (Arrow streams) and flags from the record header.
+    #[pyo3(get)]
+    schema_id: u32,
+    #[pyo3(get)]
+    flags: u32,
+    /// The payload: `bytes` (copy=True) or a read-only `memoryview` into the ring (copy=False).
+    #[pyo3(get)]
+    data: Py<PyAny>,
+    /// Set for zero-copy records: the ring the view points into.
+    view_of: Option<Arc<Ring>>,
+}
+
+#[pymethods]
+impl Record {
+    /// Whether `data` still holds this record. Always True for copies; for zero-copy views,
+    /// False once the producer has reclaimed the space (then discard what was read from it).
+    /// Call it after using the data: True covers every read made before the call.
+    fn valid(&self) -> bool {
+        self.view_of
+            .as_ref()
+            .is_none_or(|ring| ring.still_valid(self.position))
+    }
+
+    /// True if `data` is a zero-copy view into the ring.
+    #[getter]
+    fn zero_copy(&self) -> bool {
+        self.view_of.is_some()
+    }
+
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.data.bind(py).len()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "Record(seq={}, stream={}, timestamp_ns={}, {} bytes{})",
+            self.seq,
+            self.stream,
+            self.timestamp_ns,
+            self.data.bind(py).len()?,
+            if self.view_of.is_some() {
+                ", zero-copy"
+            } else {
+                ""
+            }
+        ))
+    }
+}
+
+/// A cursor over a ring, with its own position and loss count. Any number may exist, in
+/// any process.
+#[pyclass(frozen, subclass, module = "rust_daq._native")]
+pub struct RingReader {
+    /// A Mutex because the frozen object may be shared between Python threads; `read`
+    /// holds it for one call (and releases the GIL while it waits).
+    inner: Mutex<Reader>,
+    ring_obj: Py<RingBuffer>,
+}
+
+fn make_record(
+    py: Python<'_>,
+    rec: &RecordRef,
+    data: Py<PyAny>,
+    view_of: Option<Arc<Ring>>,
+) -> PyResult<Py<PyAny>> {
+    let r = Record {
+        seq: rec.seq,
+        timestamp_ns: rec.timestamp_ns,
+        stream: rec.stream,
+        position: rec.pos,
+        schema_id: rec.schema_id,
+        flags: rec.flags,
+        data,
+        view_of,
+    };
+    Ok(Py::new(py, r)?.into_any())
+}
+
+/// Copies the payload into a new `bytes`, validates, and returns it (None if torn).
+fn copy_record(py: Python<'_>, rd: &mut Reader, rec: &RecordRef) -> PyResult<Option<Py<PyAny>>> {
+    let len = rec.payload_len as ffi::Py_ssize_t;
+    // SAFETY: a NULL source asks CPython for an uninitialised bytes object of `len` bytes,
+    // which we fill completely before anybody else can see it.
+    let obj = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyBytes_FromStringAndSize(std::ptr::null(), len))?
+    };
+    // SAFETY: obj is a bytes object we own; its buffer holds `len` bytes.
+    let dst = SendPtr(unsafe { ffi::PyBytes_AsString(obj.as_ptr()) } as *mut u8);
+    if rec.payload_len >= DETACH_COPY_BYTES {
+        let r: &Reader = rd;
+        // SAFETY: dst is valid for len bytes (the bytes object lives across the call and
+        // is not shared yet); the ring mapping is kept alive by `rd`.
+        py.detach(move || unsafe { r.copy_payload(rec, dst.get()) });
+    } else {
+        // SAFETY: as above.
+        unsafe { rd.copy_payload(rec, dst.get()) };
+    }
+    Ok(rd.confirm(rec).then(|| obj.into_any().unbind()))
+}
+
+#[pymethods]
+impl RingReader {
+    #[new]
+    #[pyo3(signature = (ring, start="oldest"))]
+    fn new(py: Python<'_>, ring: Py<RingBuffer>, start: &str) -> PyResult<Self> {
+        let start = Start::parse(start).py_err(py)?;
+        let shared = ring.get().ring()?.clone();
+        let reader = Reader::new(shared, start).py_err(py)?;
+        Ok(RingReader {
+            inner: Mutex::new(reader),
+            ring_obj: ring,
+        })
+    }
+
+    /// Reads what is available, up to `max_records`. With `timeout > 0`, waits up to that
+    /// many seconds (GIL released) for at least one record. With `copy=False`, each
+    /// record's `data` is a read-only view into the ring: check `record.valid()` after use.
+    #[pyo3(signature = (max_records=None, timeout=0.0, copy=true))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        max_records: Option<usize>,
+        timeout: f64,
+        copy: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        if !timeout.is_finite() || timeout < 0.0 {
+            return Err(PyValueError::new_err(format!(
+                "timeout must be a finite number of seconds >= 0, got {timeout}"
+            )));
+        }
+        let max = max_records.unwrap_or(usize::MAX);
+        let out = PyList::empty(py);
+        if max == 0 {
+            return Ok(out);
+        }
+        let mut rd = lock_detached(py, &self.inner);
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.min(1e9));
+        loop {
+            while out.len() < max {
+                let rec = match rd.peek().py_err(py)? {
+                    Next::Record(r) => r,
+                    Next::Busy { .. } | Next::Empty => break,
+                };
+                if copy {
+                    if let Some(data) = copy_record(py, &mut rd, &rec)? {
+                        out.append(make_record(py, &rec, data, None)?)?;
+                    }
+                } else if rd.confirm(&rec) {
+                    let ring = rd.ring().clone();
+                    let view = Py::new(
+                        py,
+                        MapView::new(ring.clone(), rd.payload_ptr(&rec), rec.payload_len as usize),
+                    )?;
+                    let mv = PyMemoryView::from(view.bind(py).as_any())?;
+                    out.append(make_record(py, &rec, mv.into_any().unbind(), Some(ring))?)?;
+                }
+            }
+            let now = Instant::now();
+            if !out.is_empty() || out.len() >= max || now >= deadline {
+                return Ok(out);
+            }
+            let slice = (deadline - now).min(SIGNAL_SLICE);
+            let r: &Reader = &rd;
+            py.detach(|| r.wait(slice));
+            py.check_signals()?;
+        }
+    }
+
+    /// Stores this reader's position as the ring's `read_tail` (the primary consumer does
+    /// this after it has persisted what it read; `policy="block"` producers wait on it).
+    fn commit(&self, py: Python<'_>) -> PyResult<()> {
+        lock_detached(py, &self.inner).commit().py_err(py)
+    }
+
+    /// Records lost so far: overwritten before this reader got to them, or torn copies.
+    #[getter]
+    fn lost(&self, py: Python<'_>) -> u64 {
+        lock_detached(py, &self.inner).lost()
+    }
+
+    /// Records delivered so far.
+    #[getter]
+    fn delivered(&self, py: Python<'_>) -> u64 {
+        lock_detached(py, &self.inner).delivered()
+    }
+
+    /// Absolute position of the next record this reader looks at.
+    #[getter]
+    fn position(&self, py: Python<'_>) -> u64 {
+        lock_detached(py, &self.inner).position()
+    }
+
+    /// Sequence number the next record should have.
+    #[getter]
+    fn next_seq(&self, py: Python<'_>) -> u64 {
+        lock_detached(py, &self.inner).expected_seq()
+    }
+
+    /// The ring this reader reads.
+    #[getter]
+    fn ring(&self, py: Python<'_>) -> Py<RingBuffer> {
+        self.ring_obj.clone_ref(py)
+    }
+}

@@ -1,0 +1,379 @@
+//! `RingBuffer`: a handle on a ring file, the producer's when writable.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use rust_daq_core::{ClaimResult, Error, Policy, Producer, Ring};
+
+use crate::buffer::{MapView, SendPtr, Source};
+use crate::errors::{to_py, IntoPy};
+
+/// Payloads at least this large are copied with the GIL released.
+const DETACH_COPY_BYTES: usize = 256 * 1024;
+/// Longest sleep between two checks for Ctrl-C while blocked.
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+
+/// Locks `m` without deadlocking against the GIL: if another thread holds it (possibly
+/// while waiting without the GIL), wait for it with the GIL released.
+pub fn lock_detached<'a, T: Send>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
+    match m.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            let guard = py.detach(|| SendGuard(m.lock().unwrap_or_else(|p| p.into_inner())));
+            guard.0
+        }
+    }
+}
+
+struct SendGuard<'a, T>(MutexGuard<'a, T>);
+// SAFETY: the guard is created in the detached closure on this same thread and handed back
+// to it: it never changes threads (py.detach runs the closure on the calling thread).
+unsafe impl<T> Send for SendGuard<'_, T> {}
+
+fn duration(seconds: f64, what: &str) -> PyResult<Duration> {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a finite number of seconds >= 0, got {seconds}"
+        )));
+    }
+    Ok(Duration::from_secs_f64(seconds.min(1e9)))
+}
+
+/// A ring buffer file: the producer's handle (from `create`, or `open(writable=True)`) or a
+/// read-only one. The Python subclass `rust_daq.RingBuffer` is the public face.
+#[pyclass(frozen, subclass, module = "rust_daq._native")]
+pub struct RingBuffer {
+    ring: Arc<Ring>,
+    /// The producer (None for read-only handles, and after close). A Mutex because a
+    /// frozen pyclass is shared between Python threads; writes take it for one record.
+    producer: Mutex<Option<Producer>>,
+    writable: bool,
+    closed: AtomicBool,
+    /// Default wait of a blocked write, in seconds, as f64 bits (settable from Python).
+    block_timeout: AtomicU64,
+}
+
+impl RingBuffer {
+    pub fn ring(&self) -> PyResult<&Arc<Ring>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Python::attach(|py| Err(to_py(py, Error::Closed)));
+        }
+        Ok(&self.ring)
+    }
+
+    fn producer<'a>(
+        &'a self,
+        py: Python<'_>,
+        what: &'static str,
+    ) -> PyResult<MutexGuard<'a, Option<Producer>>> {
+        if !self.writable {
+            return Err(to_py(py, Error::ReadOnly { what }));
+        }
+        let guard = lock_detached(py, &self.producer);
+        if guard.is_none() {
+            return Err(to_py(py, Error::Closed));
+        }
+        Ok(guard)
+    }
+
+    fn timeout_for(&self, timeout: Option<f64>) -> PyResult<Duration> {
+        match timeout {
+            Some(t) => duration(t, "timeout"),
+            None => Ok(Duration::from_secs_f64(f64::from_bits(
+                self.block_timeout.load(Ordering::Relaxed),
+            ))),
+        }
+    }
+}
+
+/// Writes one record; under policy "block" waits (GIL released, Ctrl-C honoured) up to
+/// `timeout`. Returns the sequence number.
+fn write_one(
+    py: Python<'_>,
+    p: &mut Producer,
+    src: &Source,
+    stream: u32,
+    ts: Option<i64>,
+    timeout: Duration,
+) -> PyResult<u64> {
+    let mut start: Option<Instant> = None;
+    loop {
+        match p.try_claim(src.len as u64, stream, ts).py_err(py)? {
+            ClaimResult::Claimed(c) => {
+                if src.len >= DETACH_COPY_BYTES {
+                    let (s, n) = (SendPtr(src.ptr as *mut u8), src.len);
+                    let pr = &*p;
+                    // SAFETY: `src` holds the buffer export (or the bytes object) until
+                    // after this call; the claim's payload space is ours until commit.
+                    py.detach(move || unsafe { pr.fill(&c, s.get(), n) });
+                } else {
+                    // SAFETY: as above.
+                    unsafe { p.fill(&c, src.ptr, src.len) };
+                }
+                return p.commit(c).py_err(py);
+            }
+            ClaimResult::WouldBlock { needed_tail } => {
+                let t0 = *start.get_or_insert_with(Instant::now);
+                let waited = t0.elapsed();
+                if waited >= timeout {
+                    return Err(to_py(py, p.full_error(needed_tail, timeout)));
+                }
+                let slice = (timeout - waited).min(SIGNAL_SLICE);
+                let pr = &*p;
+                py.detach(|| pr.wait_for_room(needed_tail, slice));
+                py.check_signals()?;
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl RingBuffer {
+    #[new]
+    #[pyo3(signature = (path, *, create=false, capacity_bytes=0, policy="overwrite", writable=false, replace=false, block_timeout=10.0))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        create: bool,
+        capacity_bytes: u64,
+        policy: &str,
+        writable: bool,
+        replace: bool,
+        block_timeout: f64,
+    ) -> PyResult<Self> {
+        let policy = Policy::parse(policy).py_err(py)?;
+        duration(block_timeout, "block_timeout")?;
+        let opened = py.detach(|| {
+            if create {
+                Ring::create(&path, capacity_bytes, policy, replace).map(|(r, p)| (r, Some(p)))
+            } else {
+                Ring::open(&path, writable)
+            }
+        });
+        let (ring, producer) = opened.py_err(py)?;
+        Ok(RingBuffer {
+            ring,
+            writable: producer.is_some(),
+            producer: Mutex::new(producer),
+            closed: AtomicBool::new(false),
+            block_timeout: AtomicU64::new(block_timeout.to_bits()),
+        })
+    }
+
+    /// Writes one record; returns its sequence number.
+    #[pyo3(signature = (data, /, *, stream=0, timestamp_ns=None, timeout=None))]
+    fn write(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        stream: u32,
+        timestamp_ns: Option<i64>,
+        timeout: Option<f64>,
+    ) -> PyResult<u64> {
+        let src = Source::new(data, "write()")?;
+        let mut guard = self.producer(py, "write()")?;
+        let p = guard.as_mut().expect("checked by producer()");
+        let timeout = if p.ring().policy() == Policy::Block {
+            self.timeout_for(timeout)?
+        } else {
+            Duration::ZERO
+        };
+        let seq = write_one(py, p, &src, stream, timestamp_ns, timeout)?;
+        p.notify();
+        Ok(seq)
+    }
+
+    /// Writes every item of `items` as one record each, in one call. Returns the sequence
+    /// number of the last record (-1 if `items` was empty).
+    #[pyo3(signature = (items, /, *, stream=0, timeout=None))]
+    fn write_many(
+        &self,
+        py: Python<'_>,
+        items: &Bound<'_, PyAny>,
+        stream: u32,
+        timeout: Option<f64>,
+    ) -> PyResult<i64> {
+        let mut guard = self.producer(py, "write_many()")?;
+        let p = guard.as_mut().expect("checked by producer()");
+        let timeout = if p.ring().policy() == Policy::Block {
+            self.timeout_for(timeout)?
+        } else {
+            Duration::ZERO
+        };
+        let mut last = -1i64;
+        let result = (|| {
+            for item in items.try_iter()? {
+                let item = item?;
+                let src = Source::new(&item, "write_many()")?;
+                last = write_one(py, p, &src, stream, None, timeout)? as i64;
+            }
+            Ok(last)
+        })();
+        // Whatever was committed before an error stays committed: wake its readers.
+        p.notify();
+        result
+    }
+
+    /// Closes the handle: releases the producer lock (a pending reservation is aborted).
+    /// Readers and zero-copy views made from it keep the mapping alive and keep working.
+    fn close(&self, py: Python<'_>) {
+        self.closed.store(true, Ordering::Release);
+        let taken = lock_detached(py, &self.producer).take();
+        drop(taken);
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.close(py);
+        false
+    }
+
+    /// A copy of the committed bytes the primary consumer has not consumed yet (framed
+    /// records: headers, payloads and padding, as docs/ring-format.md describes).
+    fn read_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let ring = self.ring()?.clone();
+        let (_, bytes) = py.detach(move || ring.read_snapshot());
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// Marks `nbytes` more of the snapshot consumed (whole records); returns the new `read_tail`.
+    fn advance_tail(&self, py: Python<'_>, nbytes: u64) -> PyResult<u64> {
+        self.ring()?.advance_tail(nbytes).py_err(py)
+    }
+
+    /// Address of the data region in this process's memory.
+    fn data_address(&self) -> PyResult<usize> {
+        Ok(self.ring()?.region().data_ptr() as usize)
+    }
+
+    /// A read-only buffer over the whole data region that keeps the mapping alive.
+    fn _data_buffer(&self) -> PyResult<MapView> {
+        let ring = self.ring()?.clone();
+        let (ptr, len) = (
+            ring.region().data_ptr() as *const u8,
+            ring.capacity() as usize,
+        );
+        Ok(MapView::new(ring, ptr, len))
+    }
+
+    /// Positions, counters and producer state, read now.
+    fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let ring = self.ring()?;
+        let s = ring.status();
+        let d = PyDict::new(py);
+        d.set_item("path", ring.path().to_string_lossy())?;
+        d.set_item("capacity", ring.capacity())?;
+        d.set_item("policy", ring.policy().name())?;
+        d.set_item("session_id", ring.session_id())?;
+        d.set_item("write_position", s.write_pos)?;
+        d.set_item("write_head", s.commit_pos)?;
+        d.set_item("oldest_position", s.oldest_pos)?;
+        d.set_item("read_tail", s.read_tail)?;
+        d.set_item("read_tail_seq", s.read_tail_seq)?;
+        d.set_item("records_written", s.next_seq)?;
+        d.set_item("records_lost", s.records_lost)?;
+        d.set_item("producer_pid", s.producer_pid)?;
+        d.set_item("producer_alive", s.producer_alive)?;
+        d.set_item("heartbeat_ns", s.heartbeat_ns)?;
+        Ok(d)
+    }
+
+    /// The primary consumer's durable position (absolute bytes).
+    #[getter]
+    fn read_tail(&self) -> PyResult<u64> {
+        Ok(self.ring()?.tail_snapshot().0)
+    }
+    /// Sequence number of the first record at or after `read_tail`.
+    #[getter]
+    fn read_tail_seq(&self) -> PyResult<u64> {
+        Ok(self.ring()?.tail_snapshot().1)
+    }
+    /// End of the committed data (absolute bytes).
+    #[getter]
+    fn write_head(&self) -> PyResult<u64> {
+        Ok(self.ring()?.snapshot().0)
+    }
+    /// Start of the oldest record still in the ring (absolute bytes).
+    #[getter]
+    fn oldest_position(&self) -> PyResult<u64> {
+        Ok(self.ring()?.oldest_pos())
+    }
+    /// Data records committed since the ring was created (the next sequence number).
+    #[getter]
+    fn records_written(&self) -> PyResult<u64> {
+        Ok(self.ring()?.snapshot().1)
+    }
+    /// Data records overwritten before the primary consumer's `read_tail` reached them.
+    #[getter]
+    fn records_lost(&self) -> PyResult<u64> {
+        Ok(self.ring()?.status().records_lost)
+    }
+    #[getter]
+    fn capacity(&self) -> u64 {
+        self.ring.capacity()
+    }
+    /// Largest payload one record can carry.
+    #[getter]
+    fn max_record_size(&self) -> u64 {
+        self.ring.max_payload()
+    }
+    #[getter]
+    fn path(&self) -> String {
+        self.ring.path().to_string_lossy().into_owned()
+    }
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.ring.policy().name()
+    }
+    #[getter]
+    fn session_id(&self) -> u64 {
+        self.ring.session_id()
+    }
+    /// True for the producer's handle.
+    #[getter]
+    fn writable(&self) -> bool {
+        self.writable
+    }
+    #[getter]
+    fn producer_pid(&self) -> PyResult<Option<u32>> {
+        Ok(self.ring()?.status().producer_pid)
+    }
+    #[getter]
+    fn producer_alive(&self) -> PyResult<bool> {
+        Ok(self.ring()?.status().producer_alive)
+    }
+    #[getter]
+    fn heartbeat_ns(&self) -> PyResult<i64> {
+        Ok(self.ring()?.status().heartbeat_ns)
+    }
+    /// Default seconds a write waits for room under policy "block".
+    #[getter]
+    fn get_block_timeout(&self) -> f64 {
+        f64::from_bits(self.block_timeout.load(Ordering::Relaxed))
+    }
+    #[setter]
+    fn set_block_timeout(&self, seconds: f64) -> PyResult<()> {
+        duration(seconds, "block_timeout")?;
+        self.block_timeout
+            .store(seconds.to_bits(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The no-op native call: what calling into the extension costs (for benchmarks).
+    fn _noop(&self) {}
+}
