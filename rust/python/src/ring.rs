@@ -135,6 +135,8 @@ fn write_one(
 
 #[pymethods]
 impl RingBuffer {
+    // Mirrors the keyword arguments of the Python classmethods that call it.
+    #[allow(clippy::too_many_arguments)]
     #[new]
     #[pyo3(signature = (path, *, create=false, capacity_bytes=0, policy="overwrite", writable=false, replace=false, block_timeout=10.0))]
     fn new(
