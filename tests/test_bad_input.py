@@ -6,14 +6,13 @@ from __future__ import annotations
 import functools
 import os
 import random
-import tempfile
 import struct
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import check_payload, make_payload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +29,8 @@ from rust_daq import (
     RingUsageError,
     RustDaqError,
 )
+
+from conftest import check_payload, make_payload
 
 HEADER = 4096
 SCHEMA = 256 * 1024
@@ -77,7 +78,9 @@ def test_empty_file(ring_path: str) -> None:
 def test_unsupported_version(ring_path: str) -> None:
     make_ring(ring_path)
     patch(ring_path, 8, struct.pack("<I", 7))
-    with pytest.raises(RingFormatError, match="unsupported ring layout version 7; this rust-daq reads version 1"):
+    with pytest.raises(
+        RingFormatError, match="unsupported ring layout version 7; this rust-daq reads version 1"
+    ):
         RingBuffer.open(ring_path)
 
 
@@ -196,7 +199,7 @@ def test_bad_create_arguments(ring_path: str, kwargs: dict[str, object], match: 
 def test_capacity_beyond_free_space(tmp_path: os.PathLike[str]) -> None:
     # A capacity that passes the mapping limit but not the filesystem.
     free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
-    path = "/dev/shm/rdaq-test-nospace-%d" % os.getpid()
+    path = f"/dev/shm/rdaq-test-nospace-{os.getpid()}"
     try:
         with pytest.raises(RingConfigError, match="not enough space"):
             RingBuffer.create(path, capacity_bytes=free + (1 << 30))
@@ -210,7 +213,9 @@ def test_capacity_beyond_free_space(tmp_path: os.PathLike[str]) -> None:
 def test_record_larger_than_the_ring_writes_nothing(ring_path: str) -> None:
     with RingBuffer.create(ring_path, capacity_bytes=4096) as ring:
         ring.write(b"keep me")
-        with pytest.raises(RecordTooLargeError, match=r"record of 5000 bytes .* \(at most 4032 payload bytes\)"):
+        with pytest.raises(
+            RecordTooLargeError, match=r"record of 5000 bytes .* \(at most 4032 payload bytes\)"
+        ):
             ring.write(b"x" * 5000)
         assert ring.max_record_size == 4032
         assert ring.records_written == 1

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import check_payload
 
 from rust_daq import ProducerActiveError, RingBuffer
+
+from conftest import check_payload
 
 HELPERS = Path(__file__).parent / "helpers"
 

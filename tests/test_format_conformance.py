@@ -9,16 +9,18 @@ import random
 import struct
 from dataclasses import dataclass
 
-from conftest import check_payload, make_payload
-
 from rust_daq import RingBuffer
+
+from conftest import check_payload, make_payload
 
 # Header fields, from the table in docs/ring-format.md.
 MAGIC = b"RDAQRING"
 HDR = struct.Struct("<8sIIQQQQQII")  # magic .. record_align, offsets 0..64
 COMMITTED = 1 << 63
 SIZE_MASK = (1 << 48) - 1
-REC = struct.Struct("<QIIQQqQIIQ")  # commit, type, stream, seq, pos, ts, payload_len, schema_id, flags, reserved
+REC = struct.Struct(
+    "<QIIQQqQIIQ"
+)  # commit, type, stream, seq, pos, ts, payload_len, schema_id, flags, reserved
 DATA, PADDING = 1, 2
 
 
@@ -41,9 +43,18 @@ class StructReader:
     def __init__(self, path: str) -> None:
         self.f = open(path, "rb")
         self.m = mmap.mmap(self.f.fileno(), 0, prot=mmap.PROT_READ)
-        magic, version, header_size, capacity, data_offset, schema_offset, schema_size, _sid, policy, align = (
-            HDR.unpack_from(self.m, 0)
-        )
+        (
+            magic,
+            version,
+            header_size,
+            capacity,
+            data_offset,
+            schema_offset,
+            schema_size,
+            _sid,
+            policy,
+            align,
+        ) = HDR.unpack_from(self.m, 0)
         assert magic == MAGIC and version == 1 and header_size == 4096 and align == 64
         assert data_offset == schema_offset + schema_size == 4096 + schema_size
         assert len(self.m) == data_offset + capacity
@@ -102,7 +113,12 @@ def test_struct_reader_agrees_with_the_rust_reader(ring_path: str) -> None:
             assert lost == 0
             assert len(theirs) == len(ours) > 30
             for a, b in zip(theirs, ours, strict=True):
-                assert (a.seq, a.stream, a.timestamp_ns, a.position) == (b.seq, b.stream, b.timestamp_ns, b.position)
+                assert (a.seq, a.stream, a.timestamp_ns, a.position) == (
+                    b.seq,
+                    b.stream,
+                    b.timestamp_ns,
+                    b.position,
+                )
                 assert a.payload == bytes(b.data)
                 assert check_payload(a.payload) == a.seq
             assert theirs[-1].seq == n - 1

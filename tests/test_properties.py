@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 
-from conftest import check_payload, make_payload
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rust_daq import RingBuffer
+
+from conftest import check_payload, make_payload
 
 CAPACITY = 8192
 

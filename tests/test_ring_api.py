@@ -10,10 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import check_payload, make_payload
 
 import rust_daq
 from rust_daq import RingBuffer, RingFullError
+
+from conftest import check_payload, make_payload
 
 
 def test_create_write_read_round_trip(ring_path: str) -> None:

@@ -93,13 +93,11 @@ class RingBuffer(_native.RingBuffer):
     def data_view(self) -> npt.NDArray[np.uint8]:
         """A read-only numpy ``uint8`` array over the whole data region, zero-copy. It keeps the
         mapping alive; its contents change as the producer writes."""
-        return np.frombuffer(self._data_buffer(), dtype=np.uint8)
+        return np.frombuffer(memoryview(self._data_buffer()), dtype=np.uint8)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("producer" if self.writable else "read-only")
-        return (
-            f"<RingBuffer {self.path!r} {self.capacity} bytes policy={self.policy!r} {state}>"
-        )
+        return f"<RingBuffer {self.path!r} {self.capacity} bytes policy={self.policy!r} {state}>"
 
 
 class RingReader(_native.RingReader):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 import sys
 
-from payloads import make_payload
-
 from rust_daq import RingBuffer
+
+from payloads import make_payload
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ import json
 import sys
 import time
 
-from payloads import check_payload
-
 from rust_daq import RingBuffer
+
+from payloads import check_payload
 
 
 def main() -> None:
@@ -37,7 +37,13 @@ def main() -> None:
                 out_of_order += 1
             last = rec.seq
             delivered += 1
-    result = {"delivered": delivered, "lost": reader.lost, "corrupt": corrupt, "out_of_order": out_of_order, "last": last}
+    result = {
+        "delivered": delivered,
+        "lost": reader.lost,
+        "corrupt": corrupt,
+        "out_of_order": out_of_order,
+        "last": last,
+    }
     print(json.dumps(result), flush=True)
 
 

@@ -1,0 +1,183 @@
+"""Type stub of the native module (rust/python). Use the classes re-exported by
+``rust_daq``; these are their native bases. ``mypy.stubtest`` checks this file against the
+built extension in CI."""
+
+import os
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Self, final
+
+from typing_extensions import Buffer, disjoint_base
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RECORD_ALIGN",
+    "RECORD_HEADER_SIZE",
+    "MapView",
+    "Record",
+    "RingBuffer",
+    "RingReader",
+    "__version__",
+]
+
+__version__: str
+RECORD_HEADER_SIZE: int
+RECORD_ALIGN: int
+FORMAT_VERSION: int
+
+@disjoint_base
+class RingBuffer:
+    """A ring buffer file: the producer's handle, or a read-only one."""
+
+    def __new__(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        capacity_bytes: int = 0,
+        policy: str = "overwrite",
+        writable: bool = False,
+        replace: bool = False,
+        block_timeout: float = 10.0,
+    ) -> Self:
+        """Opens (or with ``create=True`` creates) the ring at ``path``.
+
+        Raises RingConfigError, RingFormatError, ProducerActiveError, FileNotFoundError,
+        PermissionError, OSError.
+        """
+
+    def write(
+        self,
+        data: Buffer,
+        /,
+        *,
+        stream: int = 0,
+        timestamp_ns: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Writes one record (any C-contiguous buffer); returns its sequence number.
+
+        Raises ReadOnlyRingError, RingClosedError, RecordTooLargeError, RingFullError (policy
+        "block", after ``timeout`` or ``block_timeout`` seconds), TypeError (not a buffer),
+        BufferError (not C-contiguous).
+        """
+
+    def write_many(self, items: Iterable[Buffer], /, *, stream: int = 0, timeout: float | None = None) -> int:
+        """Writes each item as one record; returns the last sequence number (-1 if none).
+        Records written before an error stay written. Raises as ``write``."""
+
+    def close(self) -> None:
+        """Releases the producer lock. Readers and views made earlier keep working."""
+
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *_args: type[BaseException] | BaseException | TracebackType | None) -> bool: ...
+    def read_snapshot(self) -> bytes:
+        """Copy of the committed, unconsumed bytes (framed records). Raises RingClosedError."""
+
+    def advance_tail(self, nbytes: int) -> int:
+        """Consumes ``nbytes`` (whole records) of the snapshot; returns the new read_tail.
+        Raises RingUsageError (past the data, or inside a record), RingClosedError."""
+
+    def data_address(self) -> int:
+        """Address of the data region in this process. Raises RingClosedError."""
+
+    def _data_buffer(self) -> MapView: ...
+    def status(self) -> dict[str, Any]:
+        """Positions, counters and producer state. Raises RingClosedError."""
+
+    @property
+    def read_tail(self) -> int: ...
+    @property
+    def read_tail_seq(self) -> int: ...
+    @property
+    def write_head(self) -> int: ...
+    @property
+    def oldest_position(self) -> int: ...
+    @property
+    def records_written(self) -> int: ...
+    @property
+    def records_lost(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def max_record_size(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def session_id(self) -> int: ...
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def producer_pid(self) -> int | None: ...
+    @property
+    def producer_alive(self) -> bool: ...
+    @property
+    def heartbeat_ns(self) -> int: ...
+    @property
+    def block_timeout(self) -> float: ...
+    @block_timeout.setter
+    def block_timeout(self, seconds: float) -> None: ...
+    def _noop(self) -> None: ...
+
+@disjoint_base
+class RingReader:
+    """A cursor over a ring with its own position and loss count."""
+
+    def __new__(cls, ring: RingBuffer, start: str = "oldest") -> Self:
+        """Raises RingConfigError (unknown start), RingClosedError, RingCorruptError."""
+
+    def read(self, max_records: int | None = None, timeout: float = 0.0, copy: bool = True) -> list[Record]:
+        """Records available now (waits up to ``timeout`` s for one). Raises RingCorruptError,
+        ValueError (bad timeout), KeyboardInterrupt while waiting."""
+
+    def commit(self) -> None:
+        """Stores this reader's position as the ring's read_tail. Raises RingUsageError."""
+
+    @property
+    def lost(self) -> int: ...
+    @property
+    def delivered(self) -> int: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def next_seq(self) -> int: ...
+    @property
+    def ring(self) -> RingBuffer: ...
+
+@final
+class Record:
+    """One record: ``data`` is bytes (copy) or a read-only memoryview into the ring."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def timestamp_ns(self) -> int: ...
+    @property
+    def stream(self) -> int: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def schema_id(self) -> int: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+    @property
+    def zero_copy(self) -> bool: ...
+    def valid(self) -> bool:
+        """False once a zero-copy record's space was reclaimed by the producer."""
+
+    def __len__(self) -> int: ...
+
+@final
+class MapView:
+    """Read-only buffer over ring memory; keeps the mapping alive."""
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __len__(self) -> int: ...
+    @property
+    def address(self) -> int: ...
