@@ -276,40 +276,32 @@ impl Ring {
         self.h64(off::WRITE_POS).load(Ordering::Acquire)
     }
 
-    /// (`commit_pos`, `next_seq`) from the same commit.
-    pub fn snapshot(&self) -> (u64, u64) {
-        let ver = self.h64(off::SNAP_VERSION);
+    /// Two fields written under one seqlock version word, as one consistent pair.
+    fn seqlock_pair(&self, version: usize, first: usize, second: usize) -> (u64, u64) {
+        let ver = self.h64(version);
         let mut tries = 0;
         loop {
             let v1 = ver.load(Ordering::Acquire);
-            let c = self.h64(off::COMMIT_POS).load(Ordering::Relaxed);
-            let n = self.h64(off::NEXT_SEQ).load(Ordering::Relaxed);
+            let a = self.h64(first).load(Ordering::Relaxed);
+            let b = self.h64(second).load(Ordering::Relaxed);
             fence(Ordering::Acquire);
             let v2 = ver.load(Ordering::Relaxed);
             tries += 1;
             if (v1 == v2 && v1 % 2 == 0) || tries > SEQLOCK_RETRIES {
-                return (c, n);
+                return (a, b);
             }
             backoff(tries);
         }
     }
 
+    /// (`commit_pos`, `next_seq`) from the same commit.
+    pub fn snapshot(&self) -> (u64, u64) {
+        self.seqlock_pair(off::SNAP_VERSION, off::COMMIT_POS, off::NEXT_SEQ)
+    }
+
     /// (`read_tail`, `read_tail_seq`) as stored by the same `set_read_tail`.
     pub fn tail_snapshot(&self) -> (u64, u64) {
-        let ver = self.h64(off::TAIL_VERSION);
-        let mut tries = 0;
-        loop {
-            let v1 = ver.load(Ordering::Acquire);
-            let t = self.h64(off::READ_TAIL).load(Ordering::Relaxed);
-            let s = self.h64(off::READ_TAIL_SEQ).load(Ordering::Relaxed);
-            fence(Ordering::Acquire);
-            let v2 = ver.load(Ordering::Relaxed);
-            tries += 1;
-            if (v1 == v2 && v1 % 2 == 0) || tries > SEQLOCK_RETRIES {
-                return (t, s);
-            }
-            backoff(tries);
-        }
+        self.seqlock_pair(off::TAIL_VERSION, off::READ_TAIL, off::READ_TAIL_SEQ)
     }
 
     pub fn status(&self) -> Status {

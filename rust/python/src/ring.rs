@@ -82,7 +82,12 @@ impl RingBuffer {
         Ok(guard)
     }
 
-    fn timeout_for(&self, timeout: Option<f64>) -> PyResult<Duration> {
+    /// How long a write may wait for room: the caller's `timeout`, else `block_timeout`;
+    /// zero under policy "overwrite", which never waits.
+    fn wait_limit(&self, p: &Producer, timeout: Option<f64>) -> PyResult<Duration> {
+        if p.ring().policy() != Policy::Block {
+            return Ok(Duration::ZERO);
+        }
         match timeout {
             Some(t) => duration(t, "timeout"),
             None => Ok(Duration::from_secs_f64(f64::from_bits(
@@ -181,11 +186,7 @@ impl RingBuffer {
         let src = Source::new(data, "write()")?;
         let mut guard = self.producer(py, "write()")?;
         let p = guard.as_mut().expect("checked by producer()");
-        let timeout = if p.ring().policy() == Policy::Block {
-            self.timeout_for(timeout)?
-        } else {
-            Duration::ZERO
-        };
+        let timeout = self.wait_limit(p, timeout)?;
         let seq = write_one(py, p, &src, stream, timestamp_ns, timeout)?;
         p.notify();
         Ok(seq)
@@ -203,11 +204,7 @@ impl RingBuffer {
     ) -> PyResult<i64> {
         let mut guard = self.producer(py, "write_many()")?;
         let p = guard.as_mut().expect("checked by producer()");
-        let timeout = if p.ring().policy() == Policy::Block {
-            self.timeout_for(timeout)?
-        } else {
-            Duration::ZERO
-        };
+        let timeout = self.wait_limit(p, timeout)?;
         let mut last = -1i64;
         let result = (|| {
             for item in items.try_iter()? {
