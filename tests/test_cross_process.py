@@ -114,3 +114,60 @@ def test_second_producer_process_is_refused_then_takes_over_a_dead_one(ring_path
         n = ring.records_written
         assert ring.write(b"after the takeover") == n
         assert ring.producer_pid == os.getpid()
+
+
+def test_a_forked_child_cannot_write_or_release_the_parents_lock(ring_path: str) -> None:
+    import multiprocessing
+
+    ring = RingBuffer.create(ring_path, capacity_bytes=64 * 1024)
+    ring.write(b"parent")
+
+    def child(q: multiprocessing.Queue[str]) -> None:
+        try:
+            ring.write(b"child")
+            q.put("wrote")
+        except ProducerActiveError as e:
+            q.put(str(e))
+        ring.close()  # must not release the parent's producer lock
+
+    ctx = multiprocessing.get_context("fork")
+    q: multiprocessing.Queue[str] = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    msg = q.get(timeout=30)
+    p.join(timeout=30)
+    q.close()
+    q.join_thread()
+    assert "inherited across fork()" in msg
+    assert ring.producer_pid == os.getpid(), "the parent still holds the lock"
+    with pytest.raises(ProducerActiveError, match="already has a producer"):
+        RingBuffer.open(ring_path, writable=True)
+    assert ring.write(b"parent again") == 1
+    assert [bytes(r.data) for r in ring.reader().read()] == [b"parent", b"parent again"]
+    ring.close()
+
+
+@pytest.mark.parametrize("blocked_in", ["read", "write"])
+def test_ctrl_c_interrupts_a_blocked_call(ring_path: str, blocked_in: str) -> None:
+    code = f"""
+import sys
+from rust_daq import RingBuffer
+ring = RingBuffer.create({ring_path!r}, capacity_bytes=4096, policy="block")
+if {blocked_in!r} == "write":
+    ring.write(b"x" * 4000)
+    print("ready", flush=True)
+    ring.write(b"y" * 4000, timeout=60)
+else:
+    print("ready", flush=True)
+    ring.reader().read(timeout=60)
+"""
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert first_line(p) == "ready"
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5
+    assert p.returncode != 0 and "KeyboardInterrupt" in err

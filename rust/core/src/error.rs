@@ -31,6 +31,8 @@ pub enum Error {
     Full { needed: u64, waited_s: f64 },
     /// The handle was closed.
     Closed,
+    /// A producer handle used in a fork() child of the process that opened it.
+    Forked,
     /// An argument the caller passed is wrong (e.g. `advance_tail` past the data).
     Invalid { detail: String },
 }
@@ -119,6 +121,10 @@ impl fmt::Display for Error {
                  {needed} bytes; nothing was written (is a consumer committing its reads?)"
             ),
             Error::Closed => f.write_str("operation on a closed ring handle"),
+            Error::Forked => f.write_str(
+                "this producer handle was inherited across fork(); only the process that opened it \
+                 may write (open the ring in this process, or start workers with the 'spawn' method)",
+            ),
         }
     }
 }

@@ -4,8 +4,34 @@
 //! time) and its lock is taken over.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
 
 use crate::error::{Error, Result};
+
+/// Bumped in the child after every fork(): a producer handle remembers the generation it
+/// was opened in, so a copy inherited by a child (Python's multiprocessing forks by
+/// default on Linux) neither writes beside its parent nor releases the parent's lock.
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+static ATFORK: Once = Once::new();
+
+extern "C" fn bump_fork_generation() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The current fork generation (installs the fork handler on first use).
+pub fn fork_generation() -> u64 {
+    ATFORK.call_once(|| {
+        // SAFETY: registers a child handler that only does an atomic add (async-signal-safe).
+        unsafe { libc::pthread_atfork(None, None, Some(bump_fork_generation)) };
+    });
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+/// Whether this process is a fork() child of the one that was in `generation`.
+#[inline(always)]
+pub fn forked_since(generation: u64) -> bool {
+    FORK_GENERATION.load(Ordering::Relaxed) != generation
+}
 
 /// The lock word identifying this process.
 pub fn my_lock_word() -> u64 {

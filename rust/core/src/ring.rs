@@ -554,6 +554,8 @@ pub struct Producer {
     records_lost: u64,
     pending: Option<Claim>,
     took_over_from: Option<u32>,
+    /// `lock::fork_generation()` when attached: a forked copy of this handle must not write.
+    fork_gen: u64,
 }
 
 /// Outcome of `Producer::try_claim`.
@@ -567,6 +569,7 @@ pub enum ClaimResult {
 
 impl Producer {
     fn attach(ring: Arc<Ring>) -> Result<Producer> {
+        let fork_gen = lock::fork_generation();
         let mine = lock::my_lock_word();
         let acquired = lock::acquire(ring.h64(off::PRODUCER_LOCK), mine)?;
         let mut p = Producer {
@@ -577,6 +580,7 @@ impl Producer {
             snap_version: ring.h64(off::SNAP_VERSION).load(Ordering::Acquire),
             records_lost: ring.h64(off::RECORDS_LOST).load(Ordering::Acquire),
             lock_word: mine,
+            fork_gen,
             pending: None,
             took_over_from: match acquired {
                 lock::Acquired::TookOver(pid) => Some(pid),
@@ -665,6 +669,9 @@ impl Producer {
         stream: u32,
         timestamp_ns: Option<i64>,
     ) -> Result<ClaimResult> {
+        if lock::forked_since(self.fork_gen) {
+            return Err(Error::Forked);
+        }
         if self.pending.is_some() {
             return Err(Error::invalid(
                 "a reserved record is pending: commit or abort it first",
@@ -912,6 +919,9 @@ impl Producer {
 
 impl Drop for Producer {
     fn drop(&mut self) {
+        if lock::forked_since(self.fork_gen) {
+            return; // the parent still owns the ring: leave its claim and its lock alone
+        }
         if let Some(c) = self.pending {
             let _ = self.abort(c);
         }

@@ -44,6 +44,7 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::ProducerActive { .. } => raise(py, "ProducerActiveError", msg),
         Error::Full { .. } => raise(py, "RingFullError", msg),
         Error::Closed => raise(py, "RingClosedError", msg),
+        Error::Forked => raise(py, "ProducerActiveError", msg),
         Error::Invalid { .. } => raise(py, "RingUsageError", msg),
     }
 }
