@@ -1,9 +1,11 @@
 """rust-daq: a lossless data plane for laboratory acquisition.
 
 A Rust ring buffer in shared memory (:class:`RingBuffer`), read by any number of processes
-(:class:`RingReader`), zero-copy through numpy.
+(:class:`RingReader`), zero-copy through numpy; Arrow record streams with their schemas
+stored in the ring (:meth:`RingBuffer.write_arrow_batch`, :meth:`RingReader.read_batches`).
 """
 
+from ._arrow import LiveView, StreamInfo
 from ._errors import (
     ProducerActiveError,
     ReadOnlyRingError,
@@ -15,6 +17,8 @@ from ._errors import (
     RingFullError,
     RingUsageError,
     RustDaqError,
+    UnknownStreamError,
+    UnsupportedTypeError,
 )
 from ._native import FORMAT_VERSION, Record, __version__
 from ._ring import RingBuffer, RingReader, resolve_ring_path
@@ -34,6 +38,10 @@ __all__ = [
     "RingReader",
     "RingUsageError",
     "RustDaqError",
+    "LiveView",
+    "StreamInfo",
+    "UnknownStreamError",
+    "UnsupportedTypeError",
     "__version__",
     "resolve_ring_path",
 ]

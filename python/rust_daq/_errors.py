@@ -20,6 +20,8 @@ __all__ = [
     "RingFullError",
     "RingUsageError",
     "RustDaqError",
+    "UnknownStreamError",
+    "UnsupportedTypeError",
 ]
 
 
@@ -65,3 +67,14 @@ class RingClosedError(RustDaqError, ValueError):
 class RingUsageError(RustDaqError, ValueError):
     """A call that cannot be honoured in the ring's current state (advancing the tail past
     the data or into a record, committing a reservation that is not pending...)."""
+
+
+class UnknownStreamError(RustDaqError, KeyError):
+    """A stream name the ring has no schema for; the message lists the known streams."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedTypeError(RustDaqError, TypeError):
+    """An Arrow type the ring does not carry (dictionary-encoded columns)."""

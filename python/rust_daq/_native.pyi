@@ -15,6 +15,8 @@ __all__ = [
     "RECORD_HEADER_SIZE",
     "MapView",
     "Record",
+    "Reservation",
+    "ReservationSink",
     "RingBuffer",
     "RingReader",
     "__version__",
@@ -121,7 +123,80 @@ class RingBuffer:
     def block_timeout(self) -> float: ...
     @block_timeout.setter
     def block_timeout(self, seconds: float) -> None: ...
+    def reserve(
+        self,
+        nbytes: int,
+        *,
+        stream: int = 0,
+        schema_id: int = 0,
+        timestamp_ns: int | None = None,
+        timeout: float | None = None,
+    ) -> Reservation:
+        """Reserves space for one record of ``nbytes`` payload bytes; fill it, then commit it.
+        Raises RecordTooLargeError, RingFullError, ReadOnlyRingError, RingClosedError,
+        RingUsageError (another reservation is pending)."""
+
+    def _register_schema(self, name: str, schema: bytes) -> tuple[int, int]:
+        """Registers an Arrow IPC schema for a stream: (stream_id, schema_id). Raises
+        RingConfigError (schema region full), RingUsageError (bad name), ReadOnlyRingError."""
+
+    def _schemas(self) -> list[tuple[int, int, str, bytes, int]]:
+        """(schema_id, stream_id, name, schema bytes, activation) of every registered schema; a
+        stream's current schema is its entry with the highest activation.
+        Raises RingCorruptError, RingClosedError."""
+
     def _noop(self) -> None: ...
+
+@final
+class Reservation:
+    """Ring space for one record: fill with ``write()`` or the (writable) buffer protocol, then
+    ``commit()``; ``abort()``, an exception in ``with``, or collection without commit abandons it."""
+
+    def write(self, data: Buffer) -> int:
+        """Copies at the write cursor. Raises ValueError (overflow, or already finished)."""
+
+    def commit(self) -> int:
+        """Publishes the record; returns its seq. Raises BufferError (views still alive),
+        ValueError (aborted), RingClosedError."""
+
+    def abort(self) -> None:
+        """Abandons the record (readers skip it; its seq is reused). Raises as ``commit``."""
+
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def written(self) -> int: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def address(self) -> int: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+@final
+class ReservationSink:
+    """A write-only file for pyarrow's IPC writer that forwards to ``target`` after skipping
+    the first ``skip`` bytes."""
+
+    def __new__(cls, skip: int = 0) -> Self: ...
+    @property
+    def target(self) -> Reservation | None: ...
+    @target.setter
+    def target(self, target: Reservation | None) -> None: ...
+    @property
+    def skip(self) -> int: ...
+    def write(self, data: Buffer) -> int: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    def writable(self) -> bool: ...
 
 @disjoint_base
 class RingReader:
@@ -145,6 +220,7 @@ class RingReader:
     def position(self) -> int: ...
     @property
     def next_seq(self) -> int: ...
+    def _position_valid(self, position: int) -> bool: ...
     @property
     def ring(self) -> RingBuffer: ...
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
+import pyarrow as pa
 
 from . import _native
+from ._arrow import ArrowState, BatchReading, LiveView, batches_of
 from ._errors import RingConfigError
 
 if TYPE_CHECKING:
@@ -95,6 +97,47 @@ class RingBuffer(_native.RingBuffer):
         mapping alive; its contents change as the producer writes."""
         return np.frombuffer(memoryview(self._data_buffer()), dtype=np.uint8)
 
+    # -- Arrow streams ---------------------------------------------------------------------
+
+    @property
+    def _arrow(self) -> ArrowState:
+        state: ArrowState | None = self.__dict__.get("_arrow_state")
+        if state is None:
+            state = self.__dict__["_arrow_state"] = ArrowState(self)
+        return state
+
+    def write_arrow_batch(
+        self,
+        batch: object,
+        stream: str = "default",
+        *,
+        timestamp_ns: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Write Arrow data to ``stream``: a ``pyarrow.RecordBatch`` or ``Table`` (one record per
+        batch), or any object exporting ``__arrow_c_array__`` / ``__arrow_c_stream__`` (polars,
+        arro3...). Each record is an Arrow IPC record-batch message, written straight into the
+        ring (one copy of the column bytes); the schema is stored once, in the ring's schema
+        table, and a new schema for the stream registers a new schema id. Field metadata (e.g.
+        ``units``) travels with it. Returns the sequence number of the last record (-1 if the
+        data held no batch).
+
+        Raises TypeError (not Arrow data), UnsupportedTypeError (dictionary columns),
+        RecordTooLargeError (a batch larger than a record can be), RingConfigError (schema
+        region full), and what ``write`` raises.
+        """
+        return self._arrow.write(batch, stream, timestamp_ns, timeout)
+
+    def streams(self) -> dict[str, pa.Schema]:
+        """Every Arrow stream in the ring and its current schema."""
+        return {name: info.schema for name, info in self._arrow.streams().items()}
+
+    def latest(self, stream: str, rows: int = 1000) -> dict[str, npt.NDArray[Any]]:
+        """The latest ``rows`` rows of ``stream`` as numpy arrays (zero-copy views when one batch
+        holds them; tensor columns as ``(N, ...)`` arrays). For repeated calls in a live plot use
+        :class:`LiveView`, which decodes only new records each time."""
+        return LiveView(self, stream, rows).update()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("producer" if self.writable else "read-only")
         return f"<RingBuffer {self.path!r} {self.capacity} bytes policy={self.policy!r} {state}>"
@@ -106,6 +149,67 @@ class RingReader(_native.RingReader):
     ``reader.read()`` returns the records available now (``timeout > 0`` waits for one);
     every record carries ``seq``, ``timestamp_ns``, ``stream`` and ``data``.
     """
+
+    @property
+    def _batches(self) -> BatchReading:
+        state: BatchReading | None = self.__dict__.get("_batch_state")
+        if state is None:
+            state = self.__dict__["_batch_state"] = BatchReading(self)
+        return state
+
+    def read_batches(
+        self, max_records: int | None = None, timeout: float = 0.0, copy: bool = True
+    ) -> list[tuple[str, pa.RecordBatch]]:
+        """The Arrow records available now, as ``(stream name, RecordBatch)`` pairs, in ring order.
+
+        With ``copy=False`` the batches' buffers view the ring's shared memory (no copy; they keep
+        the mapping alive); :meth:`batch_valid` says whether a batch was overwritten since.
+        Records that are not Arrow (plain ``write``) are skipped and counted in
+        :attr:`not_arrow`; records that do not decode are skipped and counted in
+        :attr:`undecodable`.
+        """
+        records = self.read(max_records, timeout, copy)
+        return self._batches.decode_all(records, zero_copy=not copy)
+
+    def batch_valid(self, batch: pa.RecordBatch) -> bool:
+        """For a batch from ``read_batches(copy=False)``: False once the producer has reclaimed
+        its space (discard what was computed from it). Check after using the data. True for
+        batches that are copies."""
+        entry = self._batches.views.get(id(batch))
+        if entry is None or entry[0]() is not batch:
+            return True
+        return self._position_valid(entry[1])
+
+    @property
+    def undecodable(self) -> int:
+        """Arrow records skipped because their payload did not decode (corruption)."""
+        return self._batches.undecodable
+
+    @property
+    def not_arrow(self) -> int:
+        """Records skipped by ``read_batches`` because they carry no Arrow schema."""
+        return self._batches.not_arrow
+
+    def read_table(self, stream: str, max_records: int | None = None, timeout: float = 0.0) -> pa.Table:
+        """The available records of ``stream`` as one ``pyarrow.Table`` (copied out of the ring).
+        Records of other streams read meanwhile are dropped: use a reader per stream. Raises
+        UnknownStreamError."""
+        info = self._batches.state.stream(stream)
+        batches = [b for name, b in self.read_batches(max_records, timeout) if name == stream]
+        if not batches:
+            return info.schema.empty_table()
+        schemas = {id(b.schema) for b in batches}
+        if len(schemas) == 1 or all(b.schema.equals(batches[0].schema) for b in batches):
+            return pa.Table.from_batches(batches)
+        return pa.concat_tables([pa.Table.from_batches([b]) for b in batches], promote_options="default")
+
+    def stream_reader(self, stream: str, *, timeout: float = 0.0, copy: bool = True) -> pa.RecordBatchReader:
+        """The batches of ``stream`` from this reader's position as a ``pyarrow.RecordBatchReader``.
+        It exports ``__arrow_c_stream__``, so polars, duckdb or arro3 consume it directly. It
+        ends when no record arrives for ``timeout`` seconds (0: at the end of what the ring
+        holds now). Raises UnknownStreamError; RingUsageError if the schema changes mid-read."""
+        schema = self._batches.state.stream(stream).schema
+        return pa.RecordBatchReader.from_batches(schema, batches_of(self, stream, schema, timeout, copy))
 
     def __repr__(self) -> str:
         return f"<RingReader of {self.ring.path!r} at {self.position} lost={self.lost}>"

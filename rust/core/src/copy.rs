@@ -4,7 +4,7 @@
 //! producer is not undefined behaviour: it yields some mixture of bytes, which the caller
 //! detects afterwards (copy, then validate) and discards.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 /// Copies `len` bytes from `src` (private) into the ring at `dst`.
 ///
@@ -67,6 +67,27 @@ pub unsafe fn from_ring(dst: *mut u8, src: *const u8, len: usize) {
     }
 }
 
+/// Copies `len` bytes from `src` (private) into the ring at `dst`, which need not be
+/// aligned: single bytes up to the first 8-byte boundary, words, then single bytes. Unlike
+/// `to_ring` it writes exactly `len` bytes, so successive calls can fill a record piecewise.
+///
+/// # Safety
+/// `dst` is valid for writes of `len` bytes, `src` for reads of `len` bytes.
+pub unsafe fn to_ring_exact(dst: *mut u8, src: *const u8, len: usize) {
+    let head = (dst.align_offset(8)).min(len);
+    for i in 0..head {
+        // SAFETY: i < head <= len: in bounds on both sides.
+        unsafe { AtomicU8::from_ptr(dst.add(i)).store(*src.add(i), Ordering::Relaxed) };
+    }
+    let words = (len - head) / 8;
+    // SAFETY: dst + head is 8-aligned; `words` whole words fit in the remaining length.
+    unsafe { to_ring(dst.add(head), src.add(head), words * 8) };
+    for i in head + words * 8..len {
+        // SAFETY: i < len: in bounds on both sides.
+        unsafe { AtomicU8::from_ptr(dst.add(i)).store(*src.add(i), Ordering::Relaxed) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +109,24 @@ mod tests {
                 assert!(bytes[len..len.div_ceil(8) * 8].iter().all(|&b| b == 0));
             }
         }
+    }
+
+    #[test]
+    fn exact_copies_fill_piecewise_without_touching_neighbours() {
+        let mut ring = vec![0u64; 32];
+        let base: *mut u8 = ring.as_mut_ptr().cast();
+        let src: Vec<u8> = (0..200u8).collect();
+        // Pieces of 4, 4, 3, 17, 100 bytes at unaligned offsets, like an IPC writer's.
+        let mut at = 0;
+        for n in [4usize, 4, 3, 17, 100] {
+            unsafe { to_ring_exact(base.add(at), src.as_ptr().add(at), n) };
+            at += n;
+        }
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(base, 256) };
+        assert_eq!(&bytes[..at], &src[..at]);
+        assert!(
+            bytes[at..].iter().all(|&b| b == 0),
+            "nothing written past the pieces"
+        );
     }
 }

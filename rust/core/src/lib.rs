@@ -10,6 +10,7 @@ pub mod format;
 pub mod lock;
 pub mod region;
 pub mod ring;
+pub mod schema;
 pub mod wait;
 
 pub use error::{Error, Result};

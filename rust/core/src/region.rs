@@ -426,6 +426,21 @@ impl Region {
         self.data.as_mut_ptr()
     }
 
+    /// An atomic view of a 64-bit word of the schema region's table header.
+    pub fn h64_schema(&self, field: usize) -> &AtomicU64 {
+        assert!(field % 8 == 0 && field + 8 <= 64 && self.geometry.schema_size >= 64);
+        // SAFETY: the schema region starts page-aligned inside `meta` and holds at least
+        // 64 bytes (checked); field is 8-aligned within them. Atomic access only.
+        unsafe { AtomicU64::from_ptr(self.schema_ptr().add(field).cast()) }
+    }
+
+    /// An atomic view of the 64-bit word at byte `at` of the schema region.
+    pub fn a64_schema(&self, at: u64) -> &AtomicU64 {
+        assert!(at % 8 == 0 && at + 8 <= self.geometry.schema_size);
+        // SAFETY: inside the schema region (checked), 8-aligned. Atomic access only.
+        unsafe { AtomicU64::from_ptr(self.schema_ptr().add(at as usize).cast()) }
+    }
+
     /// Start of the schema region in this process. Only for raw-pointer use.
     pub fn schema_ptr(&self) -> *mut u8 {
         // SAFETY: schema_offset (== HEADER_SIZE) < data_offset == meta's length.

@@ -322,6 +322,11 @@ impl Ring {
         }
     }
 
+    /// Every schema registered in the ring's schema table, in registration order.
+    pub fn schemas(&self) -> Result<Vec<crate::schema::SchemaEntry>> {
+        crate::schema::list(&self.region)
+    }
+
     /// Whether the record that started at `pos` is still intact (not reclaimed). Call it
     /// after reading a record's bytes: a `true` covers every read made before the call.
     #[inline]
@@ -804,6 +809,27 @@ impl Producer {
         let at = claim.pos % self.ring.cap + format::RECORD_HEADER_SIZE;
         // SAFETY: the record [pos, pos+size) lies inside the data region (never straddles).
         unsafe { self.ring.region.data_ptr().add(at as usize) }
+    }
+
+    /// Copies `len` bytes from `src` into the claimed payload at byte `offset` (any
+    /// alignment; exactly `len` bytes are written, so a payload can be filled piecewise).
+    ///
+    /// # Safety
+    /// `src` is valid for reads of `len` bytes; `offset + len <= claim.payload_len`.
+    pub unsafe fn fill_at(&self, claim: &Claim, offset: u64, src: *const u8, len: usize) {
+        assert!(offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= claim.payload_len));
+        // SAFETY: the destination range lies inside the claim's payload (asserted).
+        unsafe { copy::to_ring_exact(self.payload_ptr(claim).add(offset as usize), src, len) }
+    }
+
+    /// Registers a schema for stream `name` in the ring's schema table.
+    pub fn register_schema(&self, name: &str, schema: &[u8]) -> Result<crate::schema::SchemaEntry> {
+        if lock::forked_since(self.fork_gen) {
+            return Err(Error::Forked);
+        }
+        crate::schema::register(&self.ring.region, name, schema)
     }
 
     /// Copies `len` bytes from `src` into the claimed payload.

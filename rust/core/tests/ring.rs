@@ -513,3 +513,78 @@ fn threaded_stress_many_laps_every_record_intact_or_counted() {
         assert_eq!(delivered + lost, n, "delivered {delivered} + lost {lost}");
     }
 }
+
+#[test]
+fn schema_table_registers_reuses_and_survives_reopen() {
+    let t = TempRing::new("schemas");
+    {
+        let (ring, p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+        let a = p.register_schema("voltmeter", b"schema-v1").unwrap();
+        assert_eq!((a.stream_id, a.schema_id), (1, 1));
+        let cam = p.register_schema("camera", &[7u8; 300]).unwrap();
+        assert_eq!((cam.stream_id, cam.schema_id), (2, 2));
+        assert_eq!(
+            p.register_schema("voltmeter", b"schema-v1").unwrap(),
+            a,
+            "identical: reused"
+        );
+        let b = p.register_schema("voltmeter", b"schema-v2").unwrap();
+        assert_eq!(
+            (b.stream_id, b.schema_id),
+            (1, 3),
+            "new schema, same stream"
+        );
+        let all = ring.schemas().unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|e| (e.name.as_str(), e.schema_id))
+                .collect::<Vec<_>>(),
+            vec![("voltmeter", 1), ("camera", 2), ("voltmeter", 3)]
+        );
+        assert_eq!(all[1].schema, vec![7u8; 300]);
+        assert!(p.register_schema("", b"x").is_err());
+    }
+    // A reader in another "process" (a fresh mapping) sees the same table.
+    let (ro, _) = Ring::open(&t.0, false).unwrap();
+    assert_eq!(ro.schemas().unwrap().len(), 3);
+    let (_r, p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    assert_eq!(
+        p.register_schema("camera", &[7u8; 300]).unwrap().schema_id,
+        2,
+        "restart reuses ids"
+    );
+}
+
+#[test]
+fn a_full_schema_region_is_a_clear_error() {
+    let t = TempRing::new("schemafull");
+    let (ring, p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let big = vec![1u8; 100 * 1024];
+    p.register_schema("a", &big).unwrap();
+    p.register_schema("b", &big).unwrap();
+    let e = p.register_schema("c", &big).unwrap_err();
+    assert!(e.to_string().contains("schema region is full"), "{e}");
+    assert_eq!(ring.schemas().unwrap().len(), 2, "nothing half-registered");
+}
+
+#[test]
+fn payloads_can_be_filled_piecewise_at_any_offset() {
+    let t = TempRing::new("fillat");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    let msg: Vec<u8> = (0..=250u8).collect();
+    let c = match p.try_claim(msg.len() as u64, 4, None).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    let mut at = 0usize;
+    for n in [4usize, 4, 184, 59] {
+        unsafe { p.fill_at(&c, at as u64, msg[at..].as_ptr(), n) };
+        at += n;
+    }
+    p.set_claim_tags(&c, 9, 0);
+    p.commit(c).unwrap();
+    let (rec, buf) = rd.next_copy().unwrap().unwrap();
+    assert_eq!(buf, msg);
+    assert_eq!((rec.stream, rec.schema_id), (4, 9));
+}

@@ -4,6 +4,7 @@
 mod buffer;
 mod errors;
 mod reader;
+mod reserve;
 mod ring;
 
 use pyo3::prelude::*;
@@ -14,6 +15,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::RingReader>()?;
     m.add_class::<reader::Record>()?;
     m.add_class::<buffer::MapView>()?;
+    m.add_class::<reserve::Reservation>()?;
+    m.add_class::<reserve::ReservationSink>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "RECORD_HEADER_SIZE",

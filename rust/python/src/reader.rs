@@ -231,6 +231,11 @@ impl RingReader {
         lock_detached(py, &self.inner).expected_seq()
     }
 
+    /// Whether the record that started at absolute `position` is still intact.
+    fn _position_valid(&self, py: Python<'_>, position: u64) -> bool {
+        lock_detached(py, &self.inner).ring().still_valid(position)
+    }
+
     /// The ring this reader reads.
     #[getter]
     fn ring(&self, py: Python<'_>) -> Py<RingBuffer> {

@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use rust_daq_core::{ClaimResult, Error, Policy, Producer, Ring};
+use rust_daq_core::{Claim, ClaimResult, Error, Policy, Producer, Ring};
 
 use crate::buffer::{MapView, SendPtr, Source};
 use crate::errors::{to_py, IntoPy};
+use crate::reserve::Reservation;
+
+/// (schema_id, stream_id, name, Arrow IPC schema bytes, activation), as `_schemas` returns.
+type SchemaRow<'py> = (u32, u32, String, Bound<'py, PyBytes>, u64);
 
 /// Payloads at least this large are copied with the GIL released.
 const DETACH_COPY_BYTES: usize = 256 * 1024;
@@ -67,6 +71,22 @@ impl RingBuffer {
         Ok(&self.ring)
     }
 
+    /// The producer slot (None once closed), for reservations that finish later.
+    pub fn producer_guard<'a>(
+        &'a self,
+        py: Python<'_>,
+    ) -> PyResult<MutexGuard<'a, Option<Producer>>> {
+        if !self.writable {
+            return Err(to_py(
+                py,
+                Error::ReadOnly {
+                    what: "a reservation",
+                },
+            ));
+        }
+        Ok(lock_detached(py, &self.producer))
+    }
+
     fn producer<'a>(
         &'a self,
         py: Python<'_>,
@@ -97,32 +117,20 @@ impl RingBuffer {
     }
 }
 
-/// Writes one record; under policy "block" waits (GIL released, Ctrl-C honoured) up to
-/// `timeout`. Returns the sequence number.
-fn write_one(
+/// Claims room for `len` payload bytes; under policy "block" waits (GIL released, Ctrl-C
+/// honoured) up to `timeout`.
+fn claim_with_wait(
     py: Python<'_>,
     p: &mut Producer,
-    src: &Source,
+    len: u64,
     stream: u32,
     ts: Option<i64>,
     timeout: Duration,
-) -> PyResult<u64> {
+) -> PyResult<Claim> {
     let mut start: Option<Instant> = None;
     loop {
-        match p.try_claim(src.len as u64, stream, ts).py_err(py)? {
-            ClaimResult::Claimed(c) => {
-                if src.len >= DETACH_COPY_BYTES {
-                    let (s, n) = (SendPtr(src.ptr as *mut u8), src.len);
-                    let pr = &*p;
-                    // SAFETY: `src` holds the buffer export (or the bytes object) until
-                    // after this call; the claim's payload space is ours until commit.
-                    py.detach(move || unsafe { pr.fill(&c, s.get(), n) });
-                } else {
-                    // SAFETY: as above.
-                    unsafe { p.fill(&c, src.ptr, src.len) };
-                }
-                return p.commit(c).py_err(py);
-            }
+        match p.try_claim(len, stream, ts).py_err(py)? {
+            ClaimResult::Claimed(c) => return Ok(c),
             ClaimResult::WouldBlock { needed_tail } => {
                 let t0 = *start.get_or_insert_with(Instant::now);
                 let waited = t0.elapsed();
@@ -136,6 +144,29 @@ fn write_one(
             }
         }
     }
+}
+
+/// Writes one record (claim, copy, commit). Returns the sequence number.
+fn write_one(
+    py: Python<'_>,
+    p: &mut Producer,
+    src: &Source,
+    stream: u32,
+    ts: Option<i64>,
+    timeout: Duration,
+) -> PyResult<u64> {
+    let c = claim_with_wait(py, p, src.len as u64, stream, ts, timeout)?;
+    if src.len >= DETACH_COPY_BYTES {
+        let (s, n) = (SendPtr(src.ptr as *mut u8), src.len);
+        let pr = &*p;
+        // SAFETY: `src` holds the buffer export (or the bytes object) until after this
+        // call; the claim's payload space is ours until commit.
+        py.detach(move || unsafe { pr.fill(&c, s.get(), n) });
+    } else {
+        // SAFETY: as above.
+        unsafe { p.fill(&c, src.ptr, src.len) };
+    }
+    p.commit(c).py_err(py)
 }
 
 #[pymethods]
@@ -371,6 +402,60 @@ impl RingBuffer {
         self.block_timeout
             .store(seconds.to_bits(), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Reserves ring space for one record of `nbytes` payload bytes (waiting for room under
+    /// policy "block"). Fill it, then commit it; see `Reservation`.
+    #[pyo3(signature = (nbytes, *, stream=0, schema_id=0, timestamp_ns=None, timeout=None))]
+    fn reserve(
+        slf: Bound<'_, Self>,
+        nbytes: u64,
+        stream: u32,
+        schema_id: u32,
+        timestamp_ns: Option<i64>,
+        timeout: Option<f64>,
+    ) -> PyResult<Reservation> {
+        let py = slf.py();
+        let me = slf.get();
+        let mut guard = me.producer(py, "reserve()")?;
+        let p = guard.as_mut().expect("checked by producer()");
+        let limit = me.wait_limit(p, timeout)?;
+        let claim = claim_with_wait(py, p, nbytes, stream, timestamp_ns, limit)?;
+        p.set_claim_tags(&claim, schema_id, 0);
+        Ok(Reservation::new(
+            slf.clone().unbind(),
+            me.ring.clone(),
+            claim,
+        ))
+    }
+
+    /// Registers an Arrow IPC schema for stream `name`; returns (stream_id, schema_id).
+    fn _register_schema(&self, py: Python<'_>, name: &str, schema: &[u8]) -> PyResult<(u32, u32)> {
+        let guard = self.producer(py, "registering a stream schema")?;
+        let e = guard
+            .as_ref()
+            .expect("checked by producer()")
+            .register_schema(name, schema)
+            .py_err(py)?;
+        Ok((e.stream_id, e.schema_id))
+    }
+
+    /// Every registered schema: (schema_id, stream_id, name, schema bytes, activation); a
+    /// stream's current schema is its entry with the highest activation.
+    fn _schemas<'py>(&self, py: Python<'py>) -> PyResult<Vec<SchemaRow<'py>>> {
+        let entries = self.ring()?.schemas().py_err(py)?;
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                (
+                    e.schema_id,
+                    e.stream_id,
+                    e.name,
+                    PyBytes::new(py, &e.schema),
+                    e.activation,
+                )
+            })
+            .collect())
     }
 
     /// The no-op native call: what calling into the extension costs (for benchmarks).

@@ -1,0 +1,360 @@
+"""Arrow record streams through the ring.
+
+A record of an Arrow stream is one Arrow IPC *record batch message*; the stream's schema is
+stored once, in the ring's schema table (docs/ring-format.md, "Schema region"), and each
+record names it by ``schema_id``. Writing copies each column buffer once, straight into
+reserved ring space: pyarrow's IPC stream writer writes into a ``ReservationSink`` whose
+target is the record being filled (it hands body buffers over without copying them).
+
+n-D data (camera frames) uses Arrow's canonical ``arrow.fixed_shape_tensor`` extension type:
+``pa.FixedShapeTensorArray.from_numpy_ndarray(frames)`` for an ``(N, H, W)`` array, and
+``column.to_numpy_ndarray()`` back, both without a copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import _native
+from ._errors import RecordTooLargeError, RingUsageError, UnknownStreamError, UnsupportedTypeError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from ._ring import RingBuffer, RingReader
+
+__all__ = ["LiveView", "StreamInfo"]
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One entry of the ring's schema table."""
+
+    name: str
+    stream_id: int
+    schema_id: int
+    schema: pa.Schema
+    #: Batches of this schema need full validation (variable-length layouts) when decoded.
+    full_validation: bool = False
+
+
+def _type_name(obj: object) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def to_batches(data: object) -> Iterator[pa.RecordBatch]:
+    """The record batches of a pyarrow RecordBatch or Table, or of any object exporting the
+    Arrow PyCapsule interface (``__arrow_c_array__`` / ``__arrow_c_stream__``), zero-copy."""
+    if isinstance(data, pa.RecordBatch):
+        yield data
+    elif isinstance(data, pa.Table):
+        yield from data.to_batches()
+    elif hasattr(data, "__arrow_c_stream__"):
+        yield from pa.RecordBatchReader.from_stream(data)
+    elif hasattr(data, "__arrow_c_array__"):
+        yield pa.record_batch(data)
+    else:
+        raise TypeError(
+            "write_arrow_batch() needs a pyarrow RecordBatch or Table, or an object with "
+            f"__arrow_c_array__ / __arrow_c_stream__ (polars, arro3, nanoarrow...); got {_type_name(data)}"
+        )
+
+
+def _unsupported(t: pa.DataType) -> pa.DataType | None:
+    """The first type inside `t` that the ring does not carry, if any."""
+    if pa.types.is_dictionary(t):
+        return t
+    if isinstance(t, pa.BaseExtensionType):
+        return _unsupported(t.storage_type)
+    for i in range(t.num_fields):
+        inner = _unsupported(t.field(i).type)
+        if inner is not None:
+            return inner
+    return None
+
+
+def check_supported(schema: pa.Schema, stream: str) -> None:
+    for field in schema:
+        bad = _unsupported(field.type)
+        if bad is not None:
+            raise UnsupportedTypeError(
+                f"stream {stream!r}: column {field.name!r} has type {bad}, which the ring does not carry "
+                "(dictionary-encoded data needs its dictionary in every record; cast it to the value "
+                "type, e.g. column.dictionary_decode())"
+            )
+
+
+class StreamWriter:
+    """Writes batches of one (stream, schema) pair: a pyarrow IPC stream writer whose sink
+    is pointed at each record's reservation in turn."""
+
+    def __init__(self, ring: _native.RingBuffer, name: str, schema: pa.Schema) -> None:
+        check_supported(schema, name)
+        schema_msg = schema.serialize()
+        self.schema = schema
+        self.stream_id, self.schema_id = ring._register_schema(name, schema_msg.to_pybytes())
+        # pyarrow emits the schema message before the first batch: the sink skips it.
+        self.sink = _native.ReservationSink(schema_msg.size)
+        self.writer = pa.ipc.new_stream(self.sink, schema)
+
+
+class ArrowState:
+    """Per-ring-handle Arrow state: the writers of this producer and the decoded schema table."""
+
+    def __init__(self, ring: _native.RingBuffer) -> None:
+        self.ring = ring
+        self.writers: dict[str, StreamWriter] = {}
+        self.by_id: dict[int, StreamInfo] = {}
+        # Serialises Arrow writes: the sink of a stream has one target at a time.
+        self.lock = threading.Lock()
+
+    def refresh(self) -> dict[int, int]:
+        """Reloads the schema table; returns each schema id's activation."""
+        activations = {}
+        for schema_id, stream_id, name, raw, activation in self.ring._schemas():
+            activations[schema_id] = activation
+            if schema_id not in self.by_id:
+                schema = pa.ipc.read_schema(pa.py_buffer(raw))
+                full = any(_variable_length(f.type) for f in schema)
+                self.by_id[schema_id] = StreamInfo(name, stream_id, schema_id, schema, full)
+        return activations
+
+    def info(self, schema_id: int) -> StreamInfo | None:
+        if schema_id not in self.by_id:
+            self.refresh()
+        return self.by_id.get(schema_id)
+
+    def streams(self) -> dict[str, StreamInfo]:
+        """The current schema of every stream (the one the producer switched to last)."""
+        activations = self.refresh()
+        latest: dict[str, StreamInfo] = {}
+        for info in sorted(self.by_id.values(), key=lambda i: activations.get(i.schema_id, 0)):
+            latest[info.name] = info
+        return latest
+
+    def stream(self, name: str) -> StreamInfo:
+        streams = self.streams()
+        if name not in streams:
+            known = ", ".join(repr(s) for s in streams) or "none yet"
+            raise UnknownStreamError(f"unknown stream {name!r}; the ring's streams: {known}")
+        return streams[name]
+
+    def write(self, data: object, stream: str, timestamp_ns: int | None, timeout: float | None) -> int:
+        if not isinstance(stream, str) or not stream:
+            raise TypeError(f"stream must be a non-empty str, got {stream!r}")
+        seq = -1
+        with self.lock:
+            for batch in to_batches(data):
+                w = self.writers.get(stream)
+                if w is None or not w.schema.equals(batch.schema, check_metadata=True):
+                    w = self.writers[stream] = StreamWriter(self.ring, stream, batch.schema)
+                seq = self._write_one(w, batch, stream, timestamp_ns, timeout)
+        return seq
+
+    def _write_one(
+        self, w: StreamWriter, batch: pa.RecordBatch, stream: str, ts: int | None, timeout: float | None
+    ) -> int:
+        size = pa.ipc.get_record_batch_size(batch)
+        try:
+            res = self.ring.reserve(
+                size, stream=w.stream_id, schema_id=w.schema_id, timestamp_ns=ts, timeout=timeout
+            )
+        except RecordTooLargeError as e:
+            raise RecordTooLargeError(
+                f"Arrow batch for stream {stream!r} ({batch.num_rows} rows) serialises to {size} bytes; "
+                f"a record of this ring holds at most {self.ring.max_record_size}: write smaller batches "
+                "or create a larger ring"
+            ) from e
+        w.sink.target = res
+        try:
+            w.writer.write_batch(batch)
+        except BaseException:
+            res.abort()
+            raise
+        finally:
+            w.sink.target = None
+        if res.written != size:
+            res.abort()
+            raise RingUsageError(
+                f"stream {stream!r}: pyarrow wrote {res.written} bytes for a {size}-byte batch message; "
+                "nothing was written"
+            )
+        return res.commit()
+
+
+def _variable_length(t: pa.DataType) -> bool:
+    if isinstance(t, pa.BaseExtensionType):
+        return _variable_length(t.storage_type)
+    if (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_map(t)
+        or pa.types.is_union(t)
+        or pa.types.is_string_view(t)
+        or pa.types.is_binary_view(t)
+    ):
+        return True
+    return any(_variable_length(t.field(i).type) for i in range(t.num_fields))
+
+
+def decode(rec: _native.Record, info: StreamInfo) -> pa.RecordBatch:
+    """The batch in a record: zero-copy over `rec.data` (bytes or a view into the ring).
+
+    Validated before it is returned, so a corrupted payload raises here instead of crashing
+    a later access: buffer sizes always (cheap), offsets too for variable-length layouts.
+    """
+    batch = pa.ipc.read_record_batch(pa.py_buffer(rec.data), info.schema)
+    batch.validate(full=info.full_validation)
+    return batch
+
+
+class BatchReading:
+    """Per-reader Arrow state: decoded schemas, validity of zero-copy batches, counters."""
+
+    def __init__(self, reader: RingReader) -> None:
+        self.state = ArrowState(reader.ring)
+        self.views: dict[int, tuple[weakref.ref[pa.RecordBatch], int]] = {}
+        self.undecodable = 0
+        self.not_arrow = 0
+
+    def remember(self, batch: pa.RecordBatch, position: int) -> None:
+        key = id(batch)
+        views = self.views
+        self.views[key] = (weakref.ref(batch, lambda _r: views.pop(key, None)), position)
+
+    def decode_all(self, records: list[_native.Record], zero_copy: bool) -> list[tuple[str, pa.RecordBatch]]:
+        out = []
+        for rec in records:
+            if rec.schema_id == 0:
+                self.not_arrow += 1
+                continue
+            info = self.state.info(rec.schema_id)
+            if info is None:
+                self.undecodable += 1
+                continue
+            try:
+                batch = decode(rec, info)
+            except (pa.ArrowException, ValueError, OSError):
+                self.undecodable += 1
+                continue
+            if zero_copy:
+                self.remember(batch, rec.position)
+            out.append((info.name, batch))
+        return out
+
+
+class LiveView:
+    """The latest `rows` rows of one stream as numpy arrays, kept current by `update()`.
+
+    Made for notebooks: ``view = LiveView(ring, "voltmeter", rows=2000)``, then
+    ``arrays = view.update()`` in a plotting loop. Only new records are decoded on each call.
+    With ``copy=False`` (the default) an array views the ring when one batch covers the
+    window (always for a window no larger than a batch), else it is a copy; ``valid()`` says
+    whether the viewed records are still intact.
+    """
+
+    def __init__(self, ring: RingBuffer, stream: str, rows: int = 1000, *, copy: bool = False) -> None:
+        if rows <= 0:
+            raise ValueError(f"rows must be positive, got {rows}")
+        self._ring = ring
+        self._reader = ring.reader("oldest")
+        self._state = ArrowState(ring)
+        self._stream = stream
+        self._rows = rows
+        self._copy = copy
+        self._window: deque[tuple[pa.RecordBatch, _native.Record]] = deque()
+        self._nrows = 0
+
+    def update(self, timeout: float = 0.0) -> dict[str, npt.NDArray[Any]]:
+        """Reads what arrived since the last call (waiting up to `timeout` s for something)
+        and returns the latest rows, one array per column (tensor columns as (N, ...))."""
+        stream_id = self._state.stream(self._stream).stream_id
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self._reader.read(copy=False, timeout=max(deadline - time.monotonic(), 0.0))
+            for rec in records:
+                if rec.stream != stream_id or rec.schema_id == 0:
+                    continue
+                info = self._state.info(rec.schema_id)
+                if info is None:
+                    continue
+                batch = decode(rec, info)
+                self._window.append((batch, rec))
+                self._nrows += batch.num_rows
+                while self._window and self._nrows - self._window[0][0].num_rows >= self._rows:
+                    self._nrows -= self._window.popleft()[0].num_rows
+            if not records or len(records) < 1024:
+                break
+        while self._window and not self._window[0][1].valid():
+            self._nrows -= self._window.popleft()[0].num_rows  # overwritten meanwhile
+        return self._arrays()
+
+    def valid(self) -> bool:
+        """Whether every record in the window is still intact in the ring."""
+        return all(rec.valid() for _, rec in self._window)
+
+    def _arrays(self) -> dict[str, npt.NDArray[Any]]:
+        if not self._window:
+            schema = self._state.stream(self._stream).schema
+            return {f.name: _to_numpy(_empty(f.type)) for f in schema}
+        batches = [b for b, _ in self._window]
+        keep = min(self._rows, self._nrows)
+        if len(batches) == 1 or batches[-1].num_rows >= keep:
+            last = batches[-1]
+            window = last.slice(last.num_rows - keep)
+            cols = {name: window.column(name) for name in window.schema.names}
+        else:
+            table = pa.Table.from_batches(batches)
+            table = table.slice(table.num_rows - keep)
+            cols = {name: table.column(name).combine_chunks() for name in table.schema.names}
+        out = {name: _to_numpy(col) for name, col in cols.items()}
+        if self._copy:
+            out = {k: np.array(v, copy=True) for k, v in out.items()}
+        return out
+
+
+def _empty(t: pa.DataType) -> pa.Array:
+    if isinstance(t, pa.BaseExtensionType):
+        return pa.ExtensionArray.from_storage(t, pa.array([], type=t.storage_type))
+    return pa.array([], type=t)
+
+
+def _to_numpy(col: pa.Array) -> npt.NDArray[Any]:
+    if isinstance(col, pa.FixedShapeTensorArray):
+        out: npt.NDArray[Any] = col.to_numpy_ndarray()
+    else:
+        out = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def batches_of(
+    reader: RingReader, stream: str, schema: pa.Schema, timeout: float, copy: bool
+) -> Iterable[pa.RecordBatch]:
+    """Batches of one stream from a reader until nothing arrives for `timeout` s."""
+    while True:
+        got = reader.read_batches(timeout=timeout, copy=copy)
+        if not got:
+            return
+        for name, batch in got:
+            if name != stream:
+                continue
+            if not batch.schema.equals(schema, check_metadata=True):
+                raise RingUsageError(
+                    f"stream {stream!r} changed its schema mid-read; a RecordBatchReader has one "
+                    "schema: read the rest with a new stream_reader()"
+                )
+            yield batch

@@ -1,0 +1,197 @@
+//! The schema table: an append-only list in the schema region (after the header page),
+//! which data never overwrites. Each entry names a stream and holds an opaque schema
+//! (Arrow IPC schema bytes, for the Python layer); records refer to it by `schema_id`.
+//!
+//! Region layout (docs/ring-format.md, "Schema region"): a 64-byte table header
+//! (`used: u64` bytes of entries, published with release order; `activations: u64`, a
+//! counter), then 64-aligned entries: a 64-byte entry header (`size: u32`, `schema_id: u32`,
+//! `stream_id: u32`, `name_len: u32`, `schema_len: u64`, `activation: u64`,
+//! `registered_ns: i64`), the UTF-8 name padded to 64 bytes, the schema bytes padded to 64.
+//!
+//! A stream's current schema is its entry with the highest `activation`: the producer sets
+//! it from the counter when it registers a schema and again when it switches a stream back
+//! to a schema registered earlier.
+
+use std::sync::atomic::Ordering;
+
+use crate::copy;
+use crate::error::{Error, Result};
+use crate::format;
+use crate::region::{now_ns, Region};
+
+const TABLE_HEADER: u64 = 64;
+const ENTRY_HEADER: u64 = 64;
+
+/// One registered schema.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchemaEntry {
+    pub schema_id: u32,
+    pub stream_id: u32,
+    pub name: String,
+    pub schema: Vec<u8>,
+    /// When the producer last switched the stream to this schema (a table-wide counter).
+    pub activation: u64,
+    pub registered_ns: i64,
+}
+
+fn pad(n: u64) -> u64 {
+    format::align_up(n).expect("small")
+}
+
+/// Reads every published entry. Entries below `used` are immutable once published.
+pub fn list(region: &Region) -> Result<Vec<SchemaEntry>> {
+    let size = region.geometry().schema_size;
+    if size < TABLE_HEADER {
+        return Ok(Vec::new());
+    }
+    let base = region.schema_ptr();
+    let used = region.h64_schema(0).load(Ordering::Acquire);
+    if used > size - TABLE_HEADER {
+        return Err(Error::corrupt(format!(
+            "schema table claims {used} bytes, the region has {size}"
+        )));
+    }
+    let mut out = Vec::new();
+    let mut at = TABLE_HEADER;
+    while at < TABLE_HEADER + used {
+        let mut hdr = [0u8; ENTRY_HEADER as usize];
+        // SAFETY: at + 64 <= TABLE_HEADER + used <= size: inside the schema region, 64-aligned.
+        unsafe { copy::from_ring(hdr.as_mut_ptr(), base.add(at as usize), hdr.len()) };
+        let u32_at = |o: usize| u32::from_le_bytes(hdr[o..o + 4].try_into().expect("4"));
+        let u64_at = |o: usize| u64::from_le_bytes(hdr[o..o + 8].try_into().expect("8"));
+        let (entry, schema_id, stream_id, name_len, schema_len) = (
+            u32_at(0) as u64,
+            u32_at(4),
+            u32_at(8),
+            u32_at(12) as u64,
+            u64_at(16),
+        );
+        let fits = name_len <= 4096
+            && schema_len <= size
+            && entry == ENTRY_HEADER + pad(name_len) + pad(schema_len)
+            && at + entry <= TABLE_HEADER + used;
+        if !fits {
+            return Err(Error::corrupt(format!(
+                "schema table entry at {at} is invalid (size {entry}, name {name_len} bytes, schema {schema_len} bytes)"
+            )));
+        }
+        let mut name = vec![0u8; name_len as usize];
+        let mut schema = vec![0u8; schema_len as usize];
+        // SAFETY: both ranges lie inside the entry, checked above; the source is 64-aligned.
+        unsafe {
+            copy::from_ring(
+                name.as_mut_ptr(),
+                base.add((at + ENTRY_HEADER) as usize),
+                name.len(),
+            );
+            copy::from_ring(
+                schema.as_mut_ptr(),
+                base.add((at + ENTRY_HEADER + pad(name_len)) as usize),
+                schema.len(),
+            );
+        }
+        let name = String::from_utf8(name)
+            .map_err(|_| Error::corrupt(format!("schema entry at {at}: name is not UTF-8")))?;
+        // The activation word is the only field that changes after publication: reread it
+        // atomically rather than from the copy.
+        let activation = region.a64_schema(at + 24).load(Ordering::Acquire);
+        out.push(SchemaEntry {
+            schema_id,
+            stream_id,
+            name,
+            schema,
+            activation,
+            registered_ns: u64_at(32) as i64,
+        });
+        at += entry;
+    }
+    Ok(out)
+}
+
+/// Registers `schema` for stream `name` (producer only) and returns its entry: an identical
+/// (name, schema) pair already in the table is reused; a new schema for a known stream gets
+/// a new `schema_id` and keeps the stream's id.
+pub fn register(region: &Region, name: &str, schema: &[u8]) -> Result<SchemaEntry> {
+    if name.is_empty() || name.len() > 4096 {
+        return Err(Error::invalid(format!(
+            "stream names are 1 to 4096 bytes of UTF-8, got {} bytes",
+            name.len()
+        )));
+    }
+    let existing = list(region)?;
+    let activation = region.h64_schema(8).load(Ordering::Relaxed) + 1;
+    let mut at = TABLE_HEADER;
+    for e in &existing {
+        if e.name == name && e.schema == schema {
+            let current = existing
+                .iter()
+                .filter(|o| o.name == name)
+                .max_by_key(|o| o.activation);
+            if current.map(|c| c.schema_id) != Some(e.schema_id) {
+                region.h64_schema(8).store(activation, Ordering::Relaxed);
+                region
+                    .a64_schema(at + 24)
+                    .store(activation, Ordering::Release);
+                return Ok(SchemaEntry {
+                    activation,
+                    ..e.clone()
+                });
+            }
+            return Ok(e.clone());
+        }
+        at += ENTRY_HEADER + pad(e.name.len() as u64) + pad(e.schema.len() as u64);
+    }
+    let stream_id = existing
+        .iter()
+        .find(|e| e.name == name)
+        .map(|e| e.stream_id)
+        .unwrap_or_else(|| existing.iter().map(|e| e.stream_id).max().unwrap_or(0) + 1);
+    let schema_id = existing.len() as u32 + 1;
+    let size = region.geometry().schema_size;
+    let used = region.h64_schema(0).load(Ordering::Acquire);
+    let entry = ENTRY_HEADER + pad(name.len() as u64) + pad(schema.len() as u64);
+    if TABLE_HEADER + used + entry > size {
+        return Err(Error::config(format!(
+            "the ring's schema region is full ({size} bytes, {} schemas): cannot register a {}-byte schema \
+             for stream {name:?}; recreate the ring (replace=True) to start a new table",
+            existing.len(),
+            schema.len()
+        )));
+    }
+    let at = TABLE_HEADER + used;
+    let mut hdr = [0u8; ENTRY_HEADER as usize];
+    hdr[0..4].copy_from_slice(&(entry as u32).to_le_bytes());
+    hdr[4..8].copy_from_slice(&schema_id.to_le_bytes());
+    hdr[8..12].copy_from_slice(&stream_id.to_le_bytes());
+    hdr[12..16].copy_from_slice(&(name.len() as u32).to_le_bytes());
+    hdr[16..24].copy_from_slice(&(schema.len() as u64).to_le_bytes());
+    hdr[24..32].copy_from_slice(&activation.to_le_bytes());
+    let now = now_ns();
+    hdr[32..40].copy_from_slice(&now.to_le_bytes());
+    let base = region.schema_ptr();
+    // SAFETY: [at, at + entry) lies inside the schema region (checked above), beyond `used`,
+    // so no reader looks at it until `used` is published below. 64-aligned destinations.
+    unsafe {
+        copy::to_ring(base.add(at as usize), hdr.as_ptr(), hdr.len());
+        copy::to_ring(
+            base.add((at + ENTRY_HEADER) as usize),
+            name.as_ptr(),
+            name.len(),
+        );
+        copy::to_ring(
+            base.add((at + ENTRY_HEADER + pad(name.len() as u64)) as usize),
+            schema.as_ptr(),
+            schema.len(),
+        );
+    }
+    region.h64_schema(8).store(activation, Ordering::Relaxed);
+    region.h64_schema(0).store(used + entry, Ordering::Release);
+    Ok(SchemaEntry {
+        schema_id,
+        stream_id,
+        name: name.to_string(),
+        schema: schema.to_vec(),
+        activation,
+        registered_ns: now,
+    })
+}

@@ -1,0 +1,344 @@
+//! `Reservation`: ring space claimed for one record, filled in place, then committed (or
+//! aborted); and `ReservationSink`, a file-like object that pyarrow's IPC writer writes
+//! into, forwarding to whichever reservation it is pointed at.
+
+use std::ffi::c_int;
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use rust_daq_core::{Claim, Error, Ring};
+
+use crate::buffer::Source;
+use crate::errors::{to_py, IntoPy};
+use crate::ring::{lock_detached, RingBuffer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    Committed(u64),
+    Aborted,
+}
+
+struct Inner {
+    state: State,
+    /// Next byte `write` fills.
+    cursor: u64,
+    /// Live buffer-protocol exports: commit/abort wait for them to be released, so no
+    /// view can write into a record after it was published.
+    exports: usize,
+}
+
+/// Ring space reserved for one record of `nbytes` bytes. Fill it with `write()` (sequential)
+/// or through the buffer protocol (`memoryview(res)`, `numpy.frombuffer(res, ...)`), then
+/// `commit()`; `abort()`, an exception in a `with` block, or garbage collection without a
+/// commit turn it into padding that readers skip.
+#[pyclass(frozen, module = "rust_daq._native")]
+pub struct Reservation {
+    owner: Py<RingBuffer>,
+    // Keeps the mapping alive while the reservation exists.
+    ring: Arc<Ring>,
+    claim: Claim,
+    /// A Mutex because the frozen object may be shared between Python threads.
+    inner: Mutex<Inner>,
+}
+
+impl Reservation {
+    pub fn new(owner: Py<RingBuffer>, ring: Arc<Ring>, claim: Claim) -> Reservation {
+        Reservation {
+            owner,
+            ring,
+            claim,
+            inner: Mutex::new(Inner {
+                state: State::Open,
+                cursor: 0,
+                exports: 0,
+            }),
+        }
+    }
+
+    fn payload_ptr(&self) -> *mut u8 {
+        let at = self.claim.pos % self.ring.capacity() + rust_daq_core::format::RECORD_HEADER_SIZE;
+        // SAFETY: the claimed record lies inside the data region.
+        unsafe { self.ring.region().data_ptr().add(at as usize) }
+    }
+
+    /// Copies `src` at the cursor. Used by `write` and by the sink.
+    pub fn write_bytes(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let src = Source::new(data, "Reservation.write()")?;
+        let mut inner = lock_detached(py, &self.inner);
+        if inner.state != State::Open {
+            return Err(PyValueError::new_err(
+                "write() to a reservation that was already committed or aborted",
+            ));
+        }
+        let room = self.claim.payload_len - inner.cursor;
+        if src.len as u64 > room {
+            return Err(PyValueError::new_err(format!(
+                "write() of {} bytes overflows the reservation: {room} of {} bytes left",
+                src.len, self.claim.payload_len
+            )));
+        }
+        // SAFETY: [cursor, cursor + len) lies inside the claim's payload (checked above),
+        // which only this reservation writes until commit; `src` holds the source alive.
+        unsafe {
+            rust_daq_core::copy::to_ring_exact(
+                self.payload_ptr().add(inner.cursor as usize),
+                src.ptr,
+                src.len,
+            )
+        };
+        inner.cursor += src.len as u64;
+        Ok(src.len)
+    }
+
+    fn finish(&self, py: Python<'_>, commit: bool) -> PyResult<Option<u64>> {
+        let mut inner = lock_detached(py, &self.inner);
+        match inner.state {
+            State::Committed(seq) if commit => return Ok(Some(seq)),
+            State::Open => {}
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "this reservation was already {}",
+                    if inner.state == State::Aborted {
+                        "aborted"
+                    } else {
+                        "committed"
+                    }
+                )))
+            }
+        }
+        if inner.exports != 0 {
+            return Err(PyBufferError::new_err(format!(
+                "{} buffer view(s) of this reservation are still alive: release them (del the \
+                 memoryview/array) before {}",
+                inner.exports,
+                if commit { "commit()" } else { "abort()" }
+            )));
+        }
+        let ring = self.owner.get();
+        let mut guard = ring.producer_guard(py)?;
+        let Some(p) = guard.as_mut() else {
+            inner.state = State::Aborted; // the handle was closed: closing aborted the claim
+            return Err(to_py(py, Error::Closed));
+        };
+        if commit {
+            let seq = p.commit(self.claim).py_err(py)?;
+            p.notify();
+            inner.state = State::Committed(seq);
+            Ok(Some(seq))
+        } else {
+            p.abort(self.claim).py_err(py)?;
+            inner.state = State::Aborted;
+            Ok(None)
+        }
+    }
+}
+
+#[pymethods]
+impl Reservation {
+    /// Copies `data` (any C-contiguous buffer) at the write cursor; returns the byte count.
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        self.write_bytes(py, data)
+    }
+
+    /// Publishes the record; returns its sequence number. Raises BufferError while buffer
+    /// views of the reservation are alive, ValueError if it was aborted.
+    fn commit(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self
+            .finish(py, true)?
+            .expect("commit returns a sequence number"))
+    }
+
+    /// Abandons the record: readers skip it, its sequence number is reused.
+    fn abort(&self, py: Python<'_>) -> PyResult<()> {
+        self.finish(py, false).map(|_| ())
+    }
+
+    /// Payload bytes reserved.
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.claim.payload_len
+    }
+
+    /// Bytes filled so far by `write()`.
+    #[getter]
+    fn written(&self, py: Python<'_>) -> u64 {
+        lock_detached(py, &self.inner).cursor
+    }
+
+    /// The sequence number the record gets when committed.
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.claim.seq
+    }
+
+    /// Address of the payload in this process (64-byte aligned).
+    #[getter]
+    fn address(&self) -> usize {
+        self.payload_ptr() as usize
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Commits on a clean exit, aborts if the block raised.
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<&Bound<'_, PyAny>>,
+        _exc: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let open = lock_detached(py, &self.inner).state == State::Open;
+        if open {
+            self.finish(py, exc_type.is_none())?;
+        }
+        Ok(false)
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `view` to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let me = slf.get();
+        let mut inner = lock_detached(slf.py(), &me.inner);
+        if inner.state != State::Open {
+            return Err(PyBufferError::new_err(
+                "the reservation was committed or aborted: its buffer is gone",
+            ));
+        }
+        // SAFETY: the payload (nbytes at payload_ptr) is ours to write until commit/abort,
+        // which refuse while exports exist; the mapping lives as long as `slf` (view.obj).
+        let rc = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                me.payload_ptr().cast(),
+                me.claim.payload_len as ffi::Py_ssize_t,
+                0,
+                flags,
+            )
+        };
+        if rc != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        inner.exports += 1;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Called by CPython once per successful `__getbuffer__`.
+    unsafe fn __releasebuffer__(slf: Bound<'_, Self>, _view: *mut ffi::Py_buffer) {
+        let me = slf.get();
+        let mut inner = lock_detached(slf.py(), &me.inner);
+        inner.exports = inner.exports.saturating_sub(1);
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let inner = lock_detached(py, &self.inner);
+        format!(
+            "<Reservation seq={} {} of {} bytes written, {:?}>",
+            self.claim.seq, inner.cursor, self.claim.payload_len, inner.state
+        )
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let open = self
+            .inner
+            .get_mut()
+            .map(|i| i.state == State::Open)
+            .unwrap_or(false);
+        if open {
+            // Never committed: give the space back as padding so the producer can go on.
+            Python::attach(|py| {
+                let _ = self.finish(py, false);
+            });
+        }
+    }
+}
+
+/// A write-only file for pyarrow's IPC stream writer: `write` copies into the reservation
+/// it currently targets, after skipping `skip` bytes (the schema message pyarrow emits once,
+/// which the ring stores in its schema table instead).
+#[pyclass(frozen, module = "rust_daq._native")]
+pub struct ReservationSink {
+    /// (target, bytes still to skip); a Mutex because the frozen object may be shared.
+    state: Mutex<(Option<Py<Reservation>>, u64)>,
+}
+
+#[pymethods]
+impl ReservationSink {
+    #[new]
+    #[pyo3(signature = (skip=0))]
+    fn new(skip: u64) -> Self {
+        ReservationSink {
+            state: Mutex::new((None, skip)),
+        }
+    }
+
+    /// Points the sink at a reservation (or None: further writes are an error).
+    #[setter]
+    fn set_target(&self, py: Python<'_>, target: Option<Py<Reservation>>) {
+        lock_detached(py, &self.state).0 = target;
+    }
+
+    #[getter]
+    fn get_target(&self, py: Python<'_>) -> Option<Py<Reservation>> {
+        lock_detached(py, &self.state)
+            .0
+            .as_ref()
+            .map(|t| t.clone_ref(py))
+    }
+
+    /// Bytes still to be skipped.
+    #[getter]
+    fn skip(&self, py: Python<'_>) -> u64 {
+        lock_detached(py, &self.state).1
+    }
+
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let target = {
+            let mut st = lock_detached(py, &self.state);
+            if st.1 > 0 {
+                let n = Source::new(data, "ReservationSink.write()")?.len as u64;
+                if n <= st.1 {
+                    st.1 -= n;
+                    return Ok(n as usize);
+                }
+                return Err(PyValueError::new_err(
+                    "a write straddles the skipped schema message",
+                ));
+            }
+            match &st.0 {
+                Some(t) => t.clone_ref(py),
+                None => {
+                    return Err(PyValueError::new_err(
+                        "ReservationSink has no target reservation",
+                    ))
+                }
+            }
+        };
+        target.get().write_bytes(py, data)
+    }
+
+    fn flush(&self) {}
+
+    fn close(&self) {}
+
+    #[getter]
+    fn closed(&self) -> bool {
+        false
+    }
+
+    fn writable(&self) -> bool {
+        true
+    }
+}
