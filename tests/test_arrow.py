@@ -358,11 +358,10 @@ def test_corrupt_payloads_are_skipped_and_counted(ring_path: str) -> None:
         for i in range(3):
             ring.write_arrow_batch(voltmeter(i, 10), "v")
         ring.write(b"not arrow")
-        size = len(ring.reader().read()[0].data)
-    # Smash the flatbuffer metadata of the second record (the payload starts 64 bytes in).
-    record = 64 + (size + 63) // 64 * 64
+        second = ring.reader().read()[1].position
+    # Smash the flatbuffer metadata of the second record (its payload starts 64 bytes in).
     with open(ring_path, "r+b") as f:
-        f.seek(DATA + record + 64 + 8)
+        f.seek(DATA + second + 64 + 8)
         f.write(b"\xff" * 64)
     with RingBuffer.open(ring_path) as ring:
         reader = ring.reader()
@@ -389,9 +388,9 @@ def _arrow_ring_bytes() -> tuple[bytes, int]:
             )
             for _ in range(3):
                 ring.write_arrow_batch(b, "fuzz")
-            size = len(ring.reader().read()[0].data)
+            first = ring.reader().read()[0]
         with open(path, "rb") as f:
-            return f.read(), size
+            return f.read(), first.position + 64 + len(first.data)
 
 
 _PRISTINE_ARROW = _arrow_ring_bytes()
@@ -400,9 +399,9 @@ _PRISTINE_ARROW = _arrow_ring_bytes()
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8))
 def test_fuzzed_arrow_payloads_never_crash(ring_path: str, mutations: list[tuple[int, int]]) -> None:
-    data, size = _PRISTINE_ARROW
+    data, first_end = _PRISTINE_ARROW
     data = bytearray(data)
-    span = 3 * (64 + (size + 63) // 64 * 64)
+    span = 3 * first_end
     for at, value in mutations:
         data[DATA + at % span] = value
     with open(ring_path, "wb") as f:

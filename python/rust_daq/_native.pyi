@@ -16,7 +16,6 @@ __all__ = [
     "MapView",
     "Record",
     "Reservation",
-    "ReservationSink",
     "RingBuffer",
     "RingReader",
     "__version__",
@@ -86,6 +85,9 @@ class RingBuffer:
         """Address of the data region in this process. Raises RingClosedError."""
 
     def _data_buffer(self) -> MapView: ...
+    def _data_file(self) -> tuple[int, int]:
+        """(fd, data offset) of the producer's ring file. Raises ReadOnlyRingError."""
+
     def status(self) -> dict[str, Any]:
         """Positions, counters and producer state. Raises RingClosedError."""
 
@@ -178,25 +180,6 @@ class Reservation:
         tb: TracebackType | None,
     ) -> bool: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
-
-@final
-class ReservationSink:
-    """A write-only file for pyarrow's IPC writer that forwards to ``target`` after skipping
-    the first ``skip`` bytes."""
-
-    def __new__(cls, skip: int = 0) -> Self: ...
-    @property
-    def target(self) -> Reservation | None: ...
-    @target.setter
-    def target(self, target: Reservation | None) -> None: ...
-    @property
-    def skip(self) -> int: ...
-    def write(self, data: Buffer) -> int: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-    @property
-    def closed(self) -> bool: ...
-    def writable(self) -> bool: ...
 
 @disjoint_base
 class RingReader:

@@ -370,6 +370,11 @@ impl Region {
     pub fn capacity(&self) -> u64 {
         self.geometry.capacity
     }
+    /// The open file descriptor of the ring file (valid while the Region lives).
+    pub fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self._file.as_raw_fd()
+    }
     pub fn header_writable(&self) -> bool {
         self.header_writable
     }

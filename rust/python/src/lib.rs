@@ -16,7 +16,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::Record>()?;
     m.add_class::<buffer::MapView>()?;
     m.add_class::<reserve::Reservation>()?;
-    m.add_class::<reserve::ReservationSink>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "RECORD_HEADER_SIZE",

@@ -1,6 +1,5 @@
 //! `Reservation`: ring space claimed for one record, filled in place, then committed (or
-//! aborted); and `ReservationSink`, a file-like object that pyarrow's IPC writer writes
-//! into, forwarding to whichever reservation it is pointed at.
+//! aborted).
 
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
@@ -262,83 +261,5 @@ impl Drop for Reservation {
                 let _ = self.finish(py, false);
             });
         }
-    }
-}
-
-/// A write-only file for pyarrow's IPC stream writer: `write` copies into the reservation
-/// it currently targets, after skipping `skip` bytes (the schema message pyarrow emits once,
-/// which the ring stores in its schema table instead).
-#[pyclass(frozen, module = "rust_daq._native")]
-pub struct ReservationSink {
-    /// (target, bytes still to skip); a Mutex because the frozen object may be shared.
-    state: Mutex<(Option<Py<Reservation>>, u64)>,
-}
-
-#[pymethods]
-impl ReservationSink {
-    #[new]
-    #[pyo3(signature = (skip=0))]
-    fn new(skip: u64) -> Self {
-        ReservationSink {
-            state: Mutex::new((None, skip)),
-        }
-    }
-
-    /// Points the sink at a reservation (or None: further writes are an error).
-    #[setter]
-    fn set_target(&self, py: Python<'_>, target: Option<Py<Reservation>>) {
-        lock_detached(py, &self.state).0 = target;
-    }
-
-    #[getter]
-    fn get_target(&self, py: Python<'_>) -> Option<Py<Reservation>> {
-        lock_detached(py, &self.state)
-            .0
-            .as_ref()
-            .map(|t| t.clone_ref(py))
-    }
-
-    /// Bytes still to be skipped.
-    #[getter]
-    fn skip(&self, py: Python<'_>) -> u64 {
-        lock_detached(py, &self.state).1
-    }
-
-    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let target = {
-            let mut st = lock_detached(py, &self.state);
-            if st.1 > 0 {
-                let n = Source::new(data, "ReservationSink.write()")?.len as u64;
-                if n <= st.1 {
-                    st.1 -= n;
-                    return Ok(n as usize);
-                }
-                return Err(PyValueError::new_err(
-                    "a write straddles the skipped schema message",
-                ));
-            }
-            match &st.0 {
-                Some(t) => t.clone_ref(py),
-                None => {
-                    return Err(PyValueError::new_err(
-                        "ReservationSink has no target reservation",
-                    ))
-                }
-            }
-        };
-        target.get().write_bytes(py, data)
-    }
-
-    fn flush(&self) {}
-
-    fn close(&self) {}
-
-    #[getter]
-    fn closed(&self) -> bool {
-        false
-    }
-
-    fn writable(&self) -> bool {
-        true
     }
 }

@@ -301,6 +301,16 @@ impl RingBuffer {
         Ok(MapView::new(ring, ptr, len))
     }
 
+    /// (file descriptor, data region offset in the file) of the producer's open ring file,
+    /// for writers that map the same file to fill reservations in place (pyarrow's IPC
+    /// writer maps /proc/self/fd/N). Writing anywhere but inside an open reservation
+    /// corrupts the ring.
+    fn _data_file(&self, py: Python<'_>) -> PyResult<(i32, u64)> {
+        drop(self.producer(py, "mapping the data region for writing")?);
+        let region = self.ring.region();
+        Ok((region.raw_fd(), region.geometry().data_offset))
+    }
+
     /// Positions, counters and producer state, read now.
     fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let ring = self.ring()?;
