@@ -148,3 +148,51 @@ def test_struct_reader_sees_the_tail_as_documented(ring_path: str) -> None:
             assert [r.seq for r in recs] == list(range(4, 10))
         finally:
             sr.close()
+
+
+def test_schema_table_and_arrow_records_as_documented(ring_path: str) -> None:
+    import pyarrow as pa
+
+    with RingBuffer.create(ring_path, capacity_bytes=64 * 1024) as ring:
+        v1 = pa.record_batch([pa.array([1, 2, 3])], names=["a"])
+        v2 = pa.record_batch([pa.array([1.5]), pa.array(["x"])], names=["a", "b"])
+        ring.write_arrow_batch(v1, "dmm")
+        ring.write_arrow_batch(v2, "dmm")
+        ring.write_arrow_batch(v1, "dmm")  # back to the first schema
+        ring.write_arrow_batch(v2, "scope")
+        sr = StructReader(ring_path)
+        try:
+            m, base = sr.m, 4096
+            used, activations = struct.unpack_from("<QQ", m, base)
+            entries, at = [], base + 64
+            while at < base + 64 + used:
+                size, schema_id, stream_id, name_len, schema_len, activation, _ns = struct.unpack_from(
+                    "<IIIIQQq", m, at
+                )
+                name = bytes(m[at + 64 : at + 64 + name_len]).decode()
+                s_at = at + 64 + (name_len + 63) // 64 * 64
+                schema = pa.ipc.read_schema(pa.py_buffer(bytes(m[s_at : s_at + schema_len])))
+                assert size == 64 + (name_len + 63) // 64 * 64 + (schema_len + 63) // 64 * 64
+                entries.append((schema_id, stream_id, name, schema, activation))
+                at += size
+            assert [(e[0], e[1], e[2]) for e in entries] == [(1, 1, "dmm"), (2, 1, "dmm"), (3, 2, "scope")]
+            current = {}
+            for e in sorted(entries, key=lambda e: e[4]):
+                current[e[2]] = e[3]
+            assert current["dmm"].names == ["a"] and activations == max(e[4] for e in entries)
+            by_id = {e[0]: e for e in entries}
+            recs, _ = sr.read_all(sr.oldest)
+            got = []
+            for r in recs:
+                at = sr.data + r.position
+                schema_id = struct.unpack_from("<I", m, at + 48)[0]
+                batch = pa.ipc.read_record_batch(pa.py_buffer(r.payload), by_id[schema_id][3])
+                got.append((by_id[schema_id][2], batch))
+            assert [(n, b.equals(x)) for (n, b), x in zip(got, [v1, v2, v1, v2], strict=True)] == [
+                ("dmm", True),
+                ("dmm", True),
+                ("dmm", True),
+                ("scope", True),
+            ]
+        finally:
+            sr.close()
