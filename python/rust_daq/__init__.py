@@ -22,9 +22,12 @@ from ._errors import (
 )
 from ._native import FORMAT_VERSION, Record, __version__
 from ._ring import RingBuffer, RingReader, resolve_ring_path
+from .writer import HDF5Writer, IncompatibleFileError
 
 __all__ = [
     "FORMAT_VERSION",
+    "HDF5Writer",
+    "IncompatibleFileError",
     "ProducerActiveError",
     "ReadOnlyRingError",
     "Record",
