@@ -225,6 +225,24 @@ def test_schema_change_adds_a_column(ring_path: str, h5_path: str) -> None:
         np.testing.assert_array_equal(g["range"][:], [0, 0, 0, 10, 10, 100, 0, 0, 0])
 
 
+def test_overruns_are_attributed_to_their_streams(ring_path: str, h5_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_bytes=64 * 1024) as ring:
+        w = HDF5Writer(h5_path, ring)
+        for i in range(300):  # the camera writes one record per three of the voltmeter
+            ring.write_arrow_batch(volts(i, 20), "voltmeter")
+            if i % 3 == 0:
+                ring.write_arrow_batch(frames(i, n=1), "camera")
+        w.flush_to_disk()
+        stats = w.stream_stats()
+        assert stats["voltmeter"]["records"] + stats["voltmeter"]["lost"] == 300
+        assert stats["camera"]["records"] + stats["camera"]["lost"] == 100
+        assert stats["voltmeter"]["lost"] + stats["camera"]["lost"] == w.records_lost > 0
+        w.close()
+    with h5py.File(h5_path, "r") as f:
+        assert int(f["rust_daq/streams/camera"][2]) == stats["camera"]["lost"]
+        assert f["measurements/camera/frame_id"].shape[0] == stats["camera"]["records"]
+
+
 def test_overruns_are_counted_exactly(ring_path: str, h5_path: str) -> None:
     with RingBuffer.create(ring_path, capacity_bytes=64 * 1024) as ring:
         w = HDF5Writer(h5_path, ring)
@@ -238,11 +256,18 @@ def test_overruns_are_counted_exactly(ring_path: str, h5_path: str) -> None:
             ring.write_arrow_batch(volts(i), "voltmeter")
             w.flush_to_disk()
         lost = w.records_lost
+        assert w.stream_stats()["voltmeter"] == {
+            "records": n + 10 - lost,
+            "lost": lost,
+            "rows": (n + 10 - lost) * 100,
+        }
         w.close()
     with h5py.File(h5_path, "r") as f:
         index = f["measurements/voltmeter/index"][:]
         assert len(index) == (n + 10 - lost) * 100
         assert list(f["rust_daq/progress"][()])[2] == lost
+        rows, records, stream_lost, next_seq = f["rust_daq/streams/voltmeter"][()]
+        assert (records, stream_lost, next_seq) == (n + 10 - lost, lost, n + 10)
         np.testing.assert_array_equal(index[-1000:], np.arange((n) * 100, (n + 10) * 100))
 
 

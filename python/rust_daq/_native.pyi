@@ -224,6 +224,9 @@ class Record:
     @property
     def flags(self) -> int: ...
     @property
+    def stream_seq(self) -> int | None:
+        """Sequence number within the stream: a gap is records of this stream lost."""
+    @property
     def data(self) -> bytes | memoryview: ...
     @property
     def zero_copy(self) -> bool: ...

@@ -148,6 +148,8 @@ class HDF5Writer:
         self.records_lost = 0
         self.records_skipped = 0  # not Arrow, undecodable, or a stream not selected
         self._rows: dict[str, int] = {}
+        # Per stream: records written, records lost (stream_seq gaps), next expected stream_seq.
+        self._stream_stats: dict[str, list[int]] = {}
         self._file = self._open()
         self._reader = self._ring.reader("tail")
         self._lost_base = 0
@@ -226,9 +228,10 @@ class HDF5Writer:
         last_seq, written, lost, flushes = (int(v) for v in f[_PROGRESS][()])
         self.records_written, self.records_lost, self.batch_count = written, lost, flushes
         if self.layout == "append":
-            for name, rows in f["rust_daq/streams"].items():
-                committed = int(rows[()][0])
+            for name, book in f["rust_daq/streams"].items():
+                committed, records, lost, next_seq = (int(v) for v in book[()])
                 self._rows[name] = committed
+                self._stream_stats[name] = [records, lost, next_seq]
                 group = f["measurements"].get(name)
                 if group is None:
                     continue
@@ -272,8 +275,9 @@ class HDF5Writer:
         g.attrs["skipped_columns"] = skipped
         if "default" not in m.attrs:
             m.attrs["default"] = name
-        f["rust_daq/streams"].create_dataset(name, data=np.zeros(2, dtype=np.int64))
+        f["rust_daq/streams"].create_dataset(name, data=np.zeros(4, dtype=np.int64))
         self._rows[name] = 0
+        self._stream_stats.setdefault(name, [0, 0, 0])
         return g
 
     def _create_column(self, g: h5py.Group, col: Column, rows: int) -> h5py.Dataset:
@@ -333,6 +337,7 @@ class HDF5Writer:
                     self.records_skipped += 1
                     log.error("record %d of stream %r does not decode; skipped", rec.seq, info.name)
                     continue
+                self._count(info.name, rec.stream_seq)
                 if info.name not in pending:
                     pending[info.name] = []
                     order.append(info.name)
@@ -360,12 +365,32 @@ class HDF5Writer:
         f = self._file  # (a new stream may have reopened it)
         f[_PROGRESS][...] = [last_seq, self.records_written, self.records_lost, self.batch_count]
         for name, rows in self._rows.items():
-            f[f"rust_daq/streams/{name}"][0] = rows
+            records, lost_in_stream, next_seq = self._stream_stats[name]
+            f[f"rust_daq/streams/{name}"][...] = [rows, records, lost_in_stream, next_seq]
         f["measurements/end_time"][()] = iso_now().ljust(40).encode()
         f.flush()
         self._enter_swmr()
         self._reader.commit()
         return written
+
+    def _count(self, name: str, stream_seq: int | None) -> None:
+        """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
+        stats = self._stream_stats.setdefault(name, [0, 0, 0])
+        stats[0] += 1
+        if stream_seq is not None:
+            if stream_seq > stats[2]:
+                stats[1] += stream_seq - stats[2]
+                log.warning("stream %r: %d record(s) lost to ring overwrite", name, stream_seq - stats[2])
+            stats[2] = stream_seq + 1
+
+    def stream_stats(self) -> dict[str, dict[str, int]]:
+        """Per stream: records written, records lost (overwritten in the ring before the writer
+        read them) and rows in the file. The same figures are in the file, under
+        ``rust_daq/streams/<stream>`` as ``[rows, records, lost, next_stream_seq]``."""
+        return {
+            name: {"records": s[0], "lost": s[1], "rows": self._rows.get(name, 0)}
+            for name, s in self._stream_stats.items()
+        }
 
     def _write_stream(self, name: str, items: list[tuple[pa.RecordBatch, Any]]) -> int:
         # Consecutive batches of one schema are written together.

@@ -102,6 +102,12 @@ pub struct RawHeader {
     pub _reserved5: [u64; 7],
 }
 
+/// Header offset of the per-stream counters: `u64 next_stream_seq[MAX_TRACKED_STREAMS]`,
+/// written by the producer, indexed by stream id.
+pub const STREAM_SEQ_OFFSET: u64 = 1024;
+/// Streams with ids below this get per-stream sequence numbers.
+pub const MAX_TRACKED_STREAMS: u32 = ((HEADER_SIZE - STREAM_SEQ_OFFSET) / 8) as u32;
+
 /// Bit 31 of a futex word: somebody sleeps (or is about to) on it. The waker clears it
 /// when it wakes them, so a sleeper killed in its sleep costs at most one extra wake.
 pub const WAITERS: u32 = 1 << 31;
@@ -120,7 +126,9 @@ pub struct RawRecordHeader {
     pub payload_len: u64,
     pub schema_id: u32,
     pub flags: u32,
-    pub _reserved: u64,
+    /// Sequence number within the record's stream (`NO_SEQ` if the stream is not tracked):
+    /// a reader counts per-stream losses from its gaps.
+    pub stream_seq: u64,
 }
 
 /// Byte offsets of header fields, for code that reads the mapping.
@@ -160,6 +168,7 @@ pub mod off {
     pub const R_PAYLOAD_LEN: usize = offset_of!(RawRecordHeader, payload_len);
     pub const R_SCHEMA_ID: usize = offset_of!(RawRecordHeader, schema_id);
     pub const R_FLAGS: usize = offset_of!(RawRecordHeader, flags);
+    pub const R_STREAM_SEQ: usize = offset_of!(RawRecordHeader, stream_seq);
 }
 
 // The documented layout (docs/ring-format.md). Changing any of these is a new VERSION.
@@ -191,6 +200,8 @@ const _: () = {
     assert!(off::R_PAYLOAD_LEN == 40);
     assert!(off::R_SCHEMA_ID == 48);
     assert!(off::R_FLAGS == 52);
+    assert!(off::R_STREAM_SEQ == 56);
+    assert!(STREAM_SEQ_OFFSET as usize >= size_of::<RawHeader>());
 };
 
 /// Rounds `n` up to a multiple of `RECORD_ALIGN`; `None` on overflow.

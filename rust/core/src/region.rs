@@ -385,8 +385,8 @@ impl Region {
     /// An atomic view of a 64-bit header field.
     #[inline(always)]
     pub fn h64(&self, field: usize) -> &AtomicU64 {
-        debug_assert!(field % 8 == 0 && field + 8 <= format::HEADER_SIZE as usize);
-        // SAFETY: `field` is one of the `format::off` constants: 8-aligned and inside the
+        assert!(field % 8 == 0 && field + 8 <= format::HEADER_SIZE as usize);
+        // SAFETY: `field` is one of the `format::off` constants (or a per-stream counter): 8-aligned and inside the
         // header page, which is inside `meta` (mapped for the Region's lifetime, and
         // page-aligned so the address is 8-aligned). Access is atomic, so concurrent writes
         // by other processes are not data races on our side.

@@ -462,6 +462,7 @@ impl Ring {
             payload_len: r.r64(at, off::R_PAYLOAD_LEN).load(Ordering::Relaxed),
             schema_id: r.r32(at, off::R_SCHEMA_ID).load(Ordering::Relaxed),
             flags: r.r32(at, off::R_FLAGS).load(Ordering::Relaxed),
+            stream_seq: r.r64(at, off::R_STREAM_SEQ).load(Ordering::Relaxed),
         }
     }
 
@@ -535,6 +536,7 @@ struct HeaderFields {
     payload_len: u64,
     schema_id: u32,
     flags: u32,
+    stream_seq: u64,
 }
 
 /// A claimed record: header written (busy), payload space reserved.
@@ -544,6 +546,9 @@ pub struct Claim {
     pub size: u64,
     pub payload_len: u64,
     pub seq: u64,
+    pub stream: u32,
+    /// Sequence number within the stream (`NO_SEQ` if the stream is not tracked).
+    pub stream_seq: u64,
     now_ns: i64,
 }
 
@@ -628,6 +633,11 @@ impl Producer {
                     .store(COMMITTED | size, Ordering::Release);
             } else if h.rtype == TYPE_DATA {
                 self.next_seq = self.next_seq.max(h.seq + 1);
+                if let Some(c) = self.stream_counter(h.stream) {
+                    if h.stream_seq != NO_SEQ {
+                        c.fetch_max(h.stream_seq + 1, Ordering::Relaxed);
+                    }
+                }
             }
             p += size;
         }
@@ -737,6 +747,8 @@ impl Producer {
         }
         if pad != 0 && w >= oldest {
             self.write_header(at, w, pad, TYPE_PADDING, 0, NO_SEQ, now, 0);
+            r.r64(at, off::R_STREAM_SEQ)
+                .store(NO_SEQ, Ordering::Relaxed);
             r.r64(at, off::R_COMMIT)
                 .store(COMMITTED | pad, Ordering::Release);
         }
@@ -751,6 +763,11 @@ impl Producer {
             timestamp_ns.unwrap_or(now),
             payload_len,
         );
+        let stream_seq = self
+            .stream_counter(stream)
+            .map_or(NO_SEQ, |c| c.load(Ordering::Relaxed));
+        r.r64(sat, off::R_STREAM_SEQ)
+            .store(stream_seq, Ordering::Relaxed);
         self.write_pos = end;
         r.h64(off::WRITE_POS).store(end, Ordering::Release);
         let claim = Claim {
@@ -758,6 +775,8 @@ impl Producer {
             size,
             payload_len,
             seq: self.next_seq,
+            stream,
+            stream_seq,
             now_ns: now,
         };
         self.pending = Some(claim);
@@ -858,10 +877,22 @@ impl Producer {
         region
             .h64(off::HEARTBEAT_NS)
             .store(claim.now_ns as u64, Ordering::Relaxed);
+        if let Some(counter) = self.stream_counter(claim.stream) {
+            counter.store(claim.stream_seq + 1, Ordering::Relaxed);
+        }
         self.next_seq += 1;
         self.commit_pos = claim.pos + claim.size;
         self.publish();
         Ok(claim.seq)
+    }
+
+    /// The header counter holding stream `stream`'s next sequence number, for tracked
+    /// streams (ids below `MAX_TRACKED_STREAMS`). Only the producer writes it.
+    fn stream_counter(&self, stream: u32) -> Option<&AtomicU64> {
+        (stream < format::MAX_TRACKED_STREAMS).then(|| {
+            self.ring
+                .h64(format::STREAM_SEQ_OFFSET as usize + 8 * stream as usize)
+        })
     }
 
     /// Abandons the pending claim: it becomes padding; its sequence number is reused.
@@ -968,6 +999,8 @@ pub struct RecordRef {
     pub schema_id: u32,
     pub flags: u32,
     pub payload_len: u64,
+    /// Sequence number within the stream (`NO_SEQ` if the stream is not tracked).
+    pub stream_seq: u64,
 }
 
 /// What `Reader::peek` found at the reader's position.
@@ -1090,6 +1123,7 @@ impl Reader {
                 schema_id: h.schema_id,
                 flags: h.flags,
                 payload_len: h.payload_len,
+                stream_seq: h.stream_seq,
             }));
         }
     }

@@ -588,3 +588,63 @@ fn payloads_can_be_filled_piecewise_at_any_offset() {
     assert_eq!(buf, msg);
     assert_eq!((rec.stream, rec.schema_id), (4, 9));
 }
+
+#[test]
+fn per_stream_sequence_numbers_attribute_losses_to_streams() {
+    let t = TempRing::new("streamseq");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let mut slow = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    // Stream 1 writes three records for each one of stream 2.
+    let mut written = [0u64; 3];
+    for i in 0..400u64 {
+        let stream = if i % 4 == 3 { 2 } else { 1 };
+        p.write(&payload(i, 100), stream, None, Duration::ZERO)
+            .unwrap();
+        written[stream as usize] += 1;
+    }
+    let mut next = [0u64; 3];
+    let mut lost = [0u64; 3];
+    let mut got = [0u64; 3];
+    while let Some((rec, _)) = slow.next_copy().unwrap() {
+        let s = rec.stream as usize;
+        lost[s] += rec.stream_seq - next[s];
+        next[s] = rec.stream_seq + 1;
+        got[s] += 1;
+    }
+    assert_eq!(got[1] + lost[1], written[1]);
+    assert_eq!(got[2] + lost[2], written[2]);
+    assert_eq!(
+        lost[1] + lost[2],
+        slow.lost(),
+        "per-stream losses add up to the total"
+    );
+    assert!(lost[1] > 0 && lost[2] > 0);
+    // A producer that died after committing a record but before publishing its counters
+    // resumes each stream's numbering after what readers may have seen.
+    let c = match p.try_claim(8, 2, None).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    assert_eq!(c.stream_seq, written[2]);
+    p.abort(c).unwrap();
+    drop(p);
+    let (_r, mut p2) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    p2.write(b"again", 2, None, Duration::ZERO).unwrap();
+    let mut latest = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    let last = std::iter::from_fn(|| latest.next_copy().unwrap())
+        .last()
+        .unwrap()
+        .0;
+    assert_eq!(
+        (last.stream, last.stream_seq),
+        (2, written[2]),
+        "aborted numbers are reused"
+    );
+    // Streams beyond the tracked range get no per-stream number.
+    p2.write(b"untracked", 5000, None, Duration::ZERO).unwrap();
+    let last = std::iter::from_fn(|| latest.next_copy().unwrap())
+        .last()
+        .unwrap()
+        .0;
+    assert_eq!(last.stream_seq, rust_daq_core::format::NO_SEQ);
+}

@@ -38,6 +38,9 @@ pub struct Record {
     schema_id: u32,
     #[pyo3(get)]
     flags: u32,
+    /// Sequence number within the stream (None for streams the ring does not number).
+    #[pyo3(get)]
+    stream_seq: Option<u64>,
     /// The payload: `bytes` (copy=True) or a read-only `memoryview` into the ring (copy=False).
     #[pyo3(get)]
     data: Py<PyAny>,
@@ -105,6 +108,7 @@ fn make_record(
         position: rec.pos,
         schema_id: rec.schema_id,
         flags: rec.flags,
+        stream_seq: (rec.stream_seq != rust_daq_core::format::NO_SEQ).then_some(rec.stream_seq),
         data,
         view_of,
     };
