@@ -365,8 +365,8 @@ class HDF5Writer:
         f = self._file  # (a new stream may have reopened it)
         f[_PROGRESS][...] = [last_seq, self.records_written, self.records_lost, self.batch_count]
         for name, rows in self._rows.items():
-            records, lost_in_stream, next_seq = self._stream_stats[name]
-            f[f"rust_daq/streams/{name}"][...] = [rows, records, lost_in_stream, next_seq]
+            n_records, n_lost, next_seq = self._stream_stats[name]
+            f[f"rust_daq/streams/{name}"][...] = [rows, n_records, n_lost, next_seq]
         f["measurements/end_time"][()] = iso_now().ljust(40).encode()
         f.flush()
         self._enter_swmr()
