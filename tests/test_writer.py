@@ -506,3 +506,94 @@ def test_plugin_compression_round_trips(ring_path: str, h5_path: str) -> None:
         HDF5Writer(h5_path, ring, compression="zstd").close()
     with h5py.File(h5_path, "r") as f:
         np.testing.assert_array_equal(f["measurements/voltmeter/index"][:], np.arange(100))
+
+
+def test_disk_full_commits_nothing_and_resumes_when_space_returns(ring_path: str, h5_path: str) -> None:
+    """RLIMIT_FSIZE stands in for a full disk: the writer's flush fails, the ring's read_tail
+    does not move, and once the limit is lifted every record lands exactly once."""
+    code = textwrap.dedent(
+        f"""
+        import os, resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        from rust_daq import HDF5Writer, RingBuffer
+        ring = RingBuffer.open({ring_path!r})
+        w = HDF5Writer({h5_path!r}, ring)
+        print("first", w.flush_to_disk(), ring.read_tail, flush=True)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize({h5_path!r}) + 4096, hard))
+        print("limited", flush=True)
+        sys.stdin.readline()
+        tail = ring.read_tail
+        try:
+            w.flush_to_disk()
+            print("no error", flush=True)
+        except OSError as e:
+            import h5py
+            with h5py.File({h5_path!r}, "r", libver="latest", swmr=True):  # still readable
+                pass
+            print("failed", ring.read_tail == tail, e.errno, flush=True)
+        try:
+            w.flush_to_disk()
+        except OSError:
+            print("still failing", ring.read_tail == tail, flush=True)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        print("resumed", w.flush_to_disk(), flush=True)
+        w.close()
+        """
+    )
+    with RingBuffer.create(ring_path, capacity_mb=32) as ring:
+        for i in range(3):
+            ring.write_arrow_batch(volts(i), "voltmeter")
+        p = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline().split()[:2] == ["first", "3"]
+        assert p.stdout.readline().strip() == "limited"
+        for i in range(3, 200):  # ~16 KB of new data per record: far past the limit
+            ring.write_arrow_batch(volts(i, 1000), "voltmeter")
+        p.stdin.write("\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=60)
+        lines = out.splitlines()
+        assert lines[0] == "failed True 27", (out, err)  # EFBIG, refused before writing
+        assert lines[1] == "still failing True"
+        assert lines[2] == "resumed 197"
+        assert p.returncode == 0, err
+    with h5py.File(h5_path, "r") as f:
+        index = f["measurements/voltmeter/index"][:]
+        expected = np.concatenate(
+            [np.arange(300), *[np.arange(i * 1000, (i + 1) * 1000) for i in range(3, 200)]]
+        )
+        np.testing.assert_array_equal(index, expected)
+
+
+def test_a_file_left_short_by_a_failed_write_is_repaired(ring_path: str, h5_path: str) -> None:
+    """If space vanishes between the writer's check and HDF5's write, the superblock can record
+    an end of file beyond the file's end: the writer extends the file and trims to its marker."""
+    from rust_daq._hdf5 import _lookup3
+
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring:
+        w = HDF5Writer(h5_path, ring, swmr=False)
+        ring.write_arrow_batch(volts(0), "voltmeter")
+        w.flush_to_disk()
+        w.close()
+    size = os.path.getsize(h5_path)
+    with open(h5_path, "r+b") as f:  # superblock v2/3: end-of-file address at 12 + 2 * 8
+        sb = bytearray(f.read(48))
+        sb[28:36] = (size + (1 << 20)).to_bytes(8, "little")
+        sb[44:48] = _lookup3(bytes(sb[:44])).to_bytes(4, "little")
+        f.seek(0)
+        f.write(sb)
+    with pytest.raises(OSError, match="truncated file"):
+        h5py.File(h5_path, "r")
+    with RingBuffer.open(ring_path, writable=True) as ring:
+        ring.write_arrow_batch(volts(1), "voltmeter")
+        with HDF5Writer(h5_path, ring) as w2:
+            assert w2.flush_to_disk() == 1
+    with h5py.File(h5_path, "r") as f:
+        np.testing.assert_array_equal(f["measurements/voltmeter/index"][:], np.arange(200))

@@ -38,10 +38,12 @@ holds; the next flush retries from the same place.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -105,6 +107,18 @@ def _compression(spec: str | None) -> dict[str, Any]:
     return dict(filters[name]())
 
 
+def _io_error(path: str, e: BaseException) -> OSError:
+    """An OSError with the errno HDF5 reports (e.g. 28 no space, 27 file too large)."""
+    match = re.search(r"errno = (\d+)", str(e))
+    code = int(match.group(1)) if match else getattr(e, "errno", None) or errno.EIO
+    return OSError(
+        code,
+        f"writing {path} failed ({os.strerror(code)}); nothing past the last flush was committed "
+        "to the ring, which still holds it: the next flush retries",
+        path,
+    )
+
+
 class HDF5Writer:
     """Drains a ring into an HDF5 file. See the module documentation.
 
@@ -150,7 +164,8 @@ class HDF5Writer:
         self._rows: dict[str, int] = {}
         # Per stream: records written, records lost (stream_seq gaps), next expected stream_seq.
         self._stream_stats: dict[str, list[int]] = {}
-        self._file = self._open()
+        self._file: h5py.File = self._open()
+        self._file_ok = True  # False after an I/O error: reopened on the next flush
         self._reader = self._ring.reader("tail")
         self._lost_base = 0
 
@@ -167,7 +182,7 @@ class HDF5Writer:
             if clear_consistency_flags(self.path):
                 log.warning("%s: cleared the consistency flags a killed writer left behind", self.path)
             try:
-                f = h5py.File(self.path, "a", libver=_LIBVER)
+                f = self._open_existing()
             except BlockingIOError as e:
                 raise BlockingIOError(
                     e.errno, f"{self.path} is open for writing by another process", self.path
@@ -222,6 +237,22 @@ class HDF5Writer:
         book.create_group("streams")
         f.flush()
         return f
+
+    def _open_existing(self) -> h5py.File:
+        try:
+            return h5py.File(self.path, "a", libver=_LIBVER)
+        except OSError as e:
+            # A write that failed midway (disk full) can leave the superblock's end of file
+            # beyond the file's end: extend it with zeros; _resume then trims every dataset
+            # back to the last progress marker, which only covers data flushed before.
+            m = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(e))
+            if not m or int(m.group(2)) <= int(m.group(1)):
+                raise
+            log.warning(
+                "%s: extending the file to the end its superblock records after a failed write", self.path
+            )
+            os.truncate(self.path, int(m.group(2)))
+            return h5py.File(self.path, "a", libver=_LIBVER)
 
     def _resume(self, f: h5py.File) -> None:
         """Back to the state of the last completed flush: trim what came after it."""
@@ -315,7 +346,32 @@ class HDF5Writer:
         with self._lock:
             if self._closed:
                 raise ValueError("flush_to_disk() on a closed HDF5Writer")
-            return self._flush()
+            if not self._file_ok:
+                self._reattach()
+            try:
+                return self._flush()
+            except (OSError, RuntimeError) as e:
+                # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError.
+                self._abandon()
+                raise _io_error(self.path, e) from e
+
+    def _abandon(self) -> None:
+        """After an I/O error (disk full...), HDF5's in-memory state cannot be trusted: drop the
+        handle. Nothing was committed to the ring past the last good marker, so the next flush
+        reopens the file, trims it to that marker and reads the ring again from its tail."""
+        self._file_ok = False
+        try:
+            self._file.close()
+        except Exception as e:  # the file is being abandoned either way
+            log.debug("closing after an I/O error failed: %s", e)
+
+    def _reattach(self) -> None:
+        self._rows.clear()
+        self._stream_stats.clear()
+        self._file = self._open()
+        self._file_ok = True
+        self._reader = self._ring.reader("tail")
+        self._lost_base = 0
 
     def _flush(self) -> int:
         written = 0
@@ -342,6 +398,7 @@ class HDF5Writer:
                     pending[info.name] = []
                     order.append(info.name)
                 pending[info.name].append((batch, rec))
+            self._check_space(sum(len(r.data) for items in pending.values() for _, r in items))
             for name in order:
                 written += self._write_stream(name, pending[name])
             if records:
@@ -372,6 +429,28 @@ class HDF5Writer:
         self._enter_swmr()
         self._reader.commit()
         return written
+
+    def _check_space(self, payload_bytes: int) -> None:
+        """Refuses to start writing what would not fit (free space, RLIMIT_FSIZE): HDF5 cannot
+        undo a half-done write, and one that fails midway leaves the file unopenable until
+        repaired. Arrow payloads are an upper bound of what their columns take in HDF5, plus
+        room for metadata and chunk rounding."""
+        if payload_bytes == 0:
+            return
+        need = payload_bytes + (4 << 20)
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        free = st.f_bavail * st.f_frsize
+        code = errno.ENOSPC
+        try:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if limit != resource.RLIM_INFINITY and limit - os.path.getsize(self.path) < free:
+                free, code = limit - os.path.getsize(self.path), errno.EFBIG
+        except (ImportError, OSError):
+            pass
+        if need > free:
+            raise OSError(code, f"{free} bytes left for {self.path}, a flush needs about {need}")
 
     def _count(self, name: str, stream_seq: int | None) -> None:
         """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
@@ -465,15 +544,19 @@ class HDF5Writer:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """A final drain and flush, then the file is closed (idempotent)."""
+        """A final drain and flush, then the file is closed (idempotent). If the final flush
+        fails, what it could not write stays in the ring (its read_tail was not advanced)."""
         with self._lock:
             if self._closed:
                 return
             try:
+                if not self._file_ok:
+                    self._reattach()
                 self._flush()
             finally:
                 self._closed = True
-                self._file.close()
+                if self._file_ok:
+                    self._file.close()
                 if self._owns_ring:
                     self._ring.close()
 
