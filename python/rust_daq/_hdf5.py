@@ -155,10 +155,14 @@ def _convert(f: pa.Field, col: pa.Array) -> Column | None:
 
 def columns_of(batches: Sequence[pa.RecordBatch]) -> tuple[list[Column], list[str]]:
     """The HDF5 columns of consecutive batches of one schema, and the names skipped."""
-    table = pa.Table.from_batches(batches)
+    if len(batches) == 1:  # no concatenation: numeric columns stay views of the batch
+        schema, column = batches[0].schema, batches[0].column
+    else:
+        table = pa.Table.from_batches(batches)
+        schema, column = table.schema, (lambda i: table.column(i).combine_chunks())
     out, skipped = [], []
-    for i, f in enumerate(table.schema):
-        converted = _convert(f, table.column(i).combine_chunks())
+    for i, f in enumerate(schema):
+        converted = _convert(f, column(i))
         if converted is None:
             skipped.append(f.name)
         else:

@@ -68,10 +68,13 @@ log = logging.getLogger("rust_daq.writer")
 
 Layout = Literal["append", "batches"]
 _PROGRESS = "rust_daq/progress"  # int64[4]: last_seq, records, records_lost, flushes
-_READ_CHUNK = 4096  # records decoded and written per step: memory stays flat
+_READ_CHUNK = 4096  # at most this many records decoded and written per step...
+_READ_BYTES = 64 << 20  # ...and about this many bytes: the writer's memory stays flat
 # The file format version: HDF5 1.10's, the oldest with SWMR. h5py may bundle a newer HDF5
 # whose "latest" formats MATLAB, Igor and older h5dump builds cannot read.
 _LIBVER = ("v110", "v110")
+# Per dataset: a few of its ~1 MiB chunks (or frames); w0=1 evicts fully written chunks first.
+_CHUNK_CACHE = 4 << 20
 
 
 class IncompatibleFileError(RustDaqError, ValueError):
@@ -105,6 +108,36 @@ def _compression(spec: str | None) -> dict[str, Any]:
         "bitshuffle": hdf5plugin.Bitshuffle,
     }
     return dict(filters[name]())
+
+
+def _runs(
+    arrays: list[np.ndarray[Any, Any]], target: int = 4 << 20, large: int = 256 << 10
+) -> list[np.ndarray[Any, Any]]:
+    """Consecutive small arrays joined into runs of about `target` bytes (HDF5 writes a few
+    large slices much faster than many small ones); arrays of `large` bytes or more (frames)
+    are written as they are, never copied."""
+    out: list[np.ndarray[Any, Any]] = []
+    run: list[np.ndarray[Any, Any]] = []
+    size = 0
+    for a in arrays:
+        if a.nbytes >= large:
+            if run:
+                out.append(run[0] if len(run) == 1 else np.concatenate(run))
+                run, size = [], 0
+            out.append(a)
+            continue
+        run.append(a)
+        size += a.nbytes
+        if size >= target:
+            out.append(np.concatenate(run) if len(run) > 1 else run[0])
+            run, size = [], 0
+    if run:
+        out.append(run[0] if len(run) == 1 else np.concatenate(run))
+    return out
+
+
+class _TornRead(Exception):
+    """Records were overwritten in the ring while the writer copied them into the file."""
 
 
 def _io_error(path: str, e: BaseException) -> OSError:
@@ -206,7 +239,7 @@ class HDF5Writer:
             self._resume(f)
             return f
         try:
-            f = h5py.File(self.path, "w-", libver=_LIBVER, rdcc_nbytes=64 << 20, rdcc_w0=1.0)
+            f = h5py.File(self.path, "w-", libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
         except BlockingIOError as e:
             raise BlockingIOError(e.errno, f"{self.path} is open by another process", self.path) from e
         f.attrs.update(
@@ -308,7 +341,6 @@ class HDF5Writer:
             m.attrs["default"] = name
         f["rust_daq/streams"].create_dataset(name, data=np.zeros(4, dtype=np.int64))
         self._rows[name] = 0
-        self._stream_stats.setdefault(name, [0, 0, 0])
         return g
 
     def _create_column(self, g: h5py.Group, col: Column, rows: int) -> h5py.Dataset:
@@ -332,7 +364,7 @@ class HDF5Writer:
 
     def _reopen_without_swmr(self) -> None:
         self._file.close()
-        self._file = h5py.File(self.path, "a", libver=_LIBVER, rdcc_nbytes=64 << 20, rdcc_w0=1.0)
+        self._file = h5py.File(self.path, "a", libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
 
     def _enter_swmr(self) -> None:
         if self._swmr_wanted and not self._file.swmr_mode:
@@ -349,6 +381,11 @@ class HDF5Writer:
             if not self._file_ok:
                 self._reattach()
             try:
+                return self._flush()
+            except _TornRead as e:
+                log.warning("%s; retrying from the ring's tail", e)
+                self._abandon()
+                self._reattach()
                 return self._flush()
             except (OSError, RuntimeError) as e:
                 # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError.
@@ -378,8 +415,11 @@ class HDF5Writer:
         pending: dict[str, list[tuple[pa.RecordBatch, Any]]] = {}
         order: list[str] = []
         committed_seq = last_seq = int(self._file[_PROGRESS][0])
+        limit = 64  # records per read until their size is known
         while True:
-            records = self._reader.read(max_records=_READ_CHUNK)
+            # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
+            # validated after the write (_write_stream); a torn one aborts the flush.
+            records = self._reader.read(max_records=limit, copy=False)
             for rec in records:
                 if rec.seq <= last_seq:
                     continue  # already in the file (a restart after its marker, before its commit)
@@ -401,12 +441,20 @@ class HDF5Writer:
             self._check_space(sum(len(r.data) for items in pending.values() for _, r in items))
             for name in order:
                 written += self._write_stream(name, pending[name])
+            torn = [r.seq for items in pending.values() for _, r in items if not r.valid()]
+            if torn:
+                # The producer lapped the writer while HDF5 copied these records: what reached
+                # the file may be torn. Abandon this flush before its marker; the retry reads
+                # the ring again from its tail (the lapped records are then counted as lost).
+                raise _TornRead(f"records {torn[0]}..{torn[-1]} were overwritten while being written")
             if records:
                 last_seq = max(last_seq, records[-1].seq)
             pending.clear()
             order.clear()
-            if len(records) < _READ_CHUNK:
+            if len(records) < limit:
                 break
+            average = sum(len(r.data) for r in records) / len(records)
+            limit = int(min(max(_READ_BYTES // max(average, 1), 1), _READ_CHUNK))
         lost = self._reader.lost - self._lost_base
         if lost:
             log.warning("%d record(s) were overwritten in the ring before the writer read them", lost)
@@ -454,7 +502,13 @@ class HDF5Writer:
 
     def _count(self, name: str, stream_seq: int | None) -> None:
         """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
-        stats = self._stream_stats.setdefault(name, [0, 0, 0])
+        stats = self._stream_stats.get(name)
+        if stats is None:
+            # First record of this stream in this file. If the reader lost nothing so far, the
+            # stream's earlier records went to another file: this one is the baseline. If it
+            # did (the ring lapped the tail before this file got it), they count as lost.
+            baseline = 0 if self._reader.lost > 0 else (stream_seq or 0)
+            stats = self._stream_stats[name] = [0, 0, baseline]
         stats[0] += 1
         if stream_seq is not None:
             if stream_seq > stats[2]:
@@ -481,31 +535,38 @@ class HDF5Writer:
             while end < len(items) and items[end][0].schema.equals(schema):
                 end += 1
             group = items[start:end]
-            columns, skipped = columns_of([b for b, _ in group])
             info = self._state.info(group[0][1].schema_id)
             assert info is not None
             if self.layout == "append":
-                self._append(name, columns, skipped, info)
+                self._append(name, [columns_of([b]) for b, _ in group], info)
             else:
+                columns, skipped = columns_of([b for b, _ in group])
                 self._batch_group(name, columns, skipped, info, [r for _, r in group])
             done += len(group)
             start = end
         return done
 
-    def _append(self, name: str, columns: list[Column], skipped: list[str], info: StreamInfo) -> None:
+    def _append(self, name: str, per_batch: list[tuple[list[Column], list[str]]], info: StreamInfo) -> None:
+        """Appends batches of one schema: each dataset is resized once, then every batch's
+        column is written into its slice (no concatenated copy of the batches)."""
+        columns, skipped = per_batch[0]
         m = self._file["measurements"]
         g = m[name] if name in m else self._stream_group(name, columns, skipped, info)
         rows = self._rows[name]
-        n = len(columns[0].data) if columns else 0
+        n = sum(len(cols[0].data) for cols, _ in per_batch if cols)
         for col in columns:
             if col.name not in g:
                 if self._file.swmr_mode:
                     self._reopen_without_swmr()
                     g = self._file["measurements"][name]
                 self._create_column(g, col, rows)
+        for i, col in enumerate(columns):
             ds = g[col.name]
             ds.resize(rows + n, axis=0)
-            ds[rows : rows + n] = col.data
+            at = rows
+            for run in _runs([cols[i].data for cols, _ in per_batch]):
+                ds[at : at + len(run)] = run
+                at += len(run)
         # Columns this schema lacks (a schema change): extend them with their fill value.
         present = {c.name for c in columns}
         for key, ds in g.items():
