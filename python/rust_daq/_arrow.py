@@ -244,6 +244,10 @@ def _variable_length(t: pa.DataType) -> bool:
     return any(_variable_length(t.field(i).type) for i in range(t.num_fields))
 
 
+#: What decoding a corrupted payload can raise (pyarrow raises all three).
+DECODE_ERRORS = (pa.ArrowException, ValueError, OSError)
+
+
 def decode(rec: _native.Record, info: StreamInfo) -> pa.RecordBatch:
     """The batch in a record: zero-copy over `rec.data` (bytes or a view into the ring).
 
@@ -281,7 +285,7 @@ class BatchReading:
                 continue
             try:
                 batch = decode(rec, info)
-            except (pa.ArrowException, ValueError, OSError):
+            except DECODE_ERRORS:
                 self.undecodable += 1
                 continue
             if zero_copy:

@@ -56,7 +56,7 @@ import h5py
 import numpy as np
 import pyarrow as pa
 
-from ._arrow import ArrowState, StreamInfo, decode
+from ._arrow import DECODE_ERRORS, ArrowState, StreamInfo, decode
 from ._errors import RustDaqError
 from ._hdf5 import Column, chunk_rows, clear_consistency_flags, columns_of, iso_now, schema_json
 from ._native import __version__
@@ -429,7 +429,7 @@ class HDF5Writer:
                     continue
                 try:
                     batch = decode(rec, info)
-                except (pa.ArrowException, ValueError, OSError):
+                except DECODE_ERRORS:
                     self.records_skipped += 1
                     log.error("record %d of stream %r does not decode; skipped", rec.seq, info.name)
                     continue
