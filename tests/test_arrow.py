@@ -417,3 +417,19 @@ def test_fuzzed_arrow_payloads_never_crash(ring_path: str, mutations: list[tuple
             batch.validate(full=True)
             batch.to_pylist()
         assert len(got) + reader.undecodable == reader.delivered
+
+
+def test_closing_a_ring_unmaps_it_without_waiting_for_the_garbage_collector(ring_path: str) -> None:
+    def mapped() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for line in f if ring_path in line)
+
+    gc.disable()
+    try:
+        with RingBuffer.create(ring_path, capacity_mb=1) as ring:
+            ring.write_arrow_batch(voltmeter(0, 10), "v")
+            assert mapped() == 3  # header, data, and pyarrow's map for Arrow writes
+        del ring
+        assert mapped() == 0
+    finally:
+        gc.enable()

@@ -163,6 +163,13 @@ class ArrowState:
         # Serialises Arrow writes: the writers share one file position.
         self.lock = threading.Lock()
 
+    def close(self) -> None:
+        """Drops the writers and closes their memory map of the ring file."""
+        self.writers.clear()
+        if self.file is not None:
+            self.file[0].close()
+            self.file = None
+
     def refresh(self) -> dict[int, int]:
         """Reloads the schema table; returns each schema id's activation."""
         activations = {}

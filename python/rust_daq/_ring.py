@@ -138,6 +138,18 @@ class RingBuffer(_native.RingBuffer):
         :class:`LiveView`, which decodes only new records each time."""
         return LiveView(self, stream, rows).update()
 
+    def close(self) -> None:
+        """Releases the producer lock and this handle's Arrow writers (and their memory map of
+        the ring file). Readers and views made earlier keep working."""
+        state: ArrowState | None = self.__dict__.pop("_arrow_state", None)
+        if state is not None:
+            state.close()  # also breaks the handle <-> Arrow state reference cycle
+        super().close()
+
+    def __exit__(self, *exc: object) -> Literal[False]:
+        self.close()
+        return False
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("producer" if self.writable else "read-only")
         return f"<RingBuffer {self.path!r} {self.capacity} bytes policy={self.policy!r} {state}>"

@@ -487,6 +487,21 @@ fn reserve_space(file: &File, total: u64, dir: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     let len = i64::try_from(total)
         .map_err(|_| Error::config(format!("ring of {total} bytes is too large")))?;
+    // Refuse before allocating: on tmpfs (/dev/shm) posix_fallocate takes memory page by
+    // page, and a tmpfs sized like the RAM lets the OOM killer strike before ENOSPC.
+    let free = free_bytes(dir);
+    let available = if on_tmpfs(dir) { mem_available() } else { None };
+    for (limit, what) in [(free, "free space"), (available, "available memory")] {
+        if let Some(limit) = limit {
+            if total > limit {
+                return Err(Error::config(format!(
+                    "not enough space for a {total}-byte ring in {} ({limit} bytes of {what}); \
+                     choose a smaller capacity",
+                    dir.display()
+                )));
+            }
+        }
+    }
     // SAFETY: plain syscall on a file descriptor we own.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
     match rc {
@@ -510,6 +525,34 @@ fn reserve_space(file: &File, total: u64, dir: &Path) -> Result<()> {
             io::Error::from_raw_os_error(e),
         )),
     }
+}
+
+/// Whether `dir` is on tmpfs (its pages are memory).
+fn on_tmpfs(dir: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // f_type and TMPFS_MAGIC have platform-dependent integer types.
+    #[allow(clippy::unnecessary_cast)]
+    let matches = st.f_type as i64 == libc::TMPFS_MAGIC as i64;
+    matches
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {
