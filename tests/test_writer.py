@@ -22,6 +22,7 @@ import pytest
 
 from rust_daq import HDF5Writer, IncompatibleFileError, RingBuffer
 from rust_daq._hdf5 import clear_consistency_flags
+from rust_daq.writer import repair
 
 VOLT_SCHEMA = pa.schema(
     [
@@ -394,9 +395,13 @@ def test_consistency_flags_are_repaired(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=False)
     with pytest.raises(OSError, match="h5clear"):
         h5py.File(path, "r")
-    assert clear_consistency_flags(path) is True
+    r = subprocess.run(
+        [sys.executable, "-m", "rust_daq.writer", "--repair", path], capture_output=True, text=True
+    )
+    assert r.returncode == 0 and "repaired" in r.stdout
     with h5py.File(path, "r") as f:
         assert list(f["x"][:]) == [1, 2, 3]
+    assert repair(path) is False
     assert clear_consistency_flags(path) is False
 
 

@@ -5,6 +5,7 @@ Run it in its own process (the default deployment: h5py holds the GIL between ca
 writer thread beside a hardware loop shows up as jitter)::
 
     python -m rust_daq.writer --ring RING --output run.h5 [--layout append|batches]
+    python -m rust_daq.writer --repair run.h5     # after a crash, for plain h5py opens
 
 or in-process, from async code (asyncio or trio, through anyio)::
 
@@ -62,7 +63,7 @@ from ._hdf5 import Column, chunk_rows, clear_consistency_flags, columns_of, iso_
 from ._native import __version__
 from ._ring import RingBuffer
 
-__all__ = ["HDF5Writer", "IncompatibleFileError", "main"]
+__all__ = ["HDF5Writer", "IncompatibleFileError", "main", "repair"]
 
 log = logging.getLogger("rust_daq.writer")
 
@@ -134,6 +135,14 @@ def _runs(
     if run:
         out.append(run[0] if len(run) == 1 else np.concatenate(run))
     return out
+
+
+def repair(path: str | os.PathLike[str]) -> bool:
+    """Lets plain ``h5py.File(path)`` open a file whose writer was killed: clears the "open for
+    (SWMR) write" flags HDF5 leaves in the superblock, like ``h5clear -s``. A writer restarted
+    on the file does this itself, and SWMR readers (``swmr=True``) need no repair. Returns True
+    if the file needed it."""
+    return clear_consistency_flags(os.fspath(path))
 
 
 class _TornRead(Exception):
@@ -675,8 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m rust_daq.writer", description="Drain a rust-daq ring into HDF5."
     )
-    ap.add_argument("--ring", required=True, help="ring path (a bare name lives in /dev/shm)")
-    ap.add_argument("--output", required=True, help="HDF5 file to write (continued if it exists)")
+    ap.add_argument("--ring", help="ring path (a bare name lives in /dev/shm)")
+    ap.add_argument("--output", help="HDF5 file to write (continued if it exists)")
+    ap.add_argument(
+        "--repair", metavar="FILE", help="clear the flags a killed writer left in FILE, then exit"
+    )
     ap.add_argument("--layout", choices=["append", "batches"], default="append")
     ap.add_argument("--flush-interval", type=float, default=1.0, metavar="SECONDS")
     ap.add_argument("--compression", default=None, help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
@@ -684,6 +696,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stream", action="append", dest="streams", help="only this stream (repeatable)")
     ap.add_argument("--metadata", default=None, help="run metadata as a JSON object")
     args = ap.parse_args(argv)
+    if args.repair:
+        print(f"{args.repair}: {'repaired' if repair(args.repair) else 'nothing to repair'}")
+        return 0
+    if not args.ring or not args.output:
+        ap.error("--ring and --output are required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
