@@ -22,9 +22,11 @@ from ._errors import (
 )
 from ._native import FORMAT_VERSION, Record, __version__
 from ._ring import RingBuffer, RingReader, resolve_ring_path
+from .acquisition import Acquisition
 from .writer import HDF5Writer, IncompatibleFileError
 
 __all__ = [
+    "Acquisition",
     "FORMAT_VERSION",
     "HDF5Writer",
     "IncompatibleFileError",

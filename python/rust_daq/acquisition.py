@@ -1,0 +1,245 @@
+"""The acquisition loop: reads each instrument on its own schedule, stamps and batches rows per
+stream, writes them to the ring with ``write_arrow_batch``. It never waits for the writer (a
+ring with ``policy="overwrite"`` never blocks the producer).
+
+    async with Acquisition(ring, [SimulatedVoltmeter(), SimulatedCamera()]) as acq:
+        await acq.run(duration=10)
+    print(acq.stats())
+
+Scheduling: reads are due at absolute times ``start + k / rate_hz``, so lateness never
+accumulates. asyncio's timers resolve to about a millisecond, so with ``precise=True`` (the
+default) a task sleeps until 1.5 ms before its deadline and then yields until the deadline
+(what makes 1 kHz work, at the cost of a busy core). A read that starts more than a period
+late is a missed deadline: the schedule skips the slots it missed and counts them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.lowlevel
+import numpy as np
+import pyarrow as pa
+
+from ._ring import RingBuffer
+from .adapters import Instrument, PolledInstrument
+
+__all__ = ["Acquisition"]
+
+_SAMPLES = 1 << 17  # latency/jitter samples kept (a ring of the most recent)
+
+
+class _Samples:
+    """The last `_SAMPLES` values of a measurement, for percentiles; no allocation per sample."""
+
+    def __init__(self) -> None:
+        self.values = np.zeros(_SAMPLES, dtype=np.float64)
+        self.n = 0
+
+    def add(self, v: float) -> None:
+        self.values[self.n % _SAMPLES] = v
+        self.n += 1
+
+    def summary(self, scale: float = 1e6) -> dict[str, float]:
+        if self.n == 0:
+            return {"p50": 0.0, "p99": 0.0, "p99.9": 0.0, "max": 0.0}
+        v = self.values[: min(self.n, _SAMPLES)] * scale
+        p50, p99, p999 = np.percentile(v, [50, 99, 99.9])
+        return {"p50": float(p50), "p99": float(p99), "p99.9": float(p999), "max": float(v.max())}
+
+
+@dataclass
+class _Stream:
+    instrument: Instrument
+    pending: list[pa.RecordBatch] = field(default_factory=list)
+    pending_rows: int = 0
+    pending_bytes: int = 0
+    oldest: float = 0.0  # perf_counter of the oldest pending row
+    rows: int = 0
+    records: int = 0
+    bytes: int = 0
+    reads: int = 0
+    missed: int = 0
+    jitter: _Samples = field(default_factory=_Samples)
+
+
+class Acquisition:
+    """Runs instruments into a ring. See the module documentation.
+
+    ``batch_rows``: rows per record at most; ``max_latency``: seconds a row may wait for its
+    batch; ``max_batch_bytes``: bytes per record at most (frames go out one by one).
+    """
+
+    def __init__(
+        self,
+        ring: RingBuffer,
+        instruments: Sequence[Instrument],
+        *,
+        batch_rows: int = 1000,
+        max_latency: float = 0.1,
+        max_batch_bytes: int = 4 << 20,
+        precise: bool = True,
+    ) -> None:
+        if not ring.writable:
+            raise ValueError(
+                "the acquisition needs the ring's producer handle (RingBuffer.create or writable=True)"
+            )
+        names = [i.name for i in instruments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"instrument names must be unique (they name the streams): {names}")
+        if not instruments:
+            raise ValueError("no instruments to acquire from")
+        if batch_rows < 1 or max_latency <= 0 or max_batch_bytes < 1:
+            raise ValueError("batch_rows, max_latency and max_batch_bytes must be positive")
+        self.ring = ring
+        self.instruments = list(instruments)
+        self.batch_rows, self.max_latency, self.max_batch_bytes = batch_rows, max_latency, max_batch_bytes
+        self.precise = precise
+        self._streams = {i.name: _Stream(i) for i in instruments}
+        self._write_latency = _Samples()
+        self._started: float | None = None
+        self._elapsed = 0.0
+        self._lost_at_end: int | None = None
+        self._stop: anyio.Event | None = None
+
+    async def __aenter__(self) -> Self:
+        for inst in self.instruments:
+            await inst.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            for inst in self.instruments:
+                await inst.close()
+
+    async def run(self, duration: float | None = None) -> None:
+        """Acquires until `duration` seconds have passed, `stop()`, or cancellation; then writes
+        what is pending (also when cancelled)."""
+        self._stop = anyio.Event()
+        self._started = time.perf_counter()
+        try:
+            async with anyio.create_task_group() as tg:
+                for st in self._streams.values():
+                    inst = st.instrument
+                    if isinstance(inst, PolledInstrument):
+                        tg.start_soon(self._poll, st)
+                    else:
+                        tg.start_soon(self._consume, st)
+                tg.start_soon(self._latency_flusher)
+                if duration is not None:
+                    with anyio.move_on_after(duration):
+                        await self._stop.wait()
+                else:
+                    await self._stop.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._elapsed = time.perf_counter() - self._started
+            for st in self._streams.values():
+                self._flush(st)
+            self._lost_at_end = self.ring.records_lost
+
+    def stop(self) -> None:
+        """Ends `run()` (from a task in the same event loop)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        delay = deadline - time.perf_counter()
+        if not self.precise:
+            if delay > 0:
+                await anyio.sleep(delay)
+            return
+        if delay > 0.002:
+            await anyio.sleep(delay - 0.0015)
+        while time.perf_counter() < deadline:
+            await anyio.lowlevel.checkpoint()
+
+    async def _poll(self, st: _Stream) -> None:
+        inst = st.instrument
+        assert isinstance(inst, PolledInstrument)
+        period = 1.0 / inst.rate_hz
+        start = time.perf_counter()
+        k = 0
+        while True:
+            deadline = start + k * period
+            await self._sleep_until(deadline)
+            late = time.perf_counter() - deadline
+            if late > period:  # slots passed while we were busy: skip them, count them
+                skipped = int(late // period)
+                st.missed += skipped
+                k += skipped
+                late -= skipped * period
+            st.jitter.add(late)
+            self._add(st, await inst.read())
+            k += 1
+
+    async def _consume(self, st: _Stream) -> None:
+        async for batch in st.instrument.stream():  # type: ignore[union-attr]
+            self._add(st, batch)
+
+    async def _latency_flusher(self) -> None:
+        while True:
+            await anyio.sleep(self.max_latency / 4)
+            now = time.perf_counter()
+            for st in self._streams.values():
+                if st.pending and now - st.oldest >= self.max_latency:
+                    self._flush(st)
+
+    def _add(self, st: _Stream, batch: pa.RecordBatch) -> None:
+        st.reads += 1
+        if not st.pending:
+            st.oldest = time.perf_counter()
+        st.pending.append(batch)
+        st.pending_rows += batch.num_rows
+        st.pending_bytes += batch.nbytes
+        if st.pending_rows >= self.batch_rows or st.pending_bytes >= self.max_batch_bytes:
+            self._flush(st)
+
+    def _flush(self, st: _Stream) -> None:
+        if not st.pending:
+            return
+        if len(st.pending) == 1:
+            batch = st.pending[0]
+        else:
+            batch = pa.Table.from_batches(st.pending).combine_chunks().to_batches()[0]
+        t0 = time.perf_counter()
+        self.ring.write_arrow_batch(batch, st.instrument.name)
+        self._write_latency.add(time.perf_counter() - t0)
+        st.rows += batch.num_rows
+        st.records += 1
+        st.bytes += batch.nbytes
+        st.pending.clear()
+        st.pending_rows = st.pending_bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        """Rows, records and bytes per stream; read jitter (lateness against the schedule, µs)
+        and missed deadlines per polled stream; write latency into the ring (µs); records the
+        ring lost (overwritten before its primary consumer read them)."""
+        elapsed = self._elapsed or (time.perf_counter() - self._started if self._started else 0.0)
+        streams = {}
+        for name, st in self._streams.items():
+            rate = getattr(st.instrument, "rate_hz", None)
+            streams[name] = {
+                "rows": st.rows,
+                "records": st.records,
+                "bytes": st.bytes,
+                "reads": st.reads,
+                "rate_hz": rate,
+                "expected_reads": math.floor(elapsed * rate) if rate else None,
+                "deadlines_missed": st.missed,
+                "jitter_us": st.jitter.summary(),
+            }
+        return {
+            "elapsed_s": elapsed,
+            "streams": streams,
+            "write_latency_us": self._write_latency.summary(),
+            "records_lost": self._lost_at_end if self.ring.closed else self.ring.records_lost,
+        }

@@ -1,0 +1,43 @@
+"""Instruments: a small typed protocol, and instruments that need no hardware.
+
+An instrument has a ``name``, an Arrow ``schema`` (with ``units`` in the field metadata), async
+``connect()``/``close()``, and either
+
+- ``async read() -> pyarrow.RecordBatch`` (polled: the acquisition calls it ``rate_hz`` times a
+  second), or
+- ``stream() -> AsyncIterator[pyarrow.RecordBatch]`` (instruments that push data).
+
+A new device is a class with those members; nothing to inherit. For example::
+
+    class Thermometer:
+        name = "thermometer"
+        rate_hz = 10.0
+        schema = pa.schema([pa.field("timestamp", pa.timestamp("ns")),
+                            pa.field("temperature", pa.float64(), metadata={"units": "K"})])
+        async def connect(self): self.dev = open_my_device()
+        async def close(self): self.dev.close()
+        async def read(self):
+            t = await anyio.to_thread.run_sync(self.dev.read_kelvin)   # blocking I/O off the loop
+            return pa.record_batch([pa.array([time.time_ns()], pa.timestamp("ns")), [t]], schema=self.schema)
+
+Embedding rust-daq in another DAQ stack is the same pattern: wrap the other stack's readable
+object (an ophyd-async signal, a QCoDeS parameter...) in :class:`CallableInstrument`, or in a
+class like the one above whose ``read`` awaits it.
+"""
+
+from __future__ import annotations
+
+from ._base import CallableInstrument, Instrument, PolledInstrument, StreamingInstrument, timestamps
+from ._scpi import ScpiInstrument
+from ._sim import SimulatedCamera, SimulatedVoltmeter
+
+__all__ = [
+    "CallableInstrument",
+    "Instrument",
+    "PolledInstrument",
+    "ScpiInstrument",
+    "SimulatedCamera",
+    "SimulatedVoltmeter",
+    "StreamingInstrument",
+    "timestamps",
+]
