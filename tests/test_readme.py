@@ -27,3 +27,27 @@ def test_readme_example_runs(code: str) -> None:
 
 def test_readme_has_both_examples() -> None:
     assert len(BLOCKS) >= 2
+
+
+def test_readme_config_example_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (toml,) = re.findall(r"```toml\n(.*?)```", README, re.S)
+    ring = f"rdaq-readme-{os.getpid()}"
+    toml = toml.replace("duration = 60", "duration = 1").replace('path = "lab"', f'path = "{ring}"')
+    toml = toml.replace('output = "run.h5"', f'output = "{tmp_path / "run.h5"}"')
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(toml)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "rust_daq.cli", "run", str(cfg), "--no-progress"],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "│ voltmeter │" in r.stdout and "│ camera" in r.stdout
+        assert (tmp_path / "run.h5").exists()
+    finally:
+        if os.path.exists(f"/dev/shm/{ring}"):
+            os.unlink(f"/dev/shm/{ring}")

@@ -1,0 +1,566 @@
+"""The ``rust-daq`` command: run acquisitions, write, inspect and follow rings and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from . import __version__
+from ._errors import RustDaqError
+from ._ring import RingBuffer, resolve_ring_path
+from .acquisition import Acquisition
+from .adapters import Instrument, ScpiInstrument, SimulatedCamera, SimulatedVoltmeter
+
+app = typer.Typer(
+    name="rust-daq",
+    help="rust-daq: a lossless data plane for laboratory acquisition.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+class ConfigError(RustDaqError, ValueError):
+    """A configuration file that cannot be run; the message names the file, key and what is allowed."""
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+_INSTRUMENT_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "voltmeter": {
+        "name": str,
+        "rate_hz": (int, float),
+        "amplitude": (int, float),
+        "frequency_hz": (int, float),
+        "noise": (int, float),
+        "seed": int,
+    },
+    "camera": {"name": str, "fps": (int, float), "shape": list, "seed": int},
+    "scpi": {
+        "name": str,
+        "resource": str,
+        "query": str,
+        "column": str,
+        "units": str,
+        "rate_hz": (int, float),
+        "backend": str,
+    },
+}
+_SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "ring": {"path": str, "capacity_mb": (int, float), "policy": str},
+    "writer": {
+        "output": str,
+        "layout": str,
+        "compression": str,
+        "flush_interval": (int, float),
+        "enabled": bool,
+    },
+}
+_TOP: dict[str, type | tuple[type, ...]] = {
+    "duration": (int, float),
+    "ring": dict,
+    "writer": dict,
+    "metadata": dict,
+    "instruments": list,
+}
+
+
+@dataclass
+class Session:
+    """What to run: from a config file, or the demo's built-in one."""
+
+    instruments: list[Instrument]
+    ring_path: str
+    capacity_mb: float = 256
+    policy: str = "overwrite"
+    output: str | None = "experiment_data.h5"
+    layout: str = "append"
+    compression: str | None = None
+    flush_interval: float = 1.0
+    duration: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(where: str, table: dict[str, Any], allowed: dict[str, type | tuple[type, ...]]) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+        kind = allowed[key]
+        if (
+            isinstance(value, bool)
+            and kind is not bool
+            and bool not in (kind if isinstance(kind, tuple) else (kind,))
+        ):
+            raise ConfigError(f"{where}: {key} must be {_kind(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{where}: {key} must be {_kind(kind)}, got {value!r}")
+
+
+def _kind(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(
+        {
+            "int": "an integer",
+            "float": "a number",
+            "str": "a string",
+            "list": "a list",
+            "bool": "true/false",
+            "dict": "a table",
+        }[k.__name__]
+        for k in kinds
+    )
+
+
+def load_config(path: Path) -> Session:
+    """Parses and validates a run configuration (TOML); see ``rust-daq run --help``."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    _check(str(path), raw, _TOP)
+    for section, allowed in _SECTIONS.items():
+        _check(f"{path} [{section}]", raw.get(section, {}), allowed)
+    ring, writer = raw.get("ring", {}), raw.get("writer", {})
+    if ring.get("policy", "overwrite") not in ("overwrite", "block"):
+        raise ConfigError(f"{path} [ring]: policy must be 'overwrite' or 'block', got {ring['policy']!r}")
+    if writer.get("layout", "append") not in ("append", "batches"):
+        raise ConfigError(f"{path} [writer]: layout must be 'append' or 'batches', got {writer['layout']!r}")
+    if not raw.get("instruments"):
+        raise ConfigError(
+            f"{path}: no [[instruments]]; add at least one (type = {', '.join(_INSTRUMENT_KEYS)})"
+        )
+    instruments: list[Instrument] = []
+    for i, spec in enumerate(raw["instruments"]):
+        where = f"{path} [[instruments]] #{i + 1}"
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ConfigError(f"{where}: needs a type ({', '.join(_INSTRUMENT_KEYS)})")
+        kind = spec.pop("type")
+        if kind not in _INSTRUMENT_KEYS:
+            raise ConfigError(
+                f"{where}: unknown instrument type {kind!r}; allowed: {', '.join(_INSTRUMENT_KEYS)}"
+            )
+        _check(where, spec, _INSTRUMENT_KEYS[kind])
+        for rate_key in ("rate_hz", "fps"):
+            if rate_key in spec and not 0 < spec[rate_key] <= 100_000:
+                raise ConfigError(f"{where}: {rate_key} must be between 0 and 100000, got {spec[rate_key]}")
+        try:
+            if kind == "voltmeter":
+                instruments.append(SimulatedVoltmeter(**spec))
+            elif kind == "camera":
+                if "shape" in spec:
+                    spec["shape"] = tuple(spec["shape"])
+                instruments.append(SimulatedCamera(**spec))
+            else:
+                if "resource" not in spec:
+                    raise ConfigError(
+                        f"{where}: an scpi instrument needs a resource (a VISA resource string)"
+                    )
+                instruments.append(ScpiInstrument(spec.pop("resource"), **spec))
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {e}") from e
+    names = [inst.name for inst in instruments]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: instrument names must be unique (they name the streams): {names}")
+    duration = raw.get("duration")
+    if duration is not None and duration <= 0:
+        raise ConfigError(f"{path}: duration must be positive, got {duration}")
+    return Session(
+        instruments=instruments,
+        ring_path=resolve_ring_path(ring.get("path", f"rust-daq-{os.getpid()}")),
+        capacity_mb=ring.get("capacity_mb", 256),
+        policy=ring.get("policy", "overwrite"),
+        output=writer.get("output", "experiment_data.h5") if writer.get("enabled", True) else None,
+        layout=writer.get("layout", "append"),
+        compression=writer.get("compression"),
+        flush_interval=float(writer.get("flush_interval", 1.0)),
+        duration=duration,
+        metadata=raw.get("metadata", {}),
+    )
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def _start_writer(s: Session) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "rust_daq.writer",
+        "--ring",
+        s.ring_path,
+        "--output",
+        str(s.output),
+        "--layout",
+        s.layout,
+        "--flush-interval",
+        str(s.flush_interval),
+        "--metadata",
+        json.dumps(s.metadata),
+    ]
+    if s.compression:
+        cmd += ["--compression", s.compression]
+    # Its own session: Ctrl-C in the terminal reaches only us; we stop the writer after the
+    # acquisition has written its last rows, so its final flush holds them.
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        err = p.communicate(timeout=30)[1]
+        raise RustDaqError(
+            f"the writer process did not start: {err.strip().splitlines()[-1] if err.strip() else p.returncode}"
+        )
+    return p
+
+
+def run_session(s: Session, show_progress: bool) -> dict[str, Any]:
+    """Ring, writer process, acquisition until the duration or SIGINT/SIGTERM, final flush."""
+    if s.output is not None and os.path.exists(s.output):
+        raise RustDaqError(f"{s.output} already exists; choose another output file (or delete it)")
+    ring = RingBuffer.create(s.ring_path, capacity_mb=s.capacity_mb, policy=s.policy)  # type: ignore[arg-type]
+    writer = None
+    try:
+        writer = _start_writer(s) if s.output is not None else None
+        acq = Acquisition(ring, s.instruments)
+        stopped_by: list[str] = []
+
+        async def main() -> None:
+            async with acq:
+                async with anyio.create_task_group() as tg:
+
+                    async def on_signals() -> None:
+                        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                            async for sig in signals:
+                                stopped_by.append(signal.Signals(sig).name)
+                                acq.stop()
+                                return
+
+                    async def show() -> None:
+                        await _progress(acq, s, ring)
+
+                    tg.start_soon(on_signals)
+                    if show_progress:
+                        tg.start_soon(show)
+                    await acq.run(duration=s.duration)
+                    tg.cancel_scope.cancel()
+
+        anyio.run(main)
+        stats = acq.stats()
+        stats["stopped_by"] = stopped_by[0] if stopped_by else ("duration" if s.duration else "end")
+    finally:
+        if writer is not None:
+            writer.send_signal(signal.SIGTERM)
+            _, err = writer.communicate(timeout=120)
+            if writer.returncode != 0:
+                console.print(f"[red]writer process exited with {writer.returncode}[/red]\n{err}")
+        ring.close()
+    stats["output"] = s.output
+    stats["file_bytes"] = os.path.getsize(s.output) if s.output and os.path.exists(s.output) else 0
+    return stats
+
+
+async def _progress(acq: Acquisition, s: Session, ring: RingBuffer) -> None:
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("acquiring", total=s.duration or None, info="")
+        t0 = time.perf_counter()
+        while True:
+            await anyio.sleep(0.25)
+            st = acq.stats()
+            rows = sum(x["rows"] for x in st["streams"].values())
+            mb = sum(x["bytes"] for x in st["streams"].values()) / 1e6
+            elapsed = time.perf_counter() - t0
+            size = await anyio.to_thread.run_sync(_file_mb, s.output)
+            info = f"{rows:,} rows  {mb / max(elapsed, 1e-9):.2f} MB/s  lost {ring.records_lost}  file {size:.1f} MB"
+            progress.update(task, completed=min(elapsed, s.duration or elapsed), info=info)
+
+
+def _file_mb(path: str | None) -> float:
+    return os.path.getsize(path) / 1e6 if path and os.path.exists(path) else 0.0
+
+
+def _summary(stats: dict[str, Any]) -> None:
+    table = Table(title=f"acquisition ({stats['elapsed_s']:.1f} s, stopped by {stats['stopped_by']})")
+    for col in ("stream", "rows", "records", "MB", "missed deadlines", "jitter p99 (µs)"):
+        table.add_column(col, justify="right" if col != "stream" else "left")
+    for name, st in stats["streams"].items():
+        table.add_row(
+            name,
+            f"{st['rows']:,}",
+            f"{st['records']:,}",
+            f"{st['bytes'] / 1e6:.2f}",
+            str(st["deadlines_missed"]),
+            f"{st['jitter_us']['p99']:.0f}",
+        )
+    out.print(table)
+    lat = stats["write_latency_us"]
+    out.print(
+        f"ring write latency: p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, p99.9 {lat['p99.9']:.1f} µs; records lost: {stats['records_lost']}"
+    )
+    if stats.get("output"):
+        first = next(iter(stats["streams"]))
+        out.print(f"\nwrote {stats['output']} ({stats['file_bytes'] / 1e6:.1f} MB). Read it with:\n")
+        out.print("    import h5py", markup=False)
+        out.print(f"    f = h5py.File({stats['output']!r})", markup=False)
+        column = "voltage" if first == "voltmeter" else "frame"
+        out.print(f"    f['measurements/{first}/{column}'][:]", markup=False)
+
+
+def _fail(e: BaseException) -> typer.Exit:
+    # Escaped (messages name TOML sections like [ring]) and unwrapped (tests and logs grep them).
+    console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+    return typer.Exit(2)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="seconds to acquire", min=0.1)] = 10.0,
+    output: Annotated[Path, typer.Option(help="HDF5 file to write")] = Path("experiment_data.h5"),
+    rate: Annotated[float, typer.Option(help="voltmeter readings per second", min=0.1, max=100_000)] = 100.0,
+    fps: Annotated[float, typer.Option(help="camera frames per second", min=0.1, max=1000)] = 10.0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """The main job on simulated instruments: a voltmeter and a camera into a ring in shared
+    memory, the HDF5 writer in its own process; Ctrl-C stops early (nothing is lost)."""
+    s = Session(
+        instruments=[SimulatedVoltmeter(rate_hz=rate), SimulatedCamera(fps=fps)],
+        ring_path=resolve_ring_path(f"rust-daq-demo-{os.getpid()}"),
+        capacity_mb=64,
+        output=str(output),
+        flush_interval=0.5,
+        duration=duration,
+        metadata={"run": "rust-daq demo", "instruments": "simulated voltmeter and camera"},
+    )
+    try:
+        stats = run_session(s, progress)
+    except (RustDaqError, OSError) as e:
+        raise _fail(e) from e
+    finally:
+        if os.path.exists(s.ring_path):
+            os.unlink(s.ring_path)
+    _summary(stats)
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="run configuration (TOML)")],
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Runs the acquisition a configuration file describes, until its duration or Ctrl-C/SIGTERM
+    (either way the final flush happens).
+
+    \b
+    duration = 10                 # seconds (omit: until Ctrl-C)
+    [ring]    path = "lab", capacity_mb = 256, policy = "overwrite" | "block"
+    [writer]  output = "run.h5", layout = "append" | "batches", compression = "gzip", flush_interval = 1.0
+    [metadata] any keys: stored in the file
+    [[instruments]]  type = "voltmeter" | "camera" | "scpi", name, rate_hz (fps), ...
+    """
+    try:
+        s = load_config(config)
+        stats = run_session(s, progress)
+    except (RustDaqError, OSError) as e:
+        raise _fail(e) from e
+    _summary(stats)
+
+
+@app.command()
+def write(
+    ring: Annotated[str, typer.Option(help="ring path (a bare name lives in /dev/shm)")],
+    output: Annotated[Path, typer.Option(help="HDF5 file")],
+    layout: Annotated[str, typer.Option(help="append or batches")] = "append",
+    flush_interval: Annotated[float, typer.Option(help="seconds between flushes")] = 1.0,
+    compression: Annotated[
+        str | None, typer.Option(help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
+    ] = None,
+) -> None:
+    """The HDF5 writer as its own process (SIGINT/SIGTERM: final flush, exit 0)."""
+    from .writer import main as writer_main
+
+    argv = [
+        "--ring",
+        ring,
+        "--output",
+        str(output),
+        "--layout",
+        layout,
+        "--flush-interval",
+        str(flush_interval),
+    ]
+    if compression:
+        argv += ["--compression", compression]
+    raise typer.Exit(writer_main(argv))
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="an HDF5 file or a ring")]) -> None:
+    """An HDF5 file's tree (shapes, dtypes, units, rows), or a ring's live state."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except OSError:
+        magic = b""
+        path = Path(resolve_ring_path(str(path)))
+    try:
+        if magic == b"\x89HDF\r\n\x1a\n":
+            _inspect_h5(path)
+        else:
+            _inspect_ring(str(path))
+    except (RustDaqError, OSError) as e:
+        raise _fail(e) from e
+
+
+def _inspect_h5(path: Path) -> None:
+    import h5py
+
+    tree = Tree(f"[bold]{escape(str(path))}[/bold]")
+
+    def add(node: Tree, group: h5py.Group) -> None:
+        for key, obj in group.items():
+            if isinstance(obj, h5py.Group):
+                kind = obj.attrs.get("NX_class", "")
+                add(node.add(f"[bold blue]{escape(key)}/[/bold blue] {escape(str(kind))}"), obj)
+            else:
+                units = obj.attrs.get("units")
+                rows = obj.shape[0] if obj.shape else 1
+                label = (
+                    f"{key}  {obj.shape} {obj.dtype}" + (f" [{units}]" if units else "") + f"  rows={rows}"
+                )
+                node.add(escape(label))
+
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        add(tree, f)
+    out.print(tree)
+
+
+def _inspect_ring(path: str) -> None:
+    with RingBuffer.open(path) as ring:
+        st = ring.status()
+        table = Table(title=escape(f"ring {path}"))
+        table.add_column("field")
+        table.add_column("value", justify="right")
+        for key in (
+            "capacity",
+            "policy",
+            "records_written",
+            "records_lost",
+            "write_head",
+            "read_tail",
+            "oldest_position",
+            "producer_pid",
+            "producer_alive",
+        ):
+            table.add_row(key, str(st[key]))
+        out.print(table)
+        for name, schema in ring.streams().items():
+            out.print(f"[bold]stream {escape(name)}[/bold]")
+            for f in schema:
+                units = (f.metadata or {}).get(b"units", b"").decode()
+                out.print(
+                    escape(f"    {f.name}: {f.type}" + (f" [{units}]" if units else "")), soft_wrap=True
+                )
+
+
+@app.command()
+def tail(
+    ring_path: Annotated[str, typer.Argument(metavar="RING", help="ring path or bare name")],
+    stream: Annotated[str | None, typer.Option(help="only this stream")] = None,
+    once: Annotated[bool, typer.Option(help="print the latest values once and exit")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between updates", min=0.05)] = 0.5,
+) -> None:
+    """The latest values of a running acquisition, updating in place (Ctrl-C to quit)."""
+    try:
+        ring = RingBuffer.open(resolve_ring_path(ring_path))
+    except (RustDaqError, OSError) as e:
+        raise _fail(e) from e
+    with ring:
+        names = [stream] if stream else list(ring.streams())
+        if stream and stream not in ring.streams():
+            raise _fail(
+                RustDaqError(
+                    f"unknown stream {stream!r}; the ring's streams: {', '.join(ring.streams()) or 'none'}"
+                )
+            )
+
+        def render() -> Table:
+            table = Table(title=f"{ring.path}  records {ring.records_written:,}  lost {ring.records_lost}")
+            for col in ("stream", "column", "latest", "units"):
+                table.add_column(col)
+            schemas = ring.streams()
+            for name in names:
+                latest = ring.latest(name, rows=1)
+                for f in schemas[name]:
+                    values = latest.get(f.name)
+                    if values is None or len(values) == 0:
+                        shown = "-"
+                    elif values.ndim > 1:
+                        shown = f"{values.shape[1:]} frame, mean {values[-1].mean():.1f}"
+                    else:
+                        shown = str(values[-1])
+                    table.add_row(name, f.name, shown, (f.metadata or {}).get(b"units", b"").decode())
+            return table
+
+        if once:
+            out.print(render())
+            return
+        try:
+            with Live(render(), console=out, refresh_per_second=4) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(render())
+        except KeyboardInterrupt:
+            pass
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"rust-daq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
