@@ -68,7 +68,10 @@ def test_live_view_notebook_against_a_running_acquisition(tmp_path: Path) -> Non
                 from rust_daq import RingBuffer
 
                 with RingBuffer.open(ring) as r:
-                    if {"voltmeter", "camera"} <= set(r.streams()):
+                    # Both streams there, and a full 2000-row window of the voltmeter.
+                    if {"voltmeter", "camera"} <= set(r.streams()) and len(
+                        r.latest("voltmeter", 2000)["voltage"]
+                    ) == 2000:
                         break
             time.sleep(0.2)
         nb = nbformat.read(EXAMPLES / "live_view.ipynb", as_version=4)
