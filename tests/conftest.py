@@ -24,6 +24,20 @@ def _shm_dir() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(os.environ.get("TMPDIR", "/tmp"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--torture-seconds",
+        type=float,
+        default=float(os.environ.get("RDAQ_TORTURE_SECONDS", "20")),
+        help="duration of the reliability torture run (CI: 20 s; a soak: 600)",
+    )
+
+
+@pytest.fixture
+def torture_seconds(request: pytest.FixtureRequest) -> float:
+    return float(request.config.getoption("--torture-seconds"))
+
+
 @pytest.fixture
 def ring_path() -> Iterator[str]:
     """A fresh path for a ring file; removed (with any leftover temp files) after the test."""

@@ -3,18 +3,14 @@ these tests run in the pytest process, so a segfault or SIGBUS would fail the wh
 
 from __future__ import annotations
 
-import functools
 import os
-import random
 import struct
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import fuzzing
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import rust_daq
 from rust_daq import (
@@ -315,75 +311,9 @@ def test_bad_read_and_timeout_arguments(ring_path: str) -> None:
         assert reader.read(max_records=0) == []
 
 
-# -- fuzzing ------------------------------------------------------------------------------
-
-
-@functools.cache
-def pristine() -> bytes:
-    """A valid ring that wrapped its 4 KiB data region several times (padding included)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "ring")
-        with RingBuffer.create(path, capacity_bytes=4096) as ring:
-            rng = random.Random(3)
-            for i in range(40):
-                ring.write(make_payload(i, rng.randrange(16, 700)))
-        with open(path, "rb") as f:
-            return f.read()
-
-
-def open_and_drain(path: str) -> None:
-    try:
-        ring = RingBuffer.open(path)
-    except (RingFormatError, RingConfigError):
-        return
-    with ring:
-        try:
-            reader = ring.reader("oldest")
-            for _ in range(3):
-                for rec in reader.read():
-                    assert len(rec.data) <= ring.max_record_size
-                ring.read_snapshot()
-        except RingCorruptError:
-            return
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mutations=st.lists(st.tuples(st.integers(0, 447), st.integers(0, 255)), min_size=1, max_size=12))
-def test_fuzzed_headers_never_crash(ring_path: str, mutations: list[tuple[int, int]]) -> None:
-    data = bytearray(pristine())
-    for at, value in mutations:
-        data[at] = value
-    with open(ring_path, "wb") as f:
-        f.write(data)
-    open_and_drain(ring_path)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mutations=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=24))
-def test_fuzzed_records_never_crash(ring_path: str, mutations: list[tuple[int, int]]) -> None:
-    data = bytearray(pristine())
-    for at, value in mutations:
-        data[DATA + at] = value
-    with open(ring_path, "wb") as f:
-        f.write(data)
-    open_and_drain(ring_path)
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(header=st.binary(min_size=448, max_size=448))
-def test_random_header_bytes_never_crash(ring_path: str, header: bytes) -> None:
-    with open(ring_path, "wb") as f:
-        f.write(header + pristine()[448:])
-    open_and_drain(ring_path)
-    # Keep the real magic to get past the first check and exercise the rest.
-    with open(ring_path, "wb") as f:
-        f.write(b"RDAQRING" + header[8:] + pristine()[448:])
-    open_and_drain(ring_path)
-
-
 def test_a_reader_never_returns_a_payload_that_fails_its_crc(ring_path: str) -> None:
     with open(ring_path, "wb") as f:
-        f.write(pristine())
+        f.write(fuzzing.pristine())
     with RingBuffer.open(ring_path) as ring:
         recs = ring.reader().read()
         assert recs, "the pristine ring has records"
