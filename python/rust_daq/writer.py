@@ -392,10 +392,12 @@ class HDF5Writer:
             try:
                 return self._flush()
             except _TornRead as e:
-                log.warning("%s; retrying from the ring's tail", e)
+                # Retry with private copies (copy, then validate): a producer that keeps lapping
+                # the writer costs it records, counted as lost, never another torn pass.
+                log.warning("%s; retrying from the ring's tail with copies", e)
                 self._abandon()
                 self._reattach()
-                return self._flush()
+                return self._flush(copy=True)
             except (OSError, RuntimeError) as e:
                 # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError.
                 self._abandon()
@@ -419,7 +421,7 @@ class HDF5Writer:
         self._reader = self._ring.reader("tail")
         self._lost_base = 0
 
-    def _flush(self) -> int:
+    def _flush(self, copy: bool = False) -> int:
         written = 0
         pending: dict[str, list[tuple[pa.RecordBatch, Any]]] = {}
         order: list[str] = []
@@ -428,7 +430,7 @@ class HDF5Writer:
         while True:
             # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
             # validated after the write (_write_stream); a torn one aborts the flush.
-            records = self._reader.read(max_records=limit, copy=False)
+            records = self._reader.read(max_records=limit, copy=copy)
             for rec in records:
                 if rec.seq <= last_seq:
                     continue  # already in the file (a restart after its marker, before its commit)
