@@ -1210,7 +1210,19 @@ impl Reader {
     }
 
     /// Stores this reader's position as the ring's `read_tail` (primary consumer only).
+    ///
+    /// The reader can be ahead of the published `commit_pos`: it skips the padding at the end
+    /// of a lap as soon as the producer writes it (with the claim of the record after it, which
+    /// may still be filling), and a record's commit flag is visible an instant before
+    /// `commit_pos` moves past it. Then the tail stored is `commit_pos`, with the sequence
+    /// number the producer paired with it: everything before it is consumed, and the next
+    /// commit moves the tail the rest of the way.
     pub fn commit(&self) -> Result<()> {
-        self.ring.set_read_tail(self.pos, self.expected)
+        let (commit, next_seq) = self.ring.snapshot();
+        if self.pos <= commit {
+            self.ring.set_read_tail(self.pos, self.expected)
+        } else {
+            self.ring.set_read_tail(commit, next_seq)
+        }
     }
 }

@@ -219,6 +219,41 @@ fn lapped_reader_jumps_to_oldest_and_counts_exactly() {
 }
 
 #[test]
+fn commit_while_the_record_after_the_end_padding_is_still_filling() {
+    // The reader skips the padding at the end of a lap as soon as the producer writes it,
+    // before the record claimed after it is committed: its position is then past the
+    // published commit_pos. commit() must store what is consumed, not fail.
+    let t = TempRing::new("pad-commit");
+    let (ring, mut p) = Ring::create(&t.0, 4096, Policy::Block, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    for i in 0..3u64 {
+        p.write(&payload(i, 1024), 0, None, Duration::ZERO).unwrap();
+    }
+    assert_eq!(drain(&mut rd).len(), 3);
+    rd.commit().unwrap();
+    assert_eq!(ring.status().read_tail, 3 * 1088);
+    // 832 bytes are left before the end: a 1024-byte record goes after padding, at 4096.
+    let c = match p.try_claim(1024, 0, None).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => panic!("the consumer committed everything"),
+    };
+    assert_eq!(rd.peek().unwrap(), Next::Busy { seq: 3 });
+    assert_eq!(rd.position(), 4096, "the reader moved over the padding");
+    assert_eq!(ring.status().commit_pos, 3 * 1088);
+    rd.commit().unwrap();
+    let st = ring.status();
+    assert_eq!((st.read_tail, st.read_tail_seq), (3 * 1088, 3));
+    unsafe { p.fill(&c, payload(3, 1024).as_ptr(), 1024) };
+    p.commit(c).unwrap();
+    let got = drain(&mut rd);
+    assert_eq!(got.len(), 1);
+    assert_eq!(check(&got[0].1), 3);
+    rd.commit().unwrap();
+    let st = ring.status();
+    assert_eq!((st.read_tail, st.read_tail_seq), (4096 + 1088, 4));
+}
+
+#[test]
 fn uncommitted_records_are_invisible_and_abort_reuses_the_sequence() {
     let t = TempRing::new("commit");
     let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
