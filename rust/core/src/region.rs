@@ -343,7 +343,14 @@ impl Region {
         }
         .map_err(|e| Error::io("cannot map ring header of", path, e))?;
         let mut data_opts = MmapOptions::new();
-        data_opts.offset(g.data_offset).len(g.capacity as usize);
+        // MAP_POPULATE: every page is mapped at open, not on first touch. Without it, each
+        // process's first lap through the ring takes a page fault per 4 KiB, which more
+        // than halved a producer's first-lap rate and put microseconds of jitter into the
+        // hardware loop's writes.
+        data_opts
+            .offset(g.data_offset)
+            .len(g.capacity as usize)
+            .populate();
         let data_map = if producer {
             data_opts.map_raw(&file)
         } else {
