@@ -6,6 +6,39 @@
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+/// From this many bytes on (x86-64), the bulk of a copy is one `rep movsb` in inline
+/// assembly instead of a loop of 8-byte atomic moves: the loop issues one 8-byte store per
+/// cycle, about 70 % of what memcpy sustains on large frames; `rep movsb` (ERMSB) moves whole
+/// cache lines. Assembly is outside the Rust memory model, so a race with another process is
+/// what the hardware does (some mixture of bytes), not undefined behaviour, exactly as with
+/// the atomics. Below this size the loop is faster (`rep movsb` has a start-up cost).
+#[cfg(target_arch = "x86_64")]
+const BULK: usize = 4096;
+
+/// Copies `n` bytes with `rep movsb`, then `mfence`: the string operation's loads and stores
+/// may be performed out of order among themselves, and the fence makes them all complete
+/// before any later memory access (the commit flag after a write; the validity check after
+/// a read).
+///
+/// # Safety
+/// `src` is valid for reads and `dst` for writes of `n` bytes; they do not overlap.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn bulk_copy(dst: *mut u8, src: *const u8, n: usize) {
+    // SAFETY: the caller's promise; rep movsb moves exactly rcx bytes from [rsi] to [rdi]
+    // (the direction flag is clear, as the ABI guarantees) and clobbers only rcx, rsi, rdi.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            "mfence",
+            inout("rcx") n => _,
+            inout("rsi") src => _,
+            inout("rdi") dst => _,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
 /// Copies `len` bytes from `src` (private) into the ring at `dst`.
 ///
 /// # Safety
@@ -15,6 +48,17 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 #[inline]
 pub unsafe fn to_ring(dst: *mut u8, src: *const u8, len: usize) {
     debug_assert!(dst as usize % 8 == 0);
+    #[cfg(target_arch = "x86_64")]
+    if len >= BULK {
+        let bulk = len & !7;
+        // SAFETY: `bulk` <= len bytes: in bounds on both sides; the tail goes through the
+        // word path below, which keeps the rounding guarantee.
+        unsafe {
+            bulk_copy(dst, src, bulk);
+            to_ring(dst.add(bulk), src.add(bulk), len - bulk);
+        }
+        return;
+    }
     let words = len / 8;
     let d = dst.cast::<u64>();
     for i in 0..words {
@@ -45,6 +89,17 @@ pub unsafe fn to_ring(dst: *mut u8, src: *const u8, len: usize) {
 #[inline]
 pub unsafe fn from_ring(dst: *mut u8, src: *const u8, len: usize) {
     debug_assert!(src as usize % 8 == 0);
+    #[cfg(target_arch = "x86_64")]
+    if len >= BULK {
+        let bulk = len & !7;
+        // SAFETY: `bulk` <= len bytes: in bounds on both sides; the tail goes through the
+        // word path below.
+        unsafe {
+            bulk_copy(dst, src, bulk);
+            from_ring(dst.add(bulk), src.add(bulk), len - bulk);
+        }
+        return;
+    }
     let words = len / 8;
     let s = src.cast::<u64>().cast_mut();
     for i in 0..words {
@@ -94,19 +149,29 @@ mod tests {
 
     #[test]
     fn round_trips_every_length_and_misalignment() {
-        let mut ring = vec![0u64; 64];
-        for len in 0..200usize {
+        // Short lengths (the word loop) and lengths around and above BULK (rep movsb + tail).
+        let lens = (0..200usize).chain(4088..4112).chain([65536 + 3, 1 << 20]);
+        let mut ring = vec![0u64; (1 << 17) + 8];
+        for len in lens {
             for mis in 0..8usize {
                 let src: Vec<u8> = (0..len + mis).map(|i| (i * 31 + len) as u8).collect();
                 ring.iter_mut().for_each(|w| *w = u64::MAX);
                 unsafe { to_ring(ring.as_mut_ptr().cast(), src.as_ptr().add(mis), len) };
                 let mut out = vec![0xAAu8; len + mis + 3];
                 unsafe { from_ring(out.as_mut_ptr().add(mis), ring.as_ptr().cast(), len) };
-                assert_eq!(&out[mis..mis + len], &src[mis..]);
+                assert_eq!(
+                    &out[mis..mis + len],
+                    &src[mis..],
+                    "length {len}, misaligned by {mis}"
+                );
                 assert_eq!(out[mis + len], 0xAA, "wrote past the end");
-                // The rounding bytes of the last word are zeroed, not left stale.
-                let bytes: &[u8] = unsafe { std::slice::from_raw_parts(ring.as_ptr().cast(), 512) };
+                // The rounding bytes of the last word are zeroed, not left stale; nothing after.
+                let bytes: &[u8] =
+                    unsafe { std::slice::from_raw_parts(ring.as_ptr().cast(), ring.len() * 8) };
                 assert!(bytes[len..len.div_ceil(8) * 8].iter().all(|&b| b == 0));
+                assert!(bytes[len.div_ceil(8) * 8..len.div_ceil(8) * 8 + 8]
+                    .iter()
+                    .all(|&b| b == 0xFF));
             }
         }
     }
