@@ -1,0 +1,501 @@
+"""One producer process and N consumer processes over each transport, lossless.
+
+Every transport moves the same messages: a payload of ``size`` bytes whose first 8 bytes are the
+message's index (little-endian int64) and the next 8 its send time (CLOCK_MONOTONIC ns, shared by
+all processes), or -1 as the index of the final message that ends a run. Every consumer checks
+that the indices arrive complete and in order; a run that lost or reordered one is an error, not
+a figure. How each transport keeps a message:
+
+- zero-copy transports (the ring, iceoryx2, shared memory) are read in place and copied once,
+  into the consumer's own buffer for large payloads, into a ``bytes`` for small ones;
+- the others (multiprocessing.Queue, faster-fifo, Arrow IPC over a pipe) hand the consumer a
+  private object already.
+
+Lossless means: the ring under ``policy="block"`` with the consumer committing what it read (in
+fan-out only reader 0 commits: the others may be lapped, and their loss is reported, not hidden);
+bounded queues that block the producer; iceoryx2 with safe overflow off and a back-pressure
+strategy that retries until delivered; the shared-memory ring waits for its slowest reader.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import multiprocessing.shared_memory
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._common import MiB, shm_path
+
+STOP = -1
+LARGE = 64 * 1024  # from this size on, zero-copy consumers copy into a preallocated buffer
+# Every transport buffers about this much (and at least 8 messages), as a user would size a
+# ring for frames; limits.py measures the copy bandwidth through the same amount of memory.
+BUFFER = 16 * MiB
+
+
+def depth(size: int, most: int = 1 << 30) -> int:
+    """Messages of `size` bytes a transport buffers: BUFFER's worth, at least 8, at most `most`."""
+    return int(max(8, min(most, BUFFER // size)))
+
+
+def now_ns() -> int:
+    return time.monotonic_ns()
+
+
+class Sender:
+    def send(self, msg: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def connect(self) -> None:
+        """Once every receiver exists (after the start barrier), before the first send."""
+
+    def close(self) -> None:
+        pass
+
+
+class Receiver:
+    """``poll(blocking)`` returns the (index, send_ns) of each message it received."""
+
+    lost = 0
+
+    def poll(self, blocking: bool) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+_HEADER = struct.Struct("<qq")
+_header: Callable[[Any], tuple[int, int]] = _HEADER.unpack_from
+
+
+@dataclass
+class Transport:
+    """Set up in the parent (before the fork), used in the children."""
+
+    name: str
+    size: int
+    readers: int
+    busy_poll: bool = True
+    blocking: bool = True
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def sender(self) -> Sender:
+        raise NotImplementedError
+
+    def receiver(self, i: int) -> Receiver:
+        raise NotImplementedError
+
+    def after_start(self) -> None:
+        """In the parent, once every child is started."""
+
+    def cleanup(self) -> None:
+        pass
+
+
+# -- rust-daq ----------------------------------------------------------------------------------
+
+
+class RingTransport(Transport):
+    def __init__(self, size: int, readers: int) -> None:
+        super().__init__("rust-daq ring", size, readers)
+        from rust_daq import RingBuffer
+
+        self.path = shm_path("ipc")
+        self.capacity = depth(size) * (size + 64)
+        RingBuffer.create(self.path, capacity_bytes=self.capacity, policy="block", block_timeout=60).close()
+
+    def sender(self) -> Sender:
+        from rust_daq import RingBuffer
+
+        ring = RingBuffer.open(self.path, writable=True)
+
+        class S(Sender):
+            send = ring.write  # type: ignore[assignment]
+
+            def close(self) -> None:
+                ring.close()
+
+        return S()
+
+    def receiver(self, i: int) -> Receiver:
+        from rust_daq import RingBuffer
+
+        ring = RingBuffer.open(self.path)
+        reader = ring.reader("oldest")
+        commit = i == 0
+        large = self.size >= LARGE
+        dest = np.empty(self.size, np.uint8)
+
+        class R(Receiver):
+            def poll(self, blocking: bool) -> list[tuple[int, int]]:
+                if large:
+                    return self.poll_frames(blocking)
+                recs = reader.read(max_records=4096, timeout=1.0 if blocking else 0.0)
+                out = [_header(rec.data) for rec in recs]
+                if recs and commit:
+                    reader.commit()
+                self.lost = reader.lost
+                return out
+
+            def poll_frames(self, blocking: bool) -> list[tuple[int, int]]:
+                """Large frames one at a time, read in place and copied out; committing each
+                at once frees its space for the producer while the next is copied."""
+                out = []
+                timeout = 1.0 if blocking else 0.0
+                for _ in range(64):
+                    recs = reader.read(max_records=1, timeout=timeout, copy=False)
+                    if not recs:
+                        break
+                    timeout = 0.0
+                    np.copyto(dest, np.frombuffer(recs[0].data, np.uint8))
+                    if recs[0].valid():  # False only for a lapped non-committing reader
+                        out.append(_header(dest))
+                    if commit:
+                        reader.commit()
+                self.lost = reader.lost
+                return out
+
+        return R()
+
+    def cleanup(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+# -- multiprocessing.Queue and faster-fifo ------------------------------------------------------
+
+
+class MpQueueTransport(Transport):
+    """One bounded queue per reader (a queue hands each message to one consumer)."""
+
+    def __init__(self, size: int, readers: int, ctx: Any) -> None:
+        super().__init__("multiprocessing.Queue", size, readers, busy_poll=False)
+        self.queues = [ctx.Queue(maxsize=depth(size, 10_000)) for _ in range(readers)]
+
+    def sender(self) -> Sender:
+        queues = self.queues
+
+        class S(Sender):
+            def send(self, msg: np.ndarray) -> None:
+                b = msg.tobytes()
+                for q in queues:
+                    q.put(b)
+
+            def close(self) -> None:
+                for q in queues:
+                    q.close()
+                    q.join_thread()
+
+        return S()
+
+    def receiver(self, i: int) -> Receiver:
+        q = self.queues[i]
+
+        class R(Receiver):
+            def poll(self, blocking: bool) -> list[tuple[int, int]]:
+                return [_header(q.get())]
+
+        return R()
+
+
+class FasterFifoTransport(Transport):
+    def __init__(self, size: int, readers: int) -> None:
+        super().__init__("faster-fifo", size, readers)
+        import faster_fifo
+
+        nbytes = depth(size, 10_000) * (size + 64)
+        self.queues = [faster_fifo.Queue(max_size_bytes=nbytes) for _ in range(readers)]
+
+    def sender(self) -> Sender:
+        queues = self.queues
+
+        class S(Sender):
+            def send(self, msg: np.ndarray) -> None:
+                b = msg.tobytes()
+                for q in queues:
+                    q.put(b, timeout=60)
+
+        return S()
+
+    def receiver(self, i: int) -> Receiver:
+        from queue import Empty
+
+        q = self.queues[i]
+
+        class R(Receiver):
+            def poll(self, blocking: bool) -> list[tuple[int, int]]:
+                try:
+                    msgs = q.get_many(block=blocking, timeout=1.0, max_messages_to_get=4096)
+                except Empty:
+                    return []
+                return [_header(m) for m in msgs]
+
+        return R()
+
+
+# -- iceoryx2 -----------------------------------------------------------------------------------
+
+
+class Iceoryx2Transport(Transport):
+    """Publish-subscribe with a u8 slice payload; blocking waits need a separate event service
+    (a Listener), so only busy-polling is measured."""
+
+    def __init__(self, size: int, readers: int) -> None:
+        super().__init__("iceoryx2", size, readers, blocking=False)
+        self.service_name = f"rdaq-bench-{os.getpid()}-{id(self)}-{size}-{readers}"
+        self.buffer = depth(size, 1024)
+
+    def _service(self) -> Any:
+        import iceoryx2 as iox2
+
+        iox2.set_log_level(iox2.LogLevel.Error)
+        node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+        service = (
+            node.service_builder(iox2.ServiceName.new(self.service_name))
+            .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+            .enable_safe_overflow(False)
+            .subscriber_max_buffer_size(self.buffer)
+            .max_subscribers(self.readers)
+            .max_publishers(1)
+            .open_or_create()
+        )
+        return node, service
+
+    def sender(self) -> Sender:
+        import iceoryx2 as iox2
+
+        node, service = self._service()
+        pub = (
+            service.publisher_builder()
+            .initial_max_slice_len(self.size)
+            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+            .create()
+        )
+        size = self.size
+
+        readers = self.readers
+
+        class S(Sender):
+            keep = node  # the node must outlive its ports
+
+            def connect(self) -> None:
+                # A publisher connects to subscribers when it updates its connections; what
+                # it sends before that reaches nobody.
+                while service.dynamic_config.number_of_subscribers < readers:
+                    time.sleep(0.001)
+                time.sleep(0.05)  # a subscriber is counted before its connection is ready
+                pub.update_connections()
+
+            def send(self, msg: np.ndarray) -> None:
+                sample = pub.loan_slice_uninit(size)
+                ctypes.memmove(sample.payload_ptr, msg.ctypes.data, size)
+                sample.assume_init().send()
+
+            def close(self) -> None:
+                pub.delete()
+
+        return S()
+
+    def receiver(self, i: int) -> Receiver:
+        node, service = self._service()
+        sub = service.subscriber_builder().buffer_size(self.buffer).create()
+        size = self.size
+        large = size >= LARGE
+        dest = np.empty(size, np.uint8)
+        dptr = dest.ctypes.data
+
+        class R(Receiver):
+            keep = node  # the node must outlive its ports
+
+            def poll(self, blocking: bool) -> list[tuple[int, int]]:
+                out = []
+                while len(out) < 4096:
+                    sample = sub.receive()
+                    if sample is None:
+                        break
+                    if large:
+                        ctypes.memmove(dptr, sample.payload_ptr, size)
+                        out.append(_header(dest))
+                    else:
+                        out.append(_header(ctypes.string_at(sample.payload_ptr, size)))
+                    sample.delete()
+                return out
+
+            def close(self) -> None:
+                sub.delete()
+
+        return R()
+
+
+# -- multiprocessing.shared_memory with a hand-rolled index --------------------------------------
+
+
+class SharedMemoryTransport(Transport):
+    """The ring a user would write with ``multiprocessing.shared_memory``: fixed slots, a head
+    counter and one tail counter per reader, stored through numpy. Correct on x86 only (plain
+    stores in program order under TSO); portable code would need atomics Python lacks. Waiting
+    is spinning (with ``sleep(0)``): there is no blocking wait to measure."""
+
+    def __init__(self, size: int, readers: int) -> None:
+        super().__init__("shared_memory + index", size, readers, blocking=False)
+        self.slots = depth(size, 4096)
+        self.shm = mp.shared_memory.SharedMemory(create=True, size=64 * (1 + readers) + self.slots * size)
+        np.frombuffer(self.shm.buf, np.int64, 8 * (1 + readers))[:] = 0
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        # The children inherit the parent's mapping (fork): attaching again by name would
+        # register the segment with the resource tracker once more.
+        buf = self.shm.buf
+        counters = np.frombuffer(buf, np.int64, 8 * (1 + self.readers))
+        data = np.frombuffer(buf, np.uint8, self.slots * self.size, offset=64 * (1 + self.readers))
+        return counters, data.reshape(self.slots, self.size)
+
+    def sender(self) -> Sender:
+        counters, data = self._arrays()
+        tails = counters[8::8]
+        slots = self.slots
+
+        class S(Sender):
+            head = 0
+
+            def send(self, msg: np.ndarray) -> None:
+                h = self.head
+                while h - tails.min() >= slots:
+                    time.sleep(0)
+                data[h % slots] = msg
+                self.head = counters[0] = h + 1
+
+        return S()
+
+    def receiver(self, i: int) -> Receiver:
+        counters, data = self._arrays()
+        large = self.size >= LARGE
+        dest = np.empty(self.size, np.uint8)
+        slots = self.slots
+        off = 8 * (i + 1)
+
+        class R(Receiver):
+            tail = 0
+
+            def poll(self, blocking: bool) -> list[tuple[int, int]]:
+                t, h = self.tail, int(counters[0])
+                out = []
+                for k in range(t, min(h, t + 4096)):
+                    if large:
+                        np.copyto(dest, data[k % slots])
+                        out.append(_header(dest))
+                    else:
+                        out.append(_header(data[k % slots].tobytes()))
+                self.tail = counters[off] = t + len(out)
+                return out
+
+        return R()
+
+    def cleanup(self) -> None:
+        self.shm.unlink()
+        try:
+            self.shm.close()
+        except BufferError:  # a numpy view of it is still alive in this process; unlinked anyway
+            pass
+
+
+# -- Arrow IPC stream over an OS pipe ------------------------------------------------------------
+
+
+class ArrowPipeTransport(Transport):
+    """One pipe per reader; each message is a one-row record batch with a fixed-size binary
+    column, written with ``pyarrow.ipc.new_stream`` and read with ``open_stream``. Reading a
+    pipe blocks: there is no busy-poll variant."""
+
+    def __init__(self, size: int, readers: int) -> None:
+        super().__init__("Arrow IPC over a pipe", size, readers, busy_poll=False)
+        self.pipes = [os.pipe() for _ in range(readers)]
+
+    def sender(self) -> Sender:
+        import pyarrow as pa
+
+        for r, _ in self.pipes:
+            os.close(r)
+        typ = pa.binary(self.size)
+        schema = pa.schema([("payload", typ)])
+        sinks = [pa.output_stream(os.fdopen(w, "wb", buffering=0)) for _, w in self.pipes]
+        writers = [pa.ipc.new_stream(s, schema) for s in sinks]
+
+        class S(Sender):
+            def send(self, msg: np.ndarray) -> None:
+                arr = pa.FixedSizeBinaryArray.from_buffers(typ, 1, [None, pa.py_buffer(msg)])
+                batch = pa.record_batch([arr], schema=schema)
+                for w in writers:
+                    w.write_batch(batch)
+
+            def close(self) -> None:
+                for w, s in zip(writers, sinks, strict=True):
+                    w.close()
+                    s.close()
+
+        return S()
+
+    def receiver(self, i: int) -> Receiver:
+        import pyarrow as pa
+
+        for k, (r, w) in enumerate(self.pipes):
+            os.close(w)
+            if k != i:
+                os.close(r)
+        # Buffered: a read of a large message body must wait for all of it, not return the
+        # first 64 KiB the pipe holds.
+        source = pa.input_stream(os.fdopen(self.pipes[i][0], "rb", buffering=MiB))
+
+        class R(Receiver):
+            reader: Any = None
+
+            def poll(self, blocking: bool) -> list[tuple[int, int]]:
+                if self.reader is None:  # the schema comes with the first batch
+                    self.reader = pa.ipc.open_stream(source)
+                batch = self.reader.read_next_batch()
+                return [_header(batch.column(0).buffers()[1])]
+
+        return R()
+
+    def after_start(self) -> None:
+        for r, w in self.pipes:
+            for fd in (r, w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def make(name: str, size: int, readers: int, ctx: Any) -> Transport:
+    factories: dict[str, Callable[[], Transport]] = {
+        "ring": lambda: RingTransport(size, readers),
+        "mp_queue": lambda: MpQueueTransport(size, readers, ctx),
+        "faster_fifo": lambda: FasterFifoTransport(size, readers),
+        "iceoryx2": lambda: Iceoryx2Transport(size, readers),
+        "shared_memory": lambda: SharedMemoryTransport(size, readers),
+        "arrow_pipe": lambda: ArrowPipeTransport(size, readers),
+    }
+    return factories[name]()
+
+
+ALL = ["ring", "faster_fifo", "iceoryx2", "shared_memory", "arrow_pipe", "mp_queue"]
+
+
+def available(name: str) -> str | None:
+    """None if the peer can run here, else why not."""
+    module = {"faster_fifo": "faster_fifo", "iceoryx2": "iceoryx2"}.get(name)
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except ImportError as e:
+        return f"{module} not installed ({e}); pip install '.[bench]'"
+    return None

@@ -1,0 +1,98 @@
+"""The benchmark suite's own machinery: a run that lost or reordered a message is an error,
+not a figure; goals say met or by how much they are missed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import ipc  # noqa: E402
+from benchmarks._common import Goal, Table  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["ring", "shared_memory", "mp_queue", "arrow_pipe"])
+def test_every_message_arrives_in_order(name: str) -> None:
+    blocking = ipc.mode_for(name, prefer_blocking=True)
+    r = ipc.run_once(name, 256, readers=2, blocking=bool(blocking), seconds=0.1)
+    assert r["sent"] > 100
+    for reader in r["readers"][:1] if name == "ring" else r["readers"]:
+        assert reader["received"] == r["sent"]
+        assert reader["gaps"] == 0 and reader["disorder"] == 0
+
+
+def test_a_lost_message_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import transports
+
+    real = transports.RingTransport.receiver
+
+    def dropping(self: transports.RingTransport, i: int) -> transports.Receiver:
+        rx = real(self, i)
+        poll = rx.poll
+        dropped = []
+
+        def lossy(blocking: bool) -> list[tuple[int, int]]:
+            out = poll(blocking)
+            if not dropped and len(out) > 1:
+                dropped.append(out.pop(0))
+            return out
+
+        rx.poll = lossy  # type: ignore[method-assign]
+        return rx
+
+    monkeypatch.setattr(transports.RingTransport, "receiver", dropping)
+    with pytest.raises(RuntimeError, match="lost 1 messages on a lossless path"):
+        ipc.run_once("ring", 64, readers=1, seconds=0.1)
+
+
+def test_goals_and_tables() -> None:
+    assert Goal("c", "x", 12.0, 10.0, "x").line() == "c: x: 12x (met)"
+    assert Goal("c", "x", 5.0, 10.0, "x").line() == "c: x: 5x (MISSED, 2.00x short)"
+    assert (
+        Goal("c", "p99", 100.0, 50.0, " µs", higher_is_better=False).line()
+        == "c: p99: 100 µs (MISSED, 2.00x over)"
+    )
+    md = Table("T", ["", "a"], [["r", "1"]], ["note"]).markdown()
+    assert md.splitlines() == ["**T**", "", "|  | a |", "|---|---:|", "| r | 1 |", "", "note"]
+
+
+def test_the_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--reps",
+            "1",
+            "--cases",
+            "limits,rate",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr
+    (js,) = tmp_path.glob("*-quick.json")
+    data = json.loads(js.read_text())
+    rows = {row["transport"]: row for row in data["results"]["rate"]["rows"]}
+    assert rows["ring"]["rate"] > 0 and rows["mp_queue"]["rate"] > 0
+    assert data["results"]["limits"]["noop_call"] > data["results"]["limits"]["ring_write_64B"]
+    assert any(g.startswith("case 1: ring vs multiprocessing.Queue") for g in data["goals"])
+    assert "| rust-daq ring | blocking |" in (tmp_path / js.name.replace(".json", ".md")).read_text()
+
+
+def test_bad_arguments_are_refused() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--cases", "rate,warp"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "unknown case(s) warp" in r.stderr
