@@ -339,7 +339,11 @@ def table_latency(res: dict[str, Any]) -> Table:
             [LABELS[r["transport"]], r["wait"], *[f"{r[k]:.1f} µs" for k in ("p50", "p99", "p99.9", "max")]]
             for r in res["rows"]
         ],
-        [f"{res['messages_per_run']:,} messages per run; medians over runs of each percentile."]
+        [
+            f"{res['messages_per_run']:,} messages per run; medians over runs of each percentile. The producer "
+            "spaces messages by spinning; multiprocessing.Queue's feeder thread competes with that loop for "
+            "the GIL, which is most of its latency."
+        ]
         + _skipped(res),
     )
 
