@@ -293,8 +293,9 @@ impl Region {
 
     /// Opens and maps an existing ring. `producer` maps the data region writable and
     /// requires write access; otherwise write access to the header is used when the file
-    /// permits it (readers record `read_tail` and sleep on futexes there).
-    pub fn open(path: &Path, producer: bool, nofollow: bool) -> Result<Region> {
+    /// permits it (readers record `read_tail` and sleep on futexes there). `populate` maps
+    /// every data page at once (for a ring about to be used, not one only inspected).
+    pub fn open(path: &Path, producer: bool, nofollow: bool, populate: bool) -> Result<Region> {
         let flags = libc::O_CLOEXEC | if nofollow { libc::O_NOFOLLOW } else { 0 };
         let rw = OpenOptions::new()
             .read(true)
@@ -347,10 +348,10 @@ impl Region {
         // process's first lap through the ring takes a page fault per 4 KiB, which more
         // than halved a producer's first-lap rate and put microseconds of jitter into the
         // hardware loop's writes.
-        data_opts
-            .offset(g.data_offset)
-            .len(g.capacity as usize)
-            .populate();
+        data_opts.offset(g.data_offset).len(g.capacity as usize);
+        if populate {
+            data_opts.populate();
+        }
         let data_map = if producer {
             data_opts.map_raw(&file)
         } else {

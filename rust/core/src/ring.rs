@@ -165,7 +165,8 @@ impl Ring {
                 }
                 return Ring::attach_producer(path);
             }
-            let existing = match Region::open(path, true, true) {
+            // Only its geometry and lock are looked at: no need to map every page.
+            let existing = match Region::open(path, true, true, false) {
                 Ok(r) => Some(r),
                 Err(e @ Error::Format { .. }) if !replace => return Err(e),
                 Err(Error::Format { .. }) => None,
@@ -216,7 +217,7 @@ impl Ring {
             let (ring, producer) = Ring::attach_producer_opts(path, false)?;
             return Ok((ring, Some(producer)));
         }
-        let region = Region::open(path, false, false)?;
+        let region = Region::open(path, false, false, true)?;
         Ok((
             Arc::new(Ring {
                 cap: region.capacity(),
@@ -231,7 +232,7 @@ impl Ring {
     }
 
     fn attach_producer_opts(path: &Path, nofollow: bool) -> Result<(Arc<Ring>, Producer)> {
-        let region = Region::open(path, true, nofollow)?;
+        let region = Region::open(path, true, nofollow, true)?;
         let ring = Arc::new(Ring {
             cap: region.capacity(),
             region,
