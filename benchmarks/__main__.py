@@ -36,13 +36,13 @@ def plot(scaling: dict[str, Any], path: str, title: str) -> None:
     names = list(dict.fromkeys(r["transport"] for r in scaling["by_size"]))
     for n in names:
         rows = sorted((r for r in scaling["by_size"] if r["transport"] == n), key=lambda r: r["size"])
-        a.plot([r["size"] for r in rows], [r["bandwidth"] / 1e9 for r in rows], "o-", label=ipc.LABELS[n])
+        a.plot([r["size"] for r in rows], [r["bandwidth"] / 1e9 for r in rows], "o-", label=ipc.label(n))
         rows = sorted((r for r in scaling["by_readers"] if r["transport"] == n), key=lambda r: r["readers"])
         b.plot(
             [r["readers"] for r in rows],
             [min(r["per_reader_rate"]) / 1e6 for r in rows],
             "o-",
-            label=ipc.LABELS[n],
+            label=ipc.label(n),
         )
     a.set(xscale="log", yscale="log", xlabel="payload size (bytes)", ylabel="GB/s, producer to consumer")
     a.set_title("Bandwidth by payload size, one consumer")
@@ -78,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.reps is not None and args.reps < 1:
         ap.error(f"--reps must be at least 1, got {args.reps}")
+    # Refuse an unusable destination now, not after minutes of measuring.
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out {args.out}: {e.strerror}")
+    if not os.access(args.out, os.W_OK):
+        ap.error(f"--out {args.out}: not writable")
+    if args.plot and not os.access(os.path.dirname(os.path.abspath(args.plot)), os.W_OK):
+        ap.error(f"--plot {args.plot}: its directory does not exist or is not writable")
     reps = args.reps or (2 if args.quick else 5)
     quick = args.quick
     where = storage_dir()
@@ -134,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\nGoals (issue 6; this machine has 2 cores):" if lines else "", flush=True)
     for line in lines:
         print("  " + line)
-    os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, stamp)
     png = args.plot or base + ".png"
     if "scaling" in res:

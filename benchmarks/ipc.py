@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._common import Goal, MiB, Table, fmt_rate, median_of
-from .transports import ALL, STOP, Transport, available, make, now_ns
+from .transports import ALL, STOP, TRANSPORTS, Transport, available, make, now_ns
 
 CTX = mp.get_context("fork")
 
@@ -190,22 +190,16 @@ def run_once(
     return out
 
 
-def mode_for(t_name: str, prefer_blocking: bool) -> bool | None:
+def mode_for(name: str, prefer_blocking: bool) -> bool | None:
     """The wait mode to use for a transport (True: blocking), None when it has neither."""
-    caps = {
-        "mp_queue": (False, True),
-        "arrow_pipe": (False, True),
-        "iceoryx2": (True, False),
-        "shared_memory": (True, False),
-    }
-    busy, block = caps.get(t_name, (True, True))
+    t = TRANSPORTS[name]
     if prefer_blocking:
-        return True if block else (False if busy else None)
-    return False if busy else None
+        return True if t.blocking else (False if t.busy_poll else None)
+    return False if t.busy_poll else None
 
 
 def throughput(name: str, size: int, readers: int, reps: int, seconds: float) -> dict[str, Any]:
-    blocking = mode_for(name, prefer_blocking=name != "shared_memory" and name != "iceoryx2")
+    blocking = mode_for(name, prefer_blocking=True)
     runs = [run_once(name, size, readers, blocking=bool(blocking), seconds=seconds) for _ in range(reps)]
     per_reader = [median_of([r["readers"][k]["rate"] for r in runs]) for k in range(readers)]
     lost = [max(r["readers"][k]["gaps"] for r in runs) for k in range(readers)]
@@ -275,14 +269,8 @@ def case_scaling(quick: bool, reps: int) -> dict[str, Any]:
     return {"by_size": by_size, "by_readers": by_readers, "skipped": skipped, "seconds_per_run": seconds}
 
 
-LABELS = {
-    "ring": "rust-daq ring",
-    "faster_fifo": "faster-fifo",
-    "iceoryx2": "iceoryx2",
-    "shared_memory": "shared_memory + index",
-    "arrow_pipe": "Arrow IPC over a pipe",
-    "mp_queue": "multiprocessing.Queue",
-}
+def label(name: str) -> str:
+    return TRANSPORTS[name].label
 
 
 def _size(n: int) -> str:
@@ -290,7 +278,7 @@ def _size(n: int) -> str:
 
 
 def _skipped(res: dict[str, Any]) -> list[str]:
-    return [f"Not measured: {LABELS[n]}: {why}." for n, why in res["skipped"].items()]
+    return [f"Not measured: {label(n)}: {why}." for n, why in res["skipped"].items()]
 
 
 def table_rate(res: dict[str, Any]) -> Table:
@@ -299,7 +287,7 @@ def table_rate(res: dict[str, Any]) -> Table:
         "Case 1: 64 B messages, one producer process to one consumer process, lossless",
         ["", "wait", "messages/s", "ring is"],
         [
-            [LABELS[r["transport"]], r["wait"], f"{fmt_rate(r['rate'])}/s", f"{ring / r['rate']:.1f}x"]
+            [label(r["transport"]), r["wait"], f"{fmt_rate(r['rate'])}/s", f"{ring / r['rate']:.1f}x"]
             for r in res["rows"]
         ],
         _skipped(res),
@@ -312,7 +300,7 @@ def table_frames(res: dict[str, Any], limits: dict[str, Any]) -> Table:
         limit = limits[f"copy_{r['size'] // MiB}MiB_through_buffer_Bps"]
         rows.append(
             [
-                f"{LABELS[r['transport']]}, {_size(r['size'])}",
+                f"{label(r['transport'])}, {_size(r['size'])}",
                 r["wait"],
                 f"{r['rate']:,.0f}/s",
                 f"{r['bandwidth'] / 1e9:.1f} GB/s",
@@ -336,7 +324,7 @@ def table_latency(res: dict[str, Any]) -> Table:
         f"Case 3: latency of 64 B messages sent every {res['interval_us']} µs, send to receive",
         ["", "wait", "p50", "p99", "p99.9", "max"],
         [
-            [LABELS[r["transport"]], r["wait"], *[f"{r[k]:.1f} µs" for k in ("p50", "p99", "p99.9", "max")]]
+            [label(r["transport"]), r["wait"], *[f"{r[k]:.1f} µs" for k in ("p50", "p99", "p99.9", "max")]]
             for r in res["rows"]
         ],
         [
@@ -355,14 +343,14 @@ def tables_scaling(res: dict[str, Any]) -> list[Table]:
     t1 = Table(
         "Case 7: bandwidth by payload size (one consumer)",
         ["", *[_size(s) for s in sizes]],
-        [[LABELS[n], *[f"{by[n, s]['bandwidth'] / 1e9:.2f} GB/s" for s in sizes]] for n in names],
+        [[label(n), *[f"{by[n, s]['bandwidth'] / 1e9:.2f} GB/s" for s in sizes]] for n in names],
     )
     readers = sorted({r["readers"] for r in res["by_readers"]})
     byr = {(r["transport"], r["readers"]): r for r in res["by_readers"]}
     t2 = Table(
         "Case 7: 64 B messages/s delivered to each reader, by number of reader processes",
         ["", *[f"{k} reader{'s' if k > 1 else ''}" for k in readers]],
-        [[LABELS[n], *[f"{fmt_rate(min(byr[n, k]['per_reader_rate']))}/s" for k in readers]] for n in names],
+        [[label(n), *[f"{fmt_rate(min(byr[n, k]['per_reader_rate']))}/s" for k in readers]] for n in names],
         [
             "The slowest reader's rate. Ring: reader 0 commits (the producer waits for it); the others read "
             "the same ring without holding the producer back and may be lapped. Records lost by them "
@@ -385,7 +373,7 @@ def goals(
         r = {x["transport"]: x["rate"] for x in rate["rows"]}
         for peer, target in (("faster_fifo", 10.0), ("mp_queue", 30.0)):
             out.append(
-                Goal("case 1", f"ring vs {LABELS[peer]}", r["ring"] / r.get(peer, float("nan")), target, "x")
+                Goal("case 1", f"ring vs {label(peer)}", r["ring"] / r.get(peer, float("nan")), target, "x")
             )
     if frames and limits:
         for x in frames["rows"]:

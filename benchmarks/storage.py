@@ -23,7 +23,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -130,29 +129,28 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def start_writer(ring_path: str, out: str, *options: str) -> subprocess.Popen[str]:
+    """The HDF5 writer in its own process (the default deployment), once it is ready."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "rust_daq.writer", "--ring", ring_path, "--output", out, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        p.kill()
+        raise RuntimeError(f"the writer process did not start: {p.communicate()[1]}")
+    return p
+
+
 def sustained(seconds: float, ring_path: str, out: str) -> dict[str, Any]:
     rows, rate = 10_000, 100  # batches per second: 1 M rows/s
     batch = volt_batches(1, rows)[0]
     if os.path.exists(ring_path):
         os.unlink(ring_path)
     with RingBuffer.create(ring_path, capacity_mb=256) as ring:
-        p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rust_daq.writer",
-                "--ring",
-                ring_path,
-                "--output",
-                out,
-                "--flush-interval",
-                "0.5",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        p = start_writer(ring_path, out, "--flush-interval", "0.5")
         rss = [rss_kb(p.pid)]
         t0 = time.perf_counter()
         n = int(seconds * rate)
@@ -183,33 +181,21 @@ def sustained(seconds: float, ring_path: str, out: str) -> dict[str, Any]:
 def jitter_ours(seconds: float, tmp: str) -> dict[str, float]:
     ring_path = shm_path("jitter")
     ring = RingBuffer.create(ring_path, capacity_mb=64)
-    writer = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rust_daq.writer",
-            "--ring",
-            ring_path,
-            "--output",
-            tempfile.mktemp(suffix=".h5", dir=tmp),  # a new file per run (a new ring session)
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+    writer = start_writer(ring_path, os.path.join(tmp, "jitter.h5"))
     acq = Acquisition(ring, [SimulatedVoltmeter(rate_hz=1000)], batch_rows=1)
 
     async def main() -> None:
         async with acq:
             await acq.run(duration=seconds)
 
-    anyio.run(main)
-    writer.terminate()
-    writer.communicate(timeout=60)
+    try:
+        anyio.run(main)
+    finally:
+        writer.terminate()
+        writer.communicate(timeout=60)
+        ring.close()
+        os.unlink(ring_path)
     stats = acq.stats()
-    ring.close()
-    os.unlink(ring_path)
     lat = stats["write_latency_us"]
     s = stats["streams"]["voltmeter"]
     return {**lat, "missed": s["deadlines_missed"], "writes": s["records"], "lost": stats["records_lost"]}

@@ -26,7 +26,6 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,16 +75,18 @@ _HEADER = struct.Struct("<qq")
 _header: Callable[[Any], tuple[int, int]] = _HEADER.unpack_from
 
 
-@dataclass
 class Transport:
-    """Set up in the parent (before the fork), used in the children."""
+    """Set up in the parent (before the fork), used in the children. The class says what it
+    is called in the tables, which waits it can do, and the module it needs."""
 
-    name: str
-    size: int
-    readers: int
-    busy_poll: bool = True
-    blocking: bool = True
-    shared: dict[str, Any] = field(default_factory=dict)
+    label = ""
+    busy_poll = True
+    blocking = True
+    requires: str | None = None
+
+    def __init__(self, size: int, readers: int, ctx: Any) -> None:
+        self.size = size
+        self.readers = readers
 
     def sender(self) -> Sender:
         raise NotImplementedError
@@ -104,8 +105,10 @@ class Transport:
 
 
 class RingTransport(Transport):
-    def __init__(self, size: int, readers: int) -> None:
-        super().__init__("rust-daq ring", size, readers)
+    label = "rust-daq ring"
+
+    def __init__(self, size: int, readers: int, ctx: Any) -> None:
+        super().__init__(size, readers, ctx)
         from rust_daq import RingBuffer
 
         self.path = shm_path("ipc")
@@ -173,28 +176,37 @@ class RingTransport(Transport):
 # -- multiprocessing.Queue and faster-fifo ------------------------------------------------------
 
 
+class QueueSender(Sender):
+    """A bytes copy of each message put on every reader's queue (a queue hands each message
+    to one consumer), waiting up to 60 s for room."""
+
+    def __init__(self, queues: list[Any]) -> None:
+        self.queues = queues
+
+    def send(self, msg: np.ndarray) -> None:
+        b = msg.tobytes()
+        for q in self.queues:
+            q.put(b, True, 60)
+
+
 class MpQueueTransport(Transport):
-    """One bounded queue per reader (a queue hands each message to one consumer)."""
+    """One bounded queue per reader."""
+
+    label = "multiprocessing.Queue"
+    busy_poll = False
 
     def __init__(self, size: int, readers: int, ctx: Any) -> None:
-        super().__init__("multiprocessing.Queue", size, readers, busy_poll=False)
+        super().__init__(size, readers, ctx)
         self.queues = [ctx.Queue(maxsize=depth(size, 10_000)) for _ in range(readers)]
 
     def sender(self) -> Sender:
-        queues = self.queues
-
-        class S(Sender):
-            def send(self, msg: np.ndarray) -> None:
-                b = msg.tobytes()
-                for q in queues:
-                    q.put(b)
-
+        class S(QueueSender):
             def close(self) -> None:
-                for q in queues:
+                for q in self.queues:  # the feeder thread flushes what it holds
                     q.close()
                     q.join_thread()
 
-        return S()
+        return S(self.queues)
 
     def receiver(self, i: int) -> Receiver:
         q = self.queues[i]
@@ -207,23 +219,18 @@ class MpQueueTransport(Transport):
 
 
 class FasterFifoTransport(Transport):
-    def __init__(self, size: int, readers: int) -> None:
-        super().__init__("faster-fifo", size, readers)
+    label = "faster-fifo"
+    requires = "faster_fifo"
+
+    def __init__(self, size: int, readers: int, ctx: Any) -> None:
+        super().__init__(size, readers, ctx)
         import faster_fifo
 
         nbytes = depth(size, 10_000) * (size + 64)
         self.queues = [faster_fifo.Queue(max_size_bytes=nbytes) for _ in range(readers)]
 
     def sender(self) -> Sender:
-        queues = self.queues
-
-        class S(Sender):
-            def send(self, msg: np.ndarray) -> None:
-                b = msg.tobytes()
-                for q in queues:
-                    q.put(b, timeout=60)
-
-        return S()
+        return QueueSender(self.queues)
 
     def receiver(self, i: int) -> Receiver:
         from queue import Empty
@@ -248,8 +255,12 @@ class Iceoryx2Transport(Transport):
     """Publish-subscribe with a u8 slice payload; blocking waits need a separate event service
     (a Listener), so only busy-polling is measured."""
 
-    def __init__(self, size: int, readers: int) -> None:
-        super().__init__("iceoryx2", size, readers, blocking=False)
+    label = "iceoryx2"
+    blocking = False
+    requires = "iceoryx2"
+
+    def __init__(self, size: int, readers: int, ctx: Any) -> None:
+        super().__init__(size, readers, ctx)
         self.service_name = f"rdaq-bench-{os.getpid()}-{id(self)}-{size}-{readers}"
         self.buffer = depth(size, 1024)
 
@@ -344,8 +355,11 @@ class SharedMemoryTransport(Transport):
     stores in program order under TSO); portable code would need atomics Python lacks. Waiting
     is spinning (with ``sleep(0)``): there is no blocking wait to measure."""
 
-    def __init__(self, size: int, readers: int) -> None:
-        super().__init__("shared_memory + index", size, readers, blocking=False)
+    label = "shared_memory + index"
+    blocking = False
+
+    def __init__(self, size: int, readers: int, ctx: Any) -> None:
+        super().__init__(size, readers, ctx)
         self.slots = depth(size, 4096)
         self.shm = mp.shared_memory.SharedMemory(create=True, size=64 * (1 + readers) + self.slots * size)
         np.frombuffer(self.shm.buf, np.int64, 8 * (1 + readers))[:] = 0
@@ -415,8 +429,11 @@ class ArrowPipeTransport(Transport):
     column, written with ``pyarrow.ipc.new_stream`` and read with ``open_stream``. Reading a
     pipe blocks: there is no busy-poll variant."""
 
-    def __init__(self, size: int, readers: int) -> None:
-        super().__init__("Arrow IPC over a pipe", size, readers, busy_poll=False)
+    label = "Arrow IPC over a pipe"
+    busy_poll = False
+
+    def __init__(self, size: int, readers: int, ctx: Any) -> None:
+        super().__init__(size, readers, ctx)
         self.pipes = [os.pipe() for _ in range(readers)]
 
     def sender(self) -> Sender:
@@ -474,24 +491,24 @@ class ArrowPipeTransport(Transport):
                     pass
 
 
+TRANSPORTS: dict[str, type[Transport]] = {
+    "ring": RingTransport,
+    "faster_fifo": FasterFifoTransport,
+    "iceoryx2": Iceoryx2Transport,
+    "shared_memory": SharedMemoryTransport,
+    "arrow_pipe": ArrowPipeTransport,
+    "mp_queue": MpQueueTransport,
+}
+ALL = list(TRANSPORTS)
+
+
 def make(name: str, size: int, readers: int, ctx: Any) -> Transport:
-    factories: dict[str, Callable[[], Transport]] = {
-        "ring": lambda: RingTransport(size, readers),
-        "mp_queue": lambda: MpQueueTransport(size, readers, ctx),
-        "faster_fifo": lambda: FasterFifoTransport(size, readers),
-        "iceoryx2": lambda: Iceoryx2Transport(size, readers),
-        "shared_memory": lambda: SharedMemoryTransport(size, readers),
-        "arrow_pipe": lambda: ArrowPipeTransport(size, readers),
-    }
-    return factories[name]()
-
-
-ALL = ["ring", "faster_fifo", "iceoryx2", "shared_memory", "arrow_pipe", "mp_queue"]
+    return TRANSPORTS[name](size, readers, ctx)
 
 
 def available(name: str) -> str | None:
     """None if the peer can run here, else why not."""
-    module = {"faster_fifo": "faster_fifo", "iceoryx2": "iceoryx2"}.get(name)
+    module = TRANSPORTS[name].requires
     if module is None:
         return None
     try:

@@ -13,12 +13,14 @@ import pytest
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import ipc  # noqa: E402
+from benchmarks import ipc, transports  # noqa: E402
 from benchmarks._common import Goal, Table  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["ring", "shared_memory", "mp_queue", "arrow_pipe"])
+@pytest.mark.parametrize("name", transports.ALL)
 def test_every_message_arrives_in_order(name: str) -> None:
+    if why := transports.available(name):
+        pytest.skip(why)
     blocking = ipc.mode_for(name, prefer_blocking=True)
     r = ipc.run_once(name, 256, readers=2, blocking=bool(blocking), seconds=0.1)
     assert r["sent"] > 100
@@ -28,8 +30,6 @@ def test_every_message_arrives_in_order(name: str) -> None:
 
 
 def test_a_lost_message_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmarks import transports
-
     real = transports.RingTransport.receiver
 
     def dropping(self: transports.RingTransport, i: int) -> transports.Receiver:
@@ -91,8 +91,23 @@ def test_the_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
     assert "| rust-daq ring | blocking |" in (tmp_path / js.name.replace(".json", ".md")).read_text()
 
 
-def test_bad_arguments_are_refused() -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cases", "rate,warp"], "unknown case(s) warp"),
+        (["--reps", "0"], "--reps must be at least 1, got 0"),
+        (["--out", "/proc/rdaq-nowhere"], "--out /proc/rdaq-nowhere: No such file or directory"),
+        (["--plot", "/rdaq-nowhere/plot.png"], "--plot /rdaq-nowhere/plot.png: its directory does not exist"),
+    ],
+)
+def test_bad_arguments_are_refused_before_measuring(args: list[str], message: str, tmp_path: Path) -> None:
+    out = [] if "--out" in args else ["--out", str(tmp_path)]
     r = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--cases", "rate,warp"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks", *args, *out],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert r.returncode == 2 and "unknown case(s) warp" in r.stderr
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "[rate]" not in r.stdout and not list(tmp_path.iterdir())
