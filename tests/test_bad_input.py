@@ -8,7 +8,6 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import fuzzing
 import numpy as np
 import pytest
 
@@ -26,6 +25,7 @@ from rust_daq import (
     RustDaqError,
 )
 
+import fuzzing
 from conftest import check_payload, make_payload
 
 HEADER = 4096

@@ -9,25 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from rust_daq import ProducerActiveError, RingBuffer
 
 from conftest import check_payload
-
-HELPERS = Path(__file__).parent / "helpers"
-
-
-def spawn(script: str, *args: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(HELPERS / script), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=HELPERS,
-    )
+from processes import spawn
 
 
 def first_line(p: subprocess.Popen[str]) -> str:

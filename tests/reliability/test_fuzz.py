@@ -4,9 +4,10 @@ Longer runs: `python fuzz/fuzz_ring.py` (atheris, coverage-guided)."""
 
 from __future__ import annotations
 
-import fuzzing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import fuzzing
 
 FUZZ = settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

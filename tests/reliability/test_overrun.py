@@ -4,8 +4,6 @@ the burst the writer catches up and nothing else is lost."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,8 @@ import numpy as np
 
 from rust_daq import HDF5Writer, RingBuffer
 
-HELPERS = Path(__file__).parent.parent / "helpers"
+from processes import spawn
+
 ROWS = 100
 
 
@@ -26,13 +25,7 @@ def test_burst_then_catch_up(ring_path: str, tmp_path: Path) -> None:
     with RingBuffer.open(ring_path) as ring:
         writer = HDF5Writer(h5_path, ring)
         reader = ring.reader("oldest")
-        producer = subprocess.Popen(
-            [sys.executable, str(HELPERS / "burst_producer.py"), ring_path, str(burst), str(slow), "400"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=HELPERS,
-        )
+        producer = spawn("burst_producer.py", ring_path, burst, slow, 400)
         # The writer drains every 50 ms (at most ~25 records a pass: the ring's size), while the
         # burst runs at well over ten times that; the slow phase (400/s, 20 a pass) it keeps up with.
         seen: list[int] = []

@@ -5,24 +5,11 @@ Zero corrupt or reordered records; per reader, delivered + lost == written, exac
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from rust_daq import RingBuffer
 
-HELPERS = Path(__file__).parent.parent / "helpers"
-
-
-def spawn(script: str, *args: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(HELPERS / script), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=HELPERS,
-    )
+from processes import spawn
 
 
 def test_one_producer_four_readers(ring_path: str, torture_seconds: float) -> None:
