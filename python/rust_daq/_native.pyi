@@ -193,7 +193,11 @@ class RingReader:
         ValueError (bad timeout), KeyboardInterrupt while waiting."""
 
     def commit(self) -> None:
-        """Stores this reader's position as the ring's read_tail. Raises RingUsageError."""
+        """Stores this reader's position as the ring's read_tail: the producer (policy "block")
+        may then reuse everything before it. A reader past the committed position (it skipped
+        end-of-lap padding written with a record still being filled) stores the committed
+        position instead; its next commit moves on. Raises RingUsageError (header read-only
+        for this user)."""
 
     @property
     def lost(self) -> int: ...
