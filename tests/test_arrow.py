@@ -433,3 +433,20 @@ def test_closing_a_ring_unmaps_it_without_waiting_for_the_garbage_collector(ring
         assert mapped() == 0
     finally:
         gc.enable()
+
+
+def test_a_relay_keeps_the_upstream_stream_numbering(ring_path: str) -> None:
+    """write_arrow_batch(stream_seq=N), as `rust-daq write --from` uses it: gaps upstream stay
+    gaps here, and the numbering never goes back."""
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        for i, upstream in enumerate([0, 1, 5, 3, None]):
+            ring.write_arrow_batch(voltmeter(i, 10), "v", stream_seq=upstream)
+        got = [
+            (r.stream_seq, pa.ipc.read_record_batch(r.data, voltmeter(0, 1).schema))
+            for r in ring.reader("oldest").read()
+        ]
+        assert [s for s, _ in got] == [0, 1, 5, 6, 7], "3 came after 5: numbered on, not back"
+        assert [b.column("timestamp")[0].as_py() for _, b in got] == [0, 10, 20, 30, 40]
+        with pytest.raises(TypeError, match="stream_seq must be a non-negative int"):
+            ring.write_arrow_batch(voltmeter(9, 10), "v", stream_seq=-1)
+        assert ring.records_written == 5, "the refused write wrote nothing"

@@ -201,9 +201,20 @@ class ArrowState:
             raise UnknownStreamError(f"unknown stream {name!r}; the ring's streams: {known}")
         return streams[name]
 
-    def write(self, data: object, stream: str, timestamp_ns: int | None, timeout: float | None) -> int:
+    def write(
+        self,
+        data: object,
+        stream: str,
+        timestamp_ns: int | None,
+        timeout: float | None,
+        stream_seq: int | None = None,
+    ) -> int:
         if not isinstance(stream, str) or not stream:
             raise TypeError(f"stream must be a non-empty str, got {stream!r}")
+        if stream_seq is not None and (
+            isinstance(stream_seq, bool) or not isinstance(stream_seq, int) or stream_seq < 0
+        ):
+            raise TypeError(f"stream_seq must be a non-negative int, got {stream_seq!r}")
         seq = -1
         batches = (data,) if isinstance(data, pa.RecordBatch) else to_batches(data)
         with self.lock:
@@ -214,6 +225,9 @@ class ArrowState:
                         self.file = map_ring_file(self.ring)
                     w = self.writers[stream] = StreamWriter(self.ring, *self.file, stream, batch.schema)
                 size = pa.ipc.get_record_batch_size(batch)
+                if stream_seq is not None:
+                    self.ring._advance_stream_seq(w.stream_id, stream_seq)
+                    stream_seq = None  # the batches after the first follow on
                 try:
                     res = self.ring.reserve(
                         size,

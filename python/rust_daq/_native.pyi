@@ -138,6 +138,10 @@ class RingBuffer:
         Raises RecordTooLargeError, RingFullError, ReadOnlyRingError, RingClosedError,
         RingUsageError (another reservation is pending)."""
 
+    def _advance_stream_seq(self, stream: int, next: int) -> int:
+        """Moves stream id `stream`'s next sequence number forward to `next` (never back); the
+        records skipped count as lost for readers. Returns the stream's next sequence number."""
+
     def _register_schema(self, name: str, schema: bytes) -> tuple[int, int]:
         """Registers an Arrow IPC schema for a stream: (stream_id, schema_id). Raises
         RingConfigError (schema region full), RingUsageError (bad name), ReadOnlyRingError."""

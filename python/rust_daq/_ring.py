@@ -113,6 +113,7 @@ class RingBuffer(_native.RingBuffer):
         *,
         timestamp_ns: int | None = None,
         timeout: float | None = None,
+        stream_seq: int | None = None,
     ) -> int:
         """Write Arrow data to ``stream``: a ``pyarrow.RecordBatch`` or ``Table`` (one record per
         batch), or any object exporting ``__arrow_c_array__`` / ``__arrow_c_stream__`` (polars,
@@ -125,8 +126,13 @@ class RingBuffer(_native.RingBuffer):
         Raises TypeError (not Arrow data), UnsupportedTypeError (dictionary columns),
         RecordTooLargeError (a batch larger than a record can be), RingConfigError (schema
         region full), and what ``write`` raises.
+
+        ``stream_seq`` is for relays that copy a stream from another ring (``rust-daq write
+        --from grpc://...``): the record's sequence number within its stream upstream. The
+        stream's numbering jumps forward to it (never back), so records lost upstream count as
+        lost here too, for every reader and the HDF5 writer.
         """
-        return self._arrow.write(batch, stream, timestamp_ns, timeout)
+        return self._arrow.write(batch, stream, timestamp_ns, timeout, stream_seq)
 
     def streams(self) -> dict[str, pa.Schema]:
         """Every Arrow stream in the ring and its current schema."""

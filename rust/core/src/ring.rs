@@ -887,6 +887,29 @@ impl Producer {
         Ok(claim.seq)
     }
 
+    /// Moves stream `stream`'s next sequence number forward to `next` (never back): the
+    /// records in between count as lost for every reader, as if they had been overwritten.
+    /// A relay uses it to carry losses that happened upstream (on another machine's ring)
+    /// into this ring's per-stream sequence numbers. Returns the stream's next sequence
+    /// number afterwards (unchanged if `next` is not ahead, or the stream is not tracked).
+    pub fn advance_stream_seq(&mut self, stream: u32, next: u64) -> Result<u64> {
+        if self.pending.is_some() {
+            return Err(Error::invalid(
+                "a reserved record is pending: commit or abort it first",
+            ));
+        }
+        if next == NO_SEQ {
+            return Err(Error::invalid(
+                "a stream sequence number must be below 2^64-1",
+            ));
+        }
+        Ok(self.stream_counter(stream).map_or(NO_SEQ, |c| {
+            let now = c.load(Ordering::Relaxed).max(next);
+            c.store(now, Ordering::Relaxed);
+            now
+        }))
+    }
+
     /// The header counter holding stream `stream`'s next sequence number, for tracked
     /// streams (ids below `MAX_TRACKED_STREAMS`). Only the producer writes it.
     fn stream_counter(&self, stream: u32) -> Option<&AtomicU64> {

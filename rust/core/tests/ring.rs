@@ -683,3 +683,32 @@ fn per_stream_sequence_numbers_attribute_losses_to_streams() {
         .0;
     assert_eq!(last.stream_seq, rust_daq_core::format::NO_SEQ);
 }
+
+#[test]
+fn advancing_a_stream_seq_counts_the_gap_as_lost_and_never_goes_back() {
+    let t = TempRing::new("advance");
+    let (ring, mut p) = Ring::create(&t.0, 1 << 16, Policy::Overwrite, false).unwrap();
+    let mut r = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    p.write(b"a", 3, None, Duration::ZERO).unwrap();
+    assert_eq!(p.advance_stream_seq(3, 10).unwrap(), 10);
+    assert_eq!(p.advance_stream_seq(3, 4).unwrap(), 10, "never back");
+    p.write(b"b", 3, None, Duration::ZERO).unwrap();
+    p.write(b"c", 4, None, Duration::ZERO).unwrap();
+    let got: Vec<_> = std::iter::from_fn(|| r.next_copy().unwrap())
+        .map(|(rec, _)| (rec.stream, rec.seq, rec.stream_seq))
+        .collect();
+    assert_eq!(got, vec![(3, 0, 0), (3, 1, 10), (4, 2, 0)]);
+    assert_eq!(r.lost(), 0, "the global sequence has no gap");
+    // Not while a claim is pending (its stream_seq is already in its header).
+    let c = match p.try_claim(8, 3, None).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    assert!(p.advance_stream_seq(3, 20).is_err());
+    p.abort(c).unwrap();
+    assert_eq!(
+        p.advance_stream_seq(5000, 7).unwrap(),
+        rust_daq_core::format::NO_SEQ,
+        "untracked"
+    );
+}

@@ -439,6 +439,17 @@ impl RingBuffer {
         ))
     }
 
+    /// Moves stream id `stream`'s next sequence number forward to `next` (never back); the
+    /// records skipped count as lost for readers. Returns the stream's next sequence number.
+    fn _advance_stream_seq(&self, py: Python<'_>, stream: u32, next: u64) -> PyResult<u64> {
+        let mut guard = self.producer(py, "advancing a stream's sequence number")?;
+        guard
+            .as_mut()
+            .expect("checked by producer()")
+            .advance_stream_seq(stream, next)
+            .py_err(py)
+    }
+
     /// Registers an Arrow IPC schema for stream `name`; returns (stream_id, schema_id).
     fn _register_schema(&self, py: Python<'_>, name: &str, schema: &[u8]) -> PyResult<(u32, u32)> {
         let guard = self.producer(py, "registering a stream schema")?;
