@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import pyarrow as pa
 from ._ring import RingBuffer
 from .adapters import Instrument, PolledInstrument
 
-__all__ = ["Acquisition"]
+__all__ = ["Acquisition", "RowIndex"]
 
 _SAMPLES = 1 << 17  # latency/jitter samples kept (a ring of the most recent)
 
@@ -55,6 +56,47 @@ class _Samples:
         return {"p50": float(p50), "p99": float(p99), "p99.9": float(p999), "max": float(v.max())}
 
 
+class RowIndex:
+    """Rows of each stream written before each record, for the records a ring can hold.
+
+    A subscriber that the producer lapped knows from the sequence numbers how many records it
+    lost, but not how many rows they held: they are gone. The producer knows. Every write
+    goes through :meth:`write`, which notes, under the record's sequence number, how many
+    rows its stream had before it; a subscriber that gets record ``s`` of a stream after
+    having had rows up to ``r`` lost ``rows_before(s) - r`` rows. Sized for the most
+    records the ring can hold (a record takes at least 128 bytes; at most 2^20 records, 16
+    MiB of index), so the entry of any record still in the ring is there. Thread-safe: one lock around each write.
+    """
+
+    def __init__(self, ring: RingBuffer) -> None:
+        self.ring = ring
+        self._slots = min(max(1024, ring.capacity // 128), 1 << 20)
+        self._seq = np.full(self._slots, -1, dtype=np.int64)
+        self._rows = np.zeros(self._slots, dtype=np.int64)
+        self.rows: dict[str, int] = {}  # rows written per stream
+        self.lock = threading.Lock()
+
+    def write(self, batch: pa.RecordBatch, stream: str) -> int:
+        """Writes `batch` to `stream` (``write_arrow_batch``), noting its rows. Returns its seq."""
+        with self.lock:
+            before = self.rows.get(stream, 0)
+            seq = self.ring.records_written  # ours: this handle is the only producer
+            slot = seq % self._slots
+            self._seq[slot], self._rows[slot] = seq, before
+            got = self.ring.write_arrow_batch(batch, stream)
+            if got != seq:  # (a table of several batches: the later ones are not indexed)
+                self._seq[slot] = -1
+            self.rows[stream] = before + batch.num_rows
+            return got
+
+    def rows_before(self, seq: int) -> int | None:
+        """Rows of its stream written before record `seq`; None if not known (overwritten in
+        the index, or written by another producer)."""
+        slot = seq % self._slots
+        rows = int(self._rows[slot])
+        return rows if int(self._seq[slot]) == seq else None
+
+
 @dataclass
 class _Stream:
     instrument: Instrument
@@ -76,7 +118,8 @@ class Acquisition:
     ``batch_rows``: rows per record at most; ``max_latency``: seconds a row may wait for its
     batch; ``max_batch_bytes``: bytes per record at most (frames go out one by one);
     ``freeze_gc``: freeze the objects alive at the start (``gc.freeze()``) so the garbage
-    collector's passes stay short during the run.
+    collector's passes stay short during the run; ``row_index``: write through this
+    :class:`RowIndex` (the daemon's, so its subscribers learn how many rows they lost).
     """
 
     def __init__(
@@ -89,6 +132,7 @@ class Acquisition:
         max_batch_bytes: int = 4 << 20,
         precise: bool = True,
         freeze_gc: bool = True,
+        row_index: RowIndex | None = None,
     ) -> None:
         if not ring.writable:
             raise ValueError(
@@ -107,6 +151,7 @@ class Acquisition:
         self.precise = precise
         self.freeze_gc = freeze_gc
         self._streams = {i.name: _Stream(i) for i in instruments}
+        self.row_index = row_index
         self._write_latency = _Samples()
         self._started: float | None = None
         self._elapsed = 0.0
@@ -223,13 +268,20 @@ class Acquisition:
         else:
             batch = pa.Table.from_batches(st.pending).combine_chunks().to_batches()[0]
         t0 = time.perf_counter()
-        self.ring.write_arrow_batch(batch, st.instrument.name)
+        if self.row_index is not None:
+            self.row_index.write(batch, st.instrument.name)
+        else:
+            self.ring.write_arrow_batch(batch, st.instrument.name)
         self._write_latency.add(time.perf_counter() - t0)
         st.rows += batch.num_rows
         st.records += 1
         st.bytes += batch.nbytes
         st.pending.clear()
         st.pending_rows = st.pending_bytes = 0
+
+    def rows(self) -> dict[str, int]:
+        """Rows written so far per stream (cheap: for frequent polling, unlike :meth:`stats`)."""
+        return {name: st.rows for name, st in self._streams.items()}
 
     def stats(self) -> dict[str, Any]:
         """Rows, records and bytes per stream; read jitter (lateness against the schedule, µs)

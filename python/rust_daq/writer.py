@@ -46,6 +46,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ from ._hdf5 import Column, chunk_rows, clear_consistency_flags, columns_of, iso_
 from ._native import __version__
 from ._ring import RingBuffer
 
-__all__ = ["HDF5Writer", "IncompatibleFileError", "main", "repair"]
+__all__ = ["HDF5Writer", "IncompatibleFileError", "main", "repair", "start_process", "stop_process"]
 
 log = logging.getLogger("rust_daq.writer")
 
@@ -678,6 +679,56 @@ class HDF5Writer:
             await done.wait()
         else:
             await anyio.to_thread.run_sync(self.close)
+
+
+def start_process(
+    ring: str,
+    output: str,
+    *,
+    layout: str = "append",
+    flush_interval: float = 1.0,
+    compression: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> subprocess.Popen[str]:
+    """Starts ``python -m rust_daq.writer`` on `ring` and waits until it is ready (its file is
+    open). It runs in its own session: a Ctrl-C in the terminal reaches only its parent, which
+    stops it (:func:`stop_process`) after the producer has written its last rows, so the final
+    flush holds them. Raises RustDaqError with the writer's own message if it does not start."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "rust_daq.writer",
+        "--ring",
+        ring,
+        "--output",
+        output,
+        "--layout",
+        layout,
+        "--flush-interval",
+        str(flush_interval),
+        "--metadata",
+        json.dumps(metadata or {}, default=str),
+    ]
+    if compression:
+        cmd += ["--compression", compression]
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        err = p.communicate(timeout=30)[1].strip()
+        raise RustDaqError(
+            f"the writer process did not start: {err.splitlines()[-1] if err else p.returncode}"
+        )
+    return p
+
+
+def stop_process(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
+    """SIGTERM to a writer process from :func:`start_process`; waits for its final flush.
+    Returns its exit code and what it wrote to stderr (its log)."""
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=timeout)
+    return p.returncode, err
 
 
 def main(argv: Sequence[str] | None = None) -> int:
