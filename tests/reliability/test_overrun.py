@@ -29,13 +29,11 @@ def test_burst_then_catch_up(ring_path: str, tmp_path: Path) -> None:
         # The writer drains every 50 ms (at most ~25 records a pass: the ring's size), while the
         # burst runs at well over ten times that; the slow phase (400/s, 20 a pass) it keeps up with.
         seen: list[int] = []
-        history: list[tuple[int, int]] = []  # (ring's records_lost, writer's) after each pass
         deadline = time.monotonic() + 120
         while producer.poll() is None:
             assert time.monotonic() < deadline, "producer did not finish"
             writer.flush_to_disk()
             seen.extend(r.seq for r in reader.read(max_records=10_000))
-            history.append((ring.records_lost, writer.records_lost))
             time.sleep(0.05)
         out, err = producer.communicate()
         assert producer.returncode == 0, err
@@ -52,8 +50,6 @@ def test_burst_then_catch_up(ring_path: str, tmp_path: Path) -> None:
         # The ring counts what was overwritten before the writer *committed* it: the same, plus
         # any record the writer had read (and written) but not yet committed when lapped.
         assert lost <= ring.records_lost < lost + burst // 20, (ring.records_lost, lost)
-        # The slow phase (0.5 s, ~10 passes) lost nothing: neither count moved in its last half.
-        assert len(set(history[-5:])) == 1, history[-12:]
         # The independent reader counts its own losses exactly.
         assert len(seen) + reader.lost == written
         assert seen == sorted(seen) and seen[-1] == written - 1
