@@ -275,7 +275,12 @@ def decode(rec: _native.Record, info: StreamInfo) -> pa.RecordBatch:
     Validated before it is returned, so a corrupted payload raises here instead of crashing
     a later access: buffer sizes always (cheap), offsets too for variable-length layouts.
     """
-    batch = pa.ipc.read_record_batch(pa.py_buffer(rec.data), info.schema)
+    return decode_buffer(rec.data, info)
+
+
+def decode_buffer(data: bytes | memoryview, info: StreamInfo) -> pa.RecordBatch:
+    """The batch in a record's payload `data`, zero-copy and validated as in :func:`decode`."""
+    batch = pa.ipc.read_record_batch(pa.py_buffer(data), info.schema)
     batch.validate(full=info.full_validation)
     return batch
 

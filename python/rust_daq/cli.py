@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from ._errors import RustDaqError
 from ._ring import RingBuffer, resolve_ring_path
 from .acquisition import Acquisition
 from .adapters import Instrument, ScpiInstrument, SimulatedCamera, SimulatedVoltmeter
+from .writer import start_process, stop_process
 
 app = typer.Typer(
     name="rust-daq",
@@ -98,6 +97,8 @@ class Session:
     flush_interval: float = 1.0
     duration: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The ring was named for this process (no [ring] path): remove it at the end.
+    own_ring: bool = False
 
 
 def _check(where: str, table: dict[str, Any], allowed: dict[str, type | tuple[type, ...]]) -> None:
@@ -130,8 +131,10 @@ def _kind(kind: type | tuple[type, ...]) -> str:
     )
 
 
-def load_config(path: Path) -> Session:
-    """Parses and validates a run configuration (TOML); see ``rust-daq run --help``."""
+def load_config(path: Path, *, need_instruments: bool = True) -> Session:
+    """Parses and validates a run configuration (TOML); see ``rust-daq run --help``. A
+    daemon's config may have no instruments (``need_instruments=False``): it then only
+    receives remote instruments' batches (Flight ``do_put``)."""
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
@@ -146,12 +149,12 @@ def load_config(path: Path) -> Session:
         raise ConfigError(f"{path} [ring]: policy must be 'overwrite' or 'block', got {ring['policy']!r}")
     if writer.get("layout", "append") not in ("append", "batches"):
         raise ConfigError(f"{path} [writer]: layout must be 'append' or 'batches', got {writer['layout']!r}")
-    if not raw.get("instruments"):
+    if not raw.get("instruments") and need_instruments:
         raise ConfigError(
             f"{path}: no [[instruments]]; add at least one (type = {', '.join(_INSTRUMENT_KEYS)})"
         )
     instruments: list[Instrument] = []
-    for i, spec in enumerate(raw["instruments"]):
+    for i, spec in enumerate(raw.get("instruments", [])):
         where = f"{path} [[instruments]] #{i + 1}"
         if not isinstance(spec, dict) or "type" not in spec:
             raise ConfigError(f"{where}: needs a type ({', '.join(_INSTRUMENT_KEYS)})")
@@ -198,6 +201,7 @@ def load_config(path: Path) -> Session:
         flush_interval=float(writer.get("flush_interval", 1.0)),
         duration=duration,
         metadata=raw.get("metadata", {}),
+        own_ring="path" not in ring,
     )
 
 
@@ -205,35 +209,14 @@ def load_config(path: Path) -> Session:
 
 
 def _start_writer(s: Session) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "rust_daq.writer",
-        "--ring",
+    return start_process(
         s.ring_path,
-        "--output",
         str(s.output),
-        "--layout",
-        s.layout,
-        "--flush-interval",
-        str(s.flush_interval),
-        "--metadata",
-        json.dumps(s.metadata),
-    ]
-    if s.compression:
-        cmd += ["--compression", s.compression]
-    # Its own session: Ctrl-C in the terminal reaches only us; we stop the writer after the
-    # acquisition has written its last rows, so its final flush holds them.
-    p = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        layout=s.layout,
+        flush_interval=s.flush_interval,
+        compression=s.compression,
+        metadata=s.metadata,
     )
-    assert p.stdout is not None
-    if p.stdout.readline().strip() != "ready":
-        err = p.communicate(timeout=30)[1]
-        raise RustDaqError(
-            f"the writer process did not start: {err.strip().splitlines()[-1] if err.strip() else p.returncode}"
-        )
-    return p
 
 
 def run_session(s: Session, show_progress: bool) -> dict[str, Any]:
@@ -272,10 +255,9 @@ def run_session(s: Session, show_progress: bool) -> dict[str, Any]:
         stats["stopped_by"] = stopped_by[0] if stopped_by else ("duration" if s.duration else "end")
     finally:
         if writer is not None:
-            writer.send_signal(signal.SIGTERM)
-            _, err = writer.communicate(timeout=120)
-            if writer.returncode != 0:
-                console.print(f"[red]writer process exited with {writer.returncode}[/red]\n{err}")
+            code, err = stop_process(writer)
+            if code != 0:
+                console.print(f"[red]writer process exited with {code}[/red]\n{escape(err)}")
         ring.close()
     stats["output"] = s.output
     stats["file_bytes"] = os.path.getsize(s.output) if s.output and os.path.exists(s.output) else 0
@@ -397,16 +379,34 @@ def run_cmd(
 
 @app.command()
 def write(
-    ring: Annotated[str, typer.Option(help="ring path (a bare name lives in /dev/shm)")],
     output: Annotated[Path, typer.Option(help="HDF5 file")],
+    ring: Annotated[str | None, typer.Option(help="ring path (a bare name lives in /dev/shm)")] = None,
+    from_url: Annotated[
+        str | None,
+        typer.Option("--from", help="a daemon's URL (grpc://host:port): write its streams here"),
+    ] = None,
+    token: Annotated[str | None, typer.Option(envvar="RUST_DAQ_TOKEN", help="the daemon's token")] = None,
+    tls_root_cert: Annotated[
+        Path | None, typer.Option(help="certificate (PEM) to trust for grpc+tls")
+    ] = None,
     layout: Annotated[str, typer.Option(help="append or batches")] = "append",
     flush_interval: Annotated[float, typer.Option(help="seconds between flushes")] = 1.0,
     compression: Annotated[
         str | None, typer.Option(help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
     ] = None,
 ) -> None:
-    """The HDF5 writer as its own process (SIGINT/SIGTERM: final flush, exit 0)."""
+    """The HDF5 writer as its own process (SIGINT/SIGTERM: final flush, exit 0): of a ring on
+    this machine (--ring), or of a daemon's streams over the network (--from), until the
+    daemon stops."""
     from .writer import main as writer_main
+
+    if (ring is None) == (from_url is None):
+        raise _fail(RustDaqError("give exactly one of --ring (a local ring) and --from (a daemon's URL)"))
+    if from_url is not None:
+        raise typer.Exit(
+            _write_remote(from_url, str(output), token, tls_root_cert, layout, compression, flush_interval)
+        )
+    assert ring is not None
 
     argv = [
         "--ring",
@@ -421,6 +421,44 @@ def write(
     if compression:
         argv += ["--compression", compression]
     raise typer.Exit(writer_main(argv))
+
+
+def _write_remote(
+    url: str,
+    output: str,
+    token: str | None,
+    tls_root_cert: Path | None,
+    layout: str,
+    compression: str | None,
+    flush_interval: float,
+) -> int:
+    import threading
+
+    from .remote import relay
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stats = relay(
+            url,
+            output,
+            token=token,
+            tls_root_certs=tls_root_cert,
+            layout=layout,
+            compression=compression,
+            flush_interval=flush_interval,
+            stop=stop,
+            on_ready=lambda: print("ready", flush=True),
+        )
+    except (RustDaqError, OSError, ValueError) as e:
+        raise _fail(e) from e
+    for name, st in stats.items():
+        console.print(
+            f"{escape(name)}: {st['records']:,} records, {st['rows']:,} rows; lost upstream "
+            f"{st.get('lost_records', 0)} records, {st.get('lost_rows', 0)} rows"
+        )
+    return 0
 
 
 @app.command()
@@ -494,32 +532,45 @@ def _inspect_ring(path: str) -> None:
 
 @app.command()
 def tail(
-    ring_path: Annotated[str, typer.Argument(metavar="RING", help="ring path or bare name")],
+    ring_path: Annotated[
+        str, typer.Argument(metavar="RING", help="ring path or bare name, or a daemon's grpc://host:port")
+    ],
     stream: Annotated[str | None, typer.Option(help="only this stream")] = None,
     once: Annotated[bool, typer.Option(help="print the latest values once and exit")] = False,
     interval: Annotated[float, typer.Option(help="seconds between updates", min=0.05)] = 0.5,
+    token: Annotated[
+        str | None, typer.Option(envvar="RUST_DAQ_TOKEN", help="a daemon's token (grpc://)")
+    ] = None,
+    tls_root_cert: Annotated[
+        Path | None, typer.Option(help="certificate (PEM) to trust for grpc+tls")
+    ] = None,
 ) -> None:
-    """The latest values of a running acquisition, updating in place (Ctrl-C to quit)."""
+    """The latest values of a running acquisition, on this machine or a daemon's, updating in
+    place (Ctrl-C to quit)."""
+    source: _TailSource
     try:
-        ring = RingBuffer.open(resolve_ring_path(ring_path))
-    except (RustDaqError, OSError) as e:
+        if ring_path.startswith("grpc"):
+            from .remote import connect
+
+            source = _RemoteTail(connect(ring_path, token=token, tls_root_certs=tls_root_cert))
+        else:
+            source = _RingTail(RingBuffer.open(resolve_ring_path(ring_path)))
+    except (RustDaqError, OSError, ValueError) as e:
         raise _fail(e) from e
-    with ring:
-        names = [stream] if stream else list(ring.streams())
-        if stream and stream not in ring.streams():
+    try:
+        schemas = source.streams()
+        if stream and stream not in schemas:
             raise _fail(
-                RustDaqError(
-                    f"unknown stream {stream!r}; the ring's streams: {', '.join(ring.streams()) or 'none'}"
-                )
+                RustDaqError(f"unknown stream {stream!r}; the streams: {', '.join(schemas) or 'none'}")
             )
 
         def render() -> Table:
-            table = Table(title=f"{ring.path}  records {ring.records_written:,}  lost {ring.records_lost}")
+            table = Table(title=escape(source.title()))
             for col in ("stream", "column", "latest", "units"):
                 table.add_column(col)
-            schemas = ring.streams()
-            for name in names:
-                latest = ring.latest(name, rows=1)
+            schemas = source.streams()
+            for name in [stream] if stream else list(schemas):
+                latest = source.latest(name)
                 for f in schemas[name]:
                     values = latest.get(f.name)
                     if values is None or len(values) == 0:
@@ -541,6 +592,119 @@ def tail(
                     live.update(render())
         except KeyboardInterrupt:
             pass
+        except RustDaqError as e:
+            raise _fail(e) from e
+    finally:
+        source.close()
+
+
+class _TailSource:
+    def title(self) -> str:
+        raise NotImplementedError
+
+    def streams(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def latest(self, name: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _RingTail(_TailSource):
+    def __init__(self, ring: RingBuffer) -> None:
+        self.ring = ring
+
+    def title(self) -> str:
+        return f"{self.ring.path}  records {self.ring.records_written:,}  lost {self.ring.records_lost}"
+
+    def streams(self) -> dict[str, Any]:
+        return self.ring.streams()
+
+    def latest(self, name: str) -> dict[str, Any]:
+        return self.ring.latest(name, rows=1)
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+class _RemoteTail(_TailSource):
+    def __init__(self, daq: Any) -> None:
+        self.daq = daq
+
+    def title(self) -> str:
+        ring = self.daq.status()["ring"]
+        return f"{self.daq.url}  records {ring['records_written']:,}  lost {ring['records_lost']}"
+
+    def streams(self) -> dict[str, Any]:
+        return dict(self.daq.streams())
+
+    def latest(self, name: str) -> dict[str, Any]:
+        return dict(self.daq.latest(name, rows=1))
+
+    def close(self) -> None:
+        self.daq.close()
+
+
+@app.command()
+def daemon(
+    config: Annotated[
+        Path | None, typer.Argument(help="run configuration (TOML); none: the demo's simulated instruments")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="address to listen on (beyond loopback needs a token)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: any free port)", min=0, max=65535)] = 8815,
+    token: Annotated[
+        str | None, typer.Option(envvar="RUST_DAQ_TOKEN", help="clients must send it (Bearer token)")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve grpc+tls")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM) of --tls-cert")] = None,
+) -> None:
+    """Runs the acquisition (and the writer, if the config records) headless, serving its
+    streams, remote instruments and control over Arrow Flight. Prints the URL to listen on
+    when ready; SIGTERM/SIGINT: stop, final flush, exit 0. See docs/distributed.md."""
+    import logging
+
+    from .daemon import Daemon
+
+    if (tls_cert is None) != (tls_key is None):
+        raise _fail(RustDaqError("TLS needs both --tls-cert and --tls-key"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if config is not None:
+            s = load_config(config, need_instruments=False)
+        else:
+            s = Session(
+                instruments=[SimulatedVoltmeter(rate_hz=100.0), SimulatedCamera(fps=10.0)],
+                ring_path=resolve_ring_path(f"rust-daq-daemon-{os.getpid()}"),
+                capacity_mb=64,
+                output=None,
+                flush_interval=0.5,
+                own_ring=True,
+            )
+        if s.output is not None and os.path.exists(s.output):
+            raise RustDaqError(f"{s.output} already exists; choose another output file (or delete it)")
+        d = Daemon(
+            s,
+            host=host,
+            port=port,
+            token=token,
+            tls=(tls_cert, tls_key) if tls_cert and tls_key else None,
+            own_ring=s.own_ring,
+        )
+    except (RustDaqError, OSError, ValueError) as e:
+        raise _fail(e) from e
+
+    def ready(d: Daemon) -> None:
+        print(f"listening on {d.url}", flush=True)
+
+    stats = d.run(on_ready=ready)
+    console.print(
+        f"daemon stopped by {stats['stopped_by']} after {stats['elapsed_s']:.1f} s: "
+        + ", ".join(f"{name} {st['rows']:,} rows" for name, st in stats["streams"].items())
+    )
 
 
 def version_callback(value: bool) -> None:

@@ -1,0 +1,360 @@
+"""``rust-daq daemon``: the acquisition, its ring and the HDF5 writer, headless, controlled and
+read over Arrow Flight (:mod:`rust_daq.flight`) from other machines.
+
+One process runs the acquisition loop (the ring's only producer) and the Flight server's
+threads; the HDF5 writer runs in its own process, started and stopped by the config or over
+the wire (``start_recording`` / ``stop_recording``). Remote instruments (``do_put``) write
+through the same producer handle, under one lock, as the acquisition does. SIGTERM/SIGINT:
+the acquisition stops, subscribers receive what was written and their streams end, the
+writer makes its final flush, the server shuts down, exit 0.
+
+While nothing records, the daemon keeps the ring's ``read_tail`` at the write head: nothing
+counts as lost and a ring with policy ``"block"`` never waits for a writer that does not
+exist. ``start_recording`` starts the file at that moment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import h5py
+import pyarrow as pa
+
+from ._errors import RustDaqError
+from ._ring import RingBuffer
+from .acquisition import Acquisition, RowIndex
+from .flight import DaqFlightServer
+from .writer import start_process, stop_process
+
+__all__ = ["Daemon", "DaemonConfigError", "is_loopback"]
+
+log = logging.getLogger("rust_daq.daemon")
+
+_IDLE_TAIL = 0.05  # seconds between read_tail moves while nothing records
+_RATE_WINDOW = 1.0  # seconds over which status reports rows/s
+
+
+class DaemonConfigError(RustDaqError, ValueError):
+    """The daemon cannot start as asked (address, token, TLS files)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Daemon:
+    """Runs a :class:`~rust_daq.cli.Session` headless behind a Flight server.
+
+    ``host``/``port``: where the server listens (port 0: any free port; :attr:`url` says
+    which). Off loopback a ``token`` is required; ``tls`` is a (certificate, key) pair of
+    PEM files for ``grpc+tls``.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8815,
+        token: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+        own_ring: bool = False,
+    ) -> None:
+        if not is_loopback(host) and not token:
+            raise DaemonConfigError(
+                f"binding to {host} (beyond this machine) needs a token: set RUST_DAQ_TOKEN or --token; "
+                "clients then send it (Authorization: Bearer <token>)"
+            )
+        certs: list[tuple[bytes, bytes]] = []
+        if tls is not None:
+            try:
+                certs = [(Path(tls[0]).read_bytes(), Path(tls[1]).read_bytes())]
+            except OSError as e:
+                raise DaemonConfigError(f"TLS: cannot read {e.filename}: {e.strerror}") from e
+        self.session = session
+        self.own_ring = own_ring
+        self.ring = RingBuffer.create(
+            session.ring_path, capacity_mb=session.capacity_mb, policy=session.policy
+        )
+        self.row_index = RowIndex(self.ring)
+        # No instruments: a daemon that only receives (remote instruments, do_put).
+        self.acq = (
+            Acquisition(self.ring, session.instruments, row_index=self.row_index)
+            if session.instruments
+            else None
+        )
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()  # recording state
+        self._writer: subprocess.Popen[str] | None = None
+        self._recording: dict[str, Any] | None = None
+        self._puts: dict[str, list[int]] = {}  # stream -> [rows, records, bytes]
+        self._rates: dict[str, float] = {}
+        self._started = time.time()
+        scheme = "grpc+tls" if certs else "grpc"
+        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        try:
+            self.server = DaqFlightServer(
+                f"{scheme}://{shown}:{port}", self, token=token, tls_certificates=certs
+            )
+        except Exception:
+            self.ring.close()
+            if own_ring:
+                _unlink(self.ring.path)
+            raise
+        self.url = f"{scheme}://{shown}:{self.server.port}"
+
+    # -- what the Flight service calls ------------------------------------------------------------
+
+    def put(self, stream: str, batch: pa.RecordBatch) -> int:
+        """Writes a remote instrument's batch into the ring as `stream`; returns its seq."""
+        if self.stopping.is_set():
+            raise ValueError("the daemon is stopping; nothing more is accepted")
+        if stream in {i.name for i in self.session.instruments}:
+            raise ValueError(
+                f"stream {stream!r} belongs to an instrument of this daemon; put to another name"
+            )
+        seq = self.row_index.write(batch, stream)
+        with self._lock:
+            st = self._puts.setdefault(stream, [0, 0, 0])
+            st[0] += batch.num_rows
+            st[1] += 1
+            st[2] += batch.nbytes
+        return seq
+
+    def status(self) -> dict[str, Any]:
+        acq = self.acq.stats() if self.acq is not None else {"streams": {}}
+        streams: dict[str, dict[str, Any]] = {}
+        for name, st in acq["streams"].items():
+            streams[name] = {
+                "source": "instrument",
+                "rows": st["rows"],
+                "records": st["records"],
+                "bytes": st["bytes"],
+            }
+        with self._lock:
+            for name, (rows, records, nbytes) in self._puts.items():
+                streams[name] = {"source": "do_put", "rows": rows, "records": records, "bytes": nbytes}
+            recording = dict(self._recording) if self._recording else None
+        for name, st in streams.items():
+            st["rows_per_s"] = self._rates.get(name, 0.0)
+        rs = self.ring.status()
+        head, tail, oldest = rs["write_head"], rs["read_tail"], rs["oldest_position"]
+        writer: dict[str, Any] = {"recording": recording is not None}
+        if recording is not None:
+            writer.update(recording)
+            writer["lag_bytes"] = head - tail
+            writer["lag_records"] = rs["records_written"] - rs["read_tail_seq"]
+        return {
+            "url": self.url,
+            "uptime_s": time.time() - self._started,
+            "streams": streams,
+            "ring": {
+                "path": rs["path"],
+                "capacity": rs["capacity"],
+                "policy": rs["policy"],
+                "records_written": rs["records_written"],
+                "records_lost": rs["records_lost"],
+                "fill": (head - max(tail, oldest)) / rs["capacity"],
+            },
+            "writer": writer,
+            "acquisition": None
+            if self.acq is None
+            else {
+                "write_latency_us": acq["write_latency_us"],
+                "deadlines_missed": {n: s["deadlines_missed"] for n, s in acq["streams"].items()},
+            },
+        }
+
+    def start_recording(self, params: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"file", "layout", "compression", "metadata", "flush_interval"}
+        unknown = set(params) - allowed
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        file = params.get("file")
+        if not isinstance(file, str) or not file:
+            raise ValueError('needs "file": the HDF5 file to write, a path on the daemon\'s host')
+        layout = params.get("layout", "append")
+        if layout not in ("append", "batches"):
+            raise ValueError(f"layout must be 'append' or 'batches', got {layout!r}")
+        metadata = params.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata must be a JSON object")
+        compression = params.get("compression")
+        if compression is not None and not isinstance(compression, str):
+            raise ValueError("compression must be a string (gzip, lzf, ...)")
+        flush = params.get("flush_interval", self.session.flush_interval)
+        if isinstance(flush, bool) or not isinstance(flush, int | float) or not flush > 0:
+            raise ValueError(f"flush_interval must be a positive number of seconds, got {flush!r}")
+        path = os.path.abspath(file)
+        with self._lock:
+            if self.stopping.is_set():
+                raise ValueError("the daemon is stopping")
+            if self._recording is not None:
+                raise ValueError(f"already recording to {self._recording['file']}; stop_recording first")
+            if os.path.exists(path):
+                raise ValueError(f"{path} already exists; choose another file")
+            # The file starts now: the writer begins at read_tail, which goes to the head.
+            self.ring.reader("latest").commit()
+            try:
+                self._writer = start_process(
+                    self.ring.path,
+                    path,
+                    layout=layout,
+                    flush_interval=float(flush),
+                    compression=compression,
+                    metadata=metadata,
+                )
+            except RustDaqError as e:
+                raise ValueError(str(e)) from e
+            self._recording = {"file": path, "layout": layout, "started": time.time()}
+            log.info("recording to %s", path)
+            return dict(self._recording)
+
+    def stop_recording(self) -> dict[str, Any]:
+        with self._lock:
+            if self._writer is None or self._recording is None:
+                raise ValueError("not recording")
+            code, err = stop_process(self._writer)
+            rec, self._writer, self._recording = self._recording, None, None
+        if code != 0:
+            raise RuntimeError(f"the writer exited with {code}: {err.strip().splitlines()[-1:] or ''}")
+        result: dict[str, Any] = {"file": rec["file"], "layout": rec["layout"], "streams": {}}
+        with h5py.File(rec["file"], "r") as f:
+            last_seq, records, lost, flushes = (int(v) for v in f["rust_daq/progress"][()])
+            result.update(records_written=records, records_lost=lost, flushes=flushes)
+            for name, book in f["rust_daq/streams"].items():
+                rows, n, n_lost, _ = (int(v) for v in book[()])
+                result["streams"][name] = {"rows": rows, "records": n, "lost": n_lost}
+        log.info("stopped recording %s: %d records, %d lost", rec["file"], records, lost)
+        return result
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, on_ready: Any = None) -> dict[str, Any]:
+        """Acquires until the session's duration or SIGINT/SIGTERM, then stops in order (see the
+        module documentation). Returns the acquisition's stats (rows per stream, elapsed_s,
+        stopped_by), with the streams received through do_put."""
+        stopped_by: list[str] = []
+
+        async def main() -> None:
+            async with AsyncExitStack() as stack:
+                if self.acq is not None:
+                    await stack.enter_async_context(self.acq)
+                tg = await stack.enter_async_context(anyio.create_task_group())
+
+                async def on_signals() -> None:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for sig in signals:
+                            stopped_by.append(signal.Signals(sig).name)
+                            if self.acq is not None:
+                                self.acq.stop()
+                            else:
+                                tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(on_signals)
+                tg.start_soon(self._idle_tail)
+                tg.start_soon(self._sample_rates)
+                if self.session.output is not None:
+                    await anyio.to_thread.run_sync(
+                        self.start_recording,
+                        {
+                            "file": self.session.output,
+                            "layout": self.session.layout,
+                            "compression": self.session.compression,
+                            "metadata": self.session.metadata,
+                        },
+                    )
+                if on_ready is not None:
+                    on_ready(self)
+                if self.acq is not None:
+                    await self.acq.run(duration=self.session.duration)
+                elif self.session.duration is not None:
+                    await anyio.sleep(self.session.duration)
+                else:
+                    await anyio.sleep_forever()
+                tg.cancel_scope.cancel()
+
+        try:
+            anyio.run(main)
+        finally:
+            self._shutdown()
+        stats: dict[str, Any] = (
+            self.acq.stats()
+            if self.acq is not None
+            else {"elapsed_s": time.time() - self._started, "streams": {}}
+        )
+        with self._lock:
+            for name, (rows, records, nbytes) in self._puts.items():
+                stats["streams"][name] = {"rows": rows, "records": records, "bytes": nbytes}
+        stats["stopped_by"] = (
+            stopped_by[0] if stopped_by else ("duration" if self.session.duration else "end")
+        )
+        return stats
+
+    def _shutdown(self) -> None:
+        self.stopping.set()  # subscriptions send what is left and end; puts are refused
+        try:
+            with self._lock:
+                recording = self._recording is not None
+            if recording:
+                try:
+                    result = self.stop_recording()
+                    log.info("final flush: %s", json.dumps(result))
+                except (ValueError, RuntimeError, OSError) as e:
+                    log.error("stopping the writer: %s", e)
+            # shutdown() waits for every call in progress; a client that holds a do_put open
+            # without sending would hold it forever: give up on it after a while.
+            t = threading.Thread(target=self.server.shutdown, daemon=True)
+            t.start()
+            t.join(timeout=15)
+            if t.is_alive():
+                log.warning("Flight calls still open after 15 s; exiting without them")
+        finally:
+            self.ring.close()
+            if self.own_ring:
+                _unlink(self.ring.path)
+
+    async def _idle_tail(self) -> None:
+        while True:
+            await anyio.sleep(_IDLE_TAIL)
+            with self._lock:
+                if self._recording is None:
+                    self.ring.reader("latest").commit()
+
+    async def _sample_rates(self) -> None:
+        last: dict[str, int] = {}
+        t_last = time.perf_counter()
+        while True:
+            await anyio.sleep(_RATE_WINDOW)
+            now = time.perf_counter()
+            rows = self.acq.rows() if self.acq is not None else {}
+            with self._lock:
+                rows.update({n: s[0] for n, s in self._puts.items()})
+            dt = now - t_last
+            self._rates = {n: (r - last.get(n, 0)) / dt for n, r in rows.items()}
+            last, t_last = rows, now
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,409 @@
+"""The daemon's Arrow Flight service: live streams out of the ring, remote instruments into it,
+and remote control. Flight is gRPC carrying Arrow IPC, which pyarrow ships: any Flight client
+(pyarrow, the Arrow C++/Rust/Java/Go libraries) talks to it, with no protocol of ours.
+
+- ``list_flights`` / ``get_flight_info`` / ``get_schema``: one flight per stream, descriptor
+  path ``[stream name]``, with the stream's schema.
+- ``do_get(Ticket)``: the stream's record batches, live. The ticket is the stream name as
+  UTF-8 (from the latest record on), or a JSON object (see :func:`ticket`)::
+
+      {"stream": "camera", "start": "oldest"}            # from the oldest record in the ring
+      {"stream": "camera", "start": "oldest", "after_seq": 41}   # resume after record 41
+      {"stream": "voltmeter", "last_rows": 1000}         # the latest 1000 rows, then the end
+
+  Each batch carries JSON app metadata: ``seq`` and ``stream_seq`` (the record's sequence
+  numbers in the ring), ``timestamp_ns``, and what this subscriber lost so far,
+  ``lost_records`` and ``lost_rows`` (``null`` if no longer known). Every subscriber reads
+  the ring with its own cursor: a slow one is lapped and loses records, it never slows the
+  producer or anyone else. The stream ends when the daemon stops (after the last record),
+  and with an error if the stream's schema changes (subscribe again with ``after_seq``).
+- ``do_put(descriptor path [stream])``: a remote instrument's record batches, written into
+  the ring as that stream. Each batch is acknowledged with ``{"seq": N}`` once it is there.
+- ``do_action``: see :data:`ACTIONS`; results and bodies are JSON.
+
+Errors reach the client as Flight errors with a message that says what was wrong (no server
+traceback). Off loopback a token is required (``Authorization: Bearer <token>``), checked on
+every call by :class:`TokenAuth`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from ._arrow import DECODE_ERRORS, ArrowState, decode, decode_buffer
+from ._ring import RingBuffer
+from .acquisition import RowIndex
+
+__all__ = ["ACTIONS", "DaqFlightServer", "Ticket", "TokenAuth", "ticket"]
+
+#: The actions of ``do_action`` and what they do (``list_actions`` returns this).
+ACTIONS: dict[str, str] = {
+    "status": "JSON: streams (rows, records, rows/s), ring (fill, records written and lost), "
+    "writer (recording, file, lag), subscribers",
+    "start_recording": 'start the HDF5 writer on the ring; body JSON {"file": path on the daemon host, '
+    '"layout": "append"|"batches", "compression": str, "metadata": {...}}',
+    "stop_recording": "stop the HDF5 writer after its final flush; returns what it wrote (JSON)",
+    "list_streams": "JSON: every stream with its columns (name: Arrow type)",
+}
+
+_READ_RECORDS = 256  # records per ring read in a subscription
+_POLL = 0.1  # seconds a subscription waits for data before checking for cancellation
+
+
+class DaemonControl(Protocol):
+    """What the Flight service needs from the daemon that runs it."""
+
+    ring: RingBuffer
+    row_index: RowIndex
+    stopping: threading.Event
+
+    def status(self) -> dict[str, Any]: ...
+    def start_recording(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    def stop_recording(self) -> dict[str, Any]: ...
+    def put(self, stream: str, batch: pa.RecordBatch) -> int: ...
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A parsed ``do_get`` ticket."""
+
+    stream: str
+    start: str = "latest"
+    after_seq: int | None = None
+    last_rows: int | None = None
+
+
+def ticket(
+    stream: str, start: str = "latest", *, after_seq: int | None = None, last_rows: int | None = None
+) -> fl.Ticket:
+    """The ``do_get`` ticket for `stream`: live from the ``"latest"`` or ``"oldest"`` record,
+    after ring sequence number `after_seq` (resuming), or the `last_rows` latest rows only."""
+    if start == "latest" and after_seq is None and last_rows is None:
+        return fl.Ticket(stream.encode())
+    body: dict[str, Any] = {"stream": stream, "start": start}
+    if after_seq is not None:
+        body["after_seq"] = after_seq
+    if last_rows is not None:
+        body["last_rows"] = last_rows
+    return fl.Ticket(json.dumps(body).encode())
+
+
+def _bad(message: str) -> fl.FlightServerError:
+    return fl.FlightServerError(message)
+
+
+def parse_ticket(raw: bytes) -> Ticket:
+    """The ticket's fields; a FlightServerError that says what is wrong otherwise."""
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise _bad("bad ticket: neither a stream name (UTF-8) nor a JSON object") from None
+    if not text.startswith("{"):
+        if not text:
+            raise _bad("bad ticket: empty; give a stream name (see list_flights)")
+        return Ticket(text)
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _bad(f"bad ticket: not valid JSON ({e})") from None
+    allowed = {"stream", "start", "after_seq", "last_rows"}
+    if not isinstance(body, dict) or not isinstance(body.get("stream"), str) or not body["stream"]:
+        raise _bad('bad ticket: a JSON ticket needs "stream" (a stream name)')
+    unknown = set(body) - allowed
+    if unknown:
+        raise _bad(f"bad ticket: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    start = body.get("start", "latest")
+    if start not in ("latest", "oldest"):
+        raise _bad(f'bad ticket: start must be "latest" or "oldest", got {start!r}')
+    for key in ("after_seq", "last_rows"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise _bad(f"bad ticket: {key} must be a non-negative integer, got {v!r}")
+    if body.get("last_rows") == 0:
+        raise _bad("bad ticket: last_rows must be at least 1")
+    return Ticket(body["stream"], start, body.get("after_seq"), body.get("last_rows"))
+
+
+class TokenAuth(fl.ServerMiddlewareFactory):  # type: ignore[misc]  # pyarrow ships no stubs
+    """Refuses every call whose ``authorization`` header is not ``Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self._expected = f"Bearer {token}".encode()
+
+    def start_call(self, info: fl.CallInfo, headers: dict[str, list[Any]]) -> None:
+        for value in headers.get("authorization", []):
+            given = value if isinstance(value, bytes) else str(value).encode()
+            if hmac.compare_digest(given, self._expected):
+                return None
+        raise fl.FlightUnauthenticatedError(
+            "this rust-daq daemon needs a token: send the header 'authorization: Bearer <token>' "
+            "(rust_daq.remote.connect(url, token=...), or RUST_DAQ_TOKEN for the CLI)"
+            if not headers.get("authorization")
+            else "wrong token"
+        )
+
+
+def _meta(body: dict[str, Any]) -> pa.Buffer:
+    return pa.py_buffer(json.dumps(body, separators=(",", ":")).encode())
+
+
+class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow ships no stubs
+    """Serves one daemon's ring over Flight (see the module documentation). Serving starts in
+    the constructor; ``shutdown()`` (from another thread) ends it."""
+
+    def __init__(
+        self,
+        location: str,
+        daemon: DaemonControl,
+        *,
+        token: str | None = None,
+        tls_certificates: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        middleware = {"auth": TokenAuth(token)} if token else None
+        certs = [fl.CertKeyPair(cert, key) for cert, key in tls_certificates or []]
+        super().__init__(location, tls_certificates=certs, middleware=middleware)
+        self.daemon = daemon
+        self._state_lock = threading.Lock()
+        self.subscribers = 0
+        self.rows_sent = 0
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def _streams(self) -> dict[str, pa.Schema]:
+        return self.daemon.ring.streams()
+
+    def _info(self, name: str, schema: pa.Schema) -> fl.FlightInfo:
+        return fl.FlightInfo(
+            schema,
+            fl.FlightDescriptor.for_path(name),
+            [fl.FlightEndpoint(name.encode(), [])],
+            -1,
+            -1,
+        )
+
+    def _schema_of(self, descriptor: fl.FlightDescriptor) -> tuple[str, pa.Schema]:
+        if descriptor.descriptor_type != fl.DescriptorType.PATH or len(descriptor.path or []) != 1:
+            raise _bad("a rust-daq flight is named by a path of one element: [stream name]")
+        name = descriptor.path[0].decode(errors="replace")
+        streams = self._streams()
+        if name not in streams:
+            raise _bad(f"unknown stream {name!r}; the daemon's streams: {', '.join(streams) or 'none yet'}")
+        return name, streams[name]
+
+    def list_flights(self, context: fl.ServerCallContext, criteria: bytes) -> Iterator[fl.FlightInfo]:
+        for name, schema in self._streams().items():
+            yield self._info(name, schema)
+
+    def get_flight_info(
+        self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor
+    ) -> fl.FlightInfo:
+        return self._info(*self._schema_of(descriptor))
+
+    def get_schema(self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor) -> fl.SchemaResult:
+        return fl.SchemaResult(self._schema_of(descriptor)[1])
+
+    # -- streams out ------------------------------------------------------------------------------
+
+    def do_get(self, context: fl.ServerCallContext, ticket: fl.Ticket) -> fl.FlightDataStream:
+        t = parse_ticket(ticket.ticket)
+        state = ArrowState(self.daemon.ring)
+        streams = state.streams()
+        if t.stream not in streams:
+            raise _bad(
+                f"unknown stream {t.stream!r}; the daemon's streams: {', '.join(streams) or 'none yet'}"
+            )
+        info = streams[t.stream]
+        if t.last_rows is not None:
+            table = _latest_rows(self.daemon.ring, state, info.stream_id, info.schema, t.last_rows)
+            return fl.RecordBatchStream(table)
+        return fl.GeneratorStream(
+            info.schema, self._subscription(context, t, state, info.stream_id, info.schema)
+        )
+
+    def _subscription(
+        self, context: fl.ServerCallContext, t: Ticket, state: ArrowState, stream_id: int, schema: pa.Schema
+    ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+        ring, rows = self.daemon.ring, self.daemon.row_index
+        reader = ring.reader("oldest" if t.start == "oldest" or t.after_seq is not None else "latest")
+        next_stream_seq: int | None = None
+        lost_records = 0
+        lost_rows: int | None = 0
+        rows_expected: int | None = None
+        with self._state_lock:
+            self.subscribers += 1
+        try:
+            while not context.is_cancelled():
+                # In place: only this stream's records are copied (below), not the others'.
+                # Stopping: no long wait at the end of what was written.
+                wait = 0.01 if self.daemon.stopping.is_set() else _POLL
+                records = reader.read(max_records=_READ_RECORDS, timeout=wait, copy=False)
+                if not records:
+                    if self.daemon.stopping.is_set() and reader.position >= ring.status()["write_head"]:
+                        return  # the daemon stops: everything written has been sent
+                    continue
+                for rec in records:
+                    if rec.stream != stream_id or rec.schema_id == 0:
+                        continue
+                    if t.after_seq is not None and rec.seq <= t.after_seq:
+                        continue
+                    info = state.info(rec.schema_id)
+                    if info is None:
+                        continue
+                    if not info.schema.equals(schema, check_metadata=True):
+                        raise _bad(
+                            f"stream {info.name!r} changed its schema at record {rec.seq}; subscribe "
+                            f'again (ticket {{"stream": ..., "after_seq": {rec.seq - 1}}} resumes here)'
+                        )
+                    # Our own copy: gRPC sends the batch after this generator moves on.
+                    data = bytes(rec.data)
+                    if not rec.valid():
+                        continue  # overwritten while copied: lost, a gap before the next record
+                    try:
+                        batch = decode_buffer(data, info)
+                    except DECODE_ERRORS:
+                        continue  # counted by the writer; a subscriber just skips it
+                    gap = 0
+                    if rec.stream_seq is not None:
+                        if next_stream_seq is not None and rec.stream_seq > next_stream_seq:
+                            gap = rec.stream_seq - next_stream_seq
+                        next_stream_seq = rec.stream_seq + 1
+                    lost_records += gap
+                    before = rows.rows_before(rec.seq)
+                    if before is None:
+                        if gap:
+                            lost_rows = None  # the lost records' rows are no longer known
+                        rows_expected = None
+                    else:
+                        if rows_expected is not None and lost_rows is not None:
+                            lost_rows += before - rows_expected
+                        elif gap:
+                            lost_rows = None
+                        rows_expected = before + batch.num_rows
+                    with self._state_lock:
+                        self.rows_sent += batch.num_rows
+                    yield (
+                        batch,
+                        _meta(
+                            {
+                                "seq": rec.seq,
+                                "stream_seq": rec.stream_seq,
+                                "timestamp_ns": rec.timestamp_ns,
+                                "lost_records": lost_records,
+                                "lost_rows": lost_rows,
+                            }
+                        ),
+                    )
+        finally:
+            with self._state_lock:
+                self.subscribers -= 1
+
+    # -- streams in ------------------------------------------------------------------------------
+
+    def do_put(
+        self,
+        context: fl.ServerCallContext,
+        descriptor: fl.FlightDescriptor,
+        reader: fl.MetadataRecordBatchReader,
+        writer: fl.FlightMetadataWriter,
+    ) -> None:
+        if descriptor.descriptor_type != fl.DescriptorType.PATH or len(descriptor.path or []) != 1:
+            raise _bad("do_put needs a descriptor path of one element: [stream name]")
+        try:
+            stream = descriptor.path[0].decode()
+        except UnicodeDecodeError:
+            raise _bad("do_put: the stream name is not UTF-8") from None
+        while True:
+            try:
+                chunk = reader.read_chunk()
+            except StopIteration:
+                return
+            if chunk.data is None:
+                continue
+            try:
+                seq = self.daemon.put(stream, chunk.data)
+            except (ValueError, TypeError, OSError) as e:
+                raise _bad(f"do_put to stream {stream!r}: {e}") from None
+            writer.write(_meta({"seq": seq}))
+
+    # -- control ------------------------------------------------------------------------------
+
+    def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
+        return list(ACTIONS.items())
+
+    def do_action(self, context: fl.ServerCallContext, action: fl.Action) -> Iterator[bytes]:
+        kind = action.type
+        if kind not in ACTIONS:
+            raise _bad(f"unknown action {kind!r}; the actions: {', '.join(ACTIONS)}")
+        raw = action.body.to_pybytes() if action.body is not None else b""
+        try:
+            params = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as e:
+            raise _bad(f"{kind}: the body is not valid JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise _bad(f"{kind}: the body must be a JSON object")
+        try:
+            if kind == "status":
+                result = self.daemon.status()
+                with self._state_lock:
+                    result["subscribers"] = self.subscribers
+                    result["rows_sent"] = self.rows_sent
+            elif kind == "start_recording":
+                result = self.daemon.start_recording(params)
+            elif kind == "stop_recording":
+                result = self.daemon.stop_recording()
+            else:
+                result = {
+                    name: {f.name: str(f.type) for f in schema} for name, schema in self._streams().items()
+                }
+        except (ValueError, OSError, RuntimeError) as e:
+            raise _bad(f"{kind}: {e}") from None
+        return iter([json.dumps(result).encode()])
+
+
+def _latest_rows(
+    ring: RingBuffer, state: ArrowState, stream_id: int, schema: pa.Schema, rows: int
+) -> pa.Table:
+    """The latest `rows` rows of a stream, copied out of the ring: a zero-copy pass over the
+    records (decoding is metadata only), then the window is copied and checked intact."""
+    for _ in range(10):
+        reader = ring.reader("oldest")
+        window: deque[tuple[pa.RecordBatch, Any]] = deque()
+        n = 0
+        while True:
+            records = reader.read(max_records=4096, copy=False)
+            if not records:
+                break
+            for rec in records:
+                if rec.stream != stream_id or rec.schema_id == 0:
+                    continue
+                info = state.info(rec.schema_id)
+                if info is None or not info.schema.equals(schema, check_metadata=True):
+                    continue
+                try:
+                    batch = decode(rec, info)
+                except DECODE_ERRORS:
+                    continue
+                window.append((batch, rec))
+                n += batch.num_rows
+                while window and n - window[0][0].num_rows >= rows:
+                    n -= window.popleft()[0].num_rows
+        if not window:
+            return schema.empty_table()
+        table = pa.Table.from_batches([b for b, _ in window], schema=schema)
+        table = table.slice(max(table.num_rows - rows, 0))
+        copied = table.take(pa.array(range(table.num_rows), type=pa.int64()))
+        if all(rec.valid() for _, rec in window):
+            return copied
+        time.sleep(0.001)  # lapped while copying: the producer is fast; try again
+    raise _bad("the producer overwrote the latest rows ten times while they were copied")
