@@ -20,10 +20,10 @@ import sys
 import time
 from typing import Any
 
-from . import arrow_batches, ipc, limits, storage
+from . import arrow_batches, flight, ipc, limits, storage
 from ._common import Goal, Table, machine, storage_dir
 
-CASES = ["limits", "rate", "frames", "latency", "arrow", "storage", "scaling"]
+CASES = ["limits", "rate", "frames", "latency", "arrow", "storage", "scaling", "flight"]
 
 
 def plot(scaling: dict[str, Any], path: str, title: str) -> None:
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         elif case == "scaling":
             res[case] = ipc.case_scaling(quick, reps)
             show(ipc.tables_scaling(res[case]))
+        elif case == "flight":
+            res[case] = flight.run(quick, reps)
+            show(flight.tables(res[case]))
         res.setdefault("seconds", {})[case] = round(time.monotonic() - t0, 1)
     goals = ipc.goals(res.get("rate"), res.get("frames"), res.get("latency"), res.get("limits")) + goals
 

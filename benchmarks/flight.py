@@ -1,0 +1,259 @@
+"""Case 8: a daemon's streams over Arrow Flight on loopback, beside a local ring reader.
+
+A forked process runs the daemon (``rust_daq.daemon.Daemon``: its ring, its row index, its
+Flight server on 127.0.0.1) and fills the ring through the daemon's own ``put`` path with
+two interleaved streams: ``voltmeter``, 1,000-row batches of (int64 timestamp, float64
+voltage), 16 kB each; ``camera``, one 1024x1024 uint16 frame (2 MiB) per record with its
+int64 frame_id. Then it marks itself stopping, so that a subscription ends at the last
+record, and serves until this process is done.
+
+This process reads each stream from the oldest record to the end, several times, the
+readers interleaved so that all see the same machine state:
+
+- local ring reader, ``read_batches(copy=True)`` and ``copy=False``: the same ring file,
+  mapped here (what a process on the daemon's machine gets; the ceiling for the network);
+- Flight ``do_get`` with pyarrow's client (``read_chunk`` until the end): the protocol alone;
+- ``rust_daq.remote`` reader (``read_batches``): what a notebook on another machine uses, with
+  its receiving thread and buffer.
+
+Every reader checks that it got every batch of the stream, in order (the first timestamp or
+frame_id of each), and reports rows/s and MB/s of Arrow payload.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as fl
+
+import rust_daq.remote
+from rust_daq import RingBuffer
+from rust_daq.cli import Session
+from rust_daq.daemon import Daemon
+from rust_daq.flight import ticket
+
+from ._common import MiB, Table, fmt_rate, median_of, shm_path
+
+CTX = mp.get_context("fork")
+
+VOLT_ROWS = 1000
+FRAME = (1024, 1024)
+
+STREAMS = {
+    "voltmeter": f"voltmeter, {VOLT_ROWS:,}-row batches (16 kB)",
+    "camera": f"camera, {FRAME[0]}x{FRAME[1]} uint16 frames (2 MiB)",
+}
+
+READERS = {
+    "local_view": "local ring reader, `read_batches(copy=False)`",
+    "local_copy": "local ring reader, `read_batches(copy=True)`",
+    "flight": "Flight `do_get` on loopback (pyarrow client)",
+    "remote": "Flight on loopback, `rust_daq.remote` reader",
+}
+
+
+def _volt(k: int) -> pa.RecordBatch:
+    t = np.arange(k * VOLT_ROWS, (k + 1) * VOLT_ROWS, dtype=np.int64)
+    return pa.record_batch([t, np.sin(t / 100.0)], names=["timestamp", "voltage"])
+
+
+def _frame(k: int, pool: list[np.ndarray[Any, Any]]) -> pa.RecordBatch:
+    tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(pool[k % len(pool)])
+    return pa.record_batch([pa.array([k], pa.int64()), tensor], names=["frame_id", "frame"])
+
+
+def _serve(ring_path: str, counts: dict[str, int], ready: Any, done: Any) -> None:
+    """The daemon process: fill its ring, report its URL, serve until `done`."""
+    capacity = counts["voltmeter"] * VOLT_ROWS * 16 + counts["camera"] * (2 * FRAME[0] * FRAME[1] + 512)
+    session = Session(
+        instruments=[],  # a daemon fed by remote instruments (do_put) alone
+        ring_path=ring_path,
+        capacity_mb=capacity * 1.25 / MiB + 16,
+        output=None,
+    )
+    try:
+        d = Daemon(session, host="127.0.0.1", port=0, own_ring=True)
+    except BaseException as e:
+        ready.put(f"error: {e!r}")
+        raise
+    try:
+        rng = np.random.default_rng(0)
+        pool = [rng.integers(0, 4096, (1, *FRAME), dtype=np.uint16) for _ in range(4)]
+        per_frame = max(counts["voltmeter"] // max(counts["camera"], 1), 1)
+        f = 0
+        for k in range(counts["voltmeter"]):
+            d.put("voltmeter", _volt(k))
+            if k % per_frame == 0 and f < counts["camera"]:
+                d.put("camera", _frame(f, pool))
+                f += 1
+        while f < counts["camera"]:
+            d.put("camera", _frame(f, pool))
+            f += 1
+        if d.ring.records_lost:
+            raise RuntimeError("the benchmark ring was lapped while filling it")
+        d.stopping.set()  # subscriptions end at the last record
+        ready.put(d.url)
+        done.wait(600)
+    except BaseException as e:
+        ready.put(f"error: {e!r}")
+        raise
+    finally:
+        d.server.shutdown()
+        d.ring.close()
+        os.unlink(ring_path)
+
+
+def _wait_for(ready: Any, server: Any, timeout: float) -> str:
+    """The daemon's URL, or why it did not start (the process may die before it can say)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            url: str = ready.get(timeout=0.5)
+        except queue.Empty:
+            if not server.is_alive():
+                raise RuntimeError(f"the daemon process died (exit {server.exitcode})") from None
+            continue
+        if url.startswith("error"):
+            raise RuntimeError(f"the daemon process failed: {url}")
+        return url
+    raise TimeoutError(f"the daemon process was not ready after {timeout:.0f} s")
+
+
+def _first(stream: str, batch: pa.RecordBatch) -> int:
+    v = batch.column(0)[0].as_py()
+    return int(v) // VOLT_ROWS if stream == "voltmeter" else int(v)
+
+
+class _Check:
+    """Every batch of the stream, in order: counts rows and bytes, raises on a gap."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.k = self.rows = self.bytes = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        got = _first(self.stream, batch)
+        if got != self.k:
+            raise RuntimeError(f"{self.stream}: batch {self.k} expected, got {got}")
+        self.k += 1
+        self.rows += batch.num_rows
+        self.bytes += batch.nbytes
+
+
+def _local(ring: RingBuffer, stream: str, copy: bool) -> _Check:
+    check = _Check(stream)
+    reader = ring.reader("oldest")
+    end = ring.write_head
+    while reader.position < end:
+        got = reader.read_batches(max_records=256, copy=copy)
+        for name, b in got:
+            if name == stream:
+                check.add(b)
+        if not copy and got and not reader.batch_valid(got[-1][1]):
+            raise RuntimeError("the ring was overwritten under a zero-copy read")
+    return check
+
+
+def _flight(client: fl.FlightClient, stream: str) -> _Check:
+    check = _Check(stream)
+    call = client.do_get(ticket(stream, "oldest"))
+    while True:
+        try:
+            chunk = call.read_chunk()
+        except StopIteration:
+            return check
+        check.add(chunk.data)
+
+
+def _remote(daq: rust_daq.remote.RemoteDaq, stream: str) -> _Check:
+    check = _Check(stream)
+    with daq.reader(stream, "oldest") as r:
+        while not r.ended:
+            for _, b in r.read_batches(timeout=1.0):
+                check.add(b)
+        if r.lost_records:
+            raise RuntimeError(f"the remote reader lost {r.lost_records} records")
+    return check
+
+
+def run(quick: bool, reps: int) -> dict[str, Any]:
+    counts = {"voltmeter": 1000 if quick else 5000, "camera": 24 if quick else 120}
+    ring_path = shm_path("flight")
+    ready, done = CTX.Queue(), CTX.Event()
+    server = CTX.Process(target=_serve, args=(ring_path, counts, ready, done), daemon=True)
+    server.start()
+    try:
+        url = _wait_for(ready, server, 300)
+        runs: dict[str, dict[str, list[tuple[float, float]]]] = {s: {r: [] for r in READERS} for s in STREAMS}
+        client = fl.connect(url)
+        daq = rust_daq.remote.connect(url)
+        with RingBuffer.open(ring_path) as ring:
+            for _ in range(reps):
+                for stream in STREAMS:
+                    for r in READERS:
+                        t0 = time.perf_counter()
+                        if r == "local_view":
+                            check = _local(ring, stream, copy=False)
+                        elif r == "local_copy":
+                            check = _local(ring, stream, copy=True)
+                        elif r == "flight":
+                            check = _flight(client, stream)
+                        else:
+                            check = _remote(daq, stream)
+                        dt = time.perf_counter() - t0
+                        if check.k != counts[stream]:
+                            raise RuntimeError(f"{r}: {check.k} of {counts[stream]} {stream} batches")
+                        runs[stream][r].append((check.rows / dt, check.bytes / dt))
+        client.close()
+        daq.close()
+    finally:
+        done.set()
+        server.join(timeout=60)
+        if server.is_alive():
+            server.kill()
+    return {
+        "counts": counts,
+        "rates": {
+            s: {
+                r: {
+                    "rows_per_s": median_of([x for x, _ in v]),
+                    "bytes_per_s": median_of([y for _, y in v]),
+                }
+                for r, v in by.items()
+            }
+            for s, by in runs.items()
+        },
+    }
+
+
+def tables(res: dict[str, Any]) -> list[Table]:
+    rates = res["rates"]
+    rows = []
+    for r, label in READERS.items():
+        row = [label]
+        for s in STREAMS:
+            x = rates[s][r]
+            local = rates[s]["local_copy"]["bytes_per_s"]
+            row.append(
+                f"{fmt_rate(x['rows_per_s'])} rows/s, {x['bytes_per_s'] / 1e6:,.0f} MB/s "
+                f"({x['bytes_per_s'] / local:.2f}x)"
+            )
+        rows.append(row)
+    return [
+        Table(
+            "Case 8: a daemon's stream read from its oldest record to the end, over Flight and locally",
+            ["", *STREAMS.values()],
+            rows,
+            notes=[
+                "(x): against the local reader with copies, in the same run. The daemon and the "
+                "client share this machine's cores: on loopback the network costs CPU on both "
+                "ends, not bandwidth."
+            ],
+        )
+    ]
