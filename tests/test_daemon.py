@@ -188,11 +188,14 @@ def test_a_slow_subscriber_is_lapped_and_told_exactly_how_many_rows_it_lost(tmp_
     with daemon(str(config(tmp_path, capacity_mb=1, fps=400))) as (url, _):
         daq = rust_daq.remote.connect(url)
         slow = daq.reader("camera", max_buffered=1)
+        by_bytes = daq.reader("camera", max_buffered_bytes=1)  # one frame (8 KiB) at a time
         fast = daq.reader("camera")
         slow_batches, fast_batches = [], []
         t0 = time.monotonic()
         while time.monotonic() - t0 < 4:  # the slow one reads nothing: ~13 MB go by
             fast_batches += fast.read(timeout=0.05)
+        assert len(by_bytes.read()) == 1, "the byte bound held reception at one frame"
+        by_bytes.close()
         while time.monotonic() - t0 < 6:
             slow_batches += slow.read(timeout=0.05)
             fast_batches += fast.read(timeout=0.05)

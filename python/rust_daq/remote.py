@@ -172,11 +172,18 @@ class RemoteDaq:
     # -- data ----------------------------------------------------------------------------------
 
     def reader(
-        self, streams: list[str] | str | None = None, start: str = "latest", *, max_buffered: int = 1024
+        self,
+        streams: list[str] | str | None = None,
+        start: str = "latest",
+        *,
+        max_buffered: int = 1024,
+        max_buffered_bytes: int = 64 << 20,
     ) -> RemoteReader:
         """A live subscription to `streams` (None: all, including streams that appear later),
         from the ``"latest"`` record or the ``"oldest"`` still in the daemon's ring."""
-        return RemoteReader(self, streams, start, max_buffered=max_buffered)
+        return RemoteReader(
+            self, streams, start, max_buffered=max_buffered, max_buffered_bytes=max_buffered_bytes
+        )
 
     def latest_table(self, stream: str, rows: int = 1000) -> pa.Table:
         """The latest `rows` rows of `stream` as a table."""
@@ -269,21 +276,30 @@ class RemoteReader:
     """A live subscription to a daemon's streams, with the API of ``RingReader``:
     :meth:`read` (records with their sequence numbers), :meth:`read_batches`,
     :meth:`read_table`. One thread per stream receives batches into a buffer of at most
-    `max_buffered` batches; when it is full, reception pauses and the daemon (never slowed
-    by it) laps this subscriber, which learns how many records and rows it lost
-    (:attr:`lost_records`, :attr:`lost_rows`).
-    """
+    `max_buffered` batches and `max_buffered_bytes` bytes (at least one batch); when it is
+    full, reception pauses and the daemon (never slowed by it) laps this subscriber, which
+    learns how many records and rows it lost (:attr:`lost_records`, :attr:`lost_rows`)."""
 
     def __init__(
-        self, daq: RemoteDaq, streams: list[str] | str | None, start: str, *, max_buffered: int = 1024
+        self,
+        daq: RemoteDaq,
+        streams: list[str] | str | None,
+        start: str,
+        *,
+        max_buffered: int = 1024,
+        max_buffered_bytes: int = 64 << 20,
     ) -> None:
         if start not in ("latest", "oldest"):
             raise ValueError(f'start must be "latest" or "oldest", got {start!r}')
         self.daq = daq
         self.start = start
         self._want = [streams] if isinstance(streams, str) else streams
+        if max_buffered < 1 or max_buffered_bytes < 1:
+            raise ValueError("max_buffered and max_buffered_bytes must be at least 1")
         self._max = max_buffered
+        self._max_bytes = max_buffered_bytes
         self._buf: deque[RemoteBatch] = deque()
+        self._buf_bytes = 0
         self._cond = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
@@ -352,11 +368,16 @@ class RemoteReader:
                         None if base[1] is None or meta["lost_rows"] is None else base[1] + meta["lost_rows"],
                     )
                     with self._cond:
-                        while len(self._buf) >= self._max and not self._closed:
+                        while (
+                            self._buf
+                            and (len(self._buf) >= self._max or self._buf_bytes >= self._max_bytes)
+                            and not self._closed
+                        ):
                             self._cond.wait(0.1)
                         if self._closed:
                             return
                         self._buf.append(item)
+                        self._buf_bytes += item.batch.nbytes
                         self._last_seq[name] = item.seq
                         self._lost[name] = (item.lost_records, item.lost_rows)
                         self._cond.notify_all()
@@ -414,6 +435,7 @@ class RemoteReader:
                 self._cond.wait(left)
             n = len(self._buf) if max_records is None else min(max_records, len(self._buf))
             out = [self._buf.popleft() for _ in range(n)]
+            self._buf_bytes -= sum(b.batch.nbytes for b in out)
             self._cond.notify_all()
             if not out and self._error is not None:
                 err, self._error = self._error, None
