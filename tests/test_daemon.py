@@ -7,6 +7,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -466,3 +467,18 @@ def test_the_daemon_survives_clients_killed_mid_stream(tmp_path: Path) -> None:
             assert sum(b.num_rows for _, b in r.read_batches(timeout=2)) > 0
         assert p.poll() is None
         daq.close()
+
+
+def test_a_daemon_that_cannot_listen_says_why_and_leaves_no_ring() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with subprocess.Popen(
+            [*CLI, "daemon", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as p:
+            _, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in err
+    assert "Traceback" not in err
+    assert not os.path.exists(f"/dev/shm/rust-daq-daemon-{p.pid}"), "the ring it created was removed"

@@ -93,27 +93,33 @@ class Daemon:
         self.ring = RingBuffer.create(
             session.ring_path, capacity_mb=session.capacity_mb, policy=session.policy
         )
-        self.row_index = RowIndex(self.ring)
-        # No instruments: a daemon that only receives (remote instruments, do_put).
-        self.acq = (
-            Acquisition(self.ring, session.instruments, row_index=self.row_index)
-            if session.instruments
-            else None
-        )
-        self.stopping = threading.Event()
-        self._lock = threading.Lock()  # recording state
-        self._writer: subprocess.Popen[str] | None = None
-        self._recording: dict[str, Any] | None = None
-        self._puts: dict[str, list[int]] = {}  # stream -> [rows, records, bytes]
-        self._rates: dict[str, float] = {}
-        self._started = time.time()
-        scheme = "grpc+tls" if certs else "grpc"
-        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
         try:
-            self.server = DaqFlightServer(
-                f"{scheme}://{shown}:{port}", self, token=token, tls_certificates=certs
+            self.row_index = RowIndex(self.ring)
+            # No instruments: a daemon that only receives (remote instruments, do_put).
+            self.acq = (
+                Acquisition(self.ring, session.instruments, row_index=self.row_index)
+                if session.instruments
+                else None
             )
-        except Exception:
+            self.stopping = threading.Event()
+            self._lock = threading.Lock()  # recording state
+            self._writer: subprocess.Popen[str] | None = None
+            self._recording: dict[str, Any] | None = None
+            self._puts: dict[str, list[int]] = {}  # stream -> [rows, records, bytes]
+            self._rates: dict[str, float] = {}
+            self._started = time.time()
+            scheme = "grpc+tls" if certs else "grpc"
+            shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            try:
+                self.server = DaqFlightServer(
+                    f"{scheme}://{shown}:{port}", self, token=token, tls_certificates=certs
+                )
+            except pa.ArrowException as e:  # gRPC says no more than "did not start properly"
+                raise DaemonConfigError(
+                    f"cannot listen on {shown}:{port}: the port is in use, or {host} is not an "
+                    f"address of this host, or the TLS certificate and key do not match ({e})"
+                ) from None
+        except BaseException:  # nothing runs yet: leave no ring behind
             self.ring.close()
             if own_ring:
                 _unlink(self.ring.path)
