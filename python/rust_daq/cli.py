@@ -650,7 +650,11 @@ class _RemoteTail(_TailSource):
 @app.command()
 def daemon(
     config: Annotated[
-        Path | None, typer.Argument(help="run configuration (TOML); none: the demo's simulated instruments")
+        Path | None,
+        typer.Argument(
+            help="run configuration (TOML); without [[instruments]] it only receives (do_put); "
+            "none: the demo's simulated instruments"
+        ),
     ] = None,
     host: Annotated[
         str, typer.Option(help="address to listen on (beyond loopback needs a token)")
