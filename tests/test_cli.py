@@ -204,3 +204,10 @@ def test_inspect_and_tail_on_live_and_finished_data(tmp_path: Path, ring_path: s
 def test_write_command_runs_the_writer(ring_path: str, tmp_path: Path) -> None:
     r = cli("write", "--ring", ring_path, "--output", str(tmp_path / "x.h5"))
     assert r.returncode == 2 and "cannot open ring" in r.stderr
+
+
+def test_help_shows_the_config_sections() -> None:
+    """Square brackets are rich markup: unescaped, `[ring]` vanished from `run --help`."""
+    out = cli("run", "--help", timeout=60).stdout
+    for section in ("[ring]", "[writer]", "[metadata]", "[[instruments]]"):
+        assert section in out, section

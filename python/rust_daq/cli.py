@@ -359,15 +359,14 @@ def run_cmd(
     config: Annotated[Path, typer.Argument(help="run configuration (TOML)")],
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Runs the acquisition a configuration file describes, until its duration or Ctrl-C/SIGTERM
+    r"""Runs the acquisition a configuration file describes, until its duration or Ctrl-C/SIGTERM
     (either way the final flush happens).
 
-    \b
     duration = 10                 # seconds (omit: until Ctrl-C)
-    [ring]    path = "lab", capacity_mb = 256, policy = "overwrite" | "block"
-    [writer]  output = "run.h5", layout = "append" | "batches", compression = "gzip", flush_interval = 1.0
-    [metadata] any keys: stored in the file
-    [[instruments]]  type = "voltmeter" | "camera" | "scpi", name, rate_hz (fps), ...
+    \[ring]    path = "lab", capacity_mb = 256, policy = "overwrite" | "block"
+    \[writer]  output = "run.h5", layout = "append" | "batches", compression = "gzip", flush_interval = 1.0
+    \[metadata] any keys: stored in the file
+    \[\[instruments]]  type = "voltmeter" | "camera" | "scpi", name, rate_hz (fps), ...
     """
     try:
         s = load_config(config)
@@ -652,7 +651,7 @@ def daemon(
     config: Annotated[
         Path | None,
         typer.Argument(
-            help="run configuration (TOML); without [[instruments]] it only receives (do_put); "
+            help="run configuration (TOML); one without instruments only receives (do_put); "
             "none: the demo's simulated instruments"
         ),
     ] = None,
