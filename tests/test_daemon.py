@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -482,3 +483,50 @@ def test_a_daemon_that_cannot_listen_says_why_and_leaves_no_ring() -> None:
     assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in err
     assert "Traceback" not in err
     assert not os.path.exists(f"/dev/shm/rust-daq-daemon-{p.pid}"), "the ring it created was removed"
+
+
+def test_a_recording_starting_or_stopping_never_stalls_the_acquisition_loop() -> None:
+    """start_recording/stop_recording hold the recording lock for seconds (the writer's start,
+    its final flush) in a Flight thread. The daemon's event loop, which runs the acquisition,
+    must keep running meanwhile: it once waited on that lock, and 3 start/stop cycles cost a
+    1 kHz voltmeter ~400 missed deadlines."""
+    import anyio
+
+    from rust_daq.cli import Session
+    from rust_daq.daemon import Daemon
+
+    name = f"/dev/shm/rdaq-test-daemon-{uuid.uuid4().hex[:8]}"
+    d = Daemon(Session(instruments=[], ring_path=name, capacity_mb=1, output=None), port=0, own_ring=True)
+    ticks: list[float] = []
+    during: list[int] = []
+
+    def hold() -> None:
+        with d._rec_lock:  # as stop_recording does during the final flush
+            before = len(ticks)
+            time.sleep(0.5)
+            during.append(len(ticks) - before)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(d._idle_tail)
+
+            async def tick() -> None:
+                while True:
+                    ticks.append(time.monotonic())
+                    await anyio.sleep(0.005)
+
+            tg.start_soon(tick)
+            await anyio.sleep(0.1)
+            t = threading.Thread(target=hold)
+            t.start()
+            await anyio.to_thread.run_sync(t.join)
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    finally:
+        d._shutdown()
+    # ~100 ticks in 0.5 s when the loop runs; a loop blocked on the lock ticks until the idle
+    # task's next wake-up (50 ms) and then not at all.
+    assert during[0] > 30, during
+    assert not os.path.exists(name)

@@ -102,7 +102,11 @@ class Daemon:
                 else None
             )
             self.stopping = threading.Event()
-            self._lock = threading.Lock()  # recording state
+            # Recording transitions (start/stop: seconds, for a final flush) take _rec_lock in
+            # Flight threads; the acquisition's event loop never waits for it. Put counters
+            # have their own lock. _recording is replaced whole, never mutated: read freely.
+            self._rec_lock = threading.Lock()
+            self._stats_lock = threading.Lock()
             self._writer: subprocess.Popen[str] | None = None
             self._recording: dict[str, Any] | None = None
             self._puts: dict[str, list[int]] = {}  # stream -> [rows, records, bytes]
@@ -137,7 +141,7 @@ class Daemon:
                 f"stream {stream!r} belongs to an instrument of this daemon; put to another name"
             )
         seq = self.row_index.write(batch, stream)
-        with self._lock:
+        with self._stats_lock:
             st = self._puts.setdefault(stream, [0, 0, 0])
             st[0] += batch.num_rows
             st[1] += 1
@@ -154,10 +158,10 @@ class Daemon:
                 "records": st["records"],
                 "bytes": st["bytes"],
             }
-        with self._lock:
+        with self._stats_lock:
             for name, (rows, records, nbytes) in self._puts.items():
                 streams[name] = {"source": "do_put", "rows": rows, "records": records, "bytes": nbytes}
-            recording = dict(self._recording) if self._recording else None
+        recording = dict(self._recording) if self._recording else None
         for name, st in streams.items():
             st["rows_per_s"] = self._rates.get(name, 0.0)
         rs = self.ring.status()
@@ -209,7 +213,7 @@ class Daemon:
         if isinstance(flush, bool) or not isinstance(flush, int | float) or not flush > 0:
             raise ValueError(f"flush_interval must be a positive number of seconds, got {flush!r}")
         path = os.path.abspath(file)
-        with self._lock:
+        with self._rec_lock:
             if self.stopping.is_set():
                 raise ValueError("the daemon is stopping")
             if self._recording is not None:
@@ -234,7 +238,7 @@ class Daemon:
             return dict(self._recording)
 
     def stop_recording(self) -> dict[str, Any]:
-        with self._lock:
+        with self._rec_lock:
             if self._writer is None or self._recording is None:
                 raise ValueError("not recording")
             code, err = stop_process(self._writer)
@@ -307,7 +311,7 @@ class Daemon:
             if self.acq is not None
             else {"elapsed_s": time.time() - self._started, "streams": {}}
         )
-        with self._lock:
+        with self._stats_lock:
             for name, (rows, records, nbytes) in self._puts.items():
                 stats["streams"][name] = {"rows": rows, "records": records, "bytes": nbytes}
         stats["stopped_by"] = (
@@ -318,9 +322,7 @@ class Daemon:
     def _shutdown(self) -> None:
         self.stopping.set()  # subscriptions send what is left and end; puts are refused
         try:
-            with self._lock:
-                recording = self._recording is not None
-            if recording:
+            if self._recording is not None:
                 try:
                     result = self.stop_recording()
                     log.info("final flush: %s", json.dumps(result))
@@ -341,9 +343,15 @@ class Daemon:
     async def _idle_tail(self) -> None:
         while True:
             await anyio.sleep(_IDLE_TAIL)
-            with self._lock:
+            # Never wait here: this is the acquisition's thread. A recording starting or
+            # stopping holds the lock; the tail is theirs meanwhile.
+            if not self._rec_lock.acquire(blocking=False):
+                continue
+            try:
                 if self._recording is None:
                     self.ring.reader("latest").commit()
+            finally:
+                self._rec_lock.release()
 
     async def _sample_rates(self) -> None:
         last: dict[str, int] = {}
@@ -352,7 +360,7 @@ class Daemon:
             await anyio.sleep(_RATE_WINDOW)
             now = time.perf_counter()
             rows = self.acq.rows() if self.acq is not None else {}
-            with self._lock:
+            with self._stats_lock:
                 rows.update({n: s[0] for n, s in self._puts.items()})
             dt = now - t_last
             self._rates = {n: (r - last.get(n, 0)) / dt for n, r in rows.items()}
