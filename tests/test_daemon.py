@@ -530,3 +530,61 @@ def test_a_recording_starting_or_stopping_never_stalls_the_acquisition_loop() ->
     # task's next wake-up (50 ms) and then not at all.
     assert during[0] > 30, during
     assert not os.path.exists(name)
+
+
+def test_a_remote_writer_that_falls_behind_records_exactly_what_it_lost(tmp_path: Path) -> None:
+    """`write --from` stopped (SIGSTOP) while the daemon's 1 MiB ring laps many times: the
+    file's bookkeeping and the summary count exactly the records and frames missing."""
+    out = tmp_path / "behind.h5"
+    with daemon(str(config(tmp_path, capacity_mb=1, fps=400))) as (url, _):
+        w = subprocess.Popen(
+            [*CLI, "write", "--from", url, "--output", str(out), "--flush-interval", "0.2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert _first_line(w) == "ready"
+            time.sleep(1)
+            w.send_signal(signal.SIGSTOP)
+            time.sleep(4)  # ~13 MB of frames go through the daemon's 1 MiB ring
+        finally:
+            w.send_signal(signal.SIGCONT)
+        time.sleep(1)
+    # The daemon stopped: the writer's streams end; it flushes and exits.
+    _, err = w.communicate(timeout=60)
+    assert w.returncode == 0, err
+    summary = " ".join(err.split())  # the summary goes to stderr, wrapped to the terminal
+    with h5py.File(out, "r") as f:
+        ids = f["measurements/camera/frame_id"][()]
+        rows, records, lost, _ = (int(v) for v in f["rust_daq/streams/camera"][()])
+    missing = int(ids[-1] - ids[0] + 1 - len(ids))
+    assert np.all(np.diff(ids) >= 1) and missing > 0, "it fell behind and the ring lapped it"
+    assert rows == len(ids) and lost > 0
+    # The file counts the records lost (from the stream's sequence numbers, carried over the
+    # wire); the summary also the frames they held, which are exactly the missing frame_ids.
+    assert (
+        f"camera: {records:,} records, {rows:,} rows; lost upstream {lost} records, {missing} rows" in summary
+    )
+
+
+def test_a_remote_writer_whose_writer_process_dies_says_so(tmp_path: Path) -> None:
+    """Without its writer process nothing would put the relayed ring into the file: `write
+    --from` must stop with the reason, not relay on for nobody."""
+    out = tmp_path / "dead.h5"
+    with daemon() as (url, _):
+        w = subprocess.Popen(
+            [*CLI, "write", "--from", url, "--output", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert _first_line(w) == "ready"
+        children = Path(f"/proc/{w.pid}/task/{w.pid}/children").read_text().split()
+        (writer_pid,) = [int(c) for c in children]
+        assert "rust_daq.writer" in Path(f"/proc/{writer_pid}/cmdline").read_text()
+        os.kill(writer_pid, signal.SIGKILL)
+        _, err = w.communicate(timeout=30)
+    assert w.returncode == 2
+    assert "the writer process exited with -9" in " ".join(err.split())
+    assert not list(Path("/dev/shm").glob(f"rust-daq-relay-{w.pid}")), "its ring was removed"

@@ -455,7 +455,8 @@ def _write_remote(
     for name, st in stats.items():
         console.print(
             f"{escape(name)}: {st['records']:,} records, {st['rows']:,} rows; lost upstream "
-            f"{st.get('lost_records', 0)} records, {st.get('lost_rows', 0)} rows"
+            f"{st.get('lost_records', 0)} records, "
+            f"{'an unknown number of' if st.get('lost_rows', 0) is None else st.get('lost_rows', 0)} rows"
         )
     return 0
 

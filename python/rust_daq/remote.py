@@ -533,8 +533,10 @@ def relay(
         with daq.reader(start="oldest") as reader:
             if on_ready is not None:
                 on_ready()
-            while not (stop is not None and stop.is_set()):
-                items = reader.read(timeout=0.2)
+            while True:
+                stopping = stop is not None and stop.is_set()
+                # Stopping: what was received is still written (no wait for more).
+                items = reader.read(timeout=0.0 if stopping else 0.2)
                 for b in items:
                     ring.write_arrow_batch(
                         b.batch, b.stream, timestamp_ns=b.timestamp_ns, stream_seq=b.stream_seq
@@ -542,8 +544,13 @@ def relay(
                     st = stats.setdefault(b.stream, {"records": 0, "rows": 0})
                     st["records"] += 1
                     st["rows"] += b.batch.num_rows
-                if not items and reader.ended:
+                if not items and (stopping or reader.ended):
                     break
+                if writer.poll() is not None:  # nothing would write the ring into the file
+                    _, err = writer.communicate()
+                    code, writer = writer.returncode, None
+                    last = err.strip().splitlines()[-1:] or ["no message"]
+                    raise RustDaqError(f"the writer process exited with {code}: {last[0]}")
             for name, (lost, rows) in reader.lost_by_stream().items():
                 stats.setdefault(name, {"records": 0, "rows": 0}).update(lost_records=lost, lost_rows=rows)
     finally:
