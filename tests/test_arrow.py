@@ -245,6 +245,39 @@ def test_latest_rows_for_a_notebook(ring_path: str) -> None:
             ring.latest("nope")
 
 
+def test_latest_rows_as_a_table_are_a_copy_that_outlives_the_ring_lapping(ring_path: str) -> None:
+    """LiveView.update_table, what the daemon serves for 'the latest N rows': Arrow types as
+    written (a tensor column stays one), a copy intact after the producer laps the ring."""
+    with RingBuffer.create(ring_path, capacity_bytes=256 * 1024) as ring:
+        for i in range(10):
+            ring.write_arrow_batch(frames(2, start=2 * i), "cam")
+        view = LiveView(ring, "cam", rows=3)
+        table = view.update_table()
+        assert table.schema.equals(frames(1).schema)
+        assert table.column("frame_id").to_pylist() == [17, 18, 19]
+        expected = table.column("frame").combine_chunks().to_numpy_ndarray().copy()
+        written = [frames(2, start=s).column("frame").to_numpy_ndarray() for s in (16, 18)]
+        assert np.array_equal(expected, np.concatenate(written)[1:])
+        base = ring.data_address()
+        frame_buf = table.column("frame").chunks[0].storage.values.buffers()[1]
+        assert not base <= frame_buf.address < base + ring.capacity, "a copy, not a view"
+        for i in range(10, 200):  # ~20 laps of the ring
+            ring.write_arrow_batch(frames(2, start=2 * i), "cam")
+        assert table.column("frame_id").to_pylist() == [17, 18, 19]
+        assert np.array_equal(table.column("frame").combine_chunks().to_numpy_ndarray(), expected)
+        assert view.update_table().column("frame_id").to_pylist() == [397, 398, 399]
+
+
+def test_latest_rows_after_a_schema_change_have_the_new_schema(ring_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        ring.write_arrow_batch(voltmeter(0, 100), "v")
+        renamed = pa.record_batch([pa.array(np.arange(100, 103))], names=["counts"])
+        ring.write_arrow_batch(renamed, "v")
+        view = LiveView(ring, "v", rows=50)  # the window spans both schemas
+        assert view.update_table().to_pydict() == {"counts": [100, 101, 102]}
+        assert ring.latest("v", rows=50)["counts"].tolist() == [100, 101, 102]
+
+
 def test_reservations_fill_in_place(ring_path: str) -> None:
     with RingBuffer.create(ring_path, capacity_mb=1) as ring:
         with ring.reserve(16, stream=5) as res:

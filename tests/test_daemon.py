@@ -245,11 +245,14 @@ def test_do_put_batches_are_written_to_the_file(tmp_path: Path) -> None:
                 "records": 6,
             }
             assert daq.latest("remote_dmm", rows=3)["value"].tolist() == [498.0, 499.0, 0.5]
+            daq.put("remote_dmm", pa.table({"t": [8, 9], "value": [1.5, 2.5]}, schema=schema))
+            # The daemon's view of the latest rows moved on with the new record.
+            assert daq.latest("remote_dmm", rows=3)["value"].tolist() == [0.5, 1.5, 2.5]
     with h5py.File(out, "r") as f:
         ds = f["measurements/remote_dmm/value"]
-        assert np.array_equal(ds[()], np.concatenate([*sent, [0.5]]))
+        assert np.array_equal(ds[()], np.concatenate([*sent, [0.5, 1.5, 2.5]]))
         assert ds.attrs["units"] == "V"
-        assert f["rust_daq/streams/remote_dmm"][()].tolist()[:3] == [501, 6, 0]
+        assert f["rust_daq/streams/remote_dmm"][()].tolist()[:3] == [503, 7, 0]
 
 
 PUTTER = """

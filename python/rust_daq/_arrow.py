@@ -345,6 +345,27 @@ class LiveView:
     def update(self, timeout: float = 0.0) -> dict[str, npt.NDArray[Any]]:
         """Reads what arrived since the last call (waiting up to `timeout` s for something)
         and returns the latest rows, one array per column (tensor columns as (N, ...))."""
+        self._advance(timeout)
+        return self._arrays()
+
+    def update_table(self, timeout: float = 0.0, *, attempts: int = 10) -> pa.Table:
+        """As :meth:`update`, but the latest rows as one Arrow table (types, field metadata and
+        tensor columns as written), always a copy: intact however long it is kept. A copy the
+        producer tore (it overwrote the records meanwhile) is made again, up to `attempts`
+        times; then RingUsageError."""
+        for _ in range(attempts):
+            self._advance(timeout)
+            table = self._table()
+            copied = table.take(pa.array(np.arange(table.num_rows, dtype=np.int64)))
+            if self.valid():
+                return copied
+            timeout = 0.0
+        raise RingUsageError(
+            f"the producer overwrote the latest rows of {self._stream!r} {attempts} times while "
+            "they were copied; the ring is too small for this many rows"
+        )
+
+    def _advance(self, timeout: float) -> None:
         stream_id = self._state.stream(self._stream).stream_id
         deadline = time.monotonic() + timeout
         while True:
@@ -364,25 +385,37 @@ class LiveView:
                 break
         while self._window and not self._window[0][1].valid():
             self._nrows -= self._window.popleft()[0].num_rows  # overwritten meanwhile
-        return self._arrays()
 
     def valid(self) -> bool:
         """Whether every record in the window is still intact in the ring."""
         return all(rec.valid() for _, rec in self._window)
 
+    def _current(self) -> list[pa.RecordBatch]:
+        """The window's batches of the stream's newest schema (a schema change starts anew)."""
+        batches = [b for b, _ in self._window]
+        schema = batches[-1].schema
+        k = len(batches)
+        while k > 0 and batches[k - 1].schema.equals(schema, check_metadata=True):
+            k -= 1
+        return batches[k:]
+
+    def _table(self) -> pa.Table:
+        """The latest rows as a table over the window's batches (zero-copy)."""
+        if not self._window:
+            return self._state.stream(self._stream).schema.empty_table()
+        table = pa.Table.from_batches(self._current())
+        return table.slice(max(table.num_rows - self._rows, 0))
+
     def _arrays(self) -> dict[str, npt.NDArray[Any]]:
         if not self._window:
             schema = self._state.stream(self._stream).schema
             return {f.name: _to_numpy(_empty(f.type)) for f in schema}
-        batches = [b for b, _ in self._window]
-        keep = min(self._rows, self._nrows)
-        if len(batches) == 1 or batches[-1].num_rows >= keep:
-            last = batches[-1]
-            window = last.slice(last.num_rows - keep)
+        last = self._window[-1][0]
+        if last.num_rows >= min(self._rows, self._nrows):  # one batch holds them: a view
+            window = last.slice(max(last.num_rows - self._rows, 0))
             cols = {name: window.column(name) for name in window.schema.names}
         else:
-            table = pa.Table.from_batches(batches)
-            table = table.slice(table.num_rows - keep)
+            table = self._table()
             cols = {name: table.column(name).combine_chunks() for name in table.schema.names}
         out = {name: _to_numpy(col) for name, col in cols.items()}
         if self._copy:

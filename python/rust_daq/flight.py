@@ -31,8 +31,7 @@ from __future__ import annotations
 import hmac
 import json
 import threading
-import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,7 +39,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from ._arrow import DECODE_ERRORS, ArrowState, decode, decode_buffer
+from ._arrow import DECODE_ERRORS, ArrowState, LiveView, decode_buffer
+from ._errors import RingUsageError
 from ._ring import RingBuffer
 from .acquisition import RowIndex
 
@@ -58,6 +58,7 @@ ACTIONS: dict[str, str] = {
 
 _READ_RECORDS = 256  # records per ring read in a subscription
 _POLL = 0.1  # seconds a subscription waits for data before checking for cancellation
+_VIEWS = 16  # LiveViews kept for latest-rows requests, the least recently used dropped
 
 
 class DaemonControl(Protocol):
@@ -175,6 +176,10 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         super().__init__(location, tls_certificates=certs, middleware=middleware)
         self.daemon = daemon
         self._state_lock = threading.Lock()
+        # One LiveView per (stream, rows) asked for: each request decodes only the records
+        # written since the last (`rust-daq tail` asks twice a second), not the whole ring.
+        self._views: OrderedDict[tuple[str, int], LiveView] = OrderedDict()
+        self._views_lock = threading.Lock()
         self.subscribers = 0
         self.rows_sent = 0
 
@@ -225,8 +230,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
             )
         info = streams[t.stream]
         if t.last_rows is not None:
-            table = _latest_rows(self.daemon.ring, state, info.stream_id, info.schema, t.last_rows)
-            return fl.RecordBatchStream(table)
+            return fl.RecordBatchStream(self._latest(t.stream, t.last_rows))
         return fl.GeneratorStream(
             info.schema, self._subscription(context, t, state, info.stream_id, info.schema)
         )
@@ -308,6 +312,18 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
             with self._state_lock:
                 self.subscribers -= 1
 
+    def _latest(self, stream: str, rows: int) -> pa.Table:
+        with self._views_lock:
+            key = (stream, rows)
+            view = self._views.pop(key, None) or LiveView(self.daemon.ring, stream, rows)
+            self._views[key] = view
+            while len(self._views) > _VIEWS:
+                self._views.popitem(last=False)
+            try:
+                return view.update_table()
+            except RingUsageError as e:
+                raise _bad(str(e)) from None
+
     # -- streams in ------------------------------------------------------------------------------
 
     def do_put(
@@ -369,41 +385,3 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         except (ValueError, OSError, RuntimeError) as e:
             raise _bad(f"{kind}: {e}") from None
         return iter([json.dumps(result).encode()])
-
-
-def _latest_rows(
-    ring: RingBuffer, state: ArrowState, stream_id: int, schema: pa.Schema, rows: int
-) -> pa.Table:
-    """The latest `rows` rows of a stream, copied out of the ring: a zero-copy pass over the
-    records (decoding is metadata only), then the window is copied and checked intact."""
-    for _ in range(10):
-        reader = ring.reader("oldest")
-        window: deque[tuple[pa.RecordBatch, Any]] = deque()
-        n = 0
-        while True:
-            records = reader.read(max_records=4096, copy=False)
-            if not records:
-                break
-            for rec in records:
-                if rec.stream != stream_id or rec.schema_id == 0:
-                    continue
-                info = state.info(rec.schema_id)
-                if info is None or not info.schema.equals(schema, check_metadata=True):
-                    continue
-                try:
-                    batch = decode(rec, info)
-                except DECODE_ERRORS:
-                    continue
-                window.append((batch, rec))
-                n += batch.num_rows
-                while window and n - window[0][0].num_rows >= rows:
-                    n -= window.popleft()[0].num_rows
-        if not window:
-            return schema.empty_table()
-        table = pa.Table.from_batches([b for b, _ in window], schema=schema)
-        table = table.slice(max(table.num_rows - rows, 0))
-        copied = table.take(pa.array(range(table.num_rows), type=pa.int64()))
-        if all(rec.valid() for _, rec in window):
-            return copied
-        time.sleep(0.001)  # lapped while copying: the producer is fast; try again
-    raise _bad("the producer overwrote the latest rows ten times while they were copied")
