@@ -366,6 +366,22 @@ def test_bad_requests_get_clear_flight_errors(tmp_path: Path) -> None:
         with pytest.raises(UnknownStreamError):
             daq.reader("nope")
         assert daq.list_streams()["voltmeter"] == {"timestamp": "timestamp[ns]", "voltage": "double"}
+        # Through the Python client: the daemon's message once, not prefixed twice.
+        with pytest.raises(RemoteError) as e:
+            daq.start_recording(str(tmp_path / "no-such-dir" / "x.h5"))
+        assert str(e.value).startswith("start_recording: the writer process did not start: ")
+        assert "does not exist" in str(e.value)
+        dict_col = pa.table({"a": pa.array(["x"]).dictionary_encode()})
+        with pytest.raises(RemoteError, match=r"^do_put to stream 'd': .*dictionary") as e:
+            daq.put("d", dict_col)
+        schema = pa.schema([("a", pa.int64())])
+        with daq.put_stream("p", schema) as put:
+            assert put.write(pa.record_batch([pa.array([1])], schema=schema)) >= 0
+            with pytest.raises(ValueError, match="do_put to 'p' was opened for schema"):
+                put.write(pa.record_batch([pa.array([1.5])], names=["b"]))
+            assert put.write(pa.record_batch([pa.array([2])], schema=schema)) >= 0, "still open"
+        assert daq.latest("p", rows=5)["a"].tolist() == [1, 2]
+        assert "d" not in daq.streams(), "nothing of the refused put was written"
         daq.close()
     with pytest.raises(RemoteError, match="cannot be reached"):
         rust_daq.remote.connect(url, timeout=2)

@@ -9,7 +9,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import anyio
 import typer
@@ -26,6 +26,9 @@ from ._ring import RingBuffer, resolve_ring_path
 from .acquisition import Acquisition
 from .adapters import Instrument, ScpiInstrument, SimulatedCamera, SimulatedVoltmeter
 from .writer import start_process, stop_process
+
+if TYPE_CHECKING:
+    from .remote import RemoteDaq
 
 app = typer.Typer(
     name="rust-daq",
@@ -598,21 +601,16 @@ def tail(
         source.close()
 
 
-class _TailSource:
-    def title(self) -> str:
-        raise NotImplementedError
+class _TailSource(Protocol):
+    """What `tail` shows: a local ring (_RingTail) or a daemon's (_RemoteTail)."""
 
-    def streams(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def latest(self, name: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
+    def title(self) -> str: ...
+    def streams(self) -> dict[str, Any]: ...
+    def latest(self, name: str) -> dict[str, Any]: ...
+    def close(self) -> None: ...
 
 
-class _RingTail(_TailSource):
+class _RingTail:
     def __init__(self, ring: RingBuffer) -> None:
         self.ring = ring
 
@@ -629,8 +627,8 @@ class _RingTail(_TailSource):
         self.ring.close()
 
 
-class _RemoteTail(_TailSource):
-    def __init__(self, daq: Any) -> None:
+class _RemoteTail:
+    def __init__(self, daq: RemoteDaq) -> None:
         self.daq = daq
 
     def title(self) -> str:

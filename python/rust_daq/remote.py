@@ -56,7 +56,10 @@ def _clean(e: BaseException) -> str:
 def _remote_error(e: BaseException, what: str) -> RemoteError:
     if isinstance(e, fl.FlightUnavailableError):
         return RemoteError(f"{what}: the daemon cannot be reached ({_clean(e)})")
-    return RemoteError(f"{what}: {_clean(e)}")
+    message = _clean(e)
+    if type(e) is fl.FlightServerError:  # the daemon's own message, which names the request
+        return RemoteError(message)
+    return RemoteError(f"{what}: {message}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,11 @@ class RemoteDaq:
         self._timeout = timeout
         kwargs: dict[str, Any] = {"tls_root_certs": certs} if certs is not None else {}
         self._client = fl.connect(url, **kwargs)
-        self.streams()  # fails now, with a clear message, if the daemon is not there
+        try:
+            self.streams()  # fails now, with a clear message, if the daemon is not there
+        except BaseException:
+            self._client.close()
+            raise
 
     def options(self, timeout: float | None = None) -> fl.FlightCallOptions:
         """Call options with the token; `timeout` None: no deadline (streams)."""
@@ -239,6 +246,7 @@ class RemotePut:
 
     def __init__(self, daq: RemoteDaq, stream: str, schema: pa.Schema) -> None:
         self.stream = stream
+        self.schema = schema
         try:
             self._writer, self._acks = daq._client.do_put(
                 fl.FlightDescriptor.for_path(stream), schema, options=daq.options()
@@ -247,7 +255,13 @@ class RemotePut:
             raise _remote_error(e, f"do_put to {stream!r}") from None
 
     def write(self, batch: pa.RecordBatch) -> int:
-        """Sends `batch`; returns its sequence number in the daemon's ring once it is there."""
+        """Sends `batch`; returns its sequence number in the daemon's ring once it is there.
+        Raises ValueError if its schema is not the one this put was opened with."""
+        if not batch.schema.equals(self.schema):
+            raise ValueError(
+                f"do_put to {self.stream!r} was opened for schema ({self.schema}), got a batch of "
+                f"({batch.schema}); open another put_stream for the new schema"
+            )
         try:
             self._writer.write_batch(batch)
             ack = self._acks.read()
