@@ -5,6 +5,8 @@ A Rust ring buffer in shared memory (:class:`RingBuffer`), read by any number of
 stored in the ring (:meth:`RingBuffer.write_arrow_batch`, :meth:`RingReader.read_batches`).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._arrow import LiveView, StreamInfo
 from ._errors import (
     ProducerActiveError,
@@ -23,7 +25,29 @@ from ._errors import (
 from ._native import FORMAT_VERSION, Record, __version__
 from ._ring import RingBuffer, RingReader, resolve_ring_path
 from .acquisition import Acquisition
-from .writer import HDF5Writer, IncompatibleFileError
+
+if TYPE_CHECKING:
+    from .writer import HDF5Writer, IncompatibleFileError
+
+# The writer (h5py, and the module `python -m rust_daq.writer` runs) is imported on first use,
+# not with the package: importing it here made runpy warn that 'rust_daq.writer' was already
+# in sys.modules before it ran as __main__.
+_LAZY = {"HDF5Writer": "writer", "IncompatibleFileError": "writer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "Acquisition",
