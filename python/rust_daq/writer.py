@@ -711,8 +711,16 @@ def start_process(
     ]
     if compression:
         cmd += ["--compression", compression]
+    # --parent-pipe: the child watches its stdin, whose only write end is ours, so our death
+    # (even by SIGKILL) reaches it as EOF and it writes, flushes and closes its file.
+    cmd.append("--parent-pipe")
     p = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     assert p.stdout is not None
     if p.stdout.readline().strip() != "ready":
@@ -729,6 +737,20 @@ def stop_process(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, s
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=timeout)
     return p.returncode, err
+
+
+def _watch_parent(stop: threading.Event) -> None:
+    """Blocks on standard input until EOF: the parent closed it (stop_process) or died. Either
+    way the writer stops as on SIGTERM. (PR_SET_PDEATHSIG would fire when the parent's *thread*
+    that started us ends, which in the daemon is any Flight worker thread.)"""
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    if not stop.is_set():
+        log.warning("standard input closed: the process that started this writer is gone; stopping")
+        stop.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -748,6 +770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-swmr", action="store_true", help="do not enable SWMR (append layout)")
     ap.add_argument("--stream", action="append", dest="streams", help="only this stream (repeatable)")
     ap.add_argument("--metadata", default=None, help="run metadata as a JSON object")
+    ap.add_argument(
+        "--parent-pipe",
+        action="store_true",
+        help="stop (final flush, exit 0) when standard input closes: the parent that started us died",
+    )
     args = ap.parse_args(argv)
     if args.repair:
         print(f"{args.repair}: {'repaired' if repair(args.repair) else 'nothing to repair'}")
@@ -758,6 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.parent_pipe:
+        threading.Thread(target=_watch_parent, args=(stop,), name="parent-watch", daemon=True).start()
     try:
         metadata = json.loads(args.metadata) if args.metadata else None
         writer = HDF5Writer(
