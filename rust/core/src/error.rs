@@ -33,6 +33,9 @@ pub enum Error {
     Closed,
     /// A producer handle used in a fork() child of the process that opened it.
     Forked,
+    /// A ring file the caller must not trust: not its own, open to other users, or a
+    /// symlink where a ring file should be.
+    Untrusted { path: PathBuf, detail: String },
     /// An argument the caller passed is wrong (e.g. `advance_tail` past the data).
     Invalid { detail: String },
 }
@@ -83,7 +86,9 @@ impl fmt::Display for Error {
                     _ => Ok(()),
                 }
             }
-            Error::Format { path, detail } => write!(f, "{}: {detail}", path.display()),
+            Error::Format { path, detail } | Error::Untrusted { path, detail } => {
+                write!(f, "{}: {detail}", path.display())
+            }
             Error::Corrupt { detail } => write!(f, "ring data is corrupt: {detail}"),
             Error::Config { detail } | Error::Invalid { detail } => f.write_str(detail),
             Error::TooLarge {

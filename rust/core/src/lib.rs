@@ -7,6 +7,7 @@
 pub mod copy;
 pub mod error;
 pub mod format;
+pub mod guard;
 pub mod lock;
 pub mod region;
 pub mod ring;

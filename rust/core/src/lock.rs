@@ -83,7 +83,9 @@ pub enum Acquired {
 }
 
 pub fn acquire(lock: &AtomicU64, mine: u64) -> Result<Acquired> {
-    loop {
+    // Each round either succeeds, fails, or lost a compare-and-swap to another process that
+    // changed the word meanwhile: a word that keeps changing this often is not a lock.
+    for _ in 0..10_000 {
         let cur = lock.load(Ordering::Acquire);
         if cur == 0 {
             if lock
@@ -113,6 +115,10 @@ pub fn acquire(lock: &AtomicU64, mine: u64) -> Result<Acquired> {
             return Ok(Acquired::TookOver(lock_pid(cur)));
         }
     }
+    Err(Error::corrupt(
+        "the ring's producer_lock word keeps changing under compare-and-swap: \
+         another process is writing garbage into the ring header",
+    ))
 }
 
 pub fn release(lock: &AtomicU64, mine: u64) {

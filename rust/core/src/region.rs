@@ -7,12 +7,13 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
 use crate::format::{self, off};
+use crate::guard::Guard;
 
 /// What the caller wants from `Region::create`.
 #[derive(Clone, Copy, Debug)]
@@ -41,6 +42,10 @@ pub struct Geometry {
 pub struct Region {
     path: PathBuf,
     geometry: Geometry,
+    // Declared before the mappings: unregistered before they are unmapped.
+    guards: [Guard; 2],
+    /// Set once the file was seen shorter than the ring (fstat), before any fault.
+    shrunk: AtomicBool,
     meta: MmapRaw,
     data: MmapRaw,
     header_writable: bool,
@@ -254,9 +259,17 @@ impl Region {
         let name = path.file_name().ok_or_else(|| {
             Error::invalid(format!("ring path {} has no file name", path.display()))
         })?;
+        check_file_name(path)?;
+        // The temporary name carries (a prefix of) the ring's name, so a leftover of a
+        // creator killed mid-way says which ring it was, and stays within NAME_MAX.
+        let lossy = name.to_string_lossy();
+        let mut keep = lossy.len().min(NAME_MAX - 48);
+        while !lossy.is_char_boundary(keep) {
+            keep -= 1;
+        }
         let tmp = dir.join(format!(
             ".{}.{}.{:x}.tmp",
-            name.to_string_lossy(),
+            &lossy[..keep],
             std::process::id(),
             random_u64()
         ));
@@ -313,11 +326,13 @@ impl Region {
                 (f, false)
             }
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(Error::io(
-                    "refusing to follow a symlink at ring path",
-                    path,
-                    e,
-                ))
+                return Err(Error::Untrusted {
+                    path: path.to_path_buf(),
+                    detail: "refusing to follow a symlink at the ring path (a ring file is opened \
+                             with O_NOFOLLOW: a symlink there may point a producer at another file); \
+                             remove the symlink, or pass the real file's path"
+                        .into(),
+                })
             }
             Err(e) => return Err(Error::io("cannot open ring", path, e)),
         };
@@ -326,6 +341,9 @@ impl Region {
             .map_err(|e| Error::io("cannot stat ring", path, e))?;
         if !meta.is_file() {
             return Err(Error::format(path, "not a regular file, so not a ring"));
+        }
+        if producer {
+            check_owner(path, &meta)?;
         }
         let file_len = meta.len();
         // Read the header with pread, not through a mapping: a short file gives a short
@@ -358,9 +376,15 @@ impl Region {
             data_opts.map_raw_read_only(&file)
         }
         .map_err(|e| map_error(path, g.capacity, e))?;
+        let guards = [
+            Guard::register(meta_map.as_ptr(), meta_map.len(), writable)?,
+            Guard::register(data_map.as_ptr(), data_map.len(), producer)?,
+        ];
         Ok(Region {
             path: path.to_path_buf(),
             geometry: g,
+            guards,
+            shrunk: AtomicBool::new(false),
             meta: meta_map,
             data: data_map,
             header_writable: writable,
@@ -385,6 +409,55 @@ impl Region {
     }
     pub fn header_writable(&self) -> bool {
         self.header_writable
+    }
+
+    /// Whether the file was truncated under this mapping: an access to a page it lost
+    /// faulted (the SIGBUS handler mapped zero pages there, see `guard`), or `fstat` saw it
+    /// short. Anything read from the mapping after that is not data.
+    #[inline(always)]
+    pub fn tripped(&self) -> bool {
+        self.guards[1].tripped() || self.guards[0].tripped() || self.shrunk.load(Ordering::Acquire)
+    }
+
+    /// The size of the ring file now (`fstat` of the open descriptor).
+    pub fn file_len(&self) -> Option<u64> {
+        self._file.metadata().ok().map(|m| m.len())
+    }
+
+    /// Err if the file was truncated under this mapping (flag, or `fstat` now).
+    pub fn check_intact(&self) -> Result<()> {
+        let expected = self.geometry.data_offset + self.geometry.capacity;
+        let len = self.file_len();
+        if let Some(n) = len {
+            if n < expected {
+                self.shrunk.store(true, Ordering::Release);
+            }
+        }
+        if self.tripped() {
+            return Err(self.truncated_error_len(len));
+        }
+        Ok(())
+    }
+
+    /// Err (RingCorruptError) if the file was truncated under this mapping (flag only: no
+    /// syscall). For hot paths; the error message looks the file size up.
+    #[inline(always)]
+    pub fn check_tripped(&self) -> Result<()> {
+        if self.tripped() {
+            return Err(self.truncated_error_len(self.file_len()));
+        }
+        Ok(())
+    }
+
+    fn truncated_error_len(&self, len: Option<u64>) -> Error {
+        let expected = self.geometry.data_offset + self.geometry.capacity;
+        let now = len.map_or_else(|| "of unknown size".to_string(), |n| format!("{n} bytes"));
+        Error::corrupt(format!(
+            "{} was truncated while mapped: the ring file is {now}, it must be {expected} bytes \
+             (another process shrank it). Records already delivered (copies) are intact; nothing \
+             more can be read from or written to this ring: close it and create a new one",
+            self.path.display()
+        ))
     }
     pub fn data_writable(&self) -> bool {
         self.data_writable
@@ -463,6 +536,63 @@ impl Region {
                 .add(self.geometry.schema_offset as usize)
         }
     }
+}
+
+/// Longest file name (bytes) on Linux file systems.
+const NAME_MAX: usize = 255;
+
+/// A ring's file name must fit in NAME_MAX bytes (the OS would refuse it with a less
+/// helpful ENAMETOOLONG).
+pub fn check_file_name(path: &Path) -> Result<()> {
+    let Some(name) = path.file_name() else {
+        return Err(Error::invalid(format!(
+            "ring path {} has no file name",
+            path.display()
+        )));
+    };
+    if name.len() > NAME_MAX {
+        let shown: String = name.to_string_lossy().chars().take(40).collect();
+        return Err(Error::config(format!(
+            "ring name \"{shown}...\" is {} bytes long; a file name has at most {NAME_MAX} bytes: \
+             choose a shorter name",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A producer writes only into a ring file that is its own: owned by the effective user and
+/// with no group or other permission bits (ring files are created 0600). A file anybody else
+/// could have planted or can read is refused, with what is wrong and what to do.
+fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    let mut wrong = Vec::new();
+    if meta.uid() != me {
+        wrong.push(format!(
+            "is owned by uid {}, not by you (uid {me})",
+            meta.uid()
+        ));
+    }
+    if mode & 0o077 != 0 {
+        wrong.push(format!(
+            "has mode {mode:04o}, which lets other users read or write it (a ring file must be 0600)"
+        ));
+    }
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Untrusted {
+        path: path.to_path_buf(),
+        detail: format!(
+            "refusing to produce into this ring file: it {}. Another user may have planted it to \
+             read or truncate your data. Remove it (after checking who made it) or choose another \
+             path; rust-daq creates ring files itself, mode 0600",
+            wrong.join(" and ")
+        ),
+    })
 }
 
 fn read_prefix(file: &File, buf: &mut [u8]) -> io::Result<usize> {

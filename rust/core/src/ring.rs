@@ -93,6 +93,11 @@ impl Start {
 /// How many times a seqlock read retries before it stops waiting for a writer that may
 /// have died between its two version stores (then it returns the fields as they are).
 const SEQLOCK_RETRIES: u32 = 10_000;
+/// How many torn copies `read_snapshot` retries before it reports an error.
+const SNAPSHOT_ATTEMPTS: u32 = 10_000;
+/// Looks a reader takes at its position before it concludes that the header's positions
+/// contradict each other (a healthy ring needs at most a few, each a commit by the producer).
+const LOOK_ATTEMPTS: u32 = 100_000;
 
 /// Shared state of one mapped ring: any number of producers' and readers' handles in this
 /// process hold it through an `Arc`, which keeps the mapping alive for zero-copy views.
@@ -147,6 +152,7 @@ impl Ring {
         replace: bool,
     ) -> Result<(Arc<Ring>, Producer)> {
         let capacity = validate_capacity(capacity)?;
+        crate::region::check_file_name(path)?;
         let opts = CreateOptions {
             capacity,
             schema_size: format::DEFAULT_SCHEMA_SIZE,
@@ -330,10 +336,24 @@ impl Ring {
 
     /// Whether the record that started at `pos` is still intact (not reclaimed). Call it
     /// after reading a record's bytes: a `true` covers every read made before the call.
+    /// Always false once the file was truncated under the mapping (the bytes read may come
+    /// from the zero pages the SIGBUS guard mapped there).
     #[inline]
     pub fn still_valid(&self, pos: u64) -> bool {
         fence(Ordering::Acquire);
-        self.h64(off::OLDEST_POS).load(Ordering::Relaxed) <= pos
+        self.h64(off::OLDEST_POS).load(Ordering::Relaxed) <= pos && !self.region.tripped()
+    }
+
+    /// Err (`Error::Corrupt`) if the ring file was truncated under this mapping; checks the
+    /// file size with `fstat` too (for attach time and status, not for every record).
+    pub fn check_intact(&self) -> Result<()> {
+        self.region.check_intact()
+    }
+
+    /// Err if an access to the mapping already found the file truncated (no syscall).
+    #[inline(always)]
+    pub fn check_tripped(&self) -> Result<()> {
+        self.region.check_tripped()
     }
 
     /// Stores the primary consumer's durable position. Positions only grow: a `pos` below
@@ -370,15 +390,22 @@ impl Ring {
     /// A copy of the committed bytes the primary consumer has not consumed: the framed
     /// records (headers, payloads, padding) from `max(read_tail, oldest)` to `commit_pos`,
     /// unwrapped into one buffer. Returns the absolute position the copy starts at.
-    pub fn read_snapshot(&self) -> (u64, Vec<u8>) {
-        loop {
+    /// Gives up with an error after `SNAPSHOT_ATTEMPTS` copies torn by the producer.
+    pub fn read_snapshot(&self) -> Result<(u64, Vec<u8>)> {
+        for _ in 0..SNAPSHOT_ATTEMPTS {
+            self.check_tripped()?;
             let (commit, _) = self.snapshot();
             let start = self
                 .h64(off::READ_TAIL)
                 .load(Ordering::Acquire)
                 .max(self.oldest_pos());
             if start >= commit {
-                return (start, Vec::new());
+                return Ok((start, Vec::new()));
+            }
+            if start % format::RECORD_ALIGN != 0 || commit % format::RECORD_ALIGN != 0 {
+                return Err(Error::corrupt(format!(
+                    "misaligned positions in the header (commit {commit}, start {start})"
+                )));
             }
             let len = (commit - start).min(self.cap);
             let mut buf = vec![0u8; len as usize];
@@ -399,9 +426,14 @@ impl Ring {
                 );
             }
             if self.still_valid(start) {
-                return (start, buf);
+                return Ok((start, buf));
             }
         }
+        self.check_tripped()?;
+        Err(Error::corrupt(format!(
+            "read_snapshot: the producer overwrote the unconsumed data {SNAPSHOT_ATTEMPTS} times while \
+             it was copied (or the header's positions are corrupt)"
+        )))
     }
 
     /// Advances `read_tail` by `nbytes` from `max(read_tail, oldest)`, which must land on a
@@ -420,8 +452,16 @@ impl Ring {
                     commit.saturating_sub(base)
                 ))
             })?;
+        if target - base > self.cap {
+            return Err(Error::corrupt(format!(
+                "advance_tail({nbytes}): {} unconsumed bytes in a ring of {} (corrupt positions)",
+                commit - base,
+                self.cap
+            )));
+        }
         let mut p = base;
         while p < target {
+            self.check_tripped()?;
             let h = self.load_header(p % self.cap);
             if !self.still_valid(p) {
                 return Err(Error::invalid(format!(
@@ -484,6 +524,22 @@ impl Ring {
             )));
         }
         Ok(size)
+    }
+
+    /// The error for header positions that contradict each other (or the file's truncation,
+    /// if that is why they read as they do).
+    fn positions_error(&self) -> Error {
+        if let Err(e) = self.check_intact() {
+            return e;
+        }
+        let (commit, _) = self.snapshot();
+        Error::corrupt(format!(
+            "the ring header's positions are inconsistent (write_pos {}, commit_pos {commit}, \
+             oldest_pos {}, capacity {}): another process wrote into the header; recreate the ring",
+            self.write_pos(),
+            self.oldest_pos(),
+            self.cap
+        ))
     }
 }
 
@@ -567,6 +623,37 @@ pub struct Producer {
     took_over_from: Option<u32>,
     /// `lock::fork_generation()` when attached: a forked copy of this handle must not write.
     fork_gen: u64,
+    /// Which stream ids Arrow streams own and which schema id belongs to which stream,
+    /// loaded from the schema table on first need (only this producer adds to it).
+    arrow: Option<ArrowIds>,
+}
+
+/// The schema table's stream ids, as the producer needs them to keep plain records out of
+/// Arrow streams (whose per-stream sequence numbers must count only their own records).
+#[derive(Default)]
+struct ArrowIds {
+    /// `stream_of[schema_id]`: the stream id of each registered schema (0: none).
+    stream_of: Vec<u32>,
+    /// Stream id -> stream name, for every Arrow stream.
+    names: std::collections::BTreeMap<u32, String>,
+}
+
+impl ArrowIds {
+    fn load(ring: &Ring) -> Result<ArrowIds> {
+        let mut ids = ArrowIds::default();
+        for e in ring.schemas()? {
+            ids.add(&e);
+        }
+        Ok(ids)
+    }
+    fn add(&mut self, e: &crate::schema::SchemaEntry) {
+        let i = e.schema_id as usize;
+        if self.stream_of.len() <= i {
+            self.stream_of.resize(i + 1, 0);
+        }
+        self.stream_of[i] = e.stream_id;
+        self.names.insert(e.stream_id, e.name.clone());
+    }
 }
 
 /// Outcome of `Producer::try_claim`.
@@ -580,6 +667,7 @@ pub enum ClaimResult {
 
 impl Producer {
     fn attach(ring: Arc<Ring>) -> Result<Producer> {
+        ring.check_intact()?;
         let fork_gen = lock::fork_generation();
         let mine = lock::my_lock_word();
         let acquired = lock::acquire(ring.h64(off::PRODUCER_LOCK), mine)?;
@@ -592,6 +680,7 @@ impl Producer {
             records_lost: ring.h64(off::RECORDS_LOST).load(Ordering::Acquire),
             lock_word: mine,
             fork_gen,
+            arrow: None,
             pending: None,
             took_over_from: match acquired {
                 lock::Acquired::TookOver(pid) => Some(pid),
@@ -621,7 +710,11 @@ impl Producer {
                 .store(self.write_pos, Ordering::Release);
         }
         let mut p = self.commit_pos.max(self.oldest);
+        if self.write_pos - p > self.ring.cap {
+            return Err(self.ring.positions_error());
+        }
         while p < self.write_pos {
+            self.ring.check_tripped()?;
             let at = p % self.ring.cap;
             let h = self.ring.load_header(at);
             let size = self.ring.check_header(p, &h)?;
@@ -679,10 +772,26 @@ impl Producer {
     /// Claims space for a record of `payload_len` bytes: reclaims what it overlaps, writes
     /// a padding record if it would straddle the end, initialises the header (busy) and
     /// publishes `write_pos`. With policy "block" and no room, claims nothing.
+    ///
+    /// A plain record (this method) cannot use a stream id that an Arrow stream owns (see
+    /// `try_claim_tagged`).
     pub fn try_claim(
         &mut self,
         payload_len: u64,
         stream: u32,
+        timestamp_ns: Option<i64>,
+    ) -> Result<ClaimResult> {
+        self.try_claim_tagged(payload_len, stream, 0, timestamp_ns)
+    }
+
+    /// `try_claim` for a record of schema `schema_id` (0: plain bytes). A plain record may
+    /// not use a stream id an Arrow stream owns, and an Arrow record must use its schema's
+    /// stream id: per-stream sequence numbers then count exactly one stream's records.
+    pub fn try_claim_tagged(
+        &mut self,
+        payload_len: u64,
+        stream: u32,
+        schema_id: u32,
         timestamp_ns: Option<i64>,
     ) -> Result<ClaimResult> {
         if lock::forked_since(self.fork_gen) {
@@ -693,6 +802,62 @@ impl Producer {
                 "a reserved record is pending: commit or abort it first",
             ));
         }
+        self.ring.check_tripped()?;
+        if stream != 0 || schema_id != 0 {
+            self.check_stream(stream, schema_id)?;
+        }
+        let claimed = self.claim_inner(payload_len, stream, timestamp_ns)?;
+        if let ClaimResult::Claimed(c) = &claimed {
+            if schema_id != 0 {
+                self.set_claim_tags(c, schema_id, 0);
+            }
+            if let Err(e) = self.ring.check_tripped() {
+                // The file was truncated under the claim: nothing of it is in the file.
+                self.pending = None;
+                return Err(e);
+            }
+        }
+        Ok(claimed)
+    }
+
+    fn arrow_ids(&mut self) -> Result<&mut ArrowIds> {
+        if self.arrow.is_none() {
+            self.arrow = Some(ArrowIds::load(&self.ring)?);
+        }
+        Ok(self.arrow.as_mut().expect("just loaded"))
+    }
+
+    /// Refuses a plain record on an Arrow stream's id, and an Arrow record on another id
+    /// than its schema's.
+    fn check_stream(&mut self, stream: u32, schema_id: u32) -> Result<()> {
+        let ids = self.arrow_ids()?;
+        if schema_id == 0 {
+            if let Some(name) = ids.names.get(&stream) {
+                return Err(Error::invalid(format!(
+                    "stream id {stream} belongs to the Arrow stream {name:?}: plain records (write(..., \
+                     stream={stream})) cannot use it, they would break that stream's sequence numbers; \
+                     use a stream id no Arrow stream has (ring.streams() lists them), or write_arrow_batch"
+                )));
+            }
+            return Ok(());
+        }
+        match ids.stream_of.get(schema_id as usize).copied() {
+            Some(owner) if owner != 0 && owner == stream => Ok(()),
+            Some(owner) if owner != 0 => Err(Error::invalid(format!(
+                "schema id {schema_id} belongs to stream id {owner}, not {stream}"
+            ))),
+            _ => Err(Error::invalid(format!(
+                "schema id {schema_id} is not registered in this ring's schema table"
+            ))),
+        }
+    }
+
+    fn claim_inner(
+        &mut self,
+        payload_len: u64,
+        stream: u32,
+        timestamp_ns: Option<i64>,
+    ) -> Result<ClaimResult> {
         let cap = self.ring.cap;
         let size = match format::record_size(payload_len) {
             Some(s) if s <= cap => s,
@@ -714,6 +879,9 @@ impl Producer {
         let mut lost = 0u64;
         let tail = self.ring.h64(off::READ_TAIL).load(Ordering::Acquire);
         let block = self.ring.policy() == Policy::Block;
+        if must_free.saturating_sub(oldest) > cap {
+            return Err(self.ring.positions_error());
+        }
         while oldest < must_free {
             if oldest >= w {
                 oldest = start; // only the padding (never written) lay in between
@@ -845,11 +1013,32 @@ impl Producer {
     }
 
     /// Registers a schema for stream `name` in the ring's schema table.
-    pub fn register_schema(&self, name: &str, schema: &[u8]) -> Result<crate::schema::SchemaEntry> {
+    ///
+    /// A new stream gets the next stream id that no plain record has used yet (its per-stream
+    /// counter is still 0, and no pending reservation has it), so its per-stream sequence
+    /// numbers count only its own records.
+    pub fn register_schema(
+        &mut self,
+        name: &str,
+        schema: &[u8],
+    ) -> Result<crate::schema::SchemaEntry> {
         if lock::forked_since(self.fork_gen) {
             return Err(Error::Forked);
         }
-        crate::schema::register(&self.ring.region, name, schema)
+        self.ring.check_tripped()?;
+        let pending = self.pending.map(|c| c.stream);
+        let ring = self.ring.clone();
+        let taken = move |id: u32| {
+            pending == Some(id)
+                || (id < format::MAX_TRACKED_STREAMS
+                    && ring
+                        .h64(format::STREAM_SEQ_OFFSET as usize + 8 * id as usize)
+                        .load(Ordering::Relaxed)
+                        != 0)
+        };
+        let e = crate::schema::register(&self.ring.region, name, schema, taken)?;
+        self.arrow_ids()?.add(&e);
+        Ok(e)
     }
 
     /// Copies `len` bytes from `src` into the claimed payload.
@@ -871,6 +1060,8 @@ impl Producer {
             ));
         }
         self.pending = None;
+        // A record filled (partly) into zero pages after a truncation is not published.
+        self.ring.check_tripped()?;
         let region = &self.ring.region;
         region
             .r64(claim.pos % self.ring.cap, off::R_COMMIT)
@@ -1050,6 +1241,7 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(ring: Arc<Ring>, start: Start) -> Result<Reader> {
+        ring.check_intact()?;
         let mut rd = Reader {
             ring,
             pos: 0,
@@ -1071,7 +1263,7 @@ impl Reader {
     /// Sequence number of the first data record at or after the reader's position
     /// (moving the position over padding, or forward if lapped).
     fn seq_here(&mut self) -> Result<u64> {
-        loop {
+        for _ in 0..LOOK_ATTEMPTS {
             match self.peek()? {
                 Next::Record(r) => return Ok(r.seq),
                 Next::Busy { seq } => return Ok(seq),
@@ -1080,10 +1272,12 @@ impl Reader {
                     if commit <= self.pos {
                         return Ok(next);
                     }
-                    // committed meanwhile: look again
+                    // committed meanwhile (peek checked that write_pos covers commit_pos
+                    // then): look again
                 }
             }
         }
+        Err(self.ring.positions_error())
     }
 
     pub fn ring(&self) -> &Arc<Ring> {
@@ -1110,14 +1304,27 @@ impl Reader {
     pub fn peek(&mut self) -> Result<Next> {
         let ring = &*self.ring;
         let cap = ring.cap;
-        loop {
+        // Each look either returns or moves past a padding record or to a newer oldest
+        // record; a capacity's worth of records plus the producer's progress meanwhile is far
+        // below this bound, unless the header's positions are corrupt.
+        for _ in 0..LOOK_ATTEMPTS {
+            ring.check_tripped()?;
             // write_pos first: its acquire makes the oldest_pos stored before it visible.
             let write = ring.write_pos();
             let oldest = ring.oldest_pos();
+            if (write | oldest) % format::RECORD_ALIGN != 0 {
+                return Err(ring.positions_error());
+            }
             if self.pos < oldest {
                 self.pos = oldest;
             }
             if self.pos >= write {
+                // commit_pos, then write_pos: the producer stores write_pos first, so in a
+                // healthy ring the second load is never below the first.
+                let commit = ring.h64(off::COMMIT_POS).load(Ordering::Acquire);
+                if commit > ring.write_pos() || commit % format::RECORD_ALIGN != 0 {
+                    return Err(ring.positions_error());
+                }
                 return Ok(Next::Empty);
             }
             if write - self.pos > cap {
@@ -1150,6 +1357,7 @@ impl Reader {
                 stream_seq: h.stream_seq,
             }));
         }
+        Err(ring.positions_error())
     }
 
     /// Copies a peeked record's payload out of the ring. Follow with `confirm`.

@@ -111,7 +111,15 @@ pub fn list(region: &Region) -> Result<Vec<SchemaEntry>> {
 /// Registers `schema` for stream `name` (producer only) and returns its entry: an identical
 /// (name, schema) pair already in the table is reused; a new schema for a known stream gets
 /// a new `schema_id` and keeps the stream's id.
-pub fn register(region: &Region, name: &str, schema: &[u8]) -> Result<SchemaEntry> {
+///
+/// `taken(id)`: whether stream id `id` is already used by plain records; a new stream skips
+/// such ids.
+pub fn register(
+    region: &Region,
+    name: &str,
+    schema: &[u8],
+    taken: impl Fn(u32) -> bool,
+) -> Result<SchemaEntry> {
     if name.is_empty() || name.len() > 4096 {
         return Err(Error::invalid(format!(
             "stream names are 1 to 4096 bytes of UTF-8, got {} bytes",
@@ -145,7 +153,14 @@ pub fn register(region: &Region, name: &str, schema: &[u8]) -> Result<SchemaEntr
         .iter()
         .find(|e| e.name == name)
         .map(|e| e.stream_id)
-        .unwrap_or_else(|| existing.iter().map(|e| e.stream_id).max().unwrap_or(0) + 1);
+        .unwrap_or_else(|| {
+            let mut id = existing.iter().map(|e| e.stream_id).max().unwrap_or(0) + 1;
+            // Bounded: ids only grow, and `taken` is false from MAX_TRACKED_STREAMS on.
+            while id < u32::MAX && taken(id) {
+                id += 1;
+            }
+            id
+        });
     let schema_id = existing.len() as u32 + 1;
     let size = region.geometry().schema_size;
     let used = region.h64_schema(0).load(Ordering::Acquire);

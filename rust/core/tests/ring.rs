@@ -440,7 +440,7 @@ fn snapshot_and_advance_tail_follow_the_original_api() {
     for i in 0..3u64 {
         p.write(&payload(i, 100), 0, None, Duration::ZERO).unwrap();
     }
-    let (start, snap) = ring.read_snapshot();
+    let (start, snap) = ring.read_snapshot().unwrap();
     assert_eq!(start, 0);
     assert_eq!(snap.len(), 3 * 192);
     // The snapshot is framed records: the second record's header says position 192.
@@ -455,9 +455,9 @@ fn snapshot_and_advance_tail_follow_the_original_api() {
     assert!(e.to_string().contains("past the committed data"), "{e}");
     assert_eq!(ring.advance_tail(192).unwrap(), 192);
     assert_eq!(ring.status().read_tail_seq, 1);
-    assert_eq!(ring.read_snapshot().1.len(), 2 * 192);
+    assert_eq!(ring.read_snapshot().unwrap().1.len(), 2 * 192);
     ring.advance_tail(2 * 192).unwrap();
-    assert!(ring.read_snapshot().1.is_empty());
+    assert!(ring.read_snapshot().unwrap().1.is_empty());
     assert_eq!(ring.status().read_tail_seq, 3);
 }
 
@@ -553,7 +553,7 @@ fn threaded_stress_many_laps_every_record_intact_or_counted() {
 fn schema_table_registers_reuses_and_survives_reopen() {
     let t = TempRing::new("schemas");
     {
-        let (ring, p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+        let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
         let a = p.register_schema("voltmeter", b"schema-v1").unwrap();
         assert_eq!((a.stream_id, a.schema_id), (1, 1));
         let cam = p.register_schema("camera", &[7u8; 300]).unwrap();
@@ -582,7 +582,7 @@ fn schema_table_registers_reuses_and_survives_reopen() {
     // A reader in another "process" (a fresh mapping) sees the same table.
     let (ro, _) = Ring::open(&t.0, false).unwrap();
     assert_eq!(ro.schemas().unwrap().len(), 3);
-    let (_r, p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let (_r, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
     assert_eq!(
         p.register_schema("camera", &[7u8; 300]).unwrap().schema_id,
         2,
@@ -593,7 +593,7 @@ fn schema_table_registers_reuses_and_survives_reopen() {
 #[test]
 fn a_full_schema_region_is_a_clear_error() {
     let t = TempRing::new("schemafull");
-    let (ring, p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
     let big = vec![1u8; 100 * 1024];
     p.register_schema("a", &big).unwrap();
     p.register_schema("b", &big).unwrap();

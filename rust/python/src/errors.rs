@@ -46,6 +46,12 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Closed => raise(py, "RingClosedError", msg),
         Error::Forked => raise(py, "ProducerActiveError", msg),
         Error::Invalid { .. } => raise(py, "RingUsageError", msg),
+        // A PermissionError that is a rust-daq error. `RingPermissionError` (a subclass of
+        // ReadOnlyRingError) where _errors.py defines it, else ReadOnlyRingError itself.
+        Error::Untrusted { .. } => match class(py, "RingPermissionError") {
+            Ok(cls) => PyErr::from_type(cls, msg),
+            Err(_) => raise(py, "ReadOnlyRingError", msg),
+        },
     }
 }
 

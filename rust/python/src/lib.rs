@@ -23,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("RECORD_ALIGN", rust_daq_core::format::RECORD_ALIGN)?;
     m.add("FORMAT_VERSION", rust_daq_core::format::VERSION)?;
+    m.add("MAX_CAPACITY", rust_daq_core::format::MAX_CAPACITY)?;
     Ok(())
 }

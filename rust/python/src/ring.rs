@@ -64,9 +64,13 @@ pub struct RingBuffer {
 }
 
 impl RingBuffer {
+    /// The ring, unless closed or truncated under its mapping (RingCorruptError).
     pub fn ring(&self) -> PyResult<&Arc<Ring>> {
         if self.closed.load(Ordering::Acquire) {
             return Python::attach(|py| Err(to_py(py, Error::Closed)));
+        }
+        if let Err(e) = self.ring.check_tripped() {
+            return Python::attach(|py| Err(to_py(py, e)));
         }
         Ok(&self.ring)
     }
@@ -119,17 +123,19 @@ impl RingBuffer {
 
 /// Claims room for `len` payload bytes; under policy "block" waits (GIL released, Ctrl-C
 /// honoured) up to `timeout`.
+#[allow(clippy::too_many_arguments)]
 fn claim_with_wait(
     py: Python<'_>,
     p: &mut Producer,
     len: u64,
     stream: u32,
+    schema_id: u32,
     ts: Option<i64>,
     timeout: Duration,
 ) -> PyResult<Claim> {
     let mut start: Option<Instant> = None;
     loop {
-        match p.try_claim(len, stream, ts).py_err(py)? {
+        match p.try_claim_tagged(len, stream, schema_id, ts).py_err(py)? {
             ClaimResult::Claimed(c) => return Ok(c),
             ClaimResult::WouldBlock { needed_tail } => {
                 let t0 = *start.get_or_insert_with(Instant::now);
@@ -155,7 +161,7 @@ fn write_one(
     ts: Option<i64>,
     timeout: Duration,
 ) -> PyResult<u64> {
-    let c = claim_with_wait(py, p, src.len as u64, stream, ts, timeout)?;
+    let c = claim_with_wait(py, p, src.len as u64, stream, 0, ts, timeout)?;
     if src.len >= DETACH_COPY_BYTES {
         let (s, n) = (SendPtr(src.ptr as *mut u8), src.len);
         let pr = &*p;
@@ -277,7 +283,7 @@ impl RingBuffer {
     /// records: headers, payloads and padding, as docs/ring-format.md describes).
     fn read_snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let ring = self.ring()?.clone();
-        let (_, bytes) = py.detach(move || ring.read_snapshot());
+        let (_, bytes) = py.detach(move || ring.read_snapshot()).py_err(py)?;
         Ok(PyBytes::new(py, &bytes))
     }
 
@@ -314,6 +320,7 @@ impl RingBuffer {
     /// Positions, counters and producer state, read now.
     fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let ring = self.ring()?;
+        ring.check_intact().py_err(py)?;
         let s = ring.status();
         let d = PyDict::new(py);
         d.set_item("path", ring.path().to_string_lossy())?;
@@ -429,9 +436,11 @@ impl RingBuffer {
         let me = slf.get();
         let mut guard = me.producer(py, "reserve()")?;
         let p = guard.as_mut().expect("checked by producer()");
+        // fstat: a reservation may be filled through another mapping of the file (pyarrow's
+        // IPC writer maps it), which the SIGBUS guard does not cover: refuse a shrunk file.
+        p.ring().check_intact().py_err(py)?;
         let limit = me.wait_limit(p, timeout)?;
-        let claim = claim_with_wait(py, p, nbytes, stream, timestamp_ns, limit)?;
-        p.set_claim_tags(&claim, schema_id, 0);
+        let claim = claim_with_wait(py, p, nbytes, stream, schema_id, timestamp_ns, limit)?;
         Ok(Reservation::new(
             slf.clone().unbind(),
             me.ring.clone(),
@@ -452,9 +461,9 @@ impl RingBuffer {
 
     /// Registers an Arrow IPC schema for stream `name`; returns (stream_id, schema_id).
     fn _register_schema(&self, py: Python<'_>, name: &str, schema: &[u8]) -> PyResult<(u32, u32)> {
-        let guard = self.producer(py, "registering a stream schema")?;
+        let mut guard = self.producer(py, "registering a stream schema")?;
         let e = guard
-            .as_ref()
+            .as_mut()
             .expect("checked by producer()")
             .register_schema(name, schema)
             .py_err(py)?;
