@@ -167,11 +167,14 @@ def test_inspect_and_tail_on_live_and_finished_data(tmp_path: Path, ring_path: s
         stderr=subprocess.PIPE,
         text=True,
     )
-    ring = f"/dev/shm/rust-daq-demo-{p.pid}"
     try:
         deadline = time.time() + 20
-        while not (os.path.exists(ring) and os.path.exists(out)) and time.time() < deadline:
+        rings: list[Path] = []
+        while not (rings and os.path.exists(out)) and time.time() < deadline:
             time.sleep(0.1)
+            rings = list(Path("/dev/shm").glob(f"rust-daq-demo-{p.pid}-*"))
+        assert len(rings) == 1, "the demo's ring: rust-daq-demo-<pid>-<random>"
+        ring = str(rings[0])
         time.sleep(1.5)
         live = cli("inspect", ring)
         assert live.returncode == 0, live.stderr

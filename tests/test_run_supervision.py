@@ -3,8 +3,24 @@ signals, files read back with h5py (issue 15, item 2)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import h5py
+import numpy as np
+import pytest
+
+T = TypeVar("T")
 
 
 def test_the_writer_module_runs_without_a_runpy_warning() -> None:
@@ -26,3 +42,261 @@ def test_the_writer_module_runs_without_a_runpy_warning() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+RUST_DAQ = shutil.which("rust-daq") or "rust-daq"
+
+
+def write_config(tmp_path: Path, body: str, *, duration: float | None = None, rate_hz: int = 200) -> Path:
+    cfg = tmp_path / "run.toml"
+    head = f"duration = {duration}\n" if duration is not None else ""
+    cfg.write_text(
+        head
+        + textwrap.dedent(f"""
+        [writer]
+        output = "{tmp_path / "run.h5"}"
+        flush_interval = 0.3
+        [[instruments]]
+        type = "voltmeter"
+        rate_hz = {rate_hz}
+        """)
+        + body
+    )
+    return cfg
+
+
+def start_run(cfg: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [RUST_DAQ, "run", str(cfg), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def writer_pids(parent: int) -> list[int]:
+    """The `python -m rust_daq.writer` children of `parent`, alive (not zombies)."""
+    pids = []
+    for children in Path(f"/proc/{parent}/task").glob("*/children"):
+        try:
+            pids += [int(c) for c in children.read_text().split()]
+        except OSError:
+            pass
+    return [p for p in pids if _alive(p) and "rust_daq.writer" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status and "\nState:\tX" not in status
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 60) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def settled(output: Path, seconds: float) -> None:
+    """Waits for the writer's file, then `seconds` more (a few flushes)."""
+    wait_for(f"{output}", output.exists)
+    time.sleep(seconds)
+
+
+def table_rows(stdout: str, stream: str = "voltmeter") -> tuple[int, int]:
+    """(rows acquired, rows in the file) from the summary table."""
+    cells = stdout.split(f"│ {stream} │")[1].split("│")
+    return int(cells[0].replace(",", "")), int(cells[1].replace(",", ""))
+
+
+def file_rows(path: Path, stream: str = "voltmeter") -> np.ndarray:
+    """The stream's timestamps, from a plain h5py open (no SWMR, no repair)."""
+    with h5py.File(path, "r") as f:
+        ts = f[f"measurements/{stream}/timestamp"][()]
+        volts = f[f"measurements/{stream}/voltage"][()]
+        assert volts.shape == ts.shape and np.all(np.isfinite(volts))
+        assert f[f"rust_daq/streams/{stream}"][0] == len(ts), "the file's book says what it holds"
+    return np.asarray(ts)
+
+
+def rings_of(pid: int) -> list[Path]:
+    return list(Path("/dev/shm").glob(f"rust-daq-{pid}*"))
+
+
+@pytest.fixture
+def runs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; killed (with their writers) and their rings removed after."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for p in procs:
+        writers = writer_pids(p.pid) if p.poll() is None else []
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        for w in writers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+        for ring in rings_of(p.pid):
+            ring.unlink(missing_ok=True)
+
+
+# -- the writer is supervised ---------------------------------------------------------------------
+
+
+def test_a_writer_killed_mid_run_is_restarted_and_the_file_holds_every_row_once(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    """Today the run went on without a writer and said "wrote ..." with half the rows missing."""
+    cfg = write_config(tmp_path, "", duration=9)
+    p = start_run(cfg)
+    runs.append(p)
+    killed = []
+    for _ in range(2):
+        pid = wait_for("a writer", lambda: [w for w in writer_pids(p.pid) if w not in killed])[0]
+        time.sleep(3)  # longer than the supervisor's min_uptime (2 s + 2 flushes): not "at once"
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert "writer: 2 restart(s)" in stdout
+    assert stderr.count("restarting the writer in") == 2 and "SIGKILL" in stderr, stderr
+    assert "wrote " in stdout and "Read it with" in stdout
+    acquired, in_file = table_rows(stdout)
+    ts = file_rows(tmp_path / "run.h5")
+    assert len(ts) == in_file == acquired > 1000, "every row acquired is in the file"
+    assert np.all(np.diff(ts) > 0), "none twice, in order"
+    assert not rings_of(p.pid), "the run removed its ring"
+
+
+def test_a_writer_that_cannot_be_kept_alive_fails_the_run_and_says_what_is_where(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    """Every writer the run starts is SIGKILLed as soon as it is seen (after the first has
+    flushed a little): the run must give up, exit 1 and not claim a complete file."""
+    cfg = write_config(tmp_path, "", duration=120)
+    p = start_run(cfg)
+    runs.append(p)
+    first = wait_for("a writer", lambda: writer_pids(p.pid))[0]
+    settled(tmp_path / "run.h5", 1.5)
+    os.kill(first, signal.SIGKILL)
+    kills = 1
+    while p.poll() is None:
+        for w in writer_pids(p.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+                kills += 1
+        time.sleep(0.01)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1, (stdout, stderr)
+    assert "stopped by writer failure" in stdout
+    assert "RUN FAILED: the writer could not be kept alive" in stdout
+    assert "wrote " not in stdout and "Read it with" not in stdout
+    assert kills >= 4 and "giving up" in stderr
+    acquired, in_file = table_rows(stdout)
+    with h5py.File(tmp_path / "run.h5", "r", libver="latest", swmr=True) as f:
+        held = int(f["rust_daq/streams/voltmeter"][0])
+    assert in_file == held, stdout
+    assert f"(voltmeter {held:,} rows)" in stdout, "what the file holds"
+    assert acquired > held, "rows acquired after the writer was given up on"
+    assert f"not in the file: voltmeter {acquired - held:,} rows" in stdout
+    assert "records the writer did not commit; the ring was removed" in stdout
+    assert not rings_of(p.pid)
+
+
+def test_a_run_killed_with_sigkill_leaves_no_writer_running_and_a_file_plain_h5py_opens(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    """The writer notices its parent's death, drains, flushes, closes the file and exits."""
+    cfg = write_config(tmp_path, "", duration=120)
+    p = start_run(cfg)
+    runs.append(p)
+    writer = wait_for("a writer", lambda: writer_pids(p.pid))[0]
+    settled(tmp_path / "run.h5", 1.5)
+    p.kill()
+    p.communicate(timeout=60)
+    wait_for("the orphaned writer to exit", lambda: not _alive(writer), timeout=60)
+    ts = file_rows(tmp_path / "run.h5")
+    assert len(ts) > 100 and np.all(np.diff(ts) > 0)
+
+
+def test_two_sigints_back_to_back_still_print_the_summary(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    """Today the second Ctrl-C raised KeyboardInterrupt through the shutdown: no summary and
+    "coroutine ... was never awaited" warnings."""
+    cfg = write_config(tmp_path, "")
+    p = start_run(cfg)
+    runs.append(p)
+    wait_for("a writer", lambda: writer_pids(p.pid))
+    settled(tmp_path / "run.h5", 1.0)
+    os.kill(p.pid, signal.SIGINT)
+    time.sleep(0.01)  # an impatient double Ctrl-C: the second lands in the shutdown
+    os.kill(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert "never awaited" not in stderr and "Traceback" not in stderr, stderr
+    assert "stopped by SIGINT" in stdout and "Read it with" in stdout
+    acquired, in_file = table_rows(stdout)
+    assert len(file_rows(tmp_path / "run.h5")) == in_file == acquired > 0
+    assert not rings_of(p.pid)
+
+
+# -- rings ---------------------------------------------------------------------------------------
+
+
+def test_default_ring_names_are_random_and_removed_on_every_exit_path(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    # A run that succeeds: its ring is rust-daq-<pid>-<8 hex>, gone at the end.
+    p = start_run(write_config(tmp_path, "", duration=3))
+    runs.append(p)
+    ring = wait_for("the ring", lambda: rings_of(p.pid))[0]
+    assert re.fullmatch(rf"rust-daq-{p.pid}-[0-9a-f]{{8}}", ring.name), ring.name
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    assert not ring.exists()
+    # A run whose writer cannot start (its output directory does not exist): exit 2, no ring.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = bad / "run.toml"
+    cfg.write_text(
+        f'duration = 3\n[writer]\noutput = "{tmp_path}/no/such/dir/x.h5"\n[[instruments]]\ntype = "voltmeter"\n'
+    )
+    p = start_run(cfg)
+    runs.append(p)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 2 and "writer process did not start" in stderr, stderr
+    assert not rings_of(p.pid), "a failed run removes its ring too"
+
+
+def test_a_named_ring_is_removed_unless_the_config_keeps_it(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    name = f"rdaq-test-keep-{os.getpid()}"
+    try:
+        for keep, kept in (("", False), ("keep = true\n", True)):
+            (tmp_path / "run.h5").unlink(missing_ok=True)
+            cfg = write_config(tmp_path, f'[ring]\npath = "{name}"\ncapacity_mb = 8\n{keep}', duration=1)
+            p = start_run(cfg)
+            runs.append(p)
+            _, stderr = p.communicate(timeout=120)
+            assert p.returncode == 0, stderr
+            assert os.path.exists(f"/dev/shm/{name}") == kept, keep
+    finally:
+        Path(f"/dev/shm/{name}").unlink(missing_ok=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
+import secrets
 import signal
-import subprocess
 import time
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -23,9 +25,9 @@ from rich.tree import Tree
 from . import __version__
 from ._errors import RustDaqError
 from ._ring import RingBuffer, resolve_ring_path
+from ._supervisor import WriterSupervisor, check_writer_options, file_progress
 from .acquisition import Acquisition
 from .adapters import Instrument, ScpiInstrument, SimulatedCamera, SimulatedVoltmeter
-from .writer import start_process, stop_process
 
 if TYPE_CHECKING:
     from .remote import RemoteDaq
@@ -68,7 +70,7 @@ _INSTRUMENT_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
 }
 _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "ring": {"path": str, "capacity_mb": (int, float), "policy": str},
+    "ring": {"path": str, "capacity_mb": (int, float), "policy": str, "keep": bool},
     "writer": {
         "output": str,
         "layout": str,
@@ -76,11 +78,13 @@ _SECTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "flush_interval": (int, float),
         "enabled": bool,
     },
+    "daemon": {"data_dir": str},
 }
 _TOP: dict[str, type | tuple[type, ...]] = {
     "duration": (int, float),
     "ring": dict,
     "writer": dict,
+    "daemon": dict,
     "metadata": dict,
     "instruments": list,
 }
@@ -100,8 +104,16 @@ class Session:
     flush_interval: float = 1.0
     duration: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    #: The ring was named for this process (no [ring] path): remove it at the end.
+    #: Remove the ring at the end, if this run created it (everything but ``[ring] keep = true``).
     own_ring: bool = False
+    #: ``[daemon] data_dir``: where the daemon creates recordings asked for over the wire.
+    data_dir: str | None = None
+
+
+def default_ring_name(kind: str) -> str:
+    """A ring name for one process: ``rust-daq-<kind>-<pid>-<random>``. Not predictable, so
+    that nobody can plant a file at the path before the run creates it."""
+    return f"rust-daq-{kind}{'-' if kind else ''}{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _check(where: str, table: dict[str, Any], allowed: dict[str, type | tuple[type, ...]]) -> None:
@@ -117,6 +129,8 @@ def _check(where: str, table: dict[str, Any], allowed: dict[str, type | tuple[ty
             raise ConfigError(f"{where}: {key} must be {_kind(kind)}, got {value!r}")
         if not isinstance(value, kind):
             raise ConfigError(f"{where}: {key} must be {_kind(kind)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value}")
 
 
 def _kind(kind: type | tuple[type, ...]) -> str:
@@ -150,8 +164,21 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
     ring, writer = raw.get("ring", {}), raw.get("writer", {})
     if ring.get("policy", "overwrite") not in ("overwrite", "block"):
         raise ConfigError(f"{path} [ring]: policy must be 'overwrite' or 'block', got {ring['policy']!r}")
-    if writer.get("layout", "append") not in ("append", "batches"):
-        raise ConfigError(f"{path} [writer]: layout must be 'append' or 'batches', got {writer['layout']!r}")
+    capacity_mb = ring.get("capacity_mb", 256)
+    if not capacity_mb > 0:
+        raise ConfigError(f"{path} [ring]: capacity_mb must be a positive number of MiB, got {capacity_mb}")
+    if ring.get("keep") and "path" not in ring:
+        raise ConfigError(
+            f"{path} [ring]: keep = true needs a path (a ring kept under a random name cannot be found)"
+        )
+    try:
+        check_writer_options(
+            layout=writer.get("layout", "append"),
+            compression=writer.get("compression"),
+            flush_interval=writer.get("flush_interval", 1.0),
+        )
+    except ValueError as e:
+        raise ConfigError(f"{path} [writer]: {e}") from None
     if not raw.get("instruments") and need_instruments:
         raise ConfigError(
             f"{path}: no [[instruments]]; add at least one (type = {', '.join(_INSTRUMENT_KEYS)})"
@@ -167,6 +194,10 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
                 f"{where}: unknown instrument type {kind!r}; allowed: {', '.join(_INSTRUMENT_KEYS)}"
             )
         _check(where, spec, _INSTRUMENT_KEYS[kind])
+        if "name" in spec:
+            _check_name(where, spec["name"])
+        if kind == "camera" and "shape" in spec:
+            _check_shape(where, spec["shape"], capacity_mb)
         for rate_key in ("rate_hz", "fps"):
             if rate_key in spec and not 0 < spec[rate_key] <= 100_000:
                 raise ConfigError(f"{where}: {rate_key} must be between 0 and 100000, got {spec[rate_key]}")
@@ -191,12 +222,14 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: instrument names must be unique (they name the streams): {names}")
     duration = raw.get("duration")
-    if duration is not None and duration <= 0:
-        raise ConfigError(f"{path}: duration must be positive, got {duration}")
+    if duration is not None and not duration > 0:
+        raise ConfigError(
+            f"{path}: duration must be a positive number of seconds (omit it to run until Ctrl-C), got {duration}"
+        )
     return Session(
         instruments=instruments,
-        ring_path=resolve_ring_path(ring.get("path", f"rust-daq-{os.getpid()}")),
-        capacity_mb=ring.get("capacity_mb", 256),
+        ring_path=resolve_ring_path(ring.get("path") or default_ring_name("")),
+        capacity_mb=capacity_mb,
         policy=ring.get("policy", "overwrite"),
         output=writer.get("output", "experiment_data.h5") if writer.get("enabled", True) else None,
         layout=writer.get("layout", "append"),
@@ -204,70 +237,142 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
         flush_interval=float(writer.get("flush_interval", 1.0)),
         duration=duration,
         metadata=raw.get("metadata", {}),
-        own_ring="path" not in ring,
+        own_ring=not ring.get("keep", False),
+        data_dir=raw.get("daemon", {}).get("data_dir"),
     )
+
+
+def _check_name(where: str, name: str) -> None:
+    """An instrument's name names its stream: it must be a name at all. (The writer maps any
+    other name to a valid HDF5 name.)"""
+    if not name.strip():
+        raise ConfigError(f"{where}: name must be a non-empty string (it names the stream), got {name!r}")
+    bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn")]
+    if bad:
+        raise ConfigError(
+            f"{where}: name {name!r} contains control or unassigned characters "
+            f"({', '.join(repr(c) for c in bad)}); use printable characters"
+        )
+
+
+def _check_shape(where: str, shape: list[Any], capacity_mb: float) -> None:
+    """A camera's frame: two positive integers, a frame (uint16) that fits in a ring record."""
+    if len(shape) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ConfigError(f"{where}: shape must be [height, width], two positive integers, got {shape!r}")
+    frame = shape[0] * shape[1] * 2
+    room = int(capacity_mb * (1 << 20)) - (64 << 10)
+    if frame > room:
+        raise ConfigError(
+            f"{where}: shape {shape!r} makes frames of {frame / 1e6:,.1f} MB, more than a record of "
+            f"the ring ([ring] capacity_mb = {capacity_mb:g}) holds ({max(room, 0) / 1e6:,.1f} MB); "
+            "use a smaller shape or a larger capacity_mb"
+        )
 
 
 # -- running ----------------------------------------------------------------------------------
 
 
-def _start_writer(s: Session) -> subprocess.Popen[str]:
-    return start_process(
-        s.ring_path,
-        str(s.output),
-        layout=s.layout,
-        flush_interval=s.flush_interval,
-        compression=s.compression,
-        metadata=s.metadata,
-    )
-
-
 def run_session(s: Session, show_progress: bool) -> dict[str, Any]:
-    """Ring, writer process, acquisition until the duration or SIGINT/SIGTERM, final flush."""
+    """Ring, supervised writer process, acquisition until the duration, SIGINT/SIGTERM or a
+    writer that cannot be kept alive; final flush; the ring removed unless kept. The stats
+    say what the file holds (``file``), the writer's fate (``writer``) and what the ring
+    still held at the end (``ring_left``)."""
     if s.output is not None and os.path.exists(s.output):
         raise RustDaqError(f"{s.output} already exists; choose another output file (or delete it)")
-    ring = RingBuffer.create(s.ring_path, capacity_mb=s.capacity_mb, policy=s.policy)  # type: ignore[arg-type]
-    writer = None
+    # Plain handlers for the whole run, not an event-loop signal receiver: a second Ctrl-C
+    # (during the final flush, or 1 ms after the first) is noted, never a KeyboardInterrupt
+    # through the shutdown (no summary, coroutines never awaited).
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        writer = _start_writer(s) if s.output is not None else None
+        return _run_in_ring(s, show_progress, stopped_by)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_in_ring(s: Session, show_progress: bool, stopped_by: list[str]) -> dict[str, Any]:
+    created = not os.path.exists(s.ring_path)
+    ring = RingBuffer.create(s.ring_path, capacity_mb=s.capacity_mb, policy=s.policy)  # type: ignore[arg-type]
+    sup: WriterSupervisor | None = None
+    stats: dict[str, Any] = {}
+    try:
+        if s.output is not None:
+            sup = WriterSupervisor(
+                s.ring_path,
+                s.output,
+                layout=s.layout,
+                flush_interval=s.flush_interval,
+                compression=s.compression,
+                metadata=s.metadata,
+                on_event=lambda line: console.print(f"[yellow]{escape(line)}[/yellow]", soft_wrap=True),
+            )
+            sup.start()
         acq = Acquisition(ring, s.instruments)
-        stopped_by: list[str] = []
 
         async def main() -> None:
             async with acq:
                 async with anyio.create_task_group() as tg:
 
-                    async def on_signals() -> None:
-                        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                            async for sig in signals:
-                                stopped_by.append(signal.Signals(sig).name)
+                    async def watch() -> None:
+                        # Until cancelled: acq.stop() before acq.run() began would be lost.
+                        while True:
+                            if stopped_by or (sup is not None and sup.state == "failed"):
                                 acq.stop()
-                                return
+                            await anyio.sleep(0.05)
 
-                    async def show() -> None:
-                        await _progress(acq, s, ring)
-
-                    tg.start_soon(on_signals)
+                    tg.start_soon(watch)
                     if show_progress:
-                        tg.start_soon(show)
+                        tg.start_soon(_progress, acq, s, ring, sup)
                     await acq.run(duration=s.duration)
                     tg.cancel_scope.cancel()
 
         anyio.run(main)
         stats = acq.stats()
-        stats["stopped_by"] = stopped_by[0] if stopped_by else ("duration" if s.duration else "end")
+        writer_failed = sup is not None and sup.state == "failed"
+        stats["stopped_by"] = (
+            stopped_by[0]
+            if stopped_by
+            else "writer failure"
+            if writer_failed
+            else ("duration" if s.duration else "end")
+        )
     finally:
-        if writer is not None:
-            code, err = stop_process(writer)
-            if code != 0:
-                console.print(f"[red]writer process exited with {code}[/red]\n{escape(err)}")
-        ring.close()
+        try:
+            if sup is not None:
+                sup.stop()  # the final flush (a dead writer is started once more for it)
+                stats["writer"] = {"state": sup.state, "restarts": sup.restarts, "reason": sup.reason}
+            if not ring.closed:
+                rs = ring.status()
+                stats["ring_left"] = {
+                    "path": ring.path,
+                    "records": rs["records_written"] - rs["read_tail_seq"],
+                }
+        finally:
+            ring.close()
+            removed = created and s.own_ring
+            if removed:
+                _unlink(s.ring_path)
+            if "ring_left" in stats:
+                stats["ring_left"]["removed"] = removed
     stats["output"] = s.output
+    stats["file"] = file_progress(s.output) if s.output and os.path.exists(s.output) else None
     stats["file_bytes"] = os.path.getsize(s.output) if s.output and os.path.exists(s.output) else 0
     return stats
 
 
-async def _progress(acq: Acquisition, s: Session, ring: RingBuffer) -> None:
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def _progress(acq: Acquisition, s: Session, ring: RingBuffer, sup: WriterSupervisor | None) -> None:
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -285,6 +390,8 @@ async def _progress(acq: Acquisition, s: Session, ring: RingBuffer) -> None:
             elapsed = time.perf_counter() - t0
             size = await anyio.to_thread.run_sync(_file_mb, s.output)
             info = f"{rows:,} rows  {mb / max(elapsed, 1e-9):.2f} MB/s  lost {ring.records_lost}  file {size:.1f} MB"
+            if sup is not None and (sup.state != "running" or sup.restarts):
+                info += f"  writer {sup.state}, {sup.restarts} restart(s)"
             progress.update(task, completed=min(elapsed, s.duration or elapsed), info=info)
 
 
@@ -292,14 +399,21 @@ def _file_mb(path: str | None) -> float:
     return os.path.getsize(path) / 1e6 if path and os.path.exists(path) else 0.0
 
 
-def _summary(stats: dict[str, Any]) -> None:
+def _summary(stats: dict[str, Any]) -> bool:
+    """Prints what was acquired, what the file holds and what did not reach it. Returns
+    whether the run succeeded (False: the writer could not be kept alive, or its final flush
+    failed)."""
+    book = (stats.get("file") or {}).get("streams", {})
     table = Table(title=f"acquisition ({stats['elapsed_s']:.1f} s, stopped by {stats['stopped_by']})")
-    for col in ("stream", "rows", "records", "MB", "missed deadlines", "jitter p99 (µs)"):
+    columns = ["stream", "rows"] + (["in file"] if stats.get("output") else [])
+    for col in (*columns, "records", "MB", "missed deadlines", "jitter p99 (µs)"):
         table.add_column(col, justify="right" if col != "stream" else "left")
     for name, st in stats["streams"].items():
+        in_file = [f"{book[name]['rows']:,}" if name in book else "0"] if stats.get("output") else []
         table.add_row(
-            name,
+            escape(name),
             f"{st['rows']:,}",
+            *in_file,
             f"{st['records']:,}",
             f"{st['bytes'] / 1e6:.2f}",
             str(st["deadlines_missed"]),
@@ -310,13 +424,49 @@ def _summary(stats: dict[str, Any]) -> None:
     out.print(
         f"ring write latency: p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, p99.9 {lat['p99.9']:.1f} µs; records lost: {stats['records_lost']}"
     )
-    if stats.get("output"):
-        first = next(iter(stats["streams"]))
-        out.print(f"\nwrote {stats['output']} ({stats['file_bytes'] / 1e6:.1f} MB). Read it with:\n")
-        out.print("    import h5py", markup=False)
-        out.print(f"    f = h5py.File({stats['output']!r})", markup=False)
+    if not stats.get("output"):
+        return True
+    writer = stats.get("writer") or {"state": "failed", "restarts": 0, "reason": "not started"}
+    out.print(f"writer: {writer['restarts']} restart(s)", markup=False)
+    output = stats["output"]
+    if writer["state"] == "failed":
+        out.print(f"\nRUN FAILED: the writer could not be kept alive: {writer['reason']}", markup=False)
+        file = stats.get("file")
+        if file is None:
+            out.print(f"{output}: no progress marker: nothing in it is known to be complete", markup=False)
+        else:
+            held = ", ".join(f"{n} {b['rows']:,} rows" for n, b in file["streams"].items()) or "no rows"
+            out.print(
+                f"{output} holds {file['records']:,} records ({held}); {file['lost']} lost to ring overwrite",
+                markup=False,
+            )
+        missing = {
+            n: st["rows"] - book.get(n, {}).get("rows", 0)
+            for n, st in stats["streams"].items()
+            if st["rows"] > book.get(n, {}).get("rows", 0)
+        }
+        if missing:
+            out.print(
+                "not in the file: " + ", ".join(f"{n} {r:,} rows" for n, r in missing.items()),
+                markup=False,
+            )
+        left = stats.get("ring_left")
+        if left is not None:
+            where = (
+                "the ring was removed"
+                if left["removed"]
+                else f"they are in the ring: rust-daq write --ring {left['path']} --output <file>"
+            )
+            out.print(f"{left['records']:,} records the writer did not commit; {where}", markup=False)
+        return False
+    first = next(iter(stats["streams"]), None)
+    out.print(f"\nwrote {output} ({stats['file_bytes'] / 1e6:.1f} MB). Read it with:\n")
+    out.print("    import h5py", markup=False)
+    out.print(f"    f = h5py.File({output!r})", markup=False)
+    if first is not None:
         column = "voltage" if first == "voltmeter" else "frame"
         out.print(f"    f['measurements/{first}/{column}'][:]", markup=False)
+    return True
 
 
 def _fail(e: BaseException) -> typer.Exit:
@@ -340,21 +490,20 @@ def demo(
     memory, the HDF5 writer in its own process; Ctrl-C stops early (nothing is lost)."""
     s = Session(
         instruments=[SimulatedVoltmeter(rate_hz=rate), SimulatedCamera(fps=fps)],
-        ring_path=resolve_ring_path(f"rust-daq-demo-{os.getpid()}"),
+        ring_path=resolve_ring_path(default_ring_name("demo")),
         capacity_mb=64,
         output=str(output),
         flush_interval=0.5,
         duration=duration,
         metadata={"run": "rust-daq demo", "instruments": "simulated voltmeter and camera"},
+        own_ring=True,
     )
     try:
         stats = run_session(s, progress)
     except (RustDaqError, OSError) as e:
         raise _fail(e) from e
-    finally:
-        if os.path.exists(s.ring_path):
-            os.unlink(s.ring_path)
-    _summary(stats)
+    if not _summary(stats):
+        raise typer.Exit(1)
 
 
 @app.command("run")
@@ -365,8 +514,14 @@ def run_cmd(
     r"""Runs the acquisition a configuration file describes, until its duration or Ctrl-C/SIGTERM
     (either way the final flush happens).
 
+    The writer runs in its own process, supervised: one that dies is restarted (it resumes
+    where the file's progress says; each restart is logged and counted in the summary). One
+    that cannot be kept alive (it dies again at once) ends the run with exit status 1 and a
+    summary of what the file holds and what did not reach it. The ring is removed at the
+    end, whatever happens, unless [ring] names it and says keep = true.
+
     duration = 10                 # seconds (omit: until Ctrl-C)
-    \[ring]    path = "lab", capacity_mb = 256, policy = "overwrite" | "block"
+    \[ring]    path = "lab", capacity_mb = 256, policy = "overwrite" | "block", keep = false
     \[writer]  output = "run.h5", layout = "append" | "batches", compression = "gzip", flush_interval = 1.0
     \[metadata] any keys: stored in the file
     \[\[instruments]]  type = "voltmeter" | "camera" | "scpi", name, rate_hz (fps), ...
@@ -376,7 +531,8 @@ def run_cmd(
         stats = run_session(s, progress)
     except (RustDaqError, OSError) as e:
         raise _fail(e) from e
-    _summary(stats)
+    if not _summary(stats):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -663,10 +819,18 @@ def daemon(
     ] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve grpc+tls")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM) of --tls-cert")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="directory of the recordings clients start (start_recording names a file in it); "
+            "default: the config's [daemon] data_dir, else the working directory"
+        ),
+    ] = None,
 ) -> None:
     """Runs the acquisition (and the writer, if the config records) headless, serving its
     streams, remote instruments and control over Arrow Flight. Prints the URL to listen on
-    when ready; SIGTERM/SIGINT: stop, final flush, exit 0. See docs/distributed.md."""
+    when ready; SIGTERM/SIGINT: stop, final flush, exit 0. Without a token, it makes one
+    for its own user's local clients (a file only they can read). See docs/distributed.md."""
     import logging
 
     from .daemon import Daemon
@@ -680,7 +844,7 @@ def daemon(
         else:
             s = Session(
                 instruments=[SimulatedVoltmeter(rate_hz=100.0), SimulatedCamera(fps=10.0)],
-                ring_path=resolve_ring_path(f"rust-daq-daemon-{os.getpid()}"),
+                ring_path=resolve_ring_path(default_ring_name("daemon")),
                 capacity_mb=64,
                 output=None,
                 flush_interval=0.5,
@@ -694,7 +858,8 @@ def daemon(
             port=port,
             token=token,
             tls=(tls_cert, tls_key) if tls_cert and tls_key else None,
-            own_ring=s.own_ring,
+            own_ring=s.own_ring and not os.path.exists(s.ring_path),
+            data_dir=data_dir if data_dir is not None else s.data_dir,
         )
     except (RustDaqError, OSError, ValueError) as e:
         raise _fail(e) from e
