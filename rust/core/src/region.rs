@@ -343,7 +343,7 @@ impl Region {
             return Err(Error::format(path, "not a regular file, so not a ring"));
         }
         if producer {
-            check_owner(path, &meta)?;
+            check_owner(path, &meta, false)?;
         }
         let file_len = meta.len();
         // Read the header with pread, not through a mapping: a short file gives a short
@@ -353,6 +353,11 @@ impl Region {
             .map_err(|e| Error::io("cannot read ring header of", path, e))?;
         h.truncate(n);
         let g = validate_header(path, &h, file_len)?;
+        if producer {
+            // A file of ours that is not a ring stays a format error (replace=True may
+            // replace it); a ring of ours that others can read or write is refused.
+            check_owner(path, &meta, true)?;
+        }
         let mut meta_opts = MmapOptions::new();
         meta_opts.offset(0).len(g.data_offset as usize);
         let meta_map = if writable {
@@ -564,7 +569,7 @@ pub fn check_file_name(path: &Path) -> Result<()> {
 /// A producer writes only into a ring file that is its own: owned by the effective user and
 /// with no group or other permission bits (ring files are created 0600). A file anybody else
 /// could have planted or can read is refused, with what is wrong and what to do.
-fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+fn check_owner(path: &Path, meta: &std::fs::Metadata, check_mode: bool) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
@@ -576,7 +581,7 @@ fn check_owner(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
             meta.uid()
         ));
     }
-    if mode & 0o077 != 0 {
+    if (check_mode || meta.uid() != me) && mode & 0o077 != 0 {
         wrong.push(format!(
             "has mode {mode:04o}, which lets other users read or write it (a ring file must be 0600)"
         ));

@@ -517,6 +517,8 @@ impl Ring {
         let ok_type = h.rtype == TYPE_DATA || h.rtype == TYPE_PADDING;
         let ok_len = h.rtype != TYPE_DATA || format::record_size(h.payload_len) == Some(size);
         if h.pos != pos || !ok_size || !ok_type || !ok_len {
+            // Zeros where a header should be: most likely the file was truncated under us.
+            self.check_intact()?;
             return Err(Error::corrupt(format!(
                 "record header at position {pos} (offset {at}) is invalid: stored position {}, size {size}, \
                  type {}, payload length {} (capacity {})",
@@ -1328,6 +1330,7 @@ impl Reader {
                 return Ok(Next::Empty);
             }
             if write - self.pos > cap {
+                ring.check_intact()?;
                 return Err(Error::corrupt(format!(
                     "write position {write} is more than a capacity ({cap}) ahead of the oldest record {oldest}"
                 )));

@@ -40,6 +40,13 @@ fn pad(n: u64) -> u64 {
 
 /// Reads every published entry. Entries below `used` are immutable once published.
 pub fn list(region: &Region) -> Result<Vec<SchemaEntry>> {
+    let out = list_inner(region);
+    // Read from zero pages (the file was truncated under the mapping): say so instead.
+    region.check_tripped()?;
+    out
+}
+
+fn list_inner(region: &Region) -> Result<Vec<SchemaEntry>> {
     let size = region.geometry().schema_size;
     if size < TABLE_HEADER {
         return Ok(Vec::new());
