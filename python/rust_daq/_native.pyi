@@ -11,6 +11,7 @@ from typing_extensions import Buffer, disjoint_base
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_CAPACITY",
     "RECORD_ALIGN",
     "RECORD_HEADER_SIZE",
     "MapView",
@@ -25,6 +26,7 @@ __version__: str
 RECORD_HEADER_SIZE: int
 RECORD_ALIGN: int
 FORMAT_VERSION: int
+MAX_CAPACITY: int
 
 @disjoint_base
 class RingBuffer:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Literal, Self
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from . import _native
 from ._arrow import ArrowState, BatchReading, LiveView, batches_of
-from ._errors import RingConfigError
+from ._errors import RingConfigError, RingCorruptError, RustDaqError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -22,6 +24,34 @@ Policy = Literal["overwrite", "block"]
 StartAt = Literal["oldest", "latest", "tail"]
 
 _MB = 1024 * 1024
+
+_T = TypeVar("_T")
+
+#: What pyarrow (and the schema decoding in ``_arrow``) raise on bytes that are not what the
+#: ring's format says: from a corrupt ring these become RingCorruptError at this boundary.
+_RAW_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    pa.ArrowException,
+    ValueError,
+    OSError,
+    EOFError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    TypeError,
+)
+
+
+def _as_corrupt(what: str, call: Callable[[], _T]) -> _T:
+    """``call()``, with a raw library error from decoding ring contents turned into
+    RingCorruptError (rust-daq's own errors pass through unchanged)."""
+    try:
+        return call()
+    except RustDaqError:
+        raise
+    except _RAW_DECODE_ERRORS as e:
+        raise RingCorruptError(
+            f"{what}: the ring's Arrow data does not decode ({type(e).__name__}: {e})"
+        ) from e
 
 
 def resolve_ring_path(path: str | os.PathLike[str]) -> str:
@@ -64,11 +94,18 @@ class RingBuffer(_native.RingBuffer):
         if capacity_bytes is None:
             if isinstance(capacity_mb, bool) or not isinstance(capacity_mb, int | float):
                 raise RingConfigError(f"capacity_mb must be a number, got {type(capacity_mb).__name__}")
+            if not math.isfinite(capacity_mb):
+                raise RingConfigError(f"capacity_mb must be a finite number of MiB, got {capacity_mb}")
             capacity_bytes = int(capacity_mb * _MB)
         elif isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int):
             raise RingConfigError(f"capacity_bytes must be an int, got {type(capacity_bytes).__name__}")
         if capacity_bytes <= 0:
             raise RingConfigError(f"ring capacity must be greater than 0 bytes, got {capacity_bytes}")
+        if capacity_bytes > _native.MAX_CAPACITY:
+            raise RingConfigError(
+                f"ring capacity {capacity_bytes} bytes is beyond what can be mapped "
+                f"(at most {_native.MAX_CAPACITY} bytes)"
+            )
         return cls(
             resolve_ring_path(path),
             create=True,
@@ -135,14 +172,24 @@ class RingBuffer(_native.RingBuffer):
         return self._arrow.write(batch, stream, timestamp_ns, timeout, stream_seq)
 
     def streams(self) -> dict[str, pa.Schema]:
-        """Every Arrow stream in the ring and its current schema."""
-        return {name: info.schema for name, info in self._arrow.streams().items()}
+        """Every Arrow stream in the ring and its current schema. Raises RingCorruptError if
+        the ring's schema table does not decode."""
+        return _as_corrupt(
+            f"{self.path}: reading the stream schemas",
+            lambda: {name: info.schema for name, info in self._arrow.streams().items()},
+        )
 
     def latest(self, stream: str, rows: int = 1000) -> dict[str, npt.NDArray[Any]]:
         """The latest ``rows`` rows of ``stream`` as numpy arrays (zero-copy views when one batch
         holds them; tensor columns as ``(N, ...)`` arrays). For repeated calls in a live plot use
-        :class:`LiveView`, which decodes only new records each time."""
-        return LiveView(self, stream, rows).update()
+        :class:`LiveView`, which decodes only new records each time. Raises UnknownStreamError,
+        RingCorruptError (records or schemas that do not decode)."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
+            raise ValueError(f"rows must be positive, got {rows}")  # before decoding: not corruption
+        return _as_corrupt(
+            f"{self.path}: reading the latest rows of {stream!r}",
+            lambda: LiveView(self, stream, rows).update(),
+        )
 
     def close(self) -> None:
         """Releases the producer lock and this handle's Arrow writers (and their memory map of
@@ -187,7 +234,26 @@ class RingReader(_native.RingReader):
         :attr:`undecodable`.
         """
         records = self.read(max_records, timeout, copy)
-        return self._batches.decode_all(records, zero_copy=not copy)
+        batches = self._batches
+        counts = batches.not_arrow, batches.undecodable
+        try:
+            return batches.decode_all(records, zero_copy=not copy)
+        except RustDaqError:
+            raise
+        except _RAW_DECODE_ERRORS:
+            pass
+        # A record (or a schema it needs) raised something decode_all does not count: decode
+        # them one by one, so the others are delivered and that one is counted as undecodable.
+        batches.not_arrow, batches.undecodable = counts
+        out: list[tuple[str, pa.RecordBatch]] = []
+        for rec in records:
+            try:
+                out.extend(batches.decode_all([rec], zero_copy=not copy))
+            except RustDaqError:
+                raise
+            except _RAW_DECODE_ERRORS:
+                batches.undecodable += 1
+        return out
 
     def batch_valid(self, batch: pa.RecordBatch) -> bool:
         """For a batch from ``read_batches(copy=False)``: False once the producer has reclaimed
@@ -212,7 +278,9 @@ class RingReader(_native.RingReader):
         """The available records of ``stream`` as one ``pyarrow.Table`` (copied out of the ring).
         Records of other streams read meanwhile are dropped: use a reader per stream. Raises
         UnknownStreamError."""
-        info = self._batches.state.stream(stream)
+        info = _as_corrupt(
+            f"{self.ring.path}: reading the stream schemas", lambda: self._batches.state.stream(stream)
+        )
         batches = [b for name, b in self.read_batches(max_records, timeout) if name == stream]
         if not batches:
             return info.schema.empty_table()
@@ -226,7 +294,9 @@ class RingReader(_native.RingReader):
         It exports ``__arrow_c_stream__``, so polars, duckdb or arro3 consume it directly. It
         ends when no record arrives for ``timeout`` seconds (0: at the end of what the ring
         holds now). Raises UnknownStreamError; RingUsageError if the schema changes mid-read."""
-        schema = self._batches.state.stream(stream).schema
+        schema = _as_corrupt(
+            f"{self.ring.path}: reading the stream schemas", lambda: self._batches.state.stream(stream).schema
+        )
         return pa.RecordBatchReader.from_batches(schema, batches_of(self, stream, schema, timeout, copy))
 
     def __repr__(self) -> str:

@@ -1,5 +1,6 @@
-"""Shared by the fuzz tests and the atheris target: a valid wrapped ring, and the harness that
-opens and drains a (mutated) ring file, where only rust-daq's own errors are acceptable."""
+"""Shared by the fuzz tests and the atheris target: a valid wrapped ring (plain records; and one
+with Arrow streams), and the harnesses that open and drain or decode a (mutated) ring file,
+where only rust-daq's own errors are acceptable."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import os
 import random
 import tempfile
 
-from rust_daq import RingBuffer, RingConfigError, RingCorruptError, RingFormatError
+import pyarrow as pa
+
+from rust_daq import RingBuffer, RingConfigError, RingCorruptError, RingFormatError, RustDaqError
 
 from payloads import make_payload
 
 DATA = 4096 + 256 * 1024  # data region offset (docs/ring-format.md)
+SCHEMAS = 4096  # schema region offset
+#: Data region of the Arrow ring (large enough for a few batches of each stream).
+ARROW_CAPACITY = 16384
 
 
 @functools.cache
@@ -47,3 +53,61 @@ def open_and_drain(path: str) -> int:
         except RingCorruptError:
             pass
         return n
+
+
+@functools.cache
+def pristine_arrow() -> bytes:
+    """A valid ring holding two Arrow streams (numbers, strings, a list) interleaved with
+    plain records, wrapped once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ring")
+        with RingBuffer.create(path, capacity_bytes=ARROW_CAPACITY) as ring:
+            for i in range(30):
+                ring.write(make_payload(i, 100 + 7 * i))
+                ring.write_arrow_batch(
+                    pa.record_batch({"v": pa.array([i * 0.5, i + 1.0]), "n": pa.array([i, -i], pa.int32())}),
+                    "volts",
+                )
+                ring.write_arrow_batch(
+                    pa.record_batch({"s": pa.array(["ab" * i, None]), "l": pa.array([[1, 2], [i]])}),
+                    "labels",
+                )
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def open_and_decode(path: str) -> int:
+    """Opens a (mutated) Arrow ring and goes through every Arrow entry point: ``streams()``,
+    ``latest()`` of each stream, ``read_batches()`` (copies and zero-copy, then touching every
+    column), ``read_table()``. Only rust-daq errors may escape (anything else propagates and
+    fails the caller). Returns the batches decoded."""
+    try:
+        ring = RingBuffer.open(path)
+    except (RingFormatError, RingConfigError):
+        return 0
+    n = 0
+    with ring:
+        names = ["volts", "labels"]
+        try:
+            names = list(ring.streams()) or names
+        except RustDaqError:
+            pass
+        for name in names:
+            try:
+                ring.latest(name, rows=5)
+            except RustDaqError:
+                pass
+        for copy in (True, False):
+            try:
+                reader = ring.reader("oldest")
+                for _, batch in reader.read_batches(copy=copy):
+                    batch.to_pydict()  # every value, validated or not: must not crash
+                    n += 1
+            except RustDaqError:
+                pass
+        for name in names:
+            try:
+                ring.reader("oldest").read_table(name)
+            except RustDaqError:
+                pass
+    return n

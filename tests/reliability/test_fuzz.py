@@ -1,6 +1,8 @@
 """Over 10,000 mutated ring files opened and read in CI (hypothesis): every one gives records
-or a clear rust-daq error, never a crash, a hang or a SIGBUS (which would end the run).
-Longer runs: `python fuzz/fuzz_ring.py` (atheris, coverage-guided)."""
+or a clear rust-daq error, never a crash, a hang or a SIGBUS (which would end the run). Rings
+with Arrow streams go through every Arrow entry point too (``streams()``, ``latest()``,
+``read_batches()``, ``read_table()``): only rust-daq errors may escape them, never a raw
+pyarrow or EOFError. Longer runs: `python fuzz/fuzz_ring.py` (atheris, coverage-guided)."""
 
 from __future__ import annotations
 
@@ -53,3 +55,49 @@ def test_truncated_and_extended_files(ring_path: str, size: int) -> None:
     data = fuzzing.pristine()
     _write(ring_path, data[:size] + bytes(max(0, size - len(data))))
     fuzzing.open_and_drain(ring_path)
+
+
+ARROW = settings(
+    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@ARROW
+@given(mutations=st.lists(st.tuples(st.integers(0, 2047), st.integers(0, 255)), min_size=1, max_size=12))
+def test_mutated_schema_tables(ring_path: str, mutations: list[tuple[int, int]]) -> None:
+    data = bytearray(fuzzing.pristine_arrow())
+    for at, value in mutations:
+        data[fuzzing.SCHEMAS + at] = value
+    _write(ring_path, data)
+    fuzzing.open_and_decode(ring_path)
+
+
+@ARROW
+@given(
+    mutations=st.lists(
+        st.tuples(st.integers(0, fuzzing.ARROW_CAPACITY - 1), st.integers(0, 255)), min_size=1, max_size=24
+    )
+)
+def test_mutated_arrow_records(ring_path: str, mutations: list[tuple[int, int]]) -> None:
+    data = bytearray(fuzzing.pristine_arrow())
+    for at, value in mutations:
+        data[fuzzing.DATA + at] = value
+    _write(ring_path, data)
+    fuzzing.open_and_decode(ring_path)
+
+
+@ARROW
+@given(
+    record=st.integers(0, fuzzing.ARROW_CAPACITY // 64 - 1),
+    schema_id=st.integers(0, 8),
+    stream=st.integers(0, 4),
+)
+def test_mutated_schema_and_stream_ids(ring_path: str, record: int, schema_id: int, stream: int) -> None:
+    """A record header's schema id and stream id point at another (or no) schema: the payload
+    then does not decode as what the header says (a plain record taken for Arrow: EOFError)."""
+    data = bytearray(fuzzing.pristine_arrow())
+    at = fuzzing.DATA + 64 * record
+    data[at + 48 : at + 52] = schema_id.to_bytes(4, "little")
+    data[at + 12 : at + 16] = stream.to_bytes(4, "little")
+    _write(ring_path, data)
+    fuzzing.open_and_decode(ring_path)
