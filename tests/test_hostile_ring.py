@@ -60,8 +60,11 @@ from rust_daq import RingBuffer, RingCorruptError
 
 path = sys.argv[1]
 ring = RingBuffer.create(path, capacity_bytes=1 << 16)
+import pyarrow as pa
+batch = pa.record_batch({"v": pa.array([1.0, 2.0])})
 for i in range(40):
     ring.write(make_payload(i, 200))
+ring.write_arrow_batch(batch, "volts")
 reader = ring.reader("oldest")
 copies = reader.read(10)                       # delivered copies
 views = reader.read(5, copy=False)             # zero-copy records
@@ -83,6 +86,7 @@ for name, op in [
     ("other-read", lambda: other_reader.read()),
     ("write", lambda: ring.write(b"after")),
     ("reserve", lambda: ring.reserve(64)),
+    ("arrow-write", lambda: ring.write_arrow_batch(batch, "volts")),
     ("snapshot", lambda: ring.read_snapshot()),
     ("new-reader", lambda: other.reader("oldest")),
     ("status", lambda: ring.status()),
@@ -116,6 +120,7 @@ def test_truncation_while_mapped_gives_ring_corrupt_error_not_sigbus(ring_path: 
         "other-read",
         "write",
         "reserve",
+        "arrow-write",
         "snapshot",
         "new-reader",
         "status",

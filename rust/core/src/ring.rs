@@ -1397,7 +1397,9 @@ impl Reader {
     /// Reads the next record into a new `Vec` (copy, then validate; torn copies are
     /// retried from the new oldest record). `None` if nothing is committed yet.
     pub fn next_copy(&mut self) -> Result<Option<(RecordRef, Vec<u8>)>> {
-        loop {
+        // Each torn copy means the producer reclaimed the record meanwhile: the next look
+        // starts further on. Bounded all the same (a producer lapping us this often).
+        for _ in 0..LOOK_ATTEMPTS {
             let rec = match self.peek()? {
                 Next::Record(r) => r,
                 _ => return Ok(None),
@@ -1412,6 +1414,11 @@ impl Reader {
                 return Ok(Some((rec, buf)));
             }
         }
+        self.ring.check_tripped()?;
+        Err(Error::corrupt(format!(
+            "{LOOK_ATTEMPTS} copies in a row were overwritten while they were made: the ring is far \
+             too small for this producer, or its header is corrupt"
+        )))
     }
 
     /// Whether a record may be available (committed past our position, or we were lapped).

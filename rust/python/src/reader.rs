@@ -174,6 +174,7 @@ impl RingReader {
         }
         let mut rd = lock_detached(py, &self.inner);
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.min(1e9));
+        let mut torn = 0u32;
         loop {
             while out.len() < max {
                 let rec = match rd.peek().py_err(py)? {
@@ -183,6 +184,13 @@ impl RingReader {
                 if copy {
                     if let Some(data) = copy_record(py, &mut rd, &rec)? {
                         out.append(make_record(py, &rec, data, None)?)?;
+                    } else {
+                        // Torn by a producer lapping us: the loop goes on from the new
+                        // oldest record; let Ctrl-C through if that keeps happening.
+                        torn = torn.wrapping_add(1);
+                        if torn % 1024 == 0 {
+                            py.check_signals()?;
+                        }
                     }
                 } else if rd.confirm(&rec) {
                     let ring = rd.ring().clone();
