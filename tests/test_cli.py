@@ -214,3 +214,69 @@ def test_help_shows_the_config_sections() -> None:
     out = cli("run", "--help", timeout=60).stdout
     for section in ("[ring]", "[writer]", "[metadata]", "[[instruments]]"):
         assert section in out, section
+
+
+_VOLTMETER = '[[instruments]]\ntype = "voltmeter"\n'
+_WRITER = '[writer]\noutput = "{out}"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        (
+            '[writer]\noutput = "{out}"\ncompression = "gzip:99"\n' + _VOLTMETER,
+            "[writer]: compression 'gzip:99' is refused by HDF5",
+        ),
+        ('[writer]\noutput = "{out}"\ncompression = "zip"\n' + _VOLTMETER, "unknown compression 'zip'"),
+        (
+            _WRITER + _VOLTMETER + 'name = ""\n',
+            "name must be a non-empty string (it names the stream), got ''",
+        ),
+        (_WRITER + _VOLTMETER + 'name = "dmm\\u0007"\n', "contains control or unassigned characters"),
+        ("duration = nan\n" + _WRITER + _VOLTMETER, "duration must be a finite number, got nan"),
+        ("duration = inf\n" + _WRITER + _VOLTMETER, "duration must be a finite number, got inf"),
+        ("duration = 0\n" + _WRITER + _VOLTMETER, "duration must be a positive number of seconds"),
+        (
+            _WRITER + '[[instruments]]\ntype = "camera"\nshape = [100000, 100000]\n',
+            "shape [100000, 100000] makes frames of 20,000.0 MB",
+        ),
+        (
+            _WRITER + '[[instruments]]\ntype = "camera"\nshape = [2.7, 3.9]\n',
+            "shape must be [height, width], two positive integers, got [2.7, 3.9]",
+        ),
+        (
+            _WRITER + '[[instruments]]\ntype = "camera"\nshape = [16]\n',
+            "shape must be [height, width], two positive integers, got [16]",
+        ),
+        ("[ring]\ncapacity_mb = nan\n" + _WRITER + _VOLTMETER, "[ring]: capacity_mb must be a finite number"),
+        ("[ring]\ncapacity_mb = -1\n" + _WRITER + _VOLTMETER, "capacity_mb must be a positive number"),
+        ("[ring]\nkeep = true\n" + _WRITER + _VOLTMETER, "keep = true needs a path"),
+        (
+            '[writer]\noutput = "{out}"\nflush_interval = nan\n' + _VOLTMETER,
+            "flush_interval must be a finite number, got nan",
+        ),
+    ],
+)
+def test_config_values_that_cannot_run_are_refused_before_acquiring(
+    tmp_path: Path, toml: str, needle: str
+) -> None:
+    """Each of these ran before (a 0-row file and exit 0, a MemoryError, a frame shape silently
+    truncated, a run that never ends): now a ConfigError naming the key, exit 2, nothing made."""
+    cfg = tmp_path / "bad.toml"
+    out = tmp_path / "out.h5"
+    cfg.write_text(toml.replace("{out}", str(out)))
+    p = subprocess.Popen(
+        [*CLI, "run", str(cfg), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        for ring in Path("/dev/shm").glob(f"rust-daq-{p.pid}*"):
+            ring.unlink()
+    assert p.returncode == 2, stderr
+    assert str(cfg) in stderr and needle in stderr.replace("\n", " "), stderr
+    assert "Traceback" not in stderr
+    assert not out.exists(), "refused before the writer started"
