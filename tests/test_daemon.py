@@ -26,6 +26,7 @@ import pytest
 
 import rust_daq.remote
 from rust_daq import UnknownStreamError
+from rust_daq._access import local_token, token_dirs
 from rust_daq.flight import ticket
 from rust_daq.remote import RemoteError
 
@@ -44,6 +45,19 @@ def _first_line(p: subprocess.Popen[str], timeout: float = 30) -> str:
     if not line:
         pytest.fail(f"exited with {p.wait()}: {p.communicate()[1]}")
     return line
+
+
+def stock_client(url: str) -> tuple[fl.FlightClient, fl.FlightCallOptions]:
+    """A plain pyarrow Flight client of a loopback daemon started without a token, and the
+    call options carrying the token the daemon wrote for this user."""
+    token = local_token(url)
+    assert token, f"no token file for {url}"
+    return fl.connect(url), fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
+
+
+def token_files(url: str) -> list[Path]:
+    port = url.rsplit(":", 1)[-1]
+    return [d / f"daemon-{port}.token" for d in token_dirs() if (d / f"daemon-{port}.token").exists()]
 
 
 def _wait_for_streams(url: str, token: str | None, args: tuple[str, ...], streams: int) -> None:
@@ -83,6 +97,7 @@ def daemon(
             p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
+    assert not token_files(url), "the daemon removed its token file"
     assert not os.path.exists(f"/dev/shm/rust-daq-daemon-{p.pid}")
 
 
@@ -303,16 +318,17 @@ def test_a_daemon_without_instruments_records_what_remote_instruments_send(tmp_p
 
 
 def test_start_and_stop_recording_over_the_wire(tmp_path: Path) -> None:
-    out = tmp_path / "wire.h5"
-    with daemon() as (url, _):  # the embedded default: demo instruments, not recording
+    out = Path(os.path.realpath(tmp_path)) / "wire.h5"
+    # The embedded default: demo instruments, not recording; recordings go in --data-dir.
+    with daemon("--data-dir", str(tmp_path)) as (url, _):
         daq = rust_daq.remote.connect(url)
         assert daq.status()["writer"] == {"recording": False}
         time.sleep(0.5)  # data in the ring before the recording starts: not in the file
         t_start = time.time_ns()
-        started = daq.start_recording(str(out), metadata={"sample": "wire-1"})
+        started = daq.start_recording("wire.h5", metadata={"sample": "wire-1"})
         assert started["file"] == str(out) and started["layout"] == "append"
         with pytest.raises(RemoteError, match="already recording"):
-            daq.start_recording(str(tmp_path / "other.h5"))
+            daq.start_recording("other.h5")
         time.sleep(1.5)
         assert daq.status()["writer"]["recording"]
         result = daq.stop_recording()
@@ -320,7 +336,7 @@ def test_start_and_stop_recording_over_the_wire(tmp_path: Path) -> None:
         with pytest.raises(RemoteError, match="not recording"):
             daq.stop_recording()
         with pytest.raises(RemoteError, match="already exists"):
-            daq.start_recording(str(out))
+            daq.start_recording("wire.h5")
         daq.close()
     with h5py.File(out, "r") as f:
         ts = f["measurements/voltmeter/timestamp"][()].view(np.int64)
@@ -333,7 +349,7 @@ def test_start_and_stop_recording_over_the_wire(tmp_path: Path) -> None:
 
 def test_bad_requests_get_clear_flight_errors(tmp_path: Path) -> None:
     with daemon() as (url, _):
-        client = fl.connect(url)
+        client, opts = stock_client(url)
 
         def error(call: object) -> str:
             with pytest.raises(fl.FlightServerError) as e:
@@ -345,20 +361,22 @@ def test_bad_requests_get_clear_flight_errors(tmp_path: Path) -> None:
             assert "Traceback" not in str(e.value), "no server internals"
             return str(e.value)
 
-        assert "unknown stream 'nope'" in error(lambda: client.do_get(fl.Ticket(b"nope")))
-        assert "neither a stream name" in error(lambda: client.do_get(fl.Ticket(b"\xff\xfe")))
-        assert "not valid JSON" in error(lambda: client.do_get(fl.Ticket(b"{oops")))
+        assert "unknown stream 'nope'" in error(lambda: client.do_get(fl.Ticket(b"nope"), opts))
+        assert "neither a stream name" in error(lambda: client.do_get(fl.Ticket(b"\xff\xfe"), opts))
+        assert "not valid JSON" in error(lambda: client.do_get(fl.Ticket(b"{oops"), opts))
         assert "unknown key(s) ['speed']" in error(
-            lambda: client.do_get(fl.Ticket(b'{"stream": "camera", "speed": 1}'))
+            lambda: client.do_get(fl.Ticket(b'{"stream": "camera", "speed": 1}'), opts)
         )
         assert 'start must be "latest"' in error(
-            lambda: client.do_get(fl.Ticket(b'{"stream": "camera", "start": "x"}'))
+            lambda: client.do_get(fl.Ticket(b'{"stream": "camera", "start": "x"}'), opts)
         )
-        assert "unknown action 'reboot'" in error(lambda: client.do_action(fl.Action("reboot", b"")))
-        assert "not valid JSON" in error(lambda: client.do_action(fl.Action("start_recording", b"{")))
-        assert 'needs "file"' in error(lambda: client.do_action(fl.Action("start_recording", b"{}")))
-        assert "unknown stream" in error(lambda: client.get_flight_info(fl.FlightDescriptor.for_path("nope")))
-        actions = dict((a.type, a.description) for a in client.list_actions())
+        assert "unknown action 'reboot'" in error(lambda: client.do_action(fl.Action("reboot", b""), opts))
+        assert "not valid JSON" in error(lambda: client.do_action(fl.Action("start_recording", b"{"), opts))
+        assert 'needs "file"' in error(lambda: client.do_action(fl.Action("start_recording", b"{}"), opts))
+        assert "unknown stream" in error(
+            lambda: client.get_flight_info(fl.FlightDescriptor.for_path("nope"), opts)
+        )
+        actions = dict((a.type, a.description) for a in client.list_actions(opts))
         assert set(actions) == {"status", "start_recording", "stop_recording", "list_streams"}
         daq = rust_daq.remote.connect(url)
         with pytest.raises(UnknownStreamError, match="unknown stream 'nope'"):
@@ -369,8 +387,8 @@ def test_bad_requests_get_clear_flight_errors(tmp_path: Path) -> None:
         # Through the Python client: the daemon's message once, not prefixed twice.
         with pytest.raises(RemoteError) as e:
             daq.start_recording(str(tmp_path / "no-such-dir" / "x.h5"))
-        assert str(e.value).startswith("start_recording: the writer process did not start: ")
-        assert "does not exist" in str(e.value)
+        assert str(e.value).startswith("start_recording: file '/")
+        assert "absolute paths are refused" in str(e.value)
         dict_col = pa.table({"a": pa.array(["x"]).dictionary_encode()})
         with pytest.raises(RemoteError, match=r"^do_put to stream 'd': .*dictionary") as e:
             daq.put("d", dict_col)
@@ -394,6 +412,7 @@ def test_a_token_is_required_off_loopback_and_checked_on_every_call(tmp_path: Pa
     assert r.returncode == 2 and "needs a token" in r.stderr
     with daemon("--host", "0.0.0.0", env={"RUST_DAQ_TOKEN": "s3cret"}) as (url, _):
         url = url.replace("0.0.0.0", "127.0.0.1")
+        assert not token_files(url), "a daemon given a token writes no token file"
         with pytest.raises(RemoteError, match="needs a token"):
             rust_daq.remote.connect(url, token="")
         with pytest.raises(RemoteError, match="wrong token"):
@@ -452,14 +471,16 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
 
 CLIENT = """
 import sys, pyarrow as pa, pyarrow.flight as fl
+from rust_daq._access import local_token
 from rust_daq.flight import ticket
 c = fl.connect(sys.argv[1])
+opts = fl.FlightCallOptions(headers=[(b"authorization", b"Bearer " + local_token(sys.argv[1]).encode())])
 if sys.argv[2] == "get":
-    r = c.do_get(ticket("camera", "oldest"))
+    r = c.do_get(ticket("camera", "oldest"), opts)
     r.read_chunk()
 else:
     schema = pa.schema([("x", pa.int64())])
-    w, _ = c.do_put(fl.FlightDescriptor.for_path("killed_put"), schema)
+    w, _ = c.do_put(fl.FlightDescriptor.for_path("killed_put"), schema, opts)
     w.write_batch(pa.record_batch([pa.array([1, 2, 3])], schema=schema))
 print("streaming", flush=True)
 sys.stdin.read()
@@ -576,7 +597,7 @@ def test_a_remote_writer_that_falls_behind_records_exactly_what_it_lost(tmp_path
     summary = " ".join(err.split())  # the summary goes to stderr, wrapped to the terminal
     with h5py.File(out, "r") as f:
         ids = f["measurements/camera/frame_id"][()]
-        rows, records, lost, _ = (int(v) for v in f["rust_daq/streams/camera"][()])
+        rows, records, lost = (int(v) for v in f["rust_daq/streams/camera"][()][:3])
     missing = int(ids[-1] - ids[0] + 1 - len(ids))
     assert np.all(np.diff(ids) >= 1) and missing > 0, "it fell behind and the ring lapped it"
     assert rows == len(ids) and lost > 0

@@ -15,12 +15,10 @@ exist. ``start_recording`` starts the file at that moment.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from contextlib import AsyncExitStack
@@ -28,14 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import h5py
 import pyarrow as pa
 
+from . import _access
+from ._access import is_loopback
 from ._errors import RustDaqError
 from ._ring import RingBuffer
+from ._supervisor import WriterSupervisor, check_writer_options, file_progress
 from .acquisition import Acquisition, RowIndex
 from .flight import DaqFlightServer
-from .writer import start_process, stop_process
 
 __all__ = ["Daemon", "DaemonConfigError", "is_loopback"]
 
@@ -49,22 +48,15 @@ class DaemonConfigError(RustDaqError, ValueError):
     """The daemon cannot start as asked (address, token, TLS files)."""
 
 
-def is_loopback(host: str) -> bool:
-    """Whether `host` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 class Daemon:
     """Runs a :class:`~rust_daq.cli.Session` headless behind a Flight server.
 
     ``host``/``port``: where the server listens (port 0: any free port; :attr:`url` says
     which). Off loopback a ``token`` is required; ``tls`` is a (certificate, key) pair of
-    PEM files for ``grpc+tls``.
+    PEM files for ``grpc+tls``. Without a token the daemon makes one and writes it where
+    only its own user can read it (:attr:`token_file`, removed at exit): local clients of
+    that user read it, everyone else is refused. ``data_dir``: where ``start_recording``
+    over the wire creates its files (None: the working directory), resolved once, here.
     """
 
     def __init__(
@@ -76,6 +68,7 @@ class Daemon:
         token: str | None = None,
         tls: tuple[Path, Path] | None = None,
         own_ring: bool = False,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise DaemonConfigError(
@@ -88,6 +81,18 @@ class Daemon:
                 certs = [(Path(tls[0]).read_bytes(), Path(tls[1]).read_bytes())]
             except OSError as e:
                 raise DaemonConfigError(f"TLS: cannot read {e.filename}: {e.strerror}") from e
+        try:
+            #: Where recordings asked for over the wire go: an absolute real path, fixed now.
+            self.data_dir = _access.resolve_data_dir(data_dir)
+        except _access.RecordingNameError as e:
+            raise DaemonConfigError(str(e)) from None
+        # A token always: without one given, a random one for this user's local clients.
+        self._own_token = not token
+        token = token or _access.new_token()
+        #: The file holding the generated token (None if the token was given).
+        self.token_file: Path | None = None
+        self._token = token
+        server: DaqFlightServer | None = None  # to shut down if the start fails after it
         self.session = session
         self.own_ring = own_ring
         self.ring = RingBuffer.create(
@@ -107,7 +112,7 @@ class Daemon:
             # have their own lock. _recording is replaced whole, never mutated: read freely.
             self._rec_lock = threading.Lock()
             self._stats_lock = threading.Lock()
-            self._writer: subprocess.Popen[str] | None = None
+            self._writer: WriterSupervisor | None = None
             self._recording: dict[str, Any] | None = None
             self._puts: dict[str, list[int]] = {}  # stream -> [rows, records, bytes]
             self._rates: dict[str, float] = {}
@@ -115,7 +120,7 @@ class Daemon:
             scheme = "grpc+tls" if certs else "grpc"
             shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
             try:
-                self.server = DaqFlightServer(
+                self.server = server = DaqFlightServer(
                     f"{scheme}://{shown}:{port}", self, token=token, tls_certificates=certs
                 )
             except pa.ArrowException as e:  # gRPC says no more than "did not start properly"
@@ -123,7 +128,15 @@ class Daemon:
                     f"cannot listen on {shown}:{port}: the port is in use, or {host} is not an "
                     f"address of this host, or the TLS certificate and key do not match ({e})"
                 ) from None
+            if self._own_token:
+                try:
+                    self.token_file = _access.write_token_file(self.server.port, token)
+                except OSError as e:
+                    raise DaemonConfigError(f"{e}; or give a token (RUST_DAQ_TOKEN or --token)") from None
+                log.info("token for this user's local clients: %s", self.token_file)
         except BaseException:  # nothing runs yet: leave no ring behind
+            if server is not None:
+                server.shutdown()
             self.ring.close()
             if own_ring:
                 _unlink(self.ring.path)
@@ -166,9 +179,14 @@ class Daemon:
             st["rows_per_s"] = self._rates.get(name, 0.0)
         rs = self.ring.status()
         head, tail, oldest = rs["write_head"], rs["read_tail"], rs["oldest_position"]
-        writer: dict[str, Any] = {"recording": recording is not None}
+        sup = self._writer
+        writer: dict[str, Any] = {"recording": False}
         if recording is not None:
             writer.update(recording)
+            if sup is not None:  # state (running, restarting, failed), restarts, reason, pid
+                writer.update(sup.status())
+            # Recording means a writer process is alive, not that a recording was asked for.
+            writer["recording"] = writer.get("state") == "running"
             writer["lag_bytes"] = head - tail
             writer["lag_records"] = rs["records_written"] - rs["read_tail_seq"]
         return {
@@ -192,6 +210,20 @@ class Daemon:
             },
         }
 
+    def start_recording_from_wire(self, params: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`start_recording` as a Flight client asks for it: ``file`` is a file name,
+        created directly in :attr:`data_dir` (no directories, no ``..``, no absolute path, no
+        control characters, no existing name or symlink; .h5/.hdf5/.nxs: see
+        :func:`rust_daq._access.recording_path`); metadata keys and the compression name are
+        checked, metadata values are kept as data. In-process callers (the config's
+        ``[writer] output``, the operator's own choice) call :meth:`start_recording`."""
+        params = dict(params)
+        params["file"] = _access.recording_path(self.data_dir, params.get("file"))
+        _access.check_metadata(params.get("metadata", {}))
+        _access.check_compression(params.get("compression"))
+        log.info("start_recording over the wire: %r", params["file"])
+        return self.start_recording(params)
+
     def start_recording(self, params: dict[str, Any]) -> dict[str, Any]:
         allowed = {"file", "layout", "compression", "metadata", "flush_interval"}
         unknown = set(params) - allowed
@@ -212,6 +244,7 @@ class Daemon:
         flush = params.get("flush_interval", self.session.flush_interval)
         if isinstance(flush, bool) or not isinstance(flush, int | float) or not flush > 0:
             raise ValueError(f"flush_interval must be a positive number of seconds, got {flush!r}")
+        check_writer_options(layout=layout, compression=compression, flush_interval=flush)
         path = os.path.abspath(file)
         with self._rec_lock:
             if self.stopping.is_set():
@@ -222,17 +255,22 @@ class Daemon:
                 raise ValueError(f"{path} already exists; choose another file")
             # The file starts now: the writer begins at read_tail, which goes to the head.
             self.ring.reader("latest").commit()
+            # Supervised: a writer that dies is restarted (status says so meanwhile); one that
+            # cannot be kept alive leaves the recording "failed", with the reason.
+            sup = WriterSupervisor(
+                self.ring.path,
+                path,
+                layout=layout,
+                flush_interval=float(flush),
+                compression=compression,
+                metadata=metadata,
+                on_event=lambda line: log.warning("recording %s: %s", path, line),
+            )
             try:
-                self._writer = start_process(
-                    self.ring.path,
-                    path,
-                    layout=layout,
-                    flush_interval=float(flush),
-                    compression=compression,
-                    metadata=metadata,
-                )
+                sup.start()
             except RustDaqError as e:
                 raise ValueError(str(e)) from e
+            self._writer = sup
             self._recording = {"file": path, "layout": layout, "started": time.time()}
             log.info("recording to %s", path)
             return dict(self._recording)
@@ -241,18 +279,32 @@ class Daemon:
         with self._rec_lock:
             if self._writer is None or self._recording is None:
                 raise ValueError("not recording")
-            code, err = stop_process(self._writer)
+            sup = self._writer
+            state = sup.stop()  # the final flush; a dead writer is started once more for it
             rec, self._writer, self._recording = self._recording, None, None
-        if code != 0:
-            raise RuntimeError(f"the writer exited with {code}: {err.strip().splitlines()[-1:] or ''}")
+        progress = file_progress(rec["file"])
+        if state == "failed":
+            held = "no progress marker" if progress is None else f"{progress['records']:,} records"
+            raise RuntimeError(
+                f"the writer failed after {sup.restarts} restart(s): {sup.reason}; {rec['file']} holds {held}"
+            )
+        if progress is None:
+            raise RuntimeError(f"{rec['file']} has no progress marker after the writer's final flush")
         result: dict[str, Any] = {"file": rec["file"], "layout": rec["layout"], "streams": {}}
-        with h5py.File(rec["file"], "r") as f:
-            last_seq, records, lost, flushes = (int(v) for v in f["rust_daq/progress"][()])
-            result.update(records_written=records, records_lost=lost, flushes=flushes)
-            for name, book in f["rust_daq/streams"].items():
-                rows, n, n_lost, _ = (int(v) for v in book[()])
-                result["streams"][name] = {"rows": rows, "records": n, "lost": n_lost}
-        log.info("stopped recording %s: %d records, %d lost", rec["file"], records, lost)
+        result.update(
+            records_written=progress["records"],
+            records_lost=progress["lost"],
+            flushes=progress["flushes"],
+            restarts=sup.restarts,
+        )
+        result["streams"] = progress["streams"]
+        log.info(
+            "stopped recording %s: %d records, %d lost, %d writer restart(s)",
+            rec["file"],
+            progress["records"],
+            progress["lost"],
+            sup.restarts,
+        )
         return result
 
     # -- running ----------------------------------------------------------------------------
@@ -336,6 +388,8 @@ class Daemon:
             if t.is_alive():
                 log.warning("Flight calls still open after 15 s; exiting without them")
         finally:
+            if self.token_file is not None:
+                _access.remove_token_file(self.token_file, self._token)
             self.ring.close()
             if self.own_ring:
                 _unlink(self.ring.path)
@@ -348,7 +402,10 @@ class Daemon:
             if not self._rec_lock.acquire(blocking=False):
                 continue
             try:
-                if self._recording is None:
+                # A failed writer (given up on) will not move the tail: a ring with policy
+                # "block" must not wait for it.
+                sup = self._writer
+                if self._recording is None or (sup is not None and sup.state == "failed"):
                     self.ring.reader("latest").commit()
             finally:
                 self._rec_lock.release()

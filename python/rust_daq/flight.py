@@ -21,37 +21,46 @@ and remote control. Flight is gRPC carrying Arrow IPC, which pyarrow ships: any 
   the ring as that stream. Each batch is acknowledged with ``{"seq": N}`` once it is there.
 - ``do_action``: see :data:`ACTIONS`; results and bodies are JSON.
 
-Errors reach the client as Flight errors with a message that says what was wrong (no server
-traceback). Off loopback a token is required (``Authorization: Bearer <token>``), checked on
-every call by :class:`TokenAuth`.
+Errors reach the client as one-line Flight errors that say what was wrong, echoing at most
+~100 characters of the request, never a server traceback: every method of the service goes
+through :func:`_guarded`, which turns anything unexpected into a ``FlightInternalError``
+(logged here with its traceback). A token is required on every call
+(``Authorization: Bearer <token>``), checked by :class:`TokenAuth`: the daemon's own, or
+one it generated for its user's local clients (see :mod:`rust_daq._access`).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
+import logging
 import threading
+import unicodedata
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as fl
 
+from ._access import shown
 from ._arrow import DECODE_ERRORS, ArrowState, LiveView, decode_buffer
-from ._errors import RingUsageError
+from ._errors import RingUsageError, RustDaqError
 from ._ring import RingBuffer
 from .acquisition import RowIndex
 
 __all__ = ["ACTIONS", "DaqFlightServer", "Ticket", "TokenAuth", "ticket"]
 
+log = logging.getLogger("rust_daq.flight")
+
 #: The actions of ``do_action`` and what they do (``list_actions`` returns this).
 ACTIONS: dict[str, str] = {
     "status": "JSON: streams (rows, records, rows/s), ring (fill, records written and lost), "
     "writer (recording, file, lag), subscribers",
-    "start_recording": 'start the HDF5 writer on the ring; body JSON {"file": path on the daemon host, '
-    '"layout": "append"|"batches", "compression": str, "metadata": {...}}',
+    "start_recording": 'start the HDF5 writer on the ring; body JSON {"file": a file name, created in '
+    'the daemon\'s data directory, "layout": "append"|"batches", "compression": str, "metadata": {...}}',
     "stop_recording": "stop the HDF5 writer after its final flush; returns what it wrote (JSON)",
     "list_streams": "JSON: every stream with its columns (name: Arrow type)",
 }
@@ -59,6 +68,8 @@ ACTIONS: dict[str, str] = {
 _READ_RECORDS = 256  # records per ring read in a subscription
 _POLL = 0.1  # seconds a subscription waits for data before checking for cancellation
 _VIEWS = 16  # LiveViews kept for latest-rows requests, the least recently used dropped
+_STREAM_NAME_MAX = 255  # bytes of a stream name a remote instrument may give
+_MESSAGE_MAX = 280  # characters of an error message sent to a client
 
 
 class DaemonControl(Protocol):
@@ -69,7 +80,7 @@ class DaemonControl(Protocol):
     stopping: threading.Event
 
     def status(self) -> dict[str, Any]: ...
-    def start_recording(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    def start_recording_from_wire(self, params: dict[str, Any]) -> dict[str, Any]: ...
     def stop_recording(self) -> dict[str, Any]: ...
     def put(self, stream: str, batch: pa.RecordBatch) -> int: ...
 
@@ -103,6 +114,96 @@ def _bad(message: str) -> fl.FlightServerError:
     return fl.FlightServerError(message)
 
 
+def _one_line(message: str) -> str:
+    """`message` as one line of at most _MESSAGE_MAX characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= _MESSAGE_MAX else text[: _MESSAGE_MAX - 1] + "…"
+
+
+def _keys(keys: Iterable[Any]) -> str:
+    """Unknown keys of a request, for a message: a few, each cut short."""
+    listed = sorted(keys, key=str)
+    more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
+    return "[" + ", ".join(shown(k, 30) for k in listed[:3]) + "]" + more
+
+
+def _loads(raw: bytes | str, what: str) -> Any:
+    """JSON from a client; a FlightServerError "`what` not valid JSON (why)" otherwise."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise _bad(f"{what} not valid JSON ({e})") from None
+    except RecursionError:
+        raise _bad(f"{what} not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _bad(f"{what} not valid JSON ({type(e).__name__})") from None
+
+
+class _RequestError(fl.FlightServerError, ValueError):  # type: ignore[misc]
+    """A FlightServerError for ``get_schema``, whose pyarrow callback (unlike every other
+    one) does not turn a FlightError into a Flight status: any exception there reaches the
+    client with ``traceback.format_exception`` of it appended. Formatting this one fails
+    (reading ``__suppress_context__`` raises), and pyarrow then appends only the type name,
+    "Python exception: _RequestError"; as a ValueError the client gets ArrowInvalid."""
+
+    @property
+    def __suppress_context__(self) -> bool:  # type: ignore[override]
+        raise RuntimeError("not formatted: the message says it all")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _internal(what: str, e: BaseException) -> fl.FlightInternalError:
+    log.error("%s: unexpected %s", what, type(e).__name__, exc_info=e)
+    return fl.FlightInternalError(
+        f"{what}: internal error in the daemon ({type(e).__name__}); its log has the details"
+    )
+
+
+def _converted(what: str, e: Exception) -> fl.FlightError:
+    """The Flight error a client receives for `e`, raised while serving `what`: ours (a
+    FlightError) as one short line; a refusal (ValueError, a rust-daq error) as a
+    FlightServerError; anything else as a FlightInternalError, its traceback logged here."""
+    if isinstance(e, fl.FlightError):
+        converted = type(e)(_one_line(str(e)))
+    elif isinstance(e, RecursionError):
+        converted = _bad(f"{what}: the request is nested too deeply")
+    elif isinstance(e, RustDaqError | ValueError):
+        converted = _bad(_one_line(f"{what}: {e}"))
+    else:
+        converted = _internal(what, e)
+    return converted
+
+
+def _guarded_iter(what: str, items: Iterable[Any]) -> Iterator[Any]:
+    """`items`, with an error while producing them converted as by :func:`_guarded`."""
+    try:
+        yield from items
+    except Exception as e:
+        raise _converted(what, e) from None
+
+
+def _guarded(what: str) -> Callable[[_F], _F]:
+    """Every method of the service: whatever it raises (also while its result is iterated)
+    reaches the client as a one-line Flight error (:func:`_converted`), never a traceback."""
+
+    def decorate(method: _F) -> _F:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = method(*args, **kwargs)
+            except Exception as e:
+                raise _converted(what, e) from None
+            if isinstance(result, Iterator):  # a generator: errors come while iterated
+                return _guarded_iter(what, result)
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def parse_ticket(raw: bytes) -> Ticket:
     """The ticket's fields; a FlightServerError that says what is wrong otherwise."""
     try:
@@ -113,23 +214,20 @@ def parse_ticket(raw: bytes) -> Ticket:
         if not text:
             raise _bad("bad ticket: empty; give a stream name (see list_flights)")
         return Ticket(text)
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _bad(f"bad ticket: not valid JSON ({e})") from None
+    body = _loads(text, "bad ticket:")
     allowed = {"stream", "start", "after_seq", "last_rows"}
     if not isinstance(body, dict) or not isinstance(body.get("stream"), str) or not body["stream"]:
         raise _bad('bad ticket: a JSON ticket needs "stream" (a stream name)')
     unknown = set(body) - allowed
     if unknown:
-        raise _bad(f"bad ticket: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise _bad(f"bad ticket: unknown key(s) {_keys(unknown)}; allowed: {sorted(allowed)}")
     start = body.get("start", "latest")
     if start not in ("latest", "oldest"):
-        raise _bad(f'bad ticket: start must be "latest" or "oldest", got {start!r}')
+        raise _bad(f'bad ticket: start must be "latest" or "oldest", got {shown(start)}')
     for key in ("after_seq", "last_rows"):
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise _bad(f"bad ticket: {key} must be a non-negative integer, got {v!r}")
+            raise _bad(f"bad ticket: {key} must be a non-negative integer, got {shown(v)}")
     if body.get("last_rows") == 0:
         raise _bad("bad ticket: last_rows must be at least 1")
     return Ticket(body["stream"], start, body.get("after_seq"), body.get("last_rows"))
@@ -148,8 +246,8 @@ class TokenAuth(fl.ServerMiddlewareFactory):  # type: ignore[misc]  # pyarrow sh
             if hmac.compare_digest(given, self._expected):
                 return None
         raise fl.FlightUnauthenticatedError(
-            "this rust-daq daemon needs a token: send the header 'authorization: Bearer <token>' "
-            "(rust_daq.remote.connect(url, token=...), or RUST_DAQ_TOKEN for the CLI)"
+            "this rust-daq daemon needs a token: send 'authorization: Bearer <token>' (connect(url, "
+            "token=...), RUST_DAQ_TOKEN); its own user's local clients read it from its token file"
             if not headers.get("authorization")
             else "wrong token"
         )
@@ -203,36 +301,47 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         name = descriptor.path[0].decode(errors="replace")
         streams = self._streams()
         if name not in streams:
-            raise _bad(f"unknown stream {name!r}; the daemon's streams: {', '.join(streams) or 'none yet'}")
+            raise _unknown(name, streams)
         return name, streams[name]
 
+    @_guarded("list_flights")
     def list_flights(self, context: fl.ServerCallContext, criteria: bytes) -> Iterator[fl.FlightInfo]:
-        for name, schema in self._streams().items():
-            yield self._info(name, schema)
+        return iter([self._info(name, schema) for name, schema in self._streams().items()])
 
+    @_guarded("get_flight_info")
     def get_flight_info(
         self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor
     ) -> fl.FlightInfo:
         return self._info(*self._schema_of(descriptor))
 
     def get_schema(self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor) -> fl.SchemaResult:
+        try:
+            return self._get_schema(context, descriptor)
+        except fl.FlightError as e:  # see _RequestError: pyarrow would append a traceback
+            raise _RequestError(str(e)) from None
+
+    @_guarded("get_schema")
+    def _get_schema(self, context: fl.ServerCallContext, descriptor: fl.FlightDescriptor) -> fl.SchemaResult:
         return fl.SchemaResult(self._schema_of(descriptor)[1])
 
     # -- streams out ------------------------------------------------------------------------------
 
+    @_guarded("do_get")
     def do_get(self, context: fl.ServerCallContext, ticket: fl.Ticket) -> fl.FlightDataStream:
         t = parse_ticket(ticket.ticket)
         state = ArrowState(self.daemon.ring)
         streams = state.streams()
         if t.stream not in streams:
-            raise _bad(
-                f"unknown stream {t.stream!r}; the daemon's streams: {', '.join(streams) or 'none yet'}"
-            )
+            raise _unknown(t.stream, streams)
         info = streams[t.stream]
         if t.last_rows is not None:
             return fl.RecordBatchStream(self._latest(t.stream, t.last_rows))
         return fl.GeneratorStream(
-            info.schema, self._subscription(context, t, state, info.stream_id, info.schema)
+            info.schema,
+            _guarded_iter(
+                f"do_get of {shown(t.stream, 40)}",
+                self._subscription(context, t, state, info.stream_id, info.schema),
+            ),
         )
 
     def _subscription(
@@ -326,6 +435,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
 
     # -- streams in ------------------------------------------------------------------------------
 
+    @_guarded("do_put")
     def do_put(
         self,
         context: fl.ServerCallContext,
@@ -339,33 +449,60 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
             stream = descriptor.path[0].decode()
         except UnicodeDecodeError:
             raise _bad("do_put: the stream name is not UTF-8") from None
+        bad = next((c for c in stream if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+        if not stream.strip() or bad is not None or len(stream.encode()) > _STREAM_NAME_MAX:
+            why = (
+                "is empty"
+                if not stream.strip()
+                else f"contains the control character {bad!r}"
+                if bad is not None
+                else f"is longer than {_STREAM_NAME_MAX} bytes"
+            )
+            raise _bad(f"do_put: the stream name {shown(stream)} {why}")
         while True:
             try:
                 chunk = reader.read_chunk()
             except StopIteration:
                 return
+            except pa.ArrowException as e:
+                if isinstance(e, fl.FlightError):
+                    raise
+                raise _bad(f"do_put to stream {shown(stream)}: unreadable batch ({_first(e)})") from None
             if chunk.data is None:
                 continue
             try:
                 seq = self.daemon.put(stream, chunk.data)
-            except (ValueError, TypeError, OSError) as e:
-                raise _bad(f"do_put to stream {stream!r}: {e}") from None
+            except pa.ArrowNotImplementedError as e:
+                raise _bad(
+                    f"do_put to stream {shown(stream)}: the ring cannot hold this Arrow type ({_first(e)})"
+                ) from None
+            except (ValueError, TypeError, OSError, RustDaqError, pa.ArrowException) as e:
+                raise _bad(f"do_put to stream {shown(stream)}: {_first(e)}") from None
             writer.write(_meta({"seq": seq}))
+
+    @_guarded("do_exchange")
+    def do_exchange(
+        self,
+        context: fl.ServerCallContext,
+        descriptor: fl.FlightDescriptor,
+        reader: fl.MetadataRecordBatchReader,
+        writer: fl.MetadataRecordBatchWriter,
+    ) -> None:
+        raise _bad("do_exchange is not offered by rust-daq; use do_get and do_put")
 
     # -- control ------------------------------------------------------------------------------
 
+    @_guarded("list_actions")
     def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
         return list(ACTIONS.items())
 
+    @_guarded("do_action")
     def do_action(self, context: fl.ServerCallContext, action: fl.Action) -> Iterator[bytes]:
         kind = action.type
         if kind not in ACTIONS:
-            raise _bad(f"unknown action {kind!r}; the actions: {', '.join(ACTIONS)}")
+            raise _bad(f"unknown action {shown(kind)}; the actions: {', '.join(ACTIONS)}")
         raw = action.body.to_pybytes() if action.body is not None else b""
-        try:
-            params = json.loads(raw) if raw.strip() else {}
-        except json.JSONDecodeError as e:
-            raise _bad(f"{kind}: the body is not valid JSON ({e})") from None
+        params = _loads(raw, f"{kind}: the body is") if raw.strip() else {}
         if not isinstance(params, dict):
             raise _bad(f"{kind}: the body must be a JSON object")
         try:
@@ -375,7 +512,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                     result["subscribers"] = self.subscribers
                     result["rows_sent"] = self.rows_sent
             elif kind == "start_recording":
-                result = self.daemon.start_recording(params)
+                result = self.daemon.start_recording_from_wire(params)
             elif kind == "stop_recording":
                 result = self.daemon.stop_recording()
             else:
@@ -383,5 +520,19 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                     name: {f.name: str(f.type) for f in schema} for name, schema in self._streams().items()
                 }
         except (ValueError, OSError, RuntimeError) as e:
-            raise _bad(f"{kind}: {e}") from None
+            raise _bad(f"{kind}: {_first(e)}") from None
         return iter([json.dumps(result).encode()])
+
+
+def _unknown(name: str, streams: Iterable[str]) -> fl.FlightServerError:
+    listed = list(streams)
+    names = ", ".join(shown(n, 40) for n in listed[:8]) or "none yet"
+    if len(listed) > 8:
+        names += f" and {len(listed) - 8} more (list_flights)"
+    return _bad(f"unknown stream {shown(name)}; the daemon's streams: {names}")
+
+
+def _first(e: BaseException) -> str:
+    """The first line of an exception's message (pyarrow's can run on with details)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

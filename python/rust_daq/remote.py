@@ -8,7 +8,7 @@ API, the latest rows, remote instruments, and control. ::
         for stream, batch in reader.read_batches(timeout=1.0):
             ...
     daq.latest("voltmeter", rows=1000)              # {column: numpy array}
-    daq.start_recording("/data/run.h5"); daq.stop_recording()
+    daq.start_recording("run.h5"); daq.stop_recording()   # a file in the daemon's data_dir
 
 :func:`relay` is the remote HDF5 writer (``rust-daq write --from grpc://...``): it copies the
 daemon's streams into a ring on this machine and runs the ordinary writer on it, so the file
@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
+from ._access import local_token
 from ._arrow import _to_numpy
 from ._errors import RustDaqError, UnknownStreamError
 from .flight import ticket
@@ -85,8 +86,9 @@ def connect(
     timeout: float = 10.0,
 ) -> RemoteDaq:
     """A client of the daemon at `url` (``grpc://host:port``, ``grpc+tls://host:port``).
-    ``token``: the daemon's token (default: the RUST_DAQ_TOKEN environment variable);
-    ``tls_root_certs``: PEM bytes or a file of the certificates to trust (a self-signed
+    ``token``: the daemon's token (default: the RUST_DAQ_TOKEN environment variable, else,
+    for a daemon on this machine's loopback, the token file its daemon wrote for this user:
+    see :mod:`rust_daq._access`; ``""``: send none); ``tls_root_certs``: PEM bytes or a file of the certificates to trust (a self-signed
     daemon's own certificate). Raises RemoteError if the daemon does not answer within
     `timeout` seconds or refuses the token."""
     return RemoteDaq(url, token=token, tls_root_certs=tls_root_certs, timeout=timeout)
@@ -108,7 +110,8 @@ class RemoteDaq:
         certs = tls_root_certs
         if certs is not None and not isinstance(certs, bytes):
             certs = Path(certs).read_bytes()
-        token = token if token is not None else os.environ.get("RUST_DAQ_TOKEN") or None
+        if token is None:
+            token = os.environ.get("RUST_DAQ_TOKEN") or local_token(url)
         self.url = url
         self._headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._timeout = timeout
@@ -164,7 +167,8 @@ class RemoteDaq:
         compression: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Starts the daemon's HDF5 writer into `file` (a path on the daemon's machine)."""
+        """Starts the daemon's HDF5 writer into `file`: a file name (.h5, .hdf5, .nxs, no
+        directories), created in the daemon's data directory; the result names its path."""
         body: dict[str, Any] = {"file": file, "layout": layout, "metadata": metadata or {}}
         if compression:
             body["compression"] = compression
