@@ -83,7 +83,8 @@ def test_append_layout_reads_back_exactly(ring_path: str, h5_path: str) -> None:
         np.testing.assert_array_equal(cam[2:], frames(5).column("frame").to_numpy_ndarray())
         log = f["measurements/log"]
         assert [s.decode() for s in log["status"][:]] == ["ok", "ünïcödé", ""]
-        assert log["status"].attrs["null_count"] == 1
+        assert log["status"].attrs["validity"] == "status__valid"
+        np.testing.assert_array_equal(log["status__valid"][:], [1, 1, 0])  # the null is not data
         np.testing.assert_array_equal(log["pair"][:], [[1, 2], [3, 4], [5, 6]])
         assert f.attrs["default"] == "measurements" and f["measurements"].attrs["default"] == "voltmeter"
         assert json.loads(f["measurements/metadata/json"][()]) == {"sample": "Si-42", "temperature_K": 4.2}
@@ -98,7 +99,8 @@ def test_append_layout_reads_back_exactly(ring_path: str, h5_path: str) -> None:
         assert pa.ipc.read_schema(pa.py_buffer(v["arrow_schema"][:].tobytes())).equals(
             VOLT_SCHEMA, check_metadata=True
         )
-        assert list(f["rust_daq/progress"][()]) == [13, 13, 0, 1]  # last seq, records, lost, flushes
+        # last seq, records, lost, flushes, unwritable, skipped
+        assert list(f["rust_daq/progress"][()]) == [13, 13, 0, 1, 0, 1]
 
 
 def test_batches_layout_and_the_original_example(ring_path: str, h5_path: str) -> None:
@@ -223,7 +225,10 @@ def test_schema_change_adds_a_column(ring_path: str, h5_path: str) -> None:
     with h5py.File(h5_path, "r") as f:
         g = f["measurements/dmm"]
         np.testing.assert_array_equal(g["index"][:], np.arange(9))
-        np.testing.assert_array_equal(g["range"][:], [0, 0, 0, 10, 10, 100, 0, 0, 0])
+        # Rows without the column are NaN (never a 0 that reads as data) and marked absent.
+        np.testing.assert_array_equal(g["range"][:], [np.nan] * 3 + [10, 10, 100] + [np.nan] * 3)
+        np.testing.assert_array_equal(g[g["range"].attrs["validity"]][:], [0, 0, 0, 1, 1, 1, 0, 0, 0])
+        assert g["range"].attrs["first_row"] == 3
 
 
 def test_overruns_are_attributed_to_their_streams(ring_path: str, h5_path: str) -> None:
@@ -261,13 +266,14 @@ def test_overruns_are_counted_exactly(ring_path: str, h5_path: str) -> None:
             "records": n + 10 - lost,
             "lost": lost,
             "rows": (n + 10 - lost) * 100,
+            "unwritable": 0,
         }
         w.close()
     with h5py.File(h5_path, "r") as f:
         index = f["measurements/voltmeter/index"][:]
         assert len(index) == (n + 10 - lost) * 100
         assert list(f["rust_daq/progress"][()])[2] == lost
-        rows, records, stream_lost, next_seq = f["rust_daq/streams/voltmeter"][()]
+        rows, records, stream_lost, next_seq, unwritable = f["rust_daq/streams/voltmeter"][()]
         assert (records, stream_lost, next_seq) == (n + 10 - lost, lost, n + 10)
         np.testing.assert_array_equal(index[-1000:], np.arange((n) * 100, (n + 10) * 100))
 

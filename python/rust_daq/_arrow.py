@@ -130,7 +130,7 @@ class StreamWriter:
         self.writer = pa.ipc.new_stream(file, schema)
         # pyarrow writes the schema message before its first batch: let it land in a record
         # that is then aborted (it becomes padding readers skip); the table has the schema.
-        empty = pa.RecordBatch.from_arrays([_empty(f.type) for f in schema], schema=schema)
+        empty = empty_batch(schema)
         size = schema.serialize().size + pa.ipc.get_record_batch_size(empty)
         self.put(empty, ring.reserve(size), size).abort()
 
@@ -423,10 +423,15 @@ class LiveView:
         return out
 
 
+def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
+    """A batch of `schema` with no rows (any type, unions and extensions included)."""
+    return pa.RecordBatch.from_arrays([_empty(f.type) for f in schema], schema=schema)
+
+
 def _empty(t: pa.DataType) -> pa.Array:
     if isinstance(t, pa.BaseExtensionType):
-        return pa.ExtensionArray.from_storage(t, pa.array([], type=t.storage_type))
-    return pa.array([], type=t)
+        return pa.ExtensionArray.from_storage(t, _empty(t.storage_type))
+    return pa.nulls(0, t)  # (pa.array([], type=t) has no union builder)
 
 
 def _to_numpy(col: pa.Array) -> npt.NDArray[Any]:

@@ -1,28 +1,33 @@
-"""HDF5 side of the writer: file repair after a crash, Arrow-to-HDF5 conversion, the two
-layouts, and the progress marker that makes restarts exactly-once.
-
-Strings are stored as variable-length UTF-8 (``h5py.string_dtype()``), which MATLAB's
-``h5read``/``h5readatt``, Igor and silx read; timestamps as int64 nanoseconds since the Unix
-epoch with ``units="ns"``. Arrow nulls: NaN in float columns, 0/""/False elsewhere (each
-column's ``null_count`` attribute says how many). Column types HDF5 cannot hold as plain
-arrays (variable-length lists, structs, maps, decimals, binary) are skipped and named in the
-group's ``skipped_columns`` attribute.
+"""HDF5 helpers of the writer: file repair after a crash (the superblock's consistency flags),
+valid and unique HDF5 names for Arrow stream and column names, timestamps, schema JSON.
+How Arrow columns become HDF5 arrays is in ``_columns.py``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
 import json
+import os
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Container
 
 import h5py
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["Column", "clear_consistency_flags", "columns_of", "iso_now"]
+__all__ = [
+    "allocate",
+    "arrow_name",
+    "attr_text",
+    "set_arrow_name",
+    "chunk_rows",
+    "clear_consistency_flags",
+    "hdf5_name",
+    "iso_now",
+    "schema_json",
+]
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -69,6 +74,62 @@ def _lookup3(data: bytes) -> int:
     return c
 
 
+def consistency_flags(path: str) -> int:
+    """The superblock's "open for write / SWMR write" flags (0 for none, or for superblock
+    versions 0 and 1, which do not carry them). Reads only."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if len(head) < 12 or head[:8] != _SIGNATURE or head[8] not in (2, 3):
+        return 0
+    return head[11]
+
+
+#: Byte of the OFD lock a writer holds on its output, far past any real data: HDF5's own
+#: locks are flock(2), a separate mechanism, so the two never meet.
+_LOCK_OFFSET = 1 << 62
+
+
+def lock_output(fd: int) -> bool:
+    """Takes the writer's exclusive lock on its output file (an open-file-description lock:
+    held by this open file, not released when HDF5 closes its own descriptors of the file).
+    Returns False if another writer holds it."""
+    lk = struct.pack("hhxxxxqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, _LOCK_OFFSET, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lk)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def held_by_another_hdf5(path: str) -> bool:
+    """Whether some process has `path` open through HDF5 with its file lock (every HDF5
+    application but a SWMR writer holds one). Takes and drops a non-blocking flock; writes
+    nothing."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def looks_like_run(path: str, session: str) -> bool:
+    """Whether `path` is a rust-daq file of ring session `session`, read without HDF5 (which
+    refuses a file whose writer was killed until its flags are cleared): the root group's
+    attributes, with the session id, sit in the first blocks of every file the writer makes."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return b"rust_daq_layout" in head and session.encode() in head
+
+
 def clear_consistency_flags(path: str) -> bool:
     """Clears the "open for write / SWMR write" flags a killed writer leaves in the superblock
     (what ``h5clear -s`` does), so the file opens normally again. Returns True if it changed
@@ -97,79 +158,6 @@ def iso_now() -> str:
     return dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="microseconds")
 
 
-@dataclass
-class Column:
-    """One Arrow column converted for HDF5."""
-
-    name: str
-    data: np.ndarray[Any, Any]
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-def _units(f: pa.Field) -> str | None:
-    md = f.metadata or {}
-    for key in (b"units", b"unit"):
-        if key in md:
-            return str(md[key].decode("utf-8", "replace"))
-    return None
-
-
-def _convert(f: pa.Field, col: pa.Array) -> Column | None:
-    """The HDF5 form of one column, or None if HDF5 cannot hold it as an array."""
-    t = f.type
-    attrs: dict[str, Any] = {"long_name": f.name}
-    units = _units(f)
-    if col.null_count:
-        attrs["null_count"] = col.null_count
-    if isinstance(col, pa.FixedShapeTensorArray):
-        data = col.to_numpy_ndarray()
-    elif pa.types.is_timestamp(t):
-        attrs.update(units="ns", epoch="1970-01-01T00:00:00Z")
-        if t.tz:
-            attrs["timezone"] = t.tz
-        data = col.cast(pa.timestamp("ns", tz=t.tz)).cast(pa.int64()).fill_null(0).to_numpy()
-        units = "ns"
-    elif pa.types.is_duration(t):
-        data = col.cast(pa.duration("ns")).cast(pa.int64()).fill_null(0).to_numpy()
-        units = "ns"
-    elif pa.types.is_date32(t):
-        data = col.cast(pa.int32()).fill_null(0).to_numpy()
-        units = "days since 1970-01-01"
-    elif pa.types.is_floating(t):
-        data = col.to_numpy(zero_copy_only=False)  # nulls become NaN
-    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
-        data = col.fill_null(False if pa.types.is_boolean(t) else 0).to_numpy(zero_copy_only=False)
-    elif pa.types.is_string(t) or pa.types.is_large_string(t):
-        data = np.array(col.fill_null("").to_pylist(), dtype=h5py.string_dtype("utf-8"))
-    elif pa.types.is_fixed_size_list(t) and (
-        pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)
-    ):
-        flat = col.flatten().fill_null(0).to_numpy(zero_copy_only=False)
-        data = flat.reshape(len(col), t.list_size)
-    else:
-        return None
-    if units is not None:
-        attrs["units"] = units
-    return Column(f.name, np.ascontiguousarray(data), attrs)
-
-
-def columns_of(batches: Sequence[pa.RecordBatch]) -> tuple[list[Column], list[str]]:
-    """The HDF5 columns of consecutive batches of one schema, and the names skipped."""
-    if len(batches) == 1:  # no concatenation: numeric columns stay views of the batch
-        schema, column = batches[0].schema, batches[0].column
-    else:
-        table = pa.Table.from_batches(batches)
-        schema, column = table.schema, (lambda i: table.column(i).combine_chunks())
-    out, skipped = [], []
-    for i, f in enumerate(schema):
-        converted = _convert(f, column(i))
-        if converted is None:
-            skipped.append(f.name)
-        else:
-            out.append(converted)
-    return out, skipped
-
-
 def schema_json(schema: pa.Schema) -> str:
     """The Arrow schema as readable JSON (names, types, metadata)."""
 
@@ -190,3 +178,54 @@ def schema_json(schema: pa.Schema) -> str:
 def chunk_rows(row_bytes: int, target: int = 1 << 20) -> int:
     """Rows per chunk: about `target` bytes, at least one row (one frame per chunk)."""
     return max(1, target // max(row_bytes, 1))
+
+
+_ESCAPE = {"%", "/"}
+
+
+def hdf5_name(name: str, reserved: frozenset[str] = frozenset()) -> str:
+    """A valid HDF5 link name for an Arrow stream or column name: ``%``, ``/`` and control
+    characters (NUL included) are percent-encoded (``x/a`` -> ``x%2Fa``), a name of dots only
+    is encoded whole (``.`` -> ``%2E``), the empty name is ``%``, and a name in `reserved`
+    (the writer's own entries, e.g. ``metadata``) gets its first character encoded
+    (``metadata`` -> ``%6Detadata``). The original name is kept in the ``arrow_name``
+    attribute; names still taken get ``__2``, ``__3``... (:func:`allocate`)."""
+    if name == "":
+        return "%"
+    if set(name) == {"."}:
+        return "".join(f"%{ord(c):02X}" for c in name)
+    out = "".join(f"%{ord(c):02X}" if c in _ESCAPE or ord(c) < 0x20 or ord(c) == 0x7F else c for c in name)
+    if out in reserved:
+        out = f"%{ord(out[0]):02X}{out[1:]}"
+    return out
+
+
+def allocate(base: str, taken: Container[str]) -> str:
+    """`base`, or the first of ``base__2``, ``base__3``... that is not taken."""
+    if base not in taken:
+        return base
+    k = 2
+    while f"{base}__{k}" in taken:
+        k += 1
+    return f"{base}__{k}"
+
+
+def attr_text(value: str) -> str:
+    """Text safe for an HDF5 string attribute (which ends at NUL): NULs as U+2400."""
+    return value.replace("\0", "\u2400")
+
+
+def set_arrow_name(attrs: h5py.AttributeManager, name: str) -> None:
+    """Stores an Arrow name in ``arrow_name``; one with a NUL (which HDF5 strings cannot hold)
+    also whole, as UTF-8 bytes, in ``arrow_name_utf8``."""
+    attrs["arrow_name"] = attr_text(name)
+    if "\0" in name:
+        attrs["arrow_name_utf8"] = np.frombuffer(name.encode("utf-8"), np.uint8)
+
+
+def arrow_name(attrs: h5py.AttributeManager, default: str) -> str:
+    """The Arrow name stored by :func:`set_arrow_name`."""
+    if "arrow_name_utf8" in attrs:
+        return bytes(np.asarray(attrs["arrow_name_utf8"], np.uint8)).decode("utf-8")
+    value = attrs.get("arrow_name")
+    return default if value is None else str(value)

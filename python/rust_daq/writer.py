@@ -56,11 +56,24 @@ from typing import Any, Literal, Self
 import anyio
 import h5py
 import numpy as np
-import pyarrow as pa
 
-from ._arrow import DECODE_ERRORS, ArrowState, StreamInfo, decode
+from ._arrow import DECODE_ERRORS, ArrowState, StreamInfo, decode, empty_batch
+from ._columns import pieces_of
 from ._errors import RustDaqError
-from ._hdf5 import Column, chunk_rows, clear_consistency_flags, columns_of, iso_now, schema_json
+from ._hdf5 import (
+    allocate,
+    arrow_name,
+    attr_text,
+    clear_consistency_flags,
+    consistency_flags,
+    hdf5_name,
+    held_by_another_hdf5,
+    iso_now,
+    lock_output,
+    looks_like_run,
+    set_arrow_name,
+)
+from ._layouts import BOOK_FIELDS, ENTRY_NAMES, AppendLayout, BatchesLayout, Item, StreamBook
 from ._native import __version__
 from ._ring import RingBuffer
 
@@ -112,32 +125,6 @@ def _compression(spec: str | None) -> dict[str, Any]:
     return dict(filters[name]())
 
 
-def _runs(
-    arrays: list[np.ndarray[Any, Any]], target: int = 4 << 20, large: int = 256 << 10
-) -> list[np.ndarray[Any, Any]]:
-    """Consecutive small arrays joined into runs of about `target` bytes (HDF5 writes a few
-    large slices much faster than many small ones); arrays of `large` bytes or more (frames)
-    are written as they are, never copied."""
-    out: list[np.ndarray[Any, Any]] = []
-    run: list[np.ndarray[Any, Any]] = []
-    size = 0
-    for a in arrays:
-        if a.nbytes >= large:
-            if run:
-                out.append(run[0] if len(run) == 1 else np.concatenate(run))
-                run, size = [], 0
-            out.append(a)
-            continue
-        run.append(a)
-        size += a.nbytes
-        if size >= target:
-            out.append(np.concatenate(run) if len(run) > 1 else run[0])
-            run, size = [], 0
-    if run:
-        out.append(run[0] if len(run) == 1 else np.concatenate(run))
-    return out
-
-
 def repair(path: str | os.PathLike[str]) -> bool:
     """Lets plain ``h5py.File(path)`` open a file whose writer was killed: clears the "open for
     (SWMR) write" flags HDF5 leaves in the superblock, like ``h5clear -s``. A writer restarted
@@ -150,16 +137,45 @@ class _TornRead(Exception):
     """Records were overwritten in the ring while the writer copied them into the file."""
 
 
+class _Unwritable(Exception):
+    """Writing these records failed for a reason of their own, not the disk's."""
+
+    def __init__(self, seqs: list[int], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.seqs = seqs
+
+
+def _errno_of(e: BaseException) -> int | None:
+    match = re.search(r"errno = (\d+)", str(e))
+    if match:
+        return int(match.group(1))
+    code = getattr(e, "errno", None)
+    return code if isinstance(code, int) else None
+
+
 def _io_error(path: str, e: BaseException) -> OSError:
     """An OSError with the errno HDF5 reports (e.g. 28 no space, 27 file too large)."""
-    match = re.search(r"errno = (\d+)", str(e))
-    code = int(match.group(1)) if match else getattr(e, "errno", None) or errno.EIO
+    code = _errno_of(e) or errno.EIO
     return OSError(
         code,
         f"writing {path} failed ({os.strerror(code)}); nothing past the last flush was committed "
         "to the ring, which still holds it: the next flush retries",
         path,
     )
+
+
+_PROGRESS_FIELDS = 6  # last_seq, records, records_lost, flushes, records_unwritable, records_skipped
+_QUARANTINE = "rust_daq/quarantine"
+#: The quarantine's datasets (one row per record that could not be written) and their types.
+_QUARANTINE_FIELDS: dict[str, Any] = {
+    "seq": np.int64,
+    "stream": h5py.string_dtype(),
+    "timestamp_ns": np.int64,
+    "reason": h5py.string_dtype(),
+    "payload": h5py.vlen_dtype(np.dtype(np.uint8)),  # the record's Arrow IPC message, as in the ring
+    "schema": h5py.vlen_dtype(np.dtype(np.uint8)),  # its stream's Arrow schema message (or empty)
+}
+_LOGGED_PER_STREAM = 10  # quarantined records logged one by one per stream, then every 1000th
 
 
 class HDF5Writer:
@@ -192,6 +208,8 @@ class HDF5Writer:
         self.layout: Layout = layout
         self.flush_interval = float(flush_interval)
         self._filters = _compression(compression)
+        self._append = AppendLayout(self._filters) if layout == "append" else None
+        self._batches = BatchesLayout(self._filters) if layout == "batches" else None
         self._swmr_wanted = swmr and layout == "append"
         self._metadata = dict(metadata or {})
         self._only = set(streams) if streams is not None else None
@@ -203,11 +221,20 @@ class HDF5Writer:
         self.batch_count = 0
         self.records_written = 0
         self.records_lost = 0
-        self.records_skipped = 0  # not Arrow, undecodable, or a stream not selected
-        self._rows: dict[str, int] = {}
-        # Per stream: records written, records lost (stream_seq gaps), next expected stream_seq.
-        self._stream_stats: dict[str, list[int]] = {}
-        self._file: h5py.File = self._open()
+        self.records_unwritable = 0  # quarantined: in rust_daq/quarantine, not in measurements
+        self.records_skipped = 0  # not Arrow, or a stream not selected
+        self._books: dict[str, StreamBook] = {}
+        # Records whose write failed for a reason of their own (seq -> reason): quarantined on
+        # the retry. Suspects are written one record at a time, to find which one it was.
+        self._condemned: dict[int, str] = {}
+        self._suspects: set[int] = set()
+        self._warned: set[str] = set()
+        self._lock_fd: int | None = None  # our lock on the output file, for the writer's life
+        try:
+            self._file: h5py.File = self._open()
+        except BaseException:
+            self._release()
+            raise
         self._file_ok = True  # False after an I/O error: reopened on the next flush
         self._reader = self._ring.reader("tail")
         self._lost_base = 0
@@ -221,9 +248,21 @@ class HDF5Writer:
         if not os.access(directory, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
             raise PermissionError(13, f"output directory {directory} is not writable", self.path)
         session = str(self._ring.session_id)
-        if os.path.exists(self.path):
-            if clear_consistency_flags(self.path):
-                log.warning("%s: cleared the consistency flags a killed writer left behind", self.path)
+        fresh = self._claim()
+        if not fresh:
+            # Nothing is written to a file before it is known to be ours and closed elsewhere.
+            if held_by_another_hdf5(self.path):
+                raise BlockingIOError(
+                    errno.EWOULDBLOCK, f"{self.path} is open for writing by another process", self.path
+                )
+            if consistency_flags(self.path):
+                if not looks_like_run(self.path, session):
+                    raise IncompatibleFileError(
+                        f"{self.path} is another program's HDF5 file (or another ring session's), left open "
+                        "for writing; it was not touched: choose another output file"
+                    )
+                if clear_consistency_flags(self.path):
+                    log.warning("%s: cleared the consistency flags a killed writer left behind", self.path)
             try:
                 f = self._open_existing()
             except BlockingIOError as e:
@@ -246,12 +285,12 @@ class HDF5Writer:
                     f"{self.path} holds {what}; this writer has layout {self.layout!r} and ring session "
                     f"{session}: choose another output file (or delete this one)"
                 )
+            self._file = f
             self._resume(f)
-            return f
-        try:
-            f = h5py.File(self.path, "w-", libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
-        except BlockingIOError as e:
-            raise BlockingIOError(e.errno, f"{self.path} is open by another process", self.path) from e
+            self._ready()
+            return self._file
+        # The empty file _claim made (and locked) is ours to fill.
+        f = h5py.File(self.path, "w", libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
         f.attrs.update(
             rust_daq_layout=self.layout,
             ring_session_id=session,
@@ -265,21 +304,74 @@ class HDF5Writer:
         )
         m = f.create_group("measurements")
         m.attrs["NX_class"] = "NXentry"
-        now = iso_now()
-        m.create_dataset("start_time", data=now, dtype=h5py.string_dtype())
-        m.create_dataset("end_time", data=now.ljust(40), dtype="S40")
+        now = iso_now().encode()
+        # Both times: fixed-length UTF-8, ISO 8601 (datetime.fromisoformat reads them); end_time
+        # is rewritten at every flush, which SWMR allows for fixed-size data.
+        times = h5py.string_dtype("utf-8", len(now))
+        m.create_dataset("start_time", data=now, dtype=times)
+        m.create_dataset("end_time", data=now, dtype=times)
         meta = m.create_group("metadata")
         meta.attrs["NX_class"] = "NXcollection"
         meta.create_dataset("json", data=json.dumps(self._metadata, default=str), dtype=h5py.string_dtype())
+        taken: set[str] = {"json"}
         for key, value in self._metadata.items():
+            if isinstance(value, str) and "\0" in value:
+                continue  # HDF5 strings end at NUL: the JSON above holds it whole
             if isinstance(value, bool | int | float | str):
-                meta.create_dataset(str(key), data=value)
+                name = allocate(hdf5_name(str(key)), taken)
+                taken.add(name)
+                meta.create_dataset(name, data=value).attrs["key"] = attr_text(str(key))
         book = f.create_group("rust_daq")
         book.attrs["NX_class"] = "NXcollection"
-        book.create_dataset("progress", data=np.array([-1, 0, 0, 0], dtype=np.int64))
-        book.create_group("streams")
+        book.create_dataset("progress", data=np.array([-1, 0, 0, 0, 0, 0], dtype=np.int64))
+        book.create_group("streams").attrs["NX_class"] = "NXcollection"
+        self._create_quarantine(f)
         f.flush()
-        return f
+        self._file = f
+        self._ready()
+        return self._file
+
+    def _claim(self) -> bool:
+        """Takes this writer's lock on its output (once per writer: it is kept across reopens);
+        creates the file, empty, if there is none. Returns True if the file holds nothing yet.
+        Raises BlockingIOError when another rust-daq writer holds the file."""
+        if self._lock_fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise IncompatibleFileError(
+                        f"{self.path} is a symbolic link; the writer does not follow it"
+                    ) from e
+                raise
+            if not lock_output(fd):
+                os.close(fd)
+                raise BlockingIOError(
+                    errno.EWOULDBLOCK,
+                    f"{self.path} is open for writing by another process (another rust-daq writer holds it)",
+                    self.path,
+                )
+            self._lock_fd = fd
+        return os.fstat(self._lock_fd).st_size == 0
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _ready(self) -> None:
+        """Datasets for the streams known now, then SWMR: from here on a reader can open the
+        file at any moment, also after a crash (``swmr=True``)."""
+        self._precreate()
+        self._file.flush()
+        self._enter_swmr()
+
+    def _create_quarantine(self, f: h5py.File) -> None:
+        q = f.require_group(_QUARANTINE)
+        q.attrs["NX_class"] = "NXcollection"
+        for name, dtype in _QUARANTINE_FIELDS.items():
+            if name not in q:
+                q.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
 
     def _open_existing(self) -> h5py.File:
         try:
@@ -299,82 +391,84 @@ class HDF5Writer:
 
     def _resume(self, f: h5py.File) -> None:
         """Back to the state of the last completed flush: trim what came after it."""
-        last_seq, written, lost, flushes = (int(v) for v in f[_PROGRESS][()])
+        progress = [int(v) for v in f[_PROGRESS][()]]
+        progress += [0] * (_PROGRESS_FIELDS - len(progress))
+        if f[_PROGRESS].shape != (_PROGRESS_FIELDS,):  # a file from an older writer
+            del f[_PROGRESS]
+            f.create_dataset(_PROGRESS, data=np.array(progress, dtype=np.int64))
+        _, written, lost, flushes, unwritable, skipped = progress
         self.records_written, self.records_lost, self.batch_count = written, lost, flushes
-        if self.layout == "append":
-            for name, book in f["rust_daq/streams"].items():
-                committed, records, lost, next_seq = (int(v) for v in book[()])
-                self._rows[name] = committed
-                self._stream_stats[name] = [records, lost, next_seq]
-                group = f["measurements"].get(name)
-                if group is None:
-                    continue
-                for ds in group.values():
-                    if (
-                        isinstance(ds, h5py.Dataset)
-                        and ds.maxshape
-                        and ds.maxshape[0] is None
-                        and ds.shape[0] != committed
-                    ):
-                        ds.resize(committed, axis=0)
-        else:
+        self.records_unwritable, self.records_skipped = unwritable, skipped
+        self._books.clear()
+        streams = f["rust_daq/streams"]
+        for group, ds in list(streams.items()):
+            values = [int(v) for v in ds[()]]
+            values += [0] * (BOOK_FIELDS - len(values))
+            name = arrow_name(ds.attrs, group)
+            rows, records, lost_, next_seq, unwritable_ = values[:BOOK_FIELDS]
+            b = self._books[name] = StreamBook(name, group, rows, records, lost_, next_seq, unwritable_)
+            if ds.shape != (BOOK_FIELDS,):
+                del streams[group]
+                set_arrow_name(streams.create_dataset(group, data=np.array(b.values(), np.int64)).attrs, name)
+            if self._append is not None:
+                self._append.resume(f, b)
+        if self._batches is not None:
             for key in list(f["measurements"]):
                 if key.startswith("batch_") and int(key[6:]) > flushes:
                     del f["measurements"][key]
+        self._create_quarantine(f)
+        for name in _QUARANTINE_FIELDS:
+            ds = f[_QUARANTINE][name]
+            if ds.shape[0] > unwritable:
+                ds.resize(unwritable, axis=0)
         f.flush()
 
-    def _stream_group(
-        self, name: str, columns: list[Column], skipped: list[str], info: StreamInfo
-    ) -> h5py.Group:
-        f = self._file
+    def _book(self, name: str) -> StreamBook:
+        book = self._books.get(name)
+        if book is None:
+            m = self._file["measurements"]
+            taken = {b.group for b in self._books.values()} | set(m) | set(self._file["rust_daq/streams"])
+            group = allocate(hdf5_name(name, ENTRY_NAMES), taken | ENTRY_NAMES)
+            book = self._books[name] = StreamBook(name, group, next_seq=-1)
+        return book
+
+    def _precreate(self) -> None:
+        """Groups and datasets for the streams the ring's schema table holds now, before SWMR
+        starts: SWMR forbids new objects, and leaving it takes every reader's file away."""
+        try:
+            streams = self._state.streams()
+        except DECODE_ERRORS + (RustDaqError,) as e:
+            log.error("the ring's schema table does not decode: %s", e)
+            return
+        for name, info in streams.items():
+            if self._only is not None and name not in self._only:
+                continue
+            book = self._book(name)
+            if self._append is not None:
+                empty = empty_batch(info.schema)
+                try:
+                    self._append.write(
+                        self._file, self._structural, book, [Item(pieces_of(empty), 0, None, info)]
+                    )
+                except Exception as e:  # its first record will tell (and be quarantined if need be)
+                    log.warning("stream %r: cannot prepare its datasets: %s", name, e)
+        self._create_books()
+
+    def _create_books(self) -> None:
+        streams = self._file["rust_daq/streams"]
+        if any(b.group not in streams for b in self._books.values()):
+            streams = self._structural()["rust_daq/streams"]
+            for b in self._books.values():
+                if b.group not in streams:
+                    book = streams.create_dataset(b.group, data=np.array(b.values(), np.int64))
+                    set_arrow_name(book.attrs, b.name)
+
+    def _structural(self) -> h5py.File:
+        """The file, out of SWMR mode: new objects can be created (SWMR forbids it)."""
         if self._file.swmr_mode:
-            self._reopen_without_swmr()
-            f = self._file
-        m = f["measurements"]
-        g = m.create_group(name)
-        g.attrs["NX_class"] = "NXdata"
-        for col in columns:
-            self._create_column(g, col, rows=0)
-        times = [c.name for c in columns if c.attrs.get("units") == "ns" and "epoch" in c.attrs]
-        # The default plot: frames first, then measured values (floats), then counts.
-        candidates = [c for c in columns if c.name not in times and c.data.dtype.kind in "fiu"]
-        candidates.sort(key=lambda c: (c.data.ndim == 1, c.data.dtype.kind != "f"))
-        signal_col = candidates[0].name if candidates else (columns[0].name if columns else None)
-        if signal_col is not None:
-            g.attrs["signal"] = signal_col
-            ndim = next(c.data.ndim for c in columns if c.name == signal_col)
-            g.attrs["axes"] = [times[0] if times else "."] + ["."] * (ndim - 1)
-        g.attrs["arrow_schema_json"] = schema_json(info.schema)
-        g.create_dataset("arrow_schema", data=np.frombuffer(info.schema.serialize().to_pybytes(), np.uint8))
-        g.attrs["skipped_columns"] = skipped
-        if "default" not in m.attrs:
-            m.attrs["default"] = name
-        f["rust_daq/streams"].create_dataset(name, data=np.zeros(4, dtype=np.int64))
-        self._rows[name] = 0
-        return g
-
-    def _create_column(self, g: h5py.Group, col: Column, rows: int) -> h5py.Dataset:
-        """An extendable dataset for `col`, `rows` long (fill values): chunks of ~1 MiB of rows,
-        one frame per chunk for n-D columns."""
-        tail = col.data.shape[1:]
-        if tail:
-            chunks = (1, *tail)
-        else:
-            chunks = (chunk_rows(64 if col.data.dtype.kind == "O" else col.data.dtype.itemsize),)
-        ds = g.create_dataset(
-            col.name,
-            shape=(rows, *tail),
-            maxshape=(None, *tail),
-            dtype=col.data.dtype,
-            chunks=chunks,
-            **self._filters,
-        )
-        ds.attrs.update(col.attrs)
-        return ds
-
-    def _reopen_without_swmr(self) -> None:
-        self._file.close()
-        self._file = h5py.File(self.path, "a", libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
+            self._file.close()
+            self._file = h5py.File(self.path, "a", libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
+        return self._file
 
     def _enter_swmr(self) -> None:
         if self._swmr_wanted and not self._file.swmr_mode:
@@ -384,76 +478,122 @@ class HDF5Writer:
 
     def flush_to_disk(self) -> int:
         """One synchronous pass: drain what the ring holds, write it, flush, record progress,
-        commit the ring's read_tail. Returns the number of records written."""
+        commit the ring's read_tail. Returns the number of records written.
+
+        A record that cannot be written for a reason of its own (it does not decode, or HDF5
+        refuses its data) is quarantined: its Arrow bytes go to ``rust_daq/quarantine`` and it
+        is counted as ``unwritable`` for its stream, and the pass goes on. Raises OSError when
+        the disk fails (nothing is committed; the next call retries)."""
         with self._lock:
             if self._closed:
                 raise ValueError("flush_to_disk() on a closed HDF5Writer")
-            if not self._file_ok:
-                self._reattach()
+            return self._flush_retrying()
+
+    def _flush_retrying(self) -> int:
+        if not self._file_ok:
+            self._reattach()
+        copy = False
+        for _ in range(256):
             try:
-                return self._flush()
+                return self._flush(copy=copy)
             except _TornRead as e:
                 # Retry with private copies (copy, then validate): a producer that keeps lapping
                 # the writer costs it records, counted as lost, never another torn pass.
                 log.warning("%s; retrying from the ring's tail with copies", e)
-                self._abandon()
-                self._reattach()
-                return self._flush(copy=True)
+                copy = True
+            except _Unwritable as e:
+                if len(e.seqs) == 1:
+                    self._condemned[e.seqs[0]] = f"HDF5 refused it: {e}"
+                else:
+                    log.warning(
+                        "writing records %d..%d failed (%s); finding the record", e.seqs[0], e.seqs[-1], e
+                    )
+                    self._suspects.update(e.seqs)
             except (OSError, RuntimeError) as e:
-                # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError.
+                # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError or OSError.
                 self._abandon()
                 raise _io_error(self.path, e) from e
+            # Abandon this pass before its marker: the retry reads the ring again from its tail.
+            self._abandon()
+            self._reattach()
+        raise RustDaqError(
+            f"{self.path}: no flush completed after 256 attempts; the ring still holds the data"
+        )
 
     def _abandon(self) -> None:
-        """After an I/O error (disk full...), HDF5's in-memory state cannot be trusted: drop the
-        handle. Nothing was committed to the ring past the last good marker, so the next flush
+        """After a failed pass, HDF5's in-memory state cannot be trusted: drop the handle.
+        Nothing was committed to the ring past the last good marker, so the next flush
         reopens the file, trims it to that marker and reads the ring again from its tail."""
         self._file_ok = False
         try:
             self._file.close()
         except Exception as e:  # the file is being abandoned either way
-            log.debug("closing after an I/O error failed: %s", e)
+            log.debug("closing after a failed pass failed: %s", e)
 
     def _reattach(self) -> None:
-        self._rows.clear()
-        self._stream_stats.clear()
+        self._books.clear()
         self._file = self._open()
         self._file_ok = True
         self._reader = self._ring.reader("tail")
         self._lost_base = 0
 
+    def _info(self, schema_id: int) -> StreamInfo | None:
+        try:
+            return self._state.info(schema_id)
+        except DECODE_ERRORS + (RustDaqError,) as e:
+            log.error("the ring's schema table does not decode: %s", e)
+            return None
+
     def _flush(self, copy: bool = False) -> int:
         written = 0
-        pending: dict[str, list[tuple[pa.RecordBatch, Any]]] = {}
-        order: list[str] = []
+        quarantined = 0
         committed_seq = last_seq = int(self._file[_PROGRESS][0])
         limit = 64  # records per read until their size is known
         while True:
             # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
-            # validated after the write (_write_stream); a torn one aborts the flush.
+            # validated after the write; a torn one aborts the flush.
             records = self._reader.read(max_records=limit, copy=copy)
+            pending: dict[str, list[Item]] = {}
+            bad: list[tuple[Any, StreamInfo | None, str]] = []
             for rec in records:
                 if rec.seq <= last_seq:
                     continue  # already in the file (a restart after its marker, before its commit)
-                info = self._state.info(rec.schema_id) if rec.schema_id else None
-                if info is None or (self._only is not None and info.name not in self._only):
+                if rec.schema_id == 0:
+                    self.records_skipped += 1
+                    self._warn_once("plain", "plain (non-Arrow) records are counted as skipped, not written")
+                    continue
+                info = self._info(rec.schema_id)
+                if info is None:
+                    bad.append((rec, None, f"schema id {rec.schema_id} is not in the ring's schema table"))
+                    continue
+                if self._only is not None and info.name not in self._only:
                     self.records_skipped += 1
                     continue
-                try:
-                    batch = decode(rec, info)
-                except DECODE_ERRORS:
-                    self.records_skipped += 1
-                    log.error("record %d of stream %r does not decode; skipped", rec.seq, info.name)
-                    continue
-                self._count(info.name, rec.stream_seq)
-                if info.name not in pending:
-                    pending[info.name] = []
-                    order.append(info.name)
-                pending[info.name].append((batch, rec))
-            self._check_space(sum(len(r.data) for items in pending.values() for _, r in items))
-            for name in order:
-                written += self._write_stream(name, pending[name])
-            torn = [r.seq for items in pending.values() for _, r in items if not r.valid()]
+                self._count(self._book(info.name), rec.stream_seq)
+                reason = self._condemned.get(rec.seq)
+                if reason is None:
+                    try:
+                        batch = decode(rec, info)
+                        item = Item(pieces_of(batch), batch.num_rows, rec, info)
+                    except DECODE_ERRORS as e:
+                        reason = f"does not decode with its stream's schema: {e}"
+                    except Exception as e:  # a batch that contradicts its schema
+                        reason = f"cannot be converted for HDF5: {type(e).__name__}: {e}"
+                if reason is not None:
+                    bad.append((rec, info, reason))
+                else:
+                    pending.setdefault(info.name, []).append(item)
+            self._check_space(
+                sum(len(r.data) for r, _, _ in bad)
+                + sum(len(it.record.data) for items in pending.values() for it in items)
+            )
+            for name, items in pending.items():
+                written += self._write_stream(self._books[name], items)
+            if bad:
+                self._quarantine(bad)
+                quarantined += len(bad)
+            used = [it.record for items in pending.values() for it in items] + [r for r, _, _ in bad]
+            torn = sorted(r.seq for r in used if not r.valid())
             if torn:
                 # The producer lapped the writer while HDF5 copied these records: what reached
                 # the file may be torn. Abandon this flush before its marker; the retry reads
@@ -461,8 +601,6 @@ class HDF5Writer:
                 raise _TornRead(f"records {torn[0]}..{torn[-1]} were overwritten while being written")
             if records:
                 last_seq = max(last_seq, records[-1].seq)
-            pending.clear()
-            order.clear()
             if len(records) < limit:
                 break
             average = sum(len(r.data) for r in records) / len(records)
@@ -472,23 +610,100 @@ class HDF5Writer:
             log.warning("%d record(s) were overwritten in the ring before the writer read them", lost)
             self._lost_base = self._reader.lost
             self.records_lost += lost
-        if written == 0 and not lost and last_seq == committed_seq:
+        if written == 0 and not quarantined and not lost and last_seq == committed_seq:
             return 0
         # 1. the data, 2. the marker that says it is there, 3. the ring's read_tail.
         self._file.flush()
-        if written and self.layout == "append":
+        if written and self._append is not None:
             self.batch_count += 1
         self.records_written += written
-        f = self._file  # (a new stream may have reopened it)
-        f[_PROGRESS][...] = [last_seq, self.records_written, self.records_lost, self.batch_count]
-        for name, rows in self._rows.items():
-            n_records, n_lost, next_seq = self._stream_stats[name]
-            f[f"rust_daq/streams/{name}"][...] = [rows, n_records, n_lost, next_seq]
-        f["measurements/end_time"][()] = iso_now().ljust(40).encode()
+        self.records_unwritable += quarantined
+        self._create_books()
+        f = self._file  # (new objects may have reopened it)
+        f[_PROGRESS][...] = [
+            last_seq,
+            self.records_written,
+            self.records_lost,
+            self.batch_count,
+            self.records_unwritable,
+            self.records_skipped,
+        ]
+        for b in self._books.values():
+            f["rust_daq/streams"][b.group][...] = b.values()
+        f["measurements/end_time"][()] = iso_now().encode()
         f.flush()
         self._enter_swmr()
         self._reader.commit()
         return written
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def _write_stream(self, book: StreamBook, items: list[Item]) -> int:
+        """Writes one stream's records of this pass; a failure that is not the disk's names
+        the records (all of them, or the one, when they are written one by one)."""
+        isolate = any(it.record.seq in self._suspects for it in items)
+        for group in [[it] for it in items] if isolate else [items]:
+            try:
+                if self._append is not None:
+                    self._append.write(self._file, self._structural, book, group)
+                else:
+                    assert self._batches is not None
+                    self._batches.write(self._structural(), self._next_batch, book, group)
+            except Exception as e:
+                if isinstance(e, OSError | RuntimeError) and self._disk_trouble(e):
+                    raise
+                raise _Unwritable([it.record.seq for it in group], e) from e
+        book.records += len(items)
+        return len(items)
+
+    def _next_batch(self) -> int:
+        self.batch_count += 1
+        return self.batch_count
+
+    def _disk_trouble(self, e: BaseException) -> bool:
+        """Whether a failed HDF5 call was the disk's doing (HDF5 reports the errno of a failed
+        write), or looks like it (almost no space left)."""
+        if _errno_of(e) is not None:
+            return True
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize < (16 << 20)
+
+    def _quarantine(self, bad: list[tuple[Any, StreamInfo | None, str]]) -> None:
+        """Records that cannot be written: their Arrow bytes, stream and reason go to
+        rust_daq/quarantine, they count as unwritable, and the pass goes on."""
+        q = self._file[_QUARANTINE]
+        n = q["seq"].shape[0]
+        for ds in q.values():
+            ds.resize(n + len(bad), axis=0)
+        for i, (rec, info, reason) in enumerate(bad):
+            name = info.name if info is not None else ""
+            q["seq"][n + i] = rec.seq
+            q["stream"][n + i] = attr_text(name)
+            q["timestamp_ns"][n + i] = rec.timestamp_ns
+            q["reason"][n + i] = attr_text(reason)
+            q["payload"][n + i] = np.frombuffer(bytes(rec.data), np.uint8)
+            schema = info.schema.serialize().to_pybytes() if info is not None else b""
+            q["schema"][n + i] = np.frombuffer(schema, np.uint8)
+            count = 0
+            if info is not None:
+                book = self._book(info.name)
+                book.unwritable += 1
+                count = book.unwritable
+            if count <= _LOGGED_PER_STREAM or count % 1000 == 0:
+                log.error(
+                    "record %d of stream %r quarantined (%s): %s; its bytes are in %s",
+                    rec.seq,
+                    name,
+                    f"{count} so far" if count else "no stream",
+                    reason,
+                    _QUARANTINE,
+                )
 
     def _check_space(self, payload_bytes: int) -> None:
         """Refuses to start writing what would not fit (free space, RLIMIT_FSIZE): HDF5 cannot
@@ -512,107 +727,31 @@ class HDF5Writer:
         if need > free:
             raise OSError(code, f"{free} bytes left for {self.path}, a flush needs about {need}")
 
-    def _count(self, name: str, stream_seq: int | None) -> None:
+    def _count(self, book: StreamBook, stream_seq: int | None) -> None:
         """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
-        stats = self._stream_stats.get(name)
-        if stats is None:
+        if stream_seq is None:
+            return
+        if book.next_seq < 0:
             # First record of this stream in this file. If the reader lost nothing so far, the
             # stream's earlier records went to another file: this one is the baseline. If it
             # did (the ring lapped the tail before this file got it), they count as lost.
-            baseline = 0 if self._reader.lost > 0 else (stream_seq or 0)
-            stats = self._stream_stats[name] = [0, 0, baseline]
-        stats[0] += 1
-        if stream_seq is not None:
-            if stream_seq > stats[2]:
-                stats[1] += stream_seq - stats[2]
-                log.warning("stream %r: %d record(s) lost to ring overwrite", name, stream_seq - stats[2])
-            stats[2] = stream_seq + 1
+            book.next_seq = 0 if self._reader.lost > 0 else stream_seq
+        if stream_seq > book.next_seq:
+            book.lost += stream_seq - book.next_seq
+            log.warning(
+                "stream %r: %d record(s) lost to ring overwrite", book.name, stream_seq - book.next_seq
+            )
+        book.next_seq = stream_seq + 1
 
     def stream_stats(self) -> dict[str, dict[str, int]]:
         """Per stream: records written, records lost (overwritten in the ring before the writer
-        read them) and rows in the file. The same figures are in the file, under
-        ``rust_daq/streams/<stream>`` as ``[rows, records, lost, next_stream_seq]``."""
+        read them), records unwritable (quarantined in ``rust_daq/quarantine``) and rows in the
+        file. The same figures are in the file, under ``rust_daq/streams/<stream>`` as
+        ``[rows, records, lost, next_stream_seq, unwritable]``."""
         return {
-            name: {"records": s[0], "lost": s[1], "rows": self._rows.get(name, 0)}
-            for name, s in self._stream_stats.items()
+            b.name: {"records": b.records, "lost": b.lost, "rows": b.rows, "unwritable": b.unwritable}
+            for b in self._books.values()
         }
-
-    def _write_stream(self, name: str, items: list[tuple[pa.RecordBatch, Any]]) -> int:
-        # Consecutive batches of one schema are written together.
-        done = 0
-        start = 0
-        while start < len(items):
-            schema = items[start][0].schema
-            end = start
-            while end < len(items) and items[end][0].schema.equals(schema):
-                end += 1
-            group = items[start:end]
-            info = self._state.info(group[0][1].schema_id)
-            assert info is not None
-            if self.layout == "append":
-                self._append(name, [columns_of([b]) for b, _ in group], info)
-            else:
-                columns, skipped = columns_of([b for b, _ in group])
-                self._batch_group(name, columns, skipped, info, [r for _, r in group])
-            done += len(group)
-            start = end
-        return done
-
-    def _append(self, name: str, per_batch: list[tuple[list[Column], list[str]]], info: StreamInfo) -> None:
-        """Appends batches of one schema: each dataset is resized once, then every batch's
-        column is written into its slice (no concatenated copy of the batches)."""
-        columns, skipped = per_batch[0]
-        m = self._file["measurements"]
-        g = m[name] if name in m else self._stream_group(name, columns, skipped, info)
-        rows = self._rows[name]
-        n = sum(len(cols[0].data) for cols, _ in per_batch if cols)
-        for col in columns:
-            if col.name not in g:
-                if self._file.swmr_mode:
-                    self._reopen_without_swmr()
-                    g = self._file["measurements"][name]
-                self._create_column(g, col, rows)
-        for i, col in enumerate(columns):
-            ds = g[col.name]
-            ds.resize(rows + n, axis=0)
-            at = rows
-            for run in _runs([cols[i].data for cols, _ in per_batch]):
-                ds[at : at + len(run)] = run
-                at += len(run)
-        # Columns this schema lacks (a schema change): extend them with their fill value.
-        present = {c.name for c in columns}
-        for key, ds in g.items():
-            if (
-                key not in present
-                and isinstance(ds, h5py.Dataset)
-                and ds.maxshape[0] is None
-                and ds.shape[0] == rows
-            ):
-                ds.resize(rows + n, axis=0)
-        self._rows[name] = rows + n
-
-    def _batch_group(
-        self, name: str, columns: list[Column], skipped: list[str], info: StreamInfo, records: list[Any]
-    ) -> None:
-        m = self._file["measurements"]
-        index = self.batch_count + 1
-        g = m.create_group(f"batch_{index:06d}")
-        for col in columns:
-            ds = g.create_dataset(col.name, data=col.data, **self._filters)
-            ds.attrs.update(col.attrs)
-        g.attrs.update(
-            stream=name,
-            seq_first=records[0].seq,
-            seq_last=records[-1].seq,
-            position_first=records[0].position,
-            position_last=records[-1].position,
-            records=len(records),
-            rows=len(columns[0].data) if columns else 0,
-            flush_time=iso_now(),
-            arrow_schema_json=schema_json(info.schema),
-            skipped_columns=skipped,
-        )
-        self.batch_count = index
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -623,13 +762,12 @@ class HDF5Writer:
             if self._closed:
                 return
             try:
-                if not self._file_ok:
-                    self._reattach()
-                self._flush()
+                self._flush_retrying()
             finally:
                 self._closed = True
                 if self._file_ok:
                     self._file.close()
+                self._release()
                 if self._owns_ring:
                     self._ring.close()
 

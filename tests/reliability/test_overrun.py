@@ -56,7 +56,7 @@ def test_burst_then_catch_up(ring_path: str, tmp_path: Path) -> None:
         stats = writer.stream_stats()["voltmeter"]
         writer.close()
 
-    assert stats == {"records": written - lost, "lost": lost, "rows": (written - lost) * ROWS}
+    assert stats == {"records": written - lost, "lost": lost, "rows": (written - lost) * ROWS, "unwritable": 0}
     with h5py.File(h5_path, "r") as f:
         index = f["measurements/voltmeter/index"][:]
         progress = list(f["rust_daq/progress"][()])

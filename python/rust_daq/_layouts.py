@@ -1,0 +1,365 @@
+"""The two HDF5 layouts of the writer, and what the writer knows of each stream.
+
+Both layouts take a stream's decoded records of one pass (:class:`Item`: the record and its
+columns as :class:`~rust_daq._columns.Piece` objects) and write them; neither commits
+anything: the writer flushes, records its progress marker and only then moves the ring's
+``read_tail``. Names are mapped by :func:`~rust_daq._hdf5.hdf5_name` and made unique by
+:func:`~rust_daq._hdf5.allocate`; the Arrow names stay in ``arrow_name`` attributes.
+
+Append layout: per stream a group ``measurements/<stream>`` whose datasets all have one row
+per row of the stream, in order. A column's dataset has one HDF5 type and row shape (its
+``rust_daq_signature``); a batch whose column does not match any dataset of that column
+(a type or tensor-shape change) goes to a new dataset, ``<column>__2``, ``__3``..., the
+*generations* of the column (``generation`` attribute). A dataset with rows that hold no
+value of its own (the column was null, absent from that batch, added later, or in another
+generation there) has a validity dataset, ``<column>__valid`` (uint8, 1 where the row holds
+a value), named by its ``validity`` attribute; float datasets also hold NaN there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._arrow import StreamInfo
+from ._columns import Piece
+from ._hdf5 import allocate, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
+
+__all__ = ["AppendLayout", "BatchesLayout", "Item", "StreamBook", "Target"]
+
+#: Children of ``/measurements`` that are not streams.
+ENTRY_NAMES = frozenset({"metadata", "start_time", "end_time"})
+#: Datasets of a stream group that are not columns.
+GROUP_NAMES = frozenset({"arrow_schema"})
+BOOK_FIELDS = 5  # rust_daq/streams/<stream>: rows, records, lost, next_stream_seq, unwritable
+
+
+@dataclass
+class Item:
+    """One decoded record of a stream, ready to be written."""
+
+    pieces: list[Piece]
+    rows: int
+    record: Any  # _native.Record
+    info: StreamInfo
+
+
+@dataclass
+class Target:
+    """One dataset of a stream group (append layout)."""
+
+    name: str
+    first_row: int
+    mask: str | None
+
+
+@dataclass
+class StreamBook:
+    """What the writer knows of one stream, persisted in ``rust_daq/streams/<group>``."""
+
+    name: str  # the Arrow stream name
+    group: str  # its HDF5 name
+    rows: int = 0
+    records: int = 0
+    lost: int = 0
+    next_seq: int = 0
+    unwritable: int = 0
+    targets: dict[tuple[str, str], Target] = field(default_factory=dict)
+
+    def values(self) -> list[int]:
+        return [self.rows, self.records, self.lost, self.next_seq, self.unwritable]
+
+
+def piece_keys(items: Iterable[Piece]) -> list[str]:
+    """Identity of each piece's column: its field path, and which of equal names it is."""
+    seen: Counter[tuple[str, ...]] = Counter()
+    keys = []
+    for p in items:
+        keys.append(json.dumps([list(p.path), seen[p.path]]))
+        seen[p.path] += 1
+    return keys
+
+
+def _base_name(p: Piece) -> str:
+    return ".".join(hdf5_name(part) for part in p.path)
+
+
+def _chunks(p: Piece) -> tuple[int, ...]:
+    tail = p.data.shape[1:]
+    if len(tail) >= 2:  # frames: one per chunk (readers take whole frames)
+        return (1, *tail)
+    row_bytes = (64 if p.dtype.kind == "O" else p.dtype.itemsize) * int(np.prod(tail, dtype=np.int64))
+    return (chunk_rows(row_bytes), *tail)
+
+
+def _create(
+    g: h5py.Group, name: str, p: Piece, rows: int, filters: dict[str, Any], **attrs: Any
+) -> h5py.Dataset:
+    tail = p.data.shape[1:]
+    extra: dict[str, Any] = {}
+    if p.dtype.kind == "f":
+        extra["fillvalue"] = np.nan
+    ds = g.create_dataset(
+        name,
+        shape=(rows, *tail),
+        maxshape=(None, *tail),
+        dtype=p.dtype,
+        chunks=_chunks(p),
+        **extra,
+        **filters,
+    )
+    _set_attrs(ds, p, **attrs)
+    return ds
+
+
+def _set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
+    set_arrow_name(ds.attrs, p.path[0])
+    ds.attrs["long_name"] = attr_text(".".join(p.path))
+    if len(p.path) > 1:
+        ds.attrs["arrow_path"] = json.dumps(list(p.path))
+    for key, value in {**p.attrs, **attrs}.items():
+        ds.attrs[key] = attr_text(value) if isinstance(value, str) else value
+
+
+def _create_mask(g: h5py.Group, of: str, rows: int) -> str:
+    name = allocate(f"{of}__valid", set(g.keys()) | GROUP_NAMES)
+    m = g.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=np.uint8, chunks=(chunk_rows(1),))
+    m.attrs["validity_of"] = of
+    m.attrs["long_name"] = f"1 where {of} holds a value, 0 where the row has none (null or absent)"
+    g[of].attrs["validity"] = name
+    return name
+
+
+def _runs(
+    parts: list[tuple[int, np.ndarray[Any, Any]]], target: int = 4 << 20, large: int = 256 << 10
+) -> list[tuple[int, np.ndarray[Any, Any]]]:
+    """Row-contiguous small arrays joined into runs of about `target` bytes (HDF5 writes a
+    few large slices much faster than many small ones); arrays of `large` bytes or more
+    (frames) are written as they are, never copied."""
+    out: list[tuple[int, np.ndarray[Any, Any]]] = []
+    run: list[np.ndarray[Any, Any]] = []
+    start = end = size = 0
+
+    def close() -> None:
+        nonlocal run, size
+        if run:
+            out.append((start, run[0] if len(run) == 1 else np.concatenate(run)))
+        run, size = [], 0
+
+    for row, a in parts:
+        if a.nbytes >= large or (run and row != end):
+            close()
+        if a.nbytes >= large:
+            out.append((row, a))
+            end = row + len(a)
+            continue
+        if not run:
+            start = row
+        run.append(a)
+        end = row + len(a)
+        size += a.nbytes
+        if size >= target:
+            close()
+    close()
+    return out
+
+
+class AppendLayout:
+    """``measurements/<stream>/<column>``: extendable datasets, NeXus NXdata groups."""
+
+    def __init__(self, filters: dict[str, Any]) -> None:
+        self.filters = filters
+
+    def resume(self, f: h5py.File, book: StreamBook) -> None:
+        """Targets from the file; every dataset trimmed back to the committed rows."""
+        group = f["measurements"].get(book.group)
+        if group is None:
+            return
+        for name, ds in group.items():
+            if not isinstance(ds, h5py.Dataset) or not ds.maxshape or ds.maxshape[0] is not None:
+                continue
+            if ds.shape[0] != book.rows:
+                ds.resize(book.rows, axis=0)
+            key, sig = ds.attrs.get("rust_daq_key"), ds.attrs.get("rust_daq_signature")
+            if key is not None and sig is not None:
+                mask = ds.attrs.get("validity")
+                book.targets[(str(key), str(sig))] = Target(
+                    name, int(ds.attrs.get("first_row", 0)), None if mask is None else str(mask)
+                )
+
+    def write(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
+    ) -> int:
+        """Appends `items` (records of one stream, in order); returns the rows written.
+        `structural()` gives the file ready for new objects (out of SWMR mode)."""
+        start = book.rows
+        total = sum(it.rows for it in items)
+        writes: dict[tuple[str, str], list[tuple[int, Piece]]] = {}
+        at = start
+        for it in items:
+            for key, p in zip(piece_keys(it.pieces), it.pieces, strict=True):
+                writes.setdefault((key, p.signature), []).append((at, p))
+            at += it.rows
+        # What needs new objects: the group, datasets of new (column, signature) pairs,
+        # validity datasets for targets that now have rows without a value of their own.
+        new = [ks for ks in writes if ks not in book.targets]
+
+        def needs_mask(ks: tuple[str, str], t: Target | None) -> bool:
+            if t is not None and t.mask is not None:
+                return False
+            parts = writes.get(ks, [])
+            first = parts[0][0] if t is None and parts else (t.first_row if t else 0)
+            covered = sum(len(p.data) for _, p in parts)
+            return first > 0 or covered < total or any(p.valid is not None for _, p in parts)
+
+        masks = [ks for ks in {*book.targets, *new} if needs_mask(ks, book.targets.get(ks))]
+        if book.group not in f["measurements"] or new or masks:
+            f = structural()
+            m = f["measurements"]
+            g = m[book.group] if book.group in m else self._create_group(f, book, items[0])
+            for ks in new:
+                row, p = writes[ks][0]
+                generation = 1 + sum(1 for k, _ in book.targets if k == ks[0])
+                base = _base_name(p)
+                name = allocate(
+                    base if generation == 1 else f"{base}__{generation}", set(g.keys()) | GROUP_NAMES
+                )
+                _create(
+                    g,
+                    name,
+                    p,
+                    start,
+                    self.filters,
+                    rust_daq_key=ks[0],
+                    rust_daq_signature=ks[1],
+                    first_row=row,
+                    generation=generation,
+                )
+                book.targets[ks] = Target(name, row, None)
+            for ks in masks:
+                t = book.targets[ks]
+                t.mask = _create_mask(g, t.name, start)
+                if start > t.first_row:  # rows so far held a value wherever the target existed
+                    g[t.mask][t.first_row : start] = 1
+            if "signal" not in g.attrs:
+                self._nexus(g, book, items[0])
+        g = f["measurements"][book.group]
+        end = start + total
+        for t in book.targets.values():
+            g[t.name].resize(end, axis=0)
+            if t.mask is not None:
+                g[t.mask].resize(end, axis=0)
+        for ks, parts in writes.items():
+            t = book.targets[ks]
+            ds = g[t.name]
+            for row, data in _runs([(row, p.data) for row, p in parts]):
+                ds[row : row + len(data)] = data
+            if t.mask is not None:
+                present = np.zeros(total, dtype=np.uint8)
+                for row, p in parts:
+                    present[row - start : row - start + len(p.data)] = 1 if p.valid is None else p.valid
+                g[t.mask][start:end] = present
+        # Datasets this pass did not touch (older files: no signature) keep the rows aligned.
+        for ds in g.values():
+            if isinstance(ds, h5py.Dataset) and ds.maxshape and ds.maxshape[0] is None and ds.shape[0] != end:
+                ds.resize(end, axis=0)
+        book.rows = end
+        return total
+
+    def _create_group(self, f: h5py.File, book: StreamBook, first: Item) -> h5py.Group:
+        m = f["measurements"]
+        g = m.create_group(book.group)
+        g.attrs["NX_class"] = "NXdata"
+        set_arrow_name(g.attrs, book.name)
+        g.attrs["arrow_schema_json"] = schema_json(first.info.schema)
+        g.create_dataset(
+            "arrow_schema", data=np.frombuffer(first.info.schema.serialize().to_pybytes(), np.uint8)
+        )
+        if "default" not in m.attrs:
+            m.attrs["default"] = book.group
+        return g
+
+    def _nexus(self, g: h5py.Group, book: StreamBook, first: Item) -> None:
+        """The default plot: frames first, then measured values (floats), then counts;
+        against the first timestamp column."""
+        named = [
+            (book.targets[(k, p.signature)].name, p)
+            for k, p in zip(piece_keys(first.pieces), first.pieces, strict=True)
+        ]
+        times = [n for n, p in named if p.attrs.get("units") == "ns" and "epoch" in p.attrs]
+        candidates = [(n, p) for n, p in named if n not in times and p.dtype.kind in "fiu"]
+        candidates.sort(key=lambda c: (c[1].data.ndim == 1, c[1].dtype.kind != "f"))
+        if candidates or named:
+            signal, p = candidates[0] if candidates else named[0]
+            g.attrs["signal"] = signal
+            g.attrs["axes"] = [times[0] if times else "."] + ["."] * (p.data.ndim - 1)
+
+
+class BatchesLayout:
+    """``measurements/batch_NNNNNN/<column>``: the original system's layout, one group per
+    stream per flush (per schema, if it changed within the flush)."""
+
+    def __init__(self, filters: dict[str, Any]) -> None:
+        self.filters = filters
+
+    def write(self, f: h5py.File, next_index: Callable[[], int], book: StreamBook, items: list[Item]) -> int:
+        start = 0
+        while start < len(items):
+            first = items[start]
+            shape = [p.signature for p in first.pieces]
+            end = start + 1
+            while (
+                end < len(items)
+                and items[end].info.schema_id == first.info.schema_id
+                and [p.signature for p in items[end].pieces] == shape
+            ):
+                end += 1
+            self._group(f, next_index(), book, items[start:end])
+            start = end
+        rows = sum(it.rows for it in items)
+        book.rows += rows
+        return rows
+
+    def _group(self, f: h5py.File, index: int, book: StreamBook, items: list[Item]) -> None:
+        g = f["measurements"].create_group(f"batch_{index:06d}")
+        g.attrs["NX_class"] = "NXdata"
+        rows = sum(it.rows for it in items)
+        first = items[0]
+        for col, key in enumerate(piece_keys(first.pieces)):
+            parts = [it.pieces[col] for it in items]
+            p = parts[0]
+            data = p.data if len(parts) == 1 else np.concatenate([q.data for q in parts])
+            if p.dtype.kind == "O":
+                data = data.astype(p.dtype, copy=False)
+            name = allocate(_base_name(p), set(g.keys()))
+            ds = g.create_dataset(name, data=data, dtype=p.dtype, **self.filters)
+            _set_attrs(ds, p, rust_daq_key=key)
+            if any(q.valid is not None for q in parts):
+                present = np.concatenate(
+                    [
+                        np.ones(len(q.data), np.uint8) if q.valid is None else q.valid.astype(np.uint8)
+                        for q in parts
+                    ]
+                )
+                mask = _create_mask(g, name, 0)
+                g[mask].resize(rows, axis=0)
+                g[mask][:] = present
+        recs = [it.record for it in items]
+        g.attrs.update(
+            stream=attr_text(book.name),
+            **({"stream_utf8": np.frombuffer(book.name.encode(), np.uint8)} if "\0" in book.name else {}),
+            seq_first=recs[0].seq,
+            seq_last=recs[-1].seq,
+            position_first=recs[0].position,
+            position_last=recs[-1].position,
+            records=len(recs),
+            rows=rows,
+            flush_time=iso_now(),
+            arrow_schema_json=schema_json(first.info.schema),
+        )

@@ -1,0 +1,75 @@
+"""Reads a stream of the writer's append layout back by its Arrow names, the way a user
+following docs/reliability.md would: groups and datasets found by their ``arrow_name`` /
+``rust_daq_key`` attributes, column generations merged row by row through their validity
+datasets. Independent of the writer's own code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import h5py
+import numpy as np
+
+
+def _name(attrs: h5py.AttributeManager) -> str | None:
+    if "arrow_name_utf8" in attrs:
+        return bytes(attrs["arrow_name_utf8"]).decode()
+    value = attrs.get("arrow_name")
+    return None if value is None else str(value)
+
+
+def stream_group(f: h5py.File, name: str) -> h5py.Group:
+    """The group of Arrow stream `name` (its HDF5 name may differ)."""
+    matches = [g for g in f["measurements"].values() if isinstance(g, h5py.Group) and _name(g.attrs) == name]
+    assert len(matches) == 1, f"stream {name!r}: {len(matches)} groups"
+    return matches[0]
+
+
+def book(f: h5py.File, name: str) -> list[int]:
+    """rows, records, lost, next_stream_seq, unwritable of Arrow stream `name`."""
+    matches = [ds for ds in f["rust_daq/streams"].values() if _name(ds.attrs) == name]
+    assert len(matches) == 1, f"stream {name!r}: {len(matches)} books"
+    return [int(v) for v in matches[0][()]]
+
+
+def _value(ds: h5py.Dataset, row: int) -> Any:
+    v = ds[row]
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray) and ds.dtype.kind == "O":
+        return v.tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def columns(g: h5py.Group) -> dict[tuple[tuple[str, ...], int], list[Any]]:
+    """Per column key (field path, occurrence): one value per row of the group, None where the
+    row holds no value (null, absent, or written before the column existed)."""
+    rows = None
+    by_key: dict[tuple[tuple[str, ...], int], list[h5py.Dataset]] = {}
+    for ds in g.values():
+        if not isinstance(ds, h5py.Dataset) or "rust_daq_key" not in ds.attrs:
+            continue
+        path, occ = json.loads(ds.attrs["rust_daq_key"])
+        by_key.setdefault((tuple(path), occ), []).append(ds)
+        rows = ds.shape[0] if rows is None else rows
+        assert ds.shape[0] == rows, "every dataset of a stream has one row per row of the stream"
+    out: dict[tuple[tuple[str, ...], int], list[Any]] = {}
+    for key, datasets in by_key.items():
+        values: list[Any] = [None] * (rows or 0)
+        for ds in datasets:
+            first = int(ds.attrs.get("first_row", 0))
+            mask = g[ds.attrs["validity"]][:] if "validity" in ds.attrs else None
+            encoding = ds.attrs.get("encoding")
+            for r in range(first, rows or 0):
+                if mask is not None and not mask[r]:
+                    continue
+                assert values[r] is None, f"{key}: row {r} holds a value in two generations"
+                v = _value(ds, r)
+                values[r] = json.loads(v) if encoding == "json" else v
+        out[key] = values
+    return out
