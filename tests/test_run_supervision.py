@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -300,3 +301,52 @@ def test_a_named_ring_is_removed_unless_the_config_keeps_it(
             assert os.path.exists(f"/dev/shm/{name}") == kept, keep
     finally:
         Path(f"/dev/shm/{name}").unlink(missing_ok=True)
+
+
+# -- the daemon's recording ------------------------------------------------------------------------
+
+
+def test_daemon_status_never_reports_recording_for_a_dead_writer(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    """Today status said "recording": true for as long as the daemon ran after its writer died."""
+    import rust_daq.remote
+
+    cfg = write_config(tmp_path, "")
+    token = secrets.token_hex(16)
+    p = subprocess.Popen(
+        [RUST_DAQ, "daemon", str(cfg), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RUST_DAQ_TOKEN": token},
+    )
+    runs.append(p)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line.startswith("listening on grpc"), p.communicate()[1] if not line else line
+    with rust_daq.remote.connect(line.split()[-1], token=token) as daq:
+        first = wait_for("a writer", lambda: writer_pids(p.pid))[0]
+        st = daq.status()["writer"]
+        assert st["recording"] is True and st["state"] == "running" and st["pid"] == first, st
+        os.kill(first, signal.SIGKILL)
+        wait_for("the writer's death", lambda: not _alive(first))
+        st = daq.status()["writer"]
+        assert st["recording"] is False or st.get("pid") not in (None, first), st
+        st = wait_for(
+            "a restarted writer",
+            lambda: (s := daq.status()["writer"])["state"] == "running" and s["restarts"] == 1 and s,
+        )
+        assert st["recording"] is True and st["pid"] not in (None, first)
+        # Now one that cannot be kept alive: every writer killed as soon as it is seen.
+        while (st := daq.status()["writer"])["state"] != "failed":
+            assert p.poll() is None
+            for w in writer_pids(p.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w, signal.SIGKILL)
+            time.sleep(0.01)
+        assert st["recording"] is False and "died 4 times in a row" in st["reason"], st
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=120)
+    assert "the writer failed after" in stderr, stderr
+    assert not rings_of(p.pid), "the daemon removed its ring (a random name)"
