@@ -260,6 +260,9 @@ def _variable_length(t: pa.DataType) -> bool:
         or pa.types.is_union(t)
         or pa.types.is_string_view(t)
         or pa.types.is_binary_view(t)
+        or pa.types.is_list_view(t)
+        or pa.types.is_large_list_view(t)
+        or pa.types.is_run_end_encoded(t)
     ):
         return True
     return any(_variable_length(t.field(i).type) for i in range(t.num_fields))
@@ -274,7 +277,13 @@ def decode(rec: _native.Record, info: StreamInfo) -> pa.RecordBatch:
 
     Validated before it is returned, so a corrupted payload raises here instead of crashing
     a later access: buffer sizes always (cheap), offsets too for variable-length layouts.
+    A zero-copy record of a schema with offsets (strings, lists, unions, run-end encoding...)
+    is decoded from a private copy instead: once the producer laps the record, offsets read
+    in place could point anywhere and crash the process; fixed-width data stays in place,
+    where overwritten values are merely wrong (``valid()`` says so) and never out of bounds.
     """
+    if info.full_validation and rec.zero_copy:
+        return decode_buffer(bytes(rec.data), info)
     return decode_buffer(rec.data, info)
 
 
@@ -314,7 +323,8 @@ class BatchReading:
             except DECODE_ERRORS:
                 self.undecodable += 1
                 continue
-            if zero_copy:
+            # A private copy (see decode) stays valid, unless the record was torn as it was copied.
+            if zero_copy and (not info.full_validation or not rec.valid()):
                 self.remember(batch, rec.position)
             out.append((info.name, batch))
         return out
