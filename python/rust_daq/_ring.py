@@ -41,6 +41,22 @@ _RAW_DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _names_decode(t: pa.Schema | pa.DataType) -> bool:
+    """Whether every field name in `t` (nested ones too) is UTF-8. pyarrow decodes a schema
+    with undecodable names and raises UnicodeDecodeError only when a name is used later."""
+    try:
+        fields = list(t) if isinstance(t, pa.Schema) else [t.field(i) for i in range(t.num_fields)]
+        return all(isinstance(f.name, str) and _names_decode(f.type) for f in fields)
+    except UnicodeDecodeError:
+        return False
+
+
+def _checked(schema: pa.Schema, what: str) -> pa.Schema:
+    if not _names_decode(schema):
+        raise RingCorruptError(f"{what}: a field name in the ring's schema table is not UTF-8")
+    return schema
+
+
 def _as_corrupt(what: str, call: Callable[[], _T]) -> _T:
     """``call()``, with a raw library error from decoding ring contents turned into
     RingCorruptError (rust-daq's own errors pass through unchanged)."""
@@ -176,7 +192,10 @@ class RingBuffer(_native.RingBuffer):
         the ring's schema table does not decode."""
         return _as_corrupt(
             f"{self.path}: reading the stream schemas",
-            lambda: {name: info.schema for name, info in self._arrow.streams().items()},
+            lambda: {
+                name: _checked(info.schema, f"{self.path}: stream {name!r}")
+                for name, info in self._arrow.streams().items()
+            },
         )
 
     def latest(self, stream: str, rows: int = 1000) -> dict[str, npt.NDArray[Any]]:
@@ -237,7 +256,7 @@ class RingReader(_native.RingReader):
         batches = self._batches
         counts = batches.not_arrow, batches.undecodable
         try:
-            return batches.decode_all(records, zero_copy=not copy)
+            return self._without_bad_schemas(batches.decode_all(records, zero_copy=not copy))
         except RustDaqError:
             raise
         except _RAW_DECODE_ERRORS:
@@ -253,7 +272,23 @@ class RingReader(_native.RingReader):
                 raise
             except _RAW_DECODE_ERRORS:
                 batches.undecodable += 1
-        return out
+        return self._without_bad_schemas(out)
+
+    def _without_bad_schemas(self, got: list[tuple[str, pa.RecordBatch]]) -> list[tuple[str, pa.RecordBatch]]:
+        """`got` without batches whose schema has field names that are not UTF-8 (a corrupt
+        schema table), counted as undecodable. Each schema is checked once."""
+        checked: set[int] = self.__dict__.setdefault("_checked_schema_ids", set())
+        bad: list[pa.Schema] = self.__dict__.setdefault("_bad_schemas", [])
+        for schema_id, info in list(self._batches.state.by_id.items()):
+            if schema_id not in checked:
+                checked.add(schema_id)
+                if not _names_decode(info.schema):
+                    bad.append(info.schema)
+        if not bad:
+            return got
+        kept = [(name, b) for name, b in got if not any(b.schema.equals(s) for s in bad)]
+        self._batches.undecodable += len(got) - len(kept)
+        return kept
 
     def batch_valid(self, batch: pa.RecordBatch) -> bool:
         """For a batch from ``read_batches(copy=False)``: False once the producer has reclaimed
@@ -281,6 +316,7 @@ class RingReader(_native.RingReader):
         info = _as_corrupt(
             f"{self.ring.path}: reading the stream schemas", lambda: self._batches.state.stream(stream)
         )
+        _checked(info.schema, f"{self.ring.path}: stream {stream!r}")
         batches = [b for name, b in self.read_batches(max_records, timeout) if name == stream]
         if not batches:
             return info.schema.empty_table()
@@ -297,6 +333,7 @@ class RingReader(_native.RingReader):
         schema = _as_corrupt(
             f"{self.ring.path}: reading the stream schemas", lambda: self._batches.state.stream(stream).schema
         )
+        _checked(schema, f"{self.ring.path}: stream {stream!r}")
         return pa.RecordBatchReader.from_batches(schema, batches_of(self, stream, schema, timeout, copy))
 
     def __repr__(self) -> str:
