@@ -20,6 +20,7 @@ another starts after the back-off), ``"failed"`` (given up; :attr:`reason` says 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -101,6 +102,17 @@ def file_progress(path: str) -> dict[str, Any] | None:
         return None
 
 
+def _exited(p: subprocess.Popen[str]) -> bool:
+    """Whether `p` has ended, without reaping it. (Popen.poll() answers None, "running", when
+    another thread is in waitpid for it: the supervisor's thread always may be.)"""
+    if p.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped meanwhile, by the supervisor's thread
+        return True
+
+
 def _describe(code: int) -> str:
     if code < 0:
         try:
@@ -177,7 +189,7 @@ class WriterSupervisor:
         """As the module documentation says; ``"running"`` only while a writer process lives."""
         with self._lock:
             state, p = self._state, self._proc
-        if state == "running" and p is not None and p.poll() is not None:
+        if state == "running" and p is not None and _exited(p):
             return "restarting"  # dead: the supervisor's thread notices within _POLL
         return state
 
@@ -189,7 +201,7 @@ class WriterSupervisor:
     @property
     def pid(self) -> int | None:
         p = self._proc
-        return p.pid if p is not None and p.poll() is None else None
+        return p.pid if p is not None and not _exited(p) else None
 
     def status(self) -> dict[str, Any]:
         """state, restarts, reason (failed), pid (running), for status reports."""
@@ -267,8 +279,10 @@ class WriterSupervisor:
                 self._final_stop(p)
                 return
             code = p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
+            for pipe in (p.stdin, p.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
             self.exit_codes.append(code)
             uptime = time.monotonic() - self._started_at
             words = self._last_words()
