@@ -148,7 +148,7 @@ def test_recordings_from_the_wire_go_only_under_the_data_directory(tmp_path: Pat
                 list(client.do_action(fl.Action("start_recording", body), opts))
             said = assert_short(e.value)
             assert said.startswith("start_recording: ") and why in said, (name[:50], said)
-        for key in ("\nATTACKER-KEY", "a/b", "json"):
+        for key in ("\nATTACKER-KEY", "a/b", "json", "k" * 256):
             body = json.dumps({"file": "k.h5", "metadata": {key: 1}}).encode()
             with pytest.raises(fl.FlightServerError, match="metadata key") as e:
                 list(client.do_action(fl.Action("start_recording", body), opts))

@@ -292,8 +292,8 @@ def recording_path(data_dir: Path, name: Any) -> str:
 
 def check_metadata(metadata: Any) -> dict[str, Any]:
     """Metadata from the wire: a JSON object whose keys are names the writer can store (no
-    control characters, no '/', not 'json') and whose values are any JSON, kept as data; at
-    most 64 KiB. Returns it, or raises RecordingNameError."""
+    control characters, no '/', not '.', '..' or 'json', at most 255 bytes) and whose values
+    are any JSON, kept as data; at most 64 KiB. Returns it, or raises RecordingNameError."""
     import json
 
     if not isinstance(metadata, dict):
@@ -303,6 +303,8 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
         if not isinstance(key, str) or not key or bad is not None:
             what = f"the control character {bad!r}" if bad is not None else "no name"
             raise RecordingNameError(f"metadata key {shown(key)} has {what}")
+        if len(key.encode()) > _NAME_MAX:
+            raise RecordingNameError(f"metadata key {shown(key)} is longer than {_NAME_MAX} bytes")
         if "/" in key or key in (".", "..", "json"):
             raise RecordingNameError(
                 f"metadata key {shown(key)}: keys name HDF5 datasets; no '/', '.', '..' or 'json'"
