@@ -57,6 +57,20 @@ class Target:
     name: str
     first_row: int
     mask: str | None
+    chunk_rows: int = 1
+    chunk_bytes: int = 1 << 20
+
+
+def _chunk_of(ds: h5py.Dataset) -> tuple[int, int]:
+    """Rows per chunk and bytes per chunk of a dataset (variable-length: its 16-byte handles)."""
+    chunks = ds.chunks or ds.shape or (1,)
+    item = 16 if ds.dtype.kind == "O" else ds.dtype.itemsize
+    return max(chunks[0], 1), item * int(np.prod(chunks, dtype=np.int64))
+
+
+def _new_chunks(rows: int, n: int, per: int) -> int:
+    """Chunks of `per` rows that rows [rows, rows + n) touch beyond those of [0, rows)."""
+    return -(-(rows + n) // per) - -(-rows // per)
 
 
 @dataclass
@@ -190,8 +204,28 @@ class AppendLayout:
             if key is not None and sig is not None:
                 mask = ds.attrs.get("validity")
                 book.targets[(str(key), str(sig))] = Target(
-                    name, int(ds.attrs.get("first_row", 0)), None if mask is None else str(mask)
+                    name,
+                    int(ds.attrs.get("first_row", 0)),
+                    None if mask is None else str(mask),
+                    *_chunk_of(ds),
                 )
+
+    def new_chunk_bytes(self, book: StreamBook, item: Item, rows: int) -> int:
+        """Bytes of the chunks `item` would open when appended at row `rows` of its stream
+        (for the writer's free-space check: HDF5 allocates a chunk whole)."""
+        total = 0
+        for key, p in zip(piece_keys(item.pieces), item.pieces, strict=True):
+            t = book.targets.get((key, p.signature))
+            if t is None:
+                chunks = _chunks(p)
+                item_bytes = 16 if p.dtype.kind == "O" else p.dtype.itemsize
+                per, size = chunks[0], item_bytes * int(np.prod(chunks, dtype=np.int64))
+                total += (_new_chunks(rows, item.rows, per) + 1) * size + (1 << 20)  # and a mask
+            else:
+                total += _new_chunks(rows, item.rows, t.chunk_rows) * t.chunk_bytes
+                if t.mask is not None:
+                    total += _new_chunks(rows, item.rows, chunk_rows(1)) * chunk_rows(1)
+        return total
 
     def write(
         self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
@@ -241,7 +275,7 @@ class AppendLayout:
                     first_row=row,
                     generation=generation,
                 )
-                book.targets[ks] = Target(name, row, None)
+                book.targets[ks] = Target(name, row, None, *_chunk_of(g[name]))
             for ks in masks:
                 t = book.targets[ks]
                 t.mask = _create_mask(g, t.name, start)

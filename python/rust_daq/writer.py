@@ -137,6 +137,10 @@ class _TornRead(Exception):
     """Records were overwritten in the ring while the writer copied them into the file."""
 
 
+class _NoSpace(OSError):
+    """Not one more record fits on the disk (or under RLIMIT_FSIZE); nothing was written."""
+
+
 class _Unwritable(Exception):
     """Writing these records failed for a reason of their own, not the disk's."""
 
@@ -175,6 +179,13 @@ _QUARANTINE_FIELDS: dict[str, Any] = {
     "payload": h5py.vlen_dtype(np.dtype(np.uint8)),  # the record's Arrow IPC message, as in the ring
     "schema": h5py.vlen_dtype(np.dtype(np.uint8)),  # its stream's Arrow schema message (or empty)
 }
+# What a pass may write when the disk is nearly full: payload * factor + margin per record must
+# fit. HDF5 adds chunk rounding and metadata; a write that still fails is retried, smaller.
+_PLENTY = 1 << 30
+_SPACE_MARGIN = 256 << 10
+_SPACE_FACTOR = 1.25
+_SPACE_FACTOR_MAX = 1 << 12
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _LOGGED_PER_STREAM = 10  # quarantined records logged one by one per stream, then every 1000th
 
 
@@ -229,6 +240,8 @@ class HDF5Writer:
         self._condemned: dict[int, str] = {}
         self._suspects: set[int] = set()
         self._warned: set[str] = set()
+        self._space_factor = _SPACE_FACTOR
+        self._left_in_ring = 0
         self._lock_fd: int | None = None  # our lock on the output file, for the writer's life
         try:
             self._file: h5py.File = self._open()
@@ -269,6 +282,8 @@ class HDF5Writer:
                 raise BlockingIOError(
                     e.errno, f"{self.path} is open for writing by another process", self.path
                 ) from e
+            except _NoSpace:
+                raise
             except OSError as e:
                 raise IncompatibleFileError(f"{self.path} exists but is not a readable HDF5 file: {e}") from e
             info = dict(f.attrs)
@@ -386,7 +401,14 @@ class HDF5Writer:
             log.warning(
                 "%s: extending the file to the end its superblock records after a failed write", self.path
             )
-            os.truncate(self.path, int(m.group(2)))
+            try:
+                os.truncate(self.path, int(m.group(2)))
+            except OSError as full:  # no room even for that (RLIMIT_FSIZE): retried later
+                raise _NoSpace(
+                    full.errno or errno.ENOSPC,
+                    f"{self.path} needs {int(m.group(2)) - int(m.group(1))} more bytes to be repaired "
+                    f"after a failed write ({full.strerror}); the ring still holds what it lacks",
+                ) from full
             return h5py.File(self.path, "a", libver=_LIBVER)
 
     def _resume(self, f: h5py.File) -> None:
@@ -509,9 +531,19 @@ class HDF5Writer:
                         "writing records %d..%d failed (%s); finding the record", e.seqs[0], e.seqs[-1], e
                     )
                     self._suspects.update(e.seqs)
+            except _NoSpace:
+                raise  # nothing was written: the ring holds it all
             except (OSError, RuntimeError) as e:
                 # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError or OSError.
                 self._abandon()
+                if _errno_of(e) in _FULL and self._space_factor < _SPACE_FACTOR_MAX:
+                    # The disk took less than the estimate: retry with a smaller share of it.
+                    log.warning(
+                        "%s: %s; retrying with fewer records", self.path, os.strerror(_errno_of(e) or 0)
+                    )
+                    self._space_factor *= 4
+                    self._reattach()
+                    continue
                 raise _io_error(self.path, e) from e
             # Abandon this pass before its marker: the retry reads the ring again from its tail.
             self._abandon()
@@ -549,44 +581,38 @@ class HDF5Writer:
         quarantined = 0
         committed_seq = last_seq = int(self._file[_PROGRESS][0])
         limit = 64  # records per read until their size is known
-        while True:
+        budget, code = self._space()
+        full = False  # the disk holds no more this pass: the rest stays in the ring
+        pass_rows: dict[str, int] = {}  # rows of each stream this pass has taken so far
+        while not full:
             # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
             # validated after the write; a torn one aborts the flush.
             records = self._reader.read(max_records=limit, copy=copy)
             pending: dict[str, list[Item]] = {}
             bad: list[tuple[Any, StreamInfo | None, str]] = []
+            taken = 0
             for rec in records:
                 if rec.seq <= last_seq:
+                    taken += 1
                     continue  # already in the file (a restart after its marker, before its commit)
-                if rec.schema_id == 0:
-                    self.records_skipped += 1
-                    self._warn_once("plain", "plain (non-Arrow) records are counted as skipped, not written")
-                    continue
-                info = self._info(rec.schema_id)
-                if info is None:
-                    bad.append((rec, None, f"schema id {rec.schema_id} is not in the ring's schema table"))
-                    continue
-                if self._only is not None and info.name not in self._only:
-                    self.records_skipped += 1
-                    continue
-                self._count(self._book(info.name), rec.stream_seq)
-                reason = self._condemned.get(rec.seq)
-                if reason is None:
-                    try:
-                        batch = decode(rec, info)
-                        item = Item(pieces_of(batch), batch.num_rows, rec, info)
-                    except DECODE_ERRORS as e:
-                        reason = f"does not decode with its stream's schema: {e}"
-                    except Exception as e:  # a batch that contradicts its schema
-                        reason = f"cannot be converted for HDF5: {type(e).__name__}: {e}"
-                if reason is not None:
-                    bad.append((rec, info, reason))
-                else:
-                    pending.setdefault(info.name, []).append(item)
-            self._check_space(
-                sum(len(r.data) for r, _, _ in bad)
-                + sum(len(it.record.data) for items in pending.values() for it in items)
-            )
+                sorted_ = self._sort(rec)
+                if budget is not None and sorted_ is not None:
+                    cost = self._cost(rec, sorted_, pass_rows)
+                    if cost + _SPACE_MARGIN > budget:
+                        full = True  # whole records only, in ring order: the marker stays exact
+                        break
+                    budget -= cost
+                taken += 1
+                self._take(rec, sorted_, pending, bad, pass_rows)
+            records = records[:taken]
+            if full and not pending and not bad and written == 0 and quarantined == 0:
+                self._reader = self._ring.reader("tail")  # (our cursor read past what it wrote)
+                self._lost_base = 0
+                raise _NoSpace(
+                    code,
+                    f"{self.path}: no room for the next record ({budget or 0} bytes left after a "
+                    f"{_SPACE_MARGIN}-byte margin); nothing was written, the ring still holds it",
+                )
             for name, items in pending.items():
                 written += self._write_stream(self._books[name], items)
             if bad:
@@ -633,8 +659,78 @@ class HDF5Writer:
         f["measurements/end_time"][()] = iso_now().encode()
         f.flush()
         self._enter_swmr()
-        self._reader.commit()
+        if full:
+            # Our cursor went past what the disk took: leave read_tail where it is and read again
+            # from it next time (what the file holds is skipped by its marker).
+            self._reader = self._ring.reader("tail")
+            self._lost_base = 0
+            log.warning(
+                "%s: disk nearly full: wrote %d record(s); the rest stays in the ring until space returns",
+                self.path,
+                written + quarantined,
+            )
+        else:
+            self._reader.commit()
+            self._space_factor = _SPACE_FACTOR
         return written
+
+    def _sort(self, rec: Any) -> Item | tuple[StreamInfo | None, str] | None:
+        """What a record is, with no side effect: None (not Arrow, or a stream not selected:
+        skipped), an Item to write, or (stream, reason) to quarantine."""
+        if rec.schema_id == 0:
+            return None
+        info = self._info(rec.schema_id)
+        if info is None:
+            return None, f"schema id {rec.schema_id} is not in the ring's schema table"
+        if self._only is not None and info.name not in self._only:
+            return None
+        reason = self._condemned.get(rec.seq)
+        if reason is not None:
+            return info, reason
+        try:
+            batch = decode(rec, info)
+            return Item(pieces_of(batch), batch.num_rows, rec, info)
+        except DECODE_ERRORS as e:
+            return info, f"does not decode with its stream's schema: {e}"
+        except Exception as e:  # a batch that contradicts its schema
+            return info, f"cannot be converted for HDF5: {type(e).__name__}: {e}"
+
+    def _cost(
+        self, rec: Any, sorted_: Item | tuple[StreamInfo | None, str], pass_rows: dict[str, int]
+    ) -> int:
+        """Bytes of file a record may take: its payload (an upper bound of its columns), and
+        the chunks its rows open (HDF5 allocates a chunk whole at its first write)."""
+        cost = int(len(rec.data) * self._space_factor)
+        if isinstance(sorted_, Item) and self._append is not None:
+            name = sorted_.info.name
+            book = self._books.get(name) or StreamBook(name, "")
+            cost += self._append.new_chunk_bytes(book, sorted_, book.rows + pass_rows.get(name, 0))
+        return cost
+
+    def _take(
+        self,
+        rec: Any,
+        sorted_: Item | tuple[StreamInfo | None, str] | None,
+        pending: dict[str, list[Item]],
+        bad: list[tuple[Any, StreamInfo | None, str]],
+        pass_rows: dict[str, int],
+    ) -> None:
+        """Takes a sorted record into this pass: counted as skipped, to be written, or to be
+        quarantined; its stream's sequence accounted."""
+        if sorted_ is None:
+            self.records_skipped += 1
+            if rec.schema_id == 0:
+                self._warn_once("plain", "plain (non-Arrow) records are counted as skipped, not written")
+            return
+        info = sorted_.info if isinstance(sorted_, Item) else sorted_[0]
+        if info is not None:
+            self._count(self._book(info.name), rec.stream_seq)
+        if isinstance(sorted_, Item):
+            name = sorted_.info.name
+            pending.setdefault(name, []).append(sorted_)
+            pass_rows[name] = pass_rows.get(name, 0) + sorted_.rows
+        else:
+            bad.append((rec, info, sorted_[1]))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -705,17 +801,15 @@ class HDF5Writer:
                     _QUARANTINE,
                 )
 
-    def _check_space(self, payload_bytes: int) -> None:
-        """Refuses to start writing what would not fit (free space, RLIMIT_FSIZE): HDF5 cannot
-        undo a half-done write, and one that fails midway leaves the file unopenable until
-        repaired. Arrow payloads are an upper bound of what their columns take in HDF5, plus
-        room for metadata and chunk rounding."""
-        if payload_bytes == 0:
-            return
-        need = payload_bytes + (4 << 20)
-        st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-        free = st.f_bavail * st.f_frsize
-        code = errno.ENOSPC
+    def _space(self) -> tuple[int | None, int]:
+        """Bytes this flush may still write (free space, or what RLIMIT_FSIZE leaves), None when
+        that is plenty; and the errno to report when it runs out (ENOSPC, EFBIG). HDF5 cannot
+        undo a half-done write: a pass takes only the whole records that fit."""
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return None, errno.ENOSPC
+        free, code = st.f_bavail * st.f_frsize, errno.ENOSPC
         try:
             import resource
 
@@ -724,8 +818,7 @@ class HDF5Writer:
                 free, code = limit - os.path.getsize(self.path), errno.EFBIG
         except (ImportError, OSError):
             pass
-        if need > free:
-            raise OSError(code, f"{free} bytes left for {self.path}, a flush needs about {need}")
+        return (None if free > _PLENTY else max(free - _SPACE_MARGIN, 0)), code
 
     def _count(self, book: StreamBook, stream_seq: int | None) -> None:
         """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
@@ -753,6 +846,20 @@ class HDF5Writer:
             for b in self._books.values()
         }
 
+    @property
+    def records_pending(self) -> int:
+        """Records the ring holds that the file does not (yet): written after the file's last
+        flush. After ``close()``: what the final flush could not write."""
+        if self._closed:
+            return self._left_in_ring
+        try:
+            last = int(self._file[_PROGRESS][0]) if self._file_ok else None
+        except (OSError, ValueError, KeyError):
+            last = None
+        if last is None:  # the ring's own count: after what was committed
+            return max(self._ring.records_written - self._ring.read_tail_seq, 0)
+        return max(self._ring.records_written - 1 - last, 0)
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -763,6 +870,9 @@ class HDF5Writer:
                 return
             try:
                 self._flush_retrying()
+            except BaseException:
+                self._left_in_ring = self.records_pending
+                raise
             finally:
                 self._closed = True
                 if self._file_ok:
@@ -942,13 +1052,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log.info("writing %s -> %s (layout %s)", args.ring, args.output, args.layout)
     print("ready", flush=True)
-    with writer:
-        while not stop.is_set():
-            try:
-                writer.flush_to_disk()
-            except OSError as e:  # disk full, I/O error: nothing was committed; retry
-                log.error("flush failed, will retry: %s", e)
-            stop.wait(writer.flush_interval)
+    try:
+        with writer:
+            while not stop.is_set():
+                try:
+                    writer.flush_to_disk()
+                except OSError as e:  # disk full, I/O error: nothing was committed; retry
+                    log.error("flush failed, will retry: %s", e)
+                stop.wait(writer.flush_interval)
+    except OSError as e:  # the final flush: what did not fit stays in the ring, and is said
+        log.error(
+            "final flush failed: %s; %d record(s) are not in %s and stay in the ring %s",
+            e,
+            writer.records_pending,
+            args.output,
+            args.ring,
+        )
     log.info(
         "stopped: %d records in %d batches, %d lost",
         writer.records_written,
