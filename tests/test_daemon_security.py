@@ -69,7 +69,7 @@ def daemon(*args: str, cwd: Path | None = None, xdg: Path, streams: int = 2) -> 
         run.url = line.split()[-1]
         run.token_file = xdg / "rust-daq" / f"daemon-{run.url.rsplit(':', 1)[1]}.token"
         if run.token_file.exists():  # (asserted where it matters: each test fails on its own point)
-            run.token = run.token_file.read_text().strip()
+            run.token = run.token_file.read_text().split("\n")[0]
         with rust_daq.remote.connect(run.url, token=run.token) as daq:
             t0 = time.monotonic()
             while len(daq.streams()) < streams:
@@ -225,8 +225,8 @@ def test_a_daemon_without_a_token_makes_one_only_its_user_can_read(tmp_path: Pat
         d, f = os.lstat(run.token_file.parent), os.lstat(run.token_file)
         assert stat.S_ISDIR(d.st_mode) and stat.S_IMODE(d.st_mode) == 0o700 and d.st_uid == os.geteuid()
         assert stat.S_ISREG(f.st_mode) and stat.S_IMODE(f.st_mode) == 0o600 and f.st_uid == os.geteuid()
-        token = run.token_file.read_text().strip()
-        assert len(token) >= 40
+        token, pid = run.token_file.read_text().split()
+        assert len(token) >= 40 and int(pid) == run.proc.pid
         client = fl.connect(run.url)
         for opts in (fl.FlightCallOptions(), options("guess"), options(token[:-1])):
             with pytest.raises(fl.FlightUnauthenticatedError) as e:
@@ -274,6 +274,14 @@ def test_the_token_file_is_never_written_through_a_link_and_a_stale_one_is_repla
     assert _access.read_token_file(4242) is None, "a token file others can read is not used"
     _access.remove_token_file(path, "t3")
     assert not path.exists()
+    # Files that SIGKILLed daemons left: removed once their pid is gone, at the next start.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (home / ".rust-daq" / "daemon-1.token").write_text(f"old\n{gone.pid}\n")
+    (home / ".rust-daq" / "daemon-2.token").write_text(f"alive\n{os.getpid()}\n")
+    _access.write_token_file(4244, "t4")
+    names = sorted(p.name for p in (home / ".rust-daq").iterdir())
+    assert names == ["daemon-2.token", "daemon-4243.token", "daemon-4244.token"], names
 
 
 @pytest.fixture(scope="session")
@@ -495,7 +503,7 @@ def test_an_unexpected_error_in_the_daemon_is_a_short_internal_error_logged_with
     try:
         assert d.token_file is not None and d.token_file.parent == xdg / "rust-daq"
         client = fl.connect(d.url)
-        opts = options(d.token_file.read_text().strip())
+        opts = options(d.token_file.read_text().split()[0])
 
         def broken() -> dict[str, object]:
             return {}["no such key"]  # type: ignore[return-value]

@@ -134,10 +134,35 @@ def _private_dir(path: Path, create: bool) -> int:
         raise
 
 
+def _sweep(dfd: int) -> None:
+    """Removes the token files that daemons of this user killed (SIGKILL) left behind: those
+    whose daemon's pid (their second line) is no longer alive."""
+    for entry in os.listdir(dfd):
+        if not (entry.startswith("daemon-") and entry.endswith(".token")):
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                lines = os.read(fd, _TOKEN_MAX).split(b"\n")
+            finally:
+                os.close(fd)
+            pid = int(lines[1]) if len(lines) > 1 and lines[1].strip().isdigit() else 0
+            if pid > 0:
+                os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(entry, dir_fd=dfd)
+            except OSError:
+                pass
+        except OSError:  # alive (maybe not ours: EPERM), or unreadable: leave it
+            pass
+
+
 def write_token_file(port: int, token: str) -> Path:
-    """Writes `token` for the daemon on `port` where only this user can read it; returns the
-    file. A file left there by a daemon of this user killed on the same port is replaced
-    (the directory is ours alone: nobody else can have put it there)."""
+    """Writes `token` (and this process's pid) for the daemon on `port` where only this user
+    can read it; returns the file. A file there for the same port can only be stale (the
+    port is this daemon's, and the directory is this user's alone): it is replaced. Files
+    of other ports whose daemon is gone are removed."""
     errors = []
     for directory in token_dirs():
         try:
@@ -147,6 +172,7 @@ def write_token_file(port: int, token: str) -> Path:
             continue
         name = _token_name(port)
         try:
+            _sweep(dfd)
             try:
                 st = os.lstat(name, dir_fd=dfd)
             except FileNotFoundError:
@@ -159,7 +185,7 @@ def write_token_file(port: int, token: str) -> Path:
             fd = os.open(name, flags, 0o600, dir_fd=dfd)
             try:
                 os.fchmod(fd, 0o600)  # whatever the umask
-                os.write(fd, token.encode() + b"\n")
+                os.write(fd, f"{token}\n{os.getpid()}\n".encode())
             finally:
                 os.close(fd)
             return directory / name
@@ -175,7 +201,8 @@ def remove_token_file(path: Path, token: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            ours = stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, _TOKEN_MAX).strip() == token.encode()
+            first = os.read(fd, _TOKEN_MAX).split(b"\n", 1)[0].strip()
+            ours = stat.S_ISREG(os.fstat(fd).st_mode) and first == token.encode()
         finally:
             os.close(fd)
         if ours:
@@ -201,7 +228,8 @@ def read_token_path(path: Path) -> str | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
             return None
-        token = os.read(fd, _TOKEN_MAX).decode("ascii", errors="replace").strip()
+        first = os.read(fd, _TOKEN_MAX).split(b"\n", 1)[0]  # then the daemon's pid
+        token = first.decode("ascii", errors="replace").strip()
         return token or None
     finally:
         os.close(fd)
