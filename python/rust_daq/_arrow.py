@@ -28,7 +28,13 @@ import numpy as np
 import pyarrow as pa
 
 from . import _native
-from ._errors import RecordTooLargeError, RingUsageError, UnknownStreamError, UnsupportedTypeError
+from ._errors import (
+    RecordTooLargeError,
+    RingCorruptError,
+    RingUsageError,
+    UnknownStreamError,
+    UnsupportedTypeError,
+)
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -160,6 +166,7 @@ class ArrowState:
         self.writers: dict[str, StreamWriter] = {}
         self.file: tuple[pa.MemoryMappedFile, int] | None = None
         self.by_id: dict[int, StreamInfo] = {}
+        self.bad_ids: set[int] = set()  # schema table entries that do not decode
         # Serialises Arrow writes: the writers share one file position.
         self.lock = threading.Lock()
 
@@ -171,12 +178,18 @@ class ArrowState:
             self.file = None
 
     def refresh(self) -> dict[int, int]:
-        """Reloads the schema table; returns each schema id's activation."""
+        """Reloads the schema table; returns each schema id's activation. An entry that does
+        not decode is left out (and remembered in ``bad_ids``): it must not hide the others."""
         activations = {}
         for schema_id, stream_id, name, raw, activation in self.ring._schemas():
             activations[schema_id] = activation
-            if schema_id not in self.by_id:
-                schema = pa.ipc.read_schema(pa.py_buffer(raw))
+            if schema_id not in self.by_id and schema_id not in self.bad_ids:
+                try:
+                    schema = pa.ipc.read_schema(pa.py_buffer(raw))
+                    [f.name for f in schema]  # names that are not UTF-8 raise now, not later
+                except DECODE_ERRORS:
+                    self.bad_ids.add(schema_id)
+                    continue
                 full = any(_variable_length(f.type) for f in schema)
                 self.by_id[schema_id] = StreamInfo(name, stream_id, schema_id, schema, full)
         return activations
@@ -187,8 +200,14 @@ class ArrowState:
         return self.by_id.get(schema_id)
 
     def streams(self) -> dict[str, StreamInfo]:
-        """The current schema of every stream (the one the producer switched to last)."""
+        """The current schema of every stream (the one the producer switched to last).
+        Raises RingCorruptError when an entry of the schema table does not decode (which
+        stream's current schema it held cannot be known)."""
         activations = self.refresh()
+        if self.bad_ids:
+            raise RingCorruptError(
+                f"the ring's schema table entries {sorted(self.bad_ids)} do not decode (corrupt ring file)"
+            )
         latest: dict[str, StreamInfo] = {}
         for info in sorted(self.by_id.values(), key=lambda i: activations.get(i.schema_id, 0)):
             latest[info.name] = info
@@ -269,7 +288,7 @@ def _variable_length(t: pa.DataType) -> bool:
 
 
 #: What decoding a corrupted payload can raise (pyarrow raises all three).
-DECODE_ERRORS = (pa.ArrowException, ValueError, OSError)
+DECODE_ERRORS = (pa.ArrowException, ValueError, OSError, EOFError, IndexError)
 
 
 def decode(rec: _native.Record, info: StreamInfo) -> pa.RecordBatch:
@@ -351,6 +370,7 @@ class LiveView:
         self._copy = copy
         self._window: deque[tuple[pa.RecordBatch, _native.Record]] = deque()
         self._nrows = 0
+        self.undecodable = 0  #: records of the stream that did not decode (skipped)
 
     def update(self, timeout: float = 0.0) -> dict[str, npt.NDArray[Any]]:
         """Reads what arrived since the last call (waiting up to `timeout` s for something)
@@ -386,7 +406,11 @@ class LiveView:
                 info = self._state.info(rec.schema_id)
                 if info is None:
                     continue
-                batch = decode(rec, info)
+                try:
+                    batch = decode(rec, info)
+                except DECODE_ERRORS:
+                    self.undecodable += 1  # one bad record must not fail every later update
+                    continue
                 self._window.append((batch, rec))
                 self._nrows += batch.num_rows
                 while self._window and self._nrows - self._window[0][0].num_rows >= self._rows:

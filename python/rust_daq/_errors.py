@@ -18,6 +18,7 @@ __all__ = [
     "RingCorruptError",
     "RingFormatError",
     "RingFullError",
+    "RingPermissionError",
     "RingUsageError",
     "RustDaqError",
     "UnknownStreamError",
@@ -49,6 +50,12 @@ class RecordTooLargeError(RustDaqError, ValueError):
 
 class ReadOnlyRingError(RustDaqError, PermissionError):
     """A write through a handle that is not the ring's producer."""
+
+
+class RingPermissionError(ReadOnlyRingError):
+    """A ring file this user must not produce into: owned by another user, open to group or
+    other users (mode not 0600), or a symbolic link at the ring path. The message says which
+    and what to do."""
 
 
 class ProducerActiveError(RustDaqError, RuntimeError):
