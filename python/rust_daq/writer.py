@@ -103,7 +103,9 @@ def _compression(spec: str | None) -> dict[str, Any]:
     if spec in ("gzip", "lzf"):
         return {"compression": spec, **({"compression_opts": 4} if spec == "gzip" else {})}
     name, _, level = spec.partition(":")
-    if name == "gzip" and level.isdigit():
+    if name == "gzip" and level:
+        if not (level.isdigit() and 0 <= int(level) <= 9):
+            raise ValueError(f"compression {spec!r}: a gzip level is 0 (none) to 9 (smallest), got {level!r}")
         return {"compression": "gzip", "compression_opts": int(level)}
     if name not in ("blosc", "lz4", "zstd", "bitshuffle"):
         raise ValueError(
@@ -434,6 +436,16 @@ class HDF5Writer:
                 set_arrow_name(streams.create_dataset(group, data=np.array(b.values(), np.int64)).attrs, name)
             if self._append is not None:
                 self._append.resume(f, b)
+        if self._append is not None:
+            # Groups a pass made before it was abandoned (no marker covers them): adopted empty,
+            # so the stream keeps its name instead of getting a second group.
+            for group, g in f["measurements"].items():
+                if isinstance(g, h5py.Group) and "arrow_name" in g.attrs:
+                    name = arrow_name(g.attrs, group)
+                    if name not in self._books:
+                        self._append.resume(
+                            f, self._books.setdefault(name, StreamBook(name, group, next_seq=-1))
+                        )
         if self._batches is not None:
             for key in list(f["measurements"]):
                 if key.startswith("batch_") and int(key[6:]) > flushes:
@@ -984,7 +996,7 @@ def stop_process(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, s
     Returns its exit code and what it wrote to stderr (its log)."""
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=timeout)
-    return p.returncode, err
+    return p.returncode, err or ""  # (None when the caller reads stderr itself)
 
 
 def _watch_parent(stop: threading.Event) -> None:
@@ -1060,6 +1072,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except OSError as e:  # disk full, I/O error: nothing was committed; retry
                     log.error("flush failed, will retry: %s", e)
                 stop.wait(writer.flush_interval)
+    except RustDaqError as e:  # (IncompatibleFileError: the file was changed under us)
+        log.error(
+            "final flush failed: %s; %d record(s) stay in the ring %s", e, writer.records_pending, args.ring
+        )
+        return 1
     except OSError as e:  # the final flush: what did not fit stays in the ring, and is said
         log.error(
             "final flush failed: %s; %d record(s) are not in %s and stay in the ring %s",
