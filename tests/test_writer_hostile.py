@@ -280,7 +280,7 @@ def test_type_changes_mid_run_become_generations(ring_path: str, h5_path: str, l
         v = columns(g)[(("v",), 0)]
         assert v == ["a", "b", 1.5, 2.5, 7, 8, "c", "d"] * 2
         assert sorted(ds for ds in g if ds.startswith("v") and "valid" not in ds) == ["v", "v__2", "v__3"]
-        assert [g[n].attrs["generation"] for n in ("v", "v__2", "v__3")] == [1, 2, 3]
+        assert [g[n].attrs.get("generation", 1) for n in ("v", "v__2", "v__3")] == [1, 2, 3]
         assert g["v__2"].dtype == np.float64 and np.isnan(g["v__2"][0])
         t = columns(g)[(("t",), 0)]
         assert [np.shape(x) for x in t] == [
@@ -631,3 +631,59 @@ def test_sigterm_on_a_full_disk_exits_0_and_says_what_stays_in_the_ring(ring_pat
         assert 0 < rows < 400_000 and rows % 1000 == 0
         np.testing.assert_array_equal(stream_group(f, "v")["x"][:], np.arange(rows))
     assert f"{400 - rows // 1000} record(s) are not in" in err or "disk nearly full" in err, err
+
+
+# -- a live file that grows, whatever appears (issue 15, item 3) -----------------------------------
+
+_FOLLOW = """
+import sys, time, h5py
+f = h5py.File(sys.argv[1], "r", libver="latest", swmr=True)
+ds = f["measurements/v/x"]
+print("open", flush=True)
+for line in sys.stdin:  # one line per question: how many rows now?
+    ds.refresh()
+    print(ds.shape[0], flush=True)
+"""
+
+
+def test_a_new_stream_mid_run_does_not_stall_the_others_while_a_reader_follows(
+    ring_path: str, h5_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It stalled every stream: 'flush failed, will retry: ... is open for writing by another
+    process' each second, and nothing reached the file until every SWMR reader closed."""
+    with (
+        RingBuffer.create(ring_path, capacity_mb=8) as ring,
+        HDF5Writer(h5_path, ring, flush_interval=0.05) as w,
+    ):
+        ring.write_arrow_batch(_x(10), "v")
+        w.flush_to_disk()
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _FOLLOW, h5_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert reader.stdin is not None and reader.stdout is not None
+        try:
+            assert reader.stdout.readline().strip() == "open"
+
+            def rows_seen() -> int:
+                assert reader.stdin is not None and reader.stdout is not None
+                reader.stdin.write("?\n")
+                reader.stdin.flush()
+                return int(reader.stdout.readline())
+
+            assert rows_seen() == 10
+            for i in range(1, 4):
+                ring.write_arrow_batch(pa.record_batch({"y": [float(i)]}), f"late{i}")  # a new stream...
+                ring.write_arrow_batch(pa.record_batch({"x": [0], "z": ["new column"]}), "v")  # ...and column
+                ring.write_arrow_batch(_x(10, 10 * i), "v")
+                assert w.flush_to_disk() == 3
+                assert rows_seen() == 10 + 11 * i, "the reader follows the old stream as it grows"
+        finally:
+            reader.stdin.close()
+            reader.wait(timeout=30)
+            reader.stdout.close()
+    assert "flush failed" not in caplog.text
+    with h5py.File(h5_path, "r") as f:
+        for i in range(1, 4):
+            assert stream_group(f, f"late{i}")["y"][:].tolist() == [float(i)]
+        cols = columns(stream_group(f, "v"))
+        assert cols[(("z",), 0)] == [None] * 10 + (["new column"] + [None] * 10) * 3

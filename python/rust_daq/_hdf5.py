@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from collections.abc import Container
+from typing import Any
 
 import h5py
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "chunk_rows",
     "clear_consistency_flags",
     "hdf5_name",
+    "open_for_writing",
     "iso_now",
     "schema_json",
 ]
@@ -104,12 +106,12 @@ def lock_output(fd: int) -> bool:
 
 
 def held_by_another_hdf5(path: str) -> bool:
-    """Whether some process has `path` open through HDF5 with its file lock (every HDF5
-    application but a SWMR writer holds one). Takes and drops a non-blocking flock; writes
-    nothing."""
+    """Whether another HDF5 program has `path` open for writing: HDF5 writers hold an exclusive
+    flock, readers (SWMR readers following a run included) a shared one. Probes with a
+    non-blocking shared flock; writes nothing."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EACCES):
             return True
@@ -119,6 +121,19 @@ def held_by_another_hdf5(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def open_for_writing(path: str, **kwargs: Any) -> h5py.File:
+    """``h5py.File(path, "a")`` for a writer that holds its own lock on `path`: when readers
+    (their shared flock) keep HDF5 from taking its exclusive one, and no other writer holds
+    the file, it opens without HDF5's locking, under the readers. Raises BlockingIOError when
+    another program writes the file."""
+    try:
+        return h5py.File(path, "a", **kwargs)
+    except BlockingIOError:
+        if held_by_another_hdf5(path):
+            raise
+        return h5py.File(path, "a", locking=False, **kwargs)
 
 
 def looks_like_run(path: str, session: str) -> bool:

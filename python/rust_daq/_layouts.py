@@ -85,6 +85,8 @@ class StreamBook:
     next_seq: int = 0
     unwritable: int = 0
     targets: dict[tuple[str, str], Target] = field(default_factory=dict)
+    #: Extendable datasets of the group that are no target (from an older writer).
+    untracked: list[str] = field(default_factory=list)
 
     def values(self) -> list[int]:
         return [self.rows, self.records, self.lost, self.next_seq, self.unwritable]
@@ -150,6 +152,21 @@ def _create_mask(g: h5py.Group, of: str, rows: int) -> str:
     return name
 
 
+def write_rows(ds: h5py.Dataset, start: int, data: np.ndarray[Any, Any]) -> None:
+    """``ds[start:start + len(data)] = data``, also for arrays of variable-length arrays, which
+    h5py's slicing turns into a 2-D array (and refuses) when the arrays have equal lengths."""
+    vlen = h5py.check_vlen_dtype(ds.dtype) if ds.dtype.kind == "O" else None
+    if vlen is None or vlen in (str, bytes) or not len(data):
+        ds[start : start + len(data)] = data
+        return
+    rows = np.empty(len(data), dtype=ds.dtype)
+    for i, v in enumerate(data):  # an object array of the row arrays, whatever their lengths
+        rows[i] = v
+    file_space = ds.id.get_space()
+    file_space.select_hyperslab((start,), (len(data),))
+    ds.id.write(h5py.h5s.create_simple((len(data),)), file_space, rows, h5py.h5t.py_create(ds.dtype))
+
+
 def _runs(
     parts: list[tuple[int, np.ndarray[Any, Any]]], target: int = 4 << 20, large: int = 256 << 10
 ) -> list[tuple[int, np.ndarray[Any, Any]]]:
@@ -201,6 +218,8 @@ class AppendLayout:
             if ds.shape[0] != book.rows:
                 ds.resize(book.rows, axis=0)
             key, sig = ds.attrs.get("rust_daq_key"), ds.attrs.get("rust_daq_signature")
+            if (key is None or sig is None) and "validity_of" not in ds.attrs:
+                book.untracked.append(name)
             if key is not None and sig is not None:
                 mask = ds.attrs.get("validity")
                 book.targets[(str(key), str(sig))] = Target(
@@ -264,16 +283,11 @@ class AppendLayout:
                 name = allocate(
                     base if generation == 1 else f"{base}__{generation}", set(g.keys()) | GROUP_NAMES
                 )
+                extra = {"first_row": row} if row else {}
+                if generation > 1:
+                    extra["generation"] = generation
                 _create(
-                    g,
-                    name,
-                    p,
-                    start,
-                    self.filters,
-                    rust_daq_key=ks[0],
-                    rust_daq_signature=ks[1],
-                    first_row=row,
-                    generation=generation,
+                    g, name, p, start, self.filters, rust_daq_key=ks[0], rust_daq_signature=ks[1], **extra
                 )
                 book.targets[ks] = Target(name, row, None, *_chunk_of(g[name]))
             for ks in masks:
@@ -283,6 +297,8 @@ class AppendLayout:
                     g[t.mask][t.first_row : start] = 1
             if "signal" not in g.attrs:
                 self._nexus(g, book, items[0])
+        if total == 0:
+            return 0
         g = f["measurements"][book.group]
         end = start + total
         for t in book.targets.values():
@@ -293,16 +309,15 @@ class AppendLayout:
             t = book.targets[ks]
             ds = g[t.name]
             for row, data in _runs([(row, p.data) for row, p in parts]):
-                ds[row : row + len(data)] = data
+                write_rows(ds, row, data)
             if t.mask is not None:
                 present = np.zeros(total, dtype=np.uint8)
                 for row, p in parts:
                     present[row - start : row - start + len(p.data)] = 1 if p.valid is None else p.valid
                 g[t.mask][start:end] = present
-        # Datasets this pass did not touch (older files: no signature) keep the rows aligned.
-        for ds in g.values():
-            if isinstance(ds, h5py.Dataset) and ds.maxshape and ds.maxshape[0] is None and ds.shape[0] != end:
-                ds.resize(end, axis=0)
+        # Datasets of no target (an older writer's, without a signature) keep the rows aligned.
+        for name in book.untracked:
+            g[name].resize(end, axis=0)
         book.rows = end
         return total
 
@@ -372,7 +387,8 @@ class BatchesLayout:
             if p.dtype.kind == "O":
                 data = data.astype(p.dtype, copy=False)
             name = allocate(_base_name(p), set(g.keys()))
-            ds = g.create_dataset(name, data=data, dtype=p.dtype, **self.filters)
+            ds = g.create_dataset(name, shape=data.shape, dtype=p.dtype, **self.filters)
+            write_rows(ds, 0, data)
             _set_attrs(ds, p, rust_daq_key=key)
             if any(q.valid is not None for q in parts):
                 present = np.concatenate(

