@@ -99,8 +99,8 @@ def test_append_layout_reads_back_exactly(ring_path: str, h5_path: str) -> None:
         assert pa.ipc.read_schema(pa.py_buffer(v["arrow_schema"][:].tobytes())).equals(
             VOLT_SCHEMA, check_metadata=True
         )
-        # last seq, records, lost, flushes, unwritable, skipped
-        assert list(f["rust_daq/progress"][()]) == [13, 13, 0, 1, 0, 1]
+        # last seq, records, lost, flushes, unwritable, skipped, marker
+        assert list(f["rust_daq/progress"][()]) == [13, 13, 0, 1, 0, 1, 1]
 
 
 def test_batches_layout_and_the_original_example(ring_path: str, h5_path: str) -> None:

@@ -462,7 +462,7 @@ def test_plain_records_are_counted_as_skipped(ring_path: str, h5_path: str) -> N
         assert (w.records_skipped, w.records_unwritable) == (1, 0)
     with h5py.File(h5_path, "r") as f:
         assert stream_group(f, "s")["x"][:].tolist() == list(range(6))
-        assert f["rust_daq/progress"][()].tolist() == [2, 2, 0, 1, 0, 1]
+        assert f["rust_daq/progress"][()].tolist() == [2, 2, 0, 1, 0, 1, 1]
 
 
 # -- files that are not ours (issue 15, item 4) ------------------------------------------------------

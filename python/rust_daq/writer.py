@@ -171,7 +171,10 @@ def _io_error(path: str, e: BaseException) -> OSError:
     )
 
 
-_PROGRESS_FIELDS = 6  # last_seq, records, records_lost, flushes, records_unwritable, records_skipped
+# last_seq, records, records_lost, flushes, records_unwritable, records_skipped, marker (the
+# number of the flush that wrote it: which slot of the streams' resume books goes with it)
+_PROGRESS_FIELDS = 7
+_RESUME = "rust_daq/resume"
 _QUARANTINE = "rust_daq/quarantine"
 #: The quarantine's datasets (one row per record that could not be written) and their types.
 _QUARANTINE_FIELDS: dict[str, Any] = {
@@ -245,6 +248,7 @@ class HDF5Writer:
         self._warned: set[str] = set()
         self._space_factor = _SPACE_FACTOR
         self._left_in_ring = 0
+        self._marker = 0  # the number of the last progress marker written
         self._lock_fd: int | None = None  # our lock on the output file, for the writer's life
         try:
             self._file: h5py.File = self._open()
@@ -341,8 +345,10 @@ class HDF5Writer:
                 meta.create_dataset(name, data=value).attrs["key"] = attr_text(str(key))
         book = f.create_group("rust_daq")
         book.attrs["NX_class"] = "NXcollection"
-        book.create_dataset("progress", data=np.array([-1, 0, 0, 0, 0, 0], dtype=np.int64))
+        book.create_dataset("progress", data=np.array([-1, 0, 0, 0, 0, 0, 0], dtype=np.int64))
         book.create_group("streams").attrs["NX_class"] = "NXcollection"
+        book.create_group("resume").attrs["NX_class"] = "NXcollection"
+        self._marker = 0
         self._create_quarantine(f)
         f.flush()
         self._file = f
@@ -423,20 +429,35 @@ class HDF5Writer:
         if f[_PROGRESS].shape != (_PROGRESS_FIELDS,):  # a file from an older writer
             del f[_PROGRESS]
             f.create_dataset(_PROGRESS, data=np.array(progress, dtype=np.int64))
-        _, written, lost, flushes, unwritable, skipped = progress
+        _, written, lost, flushes, unwritable, skipped, marker = progress
         self.records_written, self.records_lost, self.batch_count = written, lost, flushes
         self.records_unwritable, self.records_skipped = unwritable, skipped
+        self._marker = marker
         self._books.clear()
         streams = f["rust_daq/streams"]
+        resume = f.require_group(_RESUME)
         for group, ds in list(streams.items()):
-            values = [int(v) for v in ds[()]]
-            values += [0] * (BOOK_FIELDS - len(values))
+            if group in resume:
+                # The slot written with this marker: the books of the flush the marker closed (a
+                # writer killed between its books and its marker left the other slot newer).
+                slots = resume[group][()]
+                values = next(
+                    (list(map(int, s[:BOOK_FIELDS])) for s in slots if s[BOOK_FIELDS] == marker), None
+                )
+                values = values or [0, 0, 0, -1, 0]  # made after that flush: nothing of it committed
+            else:  # an older writer's file: its flat book
+                values = [int(v) for v in ds[()]]
+                values += [0] * (BOOK_FIELDS - len(values))
             name = arrow_name(ds.attrs, group)
             rows, records, lost_, next_seq, unwritable_ = values[:BOOK_FIELDS]
             b = self._books[name] = StreamBook(name, group, rows, records, lost_, next_seq, unwritable_)
             if ds.shape != (BOOK_FIELDS,):
                 del streams[group]
                 set_arrow_name(streams.create_dataset(group, data=np.array(b.values(), np.int64)).attrs, name)
+            else:
+                ds[...] = b.values()  # the readable view, as the marker says
+            if group not in resume:
+                self._create_resume(resume, b, committed=True)
             if self._append is not None:
                 self._append.resume(f, b)
         if self._append is not None:
@@ -494,11 +515,22 @@ class HDF5Writer:
     def _create_books(self) -> None:
         streams = self._file["rust_daq/streams"]
         if any(b.group not in streams for b in self._books.values()):
-            streams = self._structural()["rust_daq/streams"]
+            f = self._structural()
+            streams, resume = f["rust_daq/streams"], f.require_group(_RESUME)
             for b in self._books.values():
                 if b.group not in streams:
                     book = streams.create_dataset(b.group, data=np.array(b.values(), np.int64))
                     set_arrow_name(book.attrs, b.name)
+                    self._create_resume(resume, b, committed=False)
+
+    def _create_resume(self, resume: h5py.Group, b: StreamBook, *, committed: bool) -> None:
+        """Two slots of [rows, records, lost, next_stream_seq, unwritable, marker]: each flush
+        writes one, then the progress marker naming it, so that a writer killed between the
+        two leaves the slot of the last marker whole (``rust_daq/streams`` is the readable
+        view; it may run one flush ahead of the marker after such a kill)."""
+        state = b.values() if committed else [0, 0, 0, -1, 0]  # (a new stream: nothing committed yet)
+        slots = np.array([[*state, self._marker], [*state, -1]], dtype=np.int64)
+        set_arrow_name(resume.create_dataset(b.group, data=slots).attrs, b.name)
 
     def _structural(self) -> h5py.File:
         """The file, out of SWMR mode: new objects can be created (SWMR forbids it)."""
@@ -662,6 +694,13 @@ class HDF5Writer:
         self.records_unwritable += quarantined
         self._create_books()
         f = self._file  # (new objects may have reopened it)
+        # The books in the slot of the next marker, then the marker: HDF5 writes each small
+        # dataset with its own pwrite at a flush, so a kill can fall between any two of them.
+        marker = self._marker + 1
+        resume = f[_RESUME]
+        for b in self._books.values():
+            resume[b.group][marker % 2] = [*b.values(), marker]
+        f.flush()
         f[_PROGRESS][...] = [
             last_seq,
             self.records_written,
@@ -669,11 +708,13 @@ class HDF5Writer:
             self.batch_count,
             self.records_unwritable,
             self.records_skipped,
+            marker,
         ]
         for b in self._books.values():
             f["rust_daq/streams"][b.group][...] = b.values()
         f["measurements/end_time"][()] = iso_now().encode()
         f.flush()
+        self._marker = marker
         self._enter_swmr()
         if full:
             # Our cursor went past what the disk took: leave read_tail where it is and read again
