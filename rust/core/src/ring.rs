@@ -881,7 +881,9 @@ impl Producer {
         let mut lost = 0u64;
         let tail = self.ring.h64(off::READ_TAIL).load(Ordering::Acquire);
         let block = self.ring.policy() == Policy::Block;
-        if must_free.saturating_sub(oldest) > cap {
+        // What lies between the oldest record and the write position fits in the ring (the
+        // walk below is bounded by it); must_free itself may be up to a padding beyond that.
+        if w.saturating_sub(oldest) > cap {
             return Err(self.ring.positions_error());
         }
         while oldest < must_free {
