@@ -187,7 +187,9 @@ class ArrowState:
                 try:
                     schema = pa.ipc.read_schema(pa.py_buffer(raw))
                     [f.name for f in schema]  # names that are not UTF-8 raise now, not later
-                except DECODE_ERRORS:
+                    probe = empty_batch(schema)  # types pyarrow cannot hold raise now, not later
+                    [probe.column(i) for i in range(probe.num_columns)]
+                except DECODE_ERRORS + (KeyError,):
                     self.bad_ids.add(schema_id)
                     continue
                 full = any(_variable_length(f.type) for f in schema)

@@ -156,7 +156,9 @@ def _json(col: pa.Array) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any] | N
         "" if v is None else json.dumps(v, default=_json_default, ensure_ascii=False, allow_nan=True)
         for v in values
     ]
-    return np.array(docs, dtype=_STR), _valid(col)
+    # From the values: a union has no validity of its own, its children's nulls are its nulls.
+    valid = np.array([v is not None for v in values], dtype=bool)
+    return np.array(docs, dtype=_STR), None if valid.all() else valid
 
 
 def _strings(col: pa.Array) -> tuple[np.ndarray[Any, Any], str]:
