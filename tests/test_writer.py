@@ -3,6 +3,7 @@ restarts, overruns, both anyio backends, bad input."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -77,7 +78,14 @@ def test_append_layout_reads_back_exactly(ring_path: str, h5_path: str) -> None:
         assert v["timestamp"][0] == 1_700_000_000_000_000_000
         assert v["voltage"].attrs["units"] == "V" and v["voltage"].dtype == np.float64
         assert v.attrs["NX_class"] == "NXdata" and v.attrs["signal"] == "voltage"
-        assert list(v.attrs["axes"]) == ["timestamp"]
+        # The plot's axis: seconds since start_time, from the int64 ns timestamps (kept as they
+        # are), an HDF5 dimension scale of every column (netCDF readers see one "time" dim).
+        assert list(v.attrs["axes"]) == ["time"]
+        start = dt.datetime.fromisoformat(f["measurements/start_time"][()].decode()).timestamp()
+        np.testing.assert_allclose(v["time"][:], (v["timestamp"][:] / 1e9) - start, atol=1e-5)
+        assert v["time"].attrs["units"] == "s" and v["time"].attrs["rust_daq_key"] == "axis"
+        assert v["voltage"].dims[0][0].name == v["time"].name
+        assert v["index"].dims[0][0].name == v["time"].name
         cam = f["measurements/camera/frame"]
         assert cam.shape == (4, 16, 24) and cam.dtype == np.uint16 and cam.chunks == (1, 16, 24)
         np.testing.assert_array_equal(cam[2:], frames(5).column("frame").to_numpy_ndarray())
@@ -157,7 +165,7 @@ def test_nexus_default_plot_is_found(ring_path: str, h5_path: str) -> None:
     plot = root.plottable_data
     assert plot.nxname == "voltmeter"
     assert plot.nxsignal.nxname == "voltage"
-    assert [a.nxname for a in plot.nxaxes] == ["timestamp"]
+    assert [a.nxname for a in plot.nxaxes] == ["time"]  # seconds since start_time
     root.nxfile.close()
 
 

@@ -37,6 +37,10 @@ __all__ = ["AppendLayout", "BatchesLayout", "Item", "StreamBook", "Target"]
 ENTRY_NAMES = frozenset({"metadata", "start_time", "end_time"})
 #: Datasets of a stream group that are not columns.
 GROUP_NAMES = frozenset({"arrow_schema"})
+#: rust_daq_key of the time axis dataset: seconds since the file's start_time, from the
+#: stream's first timestamp column (not a JSON list, so no column's key).
+AXIS_KEY = "axis"
+AXIS_SIGNATURE = "axis<f8()"
 BOOK_FIELDS = 5  # rust_daq/streams/<stream>: rows, records, lost, next_stream_seq, unwritable
 
 
@@ -87,6 +91,8 @@ class StreamBook:
     targets: dict[tuple[str, str], Target] = field(default_factory=dict)
     #: Extendable datasets of the group that are no target (from an older writer).
     untracked: list[str] = field(default_factory=list)
+    #: The key of the timestamp column the stream's time axis is made from, if any.
+    time_key: str | None = None
 
     def values(self) -> list[int]:
         return [self.rows, self.records, self.lost, self.next_seq, self.unwritable]
@@ -100,6 +106,10 @@ def piece_keys(items: Iterable[Piece]) -> list[str]:
         keys.append(json.dumps([list(p.path), seen[p.path]]))
         seen[p.path] += 1
     return keys
+
+
+def _is_time(p: Piece) -> bool:
+    return p.attrs.get("units") == "ns" and "epoch" in p.attrs and p.data.ndim == 1
 
 
 def _base_name(p: Piece) -> str:
@@ -206,12 +216,34 @@ class AppendLayout:
 
     def __init__(self, filters: dict[str, Any]) -> None:
         self.filters = filters
+        self.start_ns = 0  # the file's start_time, ns since the epoch (the time axis' zero)
+        self.start_time = ""
+
+    def _axis(self, book: StreamBook, it: Item) -> Piece | None:
+        """The time axis piece of one item: its timestamps as seconds since start_time."""
+        if book.time_key is None:
+            return None
+        for key, p in zip(piece_keys(it.pieces), it.pieces, strict=True):
+            if key == book.time_key and p.dtype.kind == "i" and p.data.ndim == 1:
+                seconds = (p.data.astype(np.int64) - self.start_ns) / 1e9
+                if p.valid is not None:
+                    seconds[~p.valid] = np.nan
+                attrs = {
+                    "units": "s",
+                    "long_name": f"time since start_time (s), from {p.path[0]}",
+                    "start_time": self.start_time,
+                    "axis_of": attr_text(".".join(p.path)),
+                }
+                return Piece(("time",), seconds, None, AXIS_SIGNATURE, attrs)
+        return None
 
     def resume(self, f: h5py.File, book: StreamBook) -> None:
         """Targets from the file; every dataset trimmed back to the committed rows."""
         group = f["measurements"].get(book.group)
         if group is None:
             return
+        key = group.attrs.get("rust_daq_time_key")
+        book.time_key = None if key is None else str(key)
         for name, ds in group.items():
             if not isinstance(ds, h5py.Dataset) or not ds.maxshape or ds.maxshape[0] is not None:
                 continue
@@ -253,11 +285,19 @@ class AppendLayout:
         `structural()` gives the file ready for new objects (out of SWMR mode)."""
         start = book.rows
         total = sum(it.rows for it in items)
+        if book.group not in f["measurements"] and book.time_key is None:
+            book.time_key = next(
+                (k for k, p in zip(piece_keys(items[0].pieces), items[0].pieces, strict=True) if _is_time(p)),
+                None,
+            )
         writes: dict[tuple[str, str], list[tuple[int, Piece]]] = {}
         at = start
         for it in items:
             for key, p in zip(piece_keys(it.pieces), it.pieces, strict=True):
                 writes.setdefault((key, p.signature), []).append((at, p))
+            axis = self._axis(book, it)
+            if axis is not None:
+                writes.setdefault((AXIS_KEY, AXIS_SIGNATURE), []).append((at, axis))
             at += it.rows
         # What needs new objects: the group, datasets of new (column, signature) pairs,
         # validity datasets for targets that now have rows without a value of their own.
@@ -289,12 +329,15 @@ class AppendLayout:
                 _create(
                     g, name, p, start, self.filters, rust_daq_key=ks[0], rust_daq_signature=ks[1], **extra
                 )
+                if ks[0] == AXIS_KEY:
+                    del g[name].attrs["arrow_name"]  # (no Arrow column: derived from one)
                 book.targets[ks] = Target(name, row, None, *_chunk_of(g[name]))
             for ks in masks:
                 t = book.targets[ks]
                 t.mask = _create_mask(g, t.name, start)
                 if start > t.first_row:  # rows so far held a value wherever the target existed
                     g[t.mask][t.first_row : start] = 1
+            self._attach_scales(g, book, new)
             if "signal" not in g.attrs:
                 self._nexus(g, book, items[0])
         if total == 0:
@@ -330,9 +373,25 @@ class AppendLayout:
         g.create_dataset(
             "arrow_schema", data=np.frombuffer(first.info.schema.serialize().to_pybytes(), np.uint8)
         )
+        if book.time_key is not None:
+            g.attrs["rust_daq_time_key"] = book.time_key
         if "default" not in m.attrs:
             m.attrs["default"] = book.group
         return g
+
+    def _attach_scales(self, g: h5py.Group, book: StreamBook, new: list[tuple[str, str]]) -> None:
+        """The time axis as an HDF5 dimension scale of every column's first dimension, so that
+        netCDF readers (xarray through h5netcdf) see one "time" dimension, not phony ones."""
+        axis = book.targets.get((AXIS_KEY, AXIS_SIGNATURE))
+        if axis is None:
+            return
+        scale = g[axis.name]
+        fresh = (AXIS_KEY, AXIS_SIGNATURE) in new
+        if fresh:
+            scale.make_scale("time")
+        for ks, t in book.targets.items():
+            if ks[0] != AXIS_KEY and (fresh or ks in new):
+                g[t.name].dims[0].attach_scale(scale)
 
     def _nexus(self, g: h5py.Group, book: StreamBook, first: Item) -> None:
         """The default plot: frames first, then measured values (floats), then counts;
@@ -341,13 +400,15 @@ class AppendLayout:
             (book.targets[(k, p.signature)].name, p)
             for k, p in zip(piece_keys(first.pieces), first.pieces, strict=True)
         ]
-        times = [n for n, p in named if p.attrs.get("units") == "ns" and "epoch" in p.attrs]
+        times = [n for n, p in named if _is_time(p)]
+        axis = book.targets.get((AXIS_KEY, AXIS_SIGNATURE))
         candidates = [(n, p) for n, p in named if n not in times and p.dtype.kind in "fiu"]
         candidates.sort(key=lambda c: (c[1].data.ndim == 1, c[1].dtype.kind != "f"))
         if candidates or named:
             signal, p = candidates[0] if candidates else named[0]
             g.attrs["signal"] = signal
-            g.attrs["axes"] = [times[0] if times else "."] + ["."] * (p.data.ndim - 1)
+            x = axis.name if axis is not None else (times[0] if times else ".")
+            g.attrs["axes"] = [x] + ["."] * (p.data.ndim - 1)
 
 
 class BatchesLayout:

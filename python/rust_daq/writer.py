@@ -39,6 +39,7 @@ holds; the next flush retries from the same place.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import errno
 import json
 import logging
@@ -386,6 +387,12 @@ class HDF5Writer:
     def _ready(self) -> None:
         """Datasets for the streams known now, then SWMR: from here on a reader can open the
         file at any moment, also after a crash (``swmr=True``)."""
+        if self._append is not None:
+            start = self._file["measurements/start_time"][()]
+            start = start.decode() if isinstance(start, bytes) else str(start)
+            self._append.start_time = start
+            when = dt.datetime.fromisoformat(start.strip())
+            self._append.start_ns = (int(when.timestamp()) * 1_000_000 + when.microsecond) * 1000
         self._precreate()
         self._file.flush()
         self._enter_swmr()

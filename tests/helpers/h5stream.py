@@ -65,8 +65,8 @@ def columns(g: h5py.Group) -> dict[tuple[tuple[str, ...], int], list[Any]]:
     rows = None
     by_key: dict[tuple[tuple[str, ...], int], list[h5py.Dataset]] = {}
     for ds in g.values():
-        if not isinstance(ds, h5py.Dataset) or "rust_daq_key" not in ds.attrs:
-            continue
+        if not isinstance(ds, h5py.Dataset) or not str(ds.attrs.get("rust_daq_key", "")).startswith("["):
+            continue  # (not a column: the schema, a validity dataset, the time axis)
         path, occ = json.loads(ds.attrs["rust_daq_key"])
         by_key.setdefault((tuple(path), occ), []).append(ds)
         rows = ds.shape[0] if rows is None else rows
