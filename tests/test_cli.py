@@ -225,7 +225,7 @@ _WRITER = '[writer]\noutput = "{out}"\n'
     [
         (
             '[writer]\noutput = "{out}"\ncompression = "gzip:99"\n' + _VOLTMETER,
-            "[writer]: compression 'gzip:99' is refused by HDF5",
+            "[writer]: compression 'gzip:99': a gzip level is 0 (none) to 9",
         ),
         ('[writer]\noutput = "{out}"\ncompression = "zip"\n' + _VOLTMETER, "unknown compression 'zip'"),
         (
