@@ -412,3 +412,39 @@ def test_a_250_byte_ring_name_works_and_a_300_byte_one_is_a_config_error(ring_pa
             os.unlink(long)
     with pytest.raises(RingConfigError, match="300 bytes"):
         RingBuffer.create(os.path.join(directory, name + "y" * (300 - len(name))), capacity_bytes=8192)
+
+
+WAITER = """
+import sys
+from rust_daq import RingBuffer, RingCorruptError
+
+ring = RingBuffer.open(sys.argv[1])
+reader = ring.reader("oldest")
+got = len(reader.read())
+print("ready", flush=True)
+try:
+    while True:
+        got += len(reader.read(timeout=0.1))  # caught up: it waits, touching only the header
+except RingCorruptError as e:
+    print("RingCorruptError", "truncated" in str(e), got, flush=True)
+"""
+
+
+def test_a_waiting_reader_learns_of_a_truncation_with_its_producer_gone(ring_path: str) -> None:
+    """The reader waits for records that will never come (its producer closed) when a third
+    process truncates the file: it touches no page that faults, so only checking the file's
+    size while it waits tells it. It used to wait forever."""
+    with RingBuffer.create(ring_path, capacity_bytes=1 << 20) as ring:
+        for i in range(200):
+            ring.write(i.to_bytes(8, "little") * 100)
+    waiter = _child(WAITER, ring_path)
+    _wait_line(waiter, "ready")
+    os.truncate(ring_path, 12288)
+    try:
+        out, err = waiter.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        waiter.kill()
+        waiter.communicate()
+        pytest.fail("the waiting reader never noticed the truncation")
+    assert waiter.returncode == 0, err
+    assert out.splitlines()[-1] == "RingCorruptError True 200", out

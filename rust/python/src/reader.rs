@@ -210,6 +210,9 @@ impl RingReader {
             let r: &Reader = &rd;
             py.detach(|| r.wait(slice));
             py.check_signals()?;
+            // A reader that waits touches only the header page: a file truncated under it
+            // (by a third process, its producer dead) would otherwise keep it waiting forever.
+            rd.ring().check_intact().py_err(py)?;
         }
     }
 
