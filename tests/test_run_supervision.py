@@ -223,17 +223,20 @@ def test_a_writer_that_cannot_be_kept_alive_fails_the_run_and_says_what_is_where
 def test_a_run_killed_with_sigkill_leaves_no_writer_running_and_a_file_plain_h5py_opens(
     tmp_path: Path, runs: list[subprocess.Popen[str]]
 ) -> None:
-    """The writer notices its parent's death, drains, flushes, closes the file and exits."""
+    """The writer notices its parent's death, drains, flushes, closes the file and exits; the
+    ring the run made (256 MiB of RAM) goes with it, since nobody else would remove it."""
     cfg = write_config(tmp_path, "", duration=120)
     p = start_run(cfg)
     runs.append(p)
     writer = wait_for("a writer", lambda: writer_pids(p.pid))[0]
+    assert rings_of(p.pid), "the run's ring"
     settled(tmp_path / "run.h5", 1.5)
     p.kill()
     p.communicate(timeout=60)
     wait_for("the orphaned writer to exit", lambda: not _alive(writer), timeout=60)
     ts = file_rows(tmp_path / "run.h5")
     assert len(ts) > 100 and np.all(np.diff(ts) > 0)
+    assert not rings_of(p.pid), "the orphaned writer removed the ring its run made"
 
 
 def test_two_sigints_back_to_back_still_print_the_summary(

@@ -141,6 +141,7 @@ class WriterSupervisor:
         flush_interval: float = 1.0,
         compression: str | None = None,
         metadata: dict[str, Any] | None = None,
+        remove_ring_if_orphaned: bool = False,
         backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
         min_uptime: float | None = None,
         max_quick_deaths: int = 3,
@@ -153,6 +154,8 @@ class WriterSupervisor:
             "flush_interval": flush_interval,
             "compression": compression,
             "metadata": metadata,
+            # The process that made the ring SIGKILLed: its writer is the last to know of it.
+            "remove_ring_if_orphaned": remove_ring_if_orphaned,
         }
         self.backoff = backoff
         self.min_uptime = 2.0 + 2 * flush_interval if min_uptime is None else min_uptime

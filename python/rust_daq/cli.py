@@ -309,6 +309,7 @@ def _run_in_ring(s: Session, show_progress: bool, stopped_by: list[str]) -> dict
                 flush_interval=s.flush_interval,
                 compression=s.compression,
                 metadata=s.metadata,
+                remove_ring_if_orphaned=created and s.own_ring,
                 on_event=lambda line: console.print(f"[yellow]{escape(line)}[/yellow]", soft_wrap=True),
             )
             sup.start()

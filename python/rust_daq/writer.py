@@ -77,7 +77,7 @@ from ._hdf5 import (
 )
 from ._layouts import BOOK_FIELDS, ENTRY_NAMES, AppendLayout, BatchesLayout, Item, StreamBook
 from ._native import __version__
-from ._ring import RingBuffer
+from ._ring import RingBuffer, resolve_ring_path
 
 __all__ = ["HDF5Writer", "IncompatibleFileError", "main", "repair", "start_process", "stop_process"]
 
@@ -1001,6 +1001,7 @@ def start_process(
     flush_interval: float = 1.0,
     compression: str | None = None,
     metadata: dict[str, Any] | None = None,
+    remove_ring_if_orphaned: bool = False,
 ) -> subprocess.Popen[str]:
     """Starts ``python -m rust_daq.writer`` on `ring` and waits until it is ready (its file is
     open). It runs in its own session: a Ctrl-C in the terminal reaches only its parent, which
@@ -1026,6 +1027,8 @@ def start_process(
     # --parent-pipe: the child watches its stdin, whose only write end is ours, so our death
     # (even by SIGKILL) reaches it as EOF and it writes, flushes and closes its file.
     cmd.append("--parent-pipe")
+    if remove_ring_if_orphaned:
+        cmd.append("--remove-ring-if-orphaned")
     p = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
@@ -1051,7 +1054,7 @@ def stop_process(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, s
     return p.returncode, err or ""  # (None when the caller reads stderr itself)
 
 
-def _watch_parent(stop: threading.Event) -> None:
+def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
     """Blocks on standard input until EOF: the parent closed it (stop_process) or died. Either
     way the writer stops as on SIGTERM. (PR_SET_PDEATHSIG would fire when the parent's *thread*
     that started us ends, which in the daemon is any Flight worker thread.)"""
@@ -1062,6 +1065,7 @@ def _watch_parent(stop: threading.Event) -> None:
         pass
     if not stop.is_set():
         log.warning("standard input closed: the process that started this writer is gone; stopping")
+        orphaned.set()
         stop.set()
 
 
@@ -1087,6 +1091,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="stop (final flush, exit 0) when standard input closes: the parent that started us died",
     )
+    ap.add_argument(
+        "--remove-ring-if-orphaned",
+        action="store_true",
+        help="with --parent-pipe: when the parent dies, remove the ring after the final flush (it "
+        "created the ring, and no one else would)",
+    )
     args = ap.parse_args(argv)
     if args.repair:
         print(f"{args.repair}: {'repaired' if repair(args.repair) else 'nothing to repair'}")
@@ -1097,8 +1107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    orphaned = threading.Event()
     if args.parent_pipe:
-        threading.Thread(target=_watch_parent, args=(stop,), name="parent-watch", daemon=True).start()
+        threading.Thread(
+            target=_watch_parent, args=(stop, orphaned), name="parent-watch", daemon=True
+        ).start()
     try:
         metadata = json.loads(args.metadata) if args.metadata else None
         writer = HDF5Writer(
@@ -1137,6 +1150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.output,
             args.ring,
         )
+    if orphaned.is_set() and args.remove_ring_if_orphaned:
+        left = writer.records_pending
+        try:
+            os.unlink(resolve_ring_path(args.ring))
+            log.warning(
+                "removed the ring %s its dead parent created (%d record(s) were not written)", args.ring, left
+            )
+        except OSError as e:
+            log.error("could not remove the ring %s: %s", args.ring, e)
     log.info(
         "stopped: %d records in %d batches, %d lost",
         writer.records_written,
