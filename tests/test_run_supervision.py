@@ -220,6 +220,36 @@ def test_a_writer_that_cannot_be_kept_alive_fails_the_run_and_says_what_is_where
     assert not rings_of(p.pid)
 
 
+def test_a_daemon_whose_recording_could_not_be_kept_alive_exits_1(
+    tmp_path: Path, runs: list[subprocess.Popen[str]]
+) -> None:
+    """The daemon gave up on its config's recording (every writer SIGKILLed) and still exited
+    0 when stopped: a headless run must say, in its exit status, that its file is short."""
+    cfg = write_config(tmp_path, "")
+    p = subprocess.Popen(
+        [RUST_DAQ, "daemon", str(cfg), "--port", "0", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    runs.append(p)
+    first = wait_for("a writer", lambda: writer_pids(p.pid))[0]
+    settled(tmp_path / "run.h5", 1.0)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # every writer it starts, until it gives up
+        for w in writer_pids(p.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+        time.sleep(0.01)
+        if time.monotonic() > deadline - 45 and not writer_pids(p.pid):
+            break
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1, (stdout, stderr)
+    assert "RECORDING FAILED" in stderr and "giving up" in stderr, (stdout, stderr)
+
+
 def test_a_run_killed_with_sigkill_leaves_no_writer_running_and_a_file_plain_h5py_opens(
     tmp_path: Path, runs: list[subprocess.Popen[str]]
 ) -> None:

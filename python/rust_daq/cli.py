@@ -873,6 +873,9 @@ def daemon(
         f"daemon stopped by {stats['stopped_by']} after {stats['elapsed_s']:.1f} s: "
         + ", ".join(f"{name} {st['rows']:,} rows" for name, st in stats["streams"].items())
     )
+    if "recording_failed" in stats:  # the file does not hold what the run acquired: say so
+        console.print(f"[red]RECORDING FAILED: {escape(stats['recording_failed'])}[/red]")
+        raise typer.Exit(1)
 
 
 def version_callback(value: bool) -> None:

@@ -369,9 +369,12 @@ class Daemon:
         stats["stopped_by"] = (
             stopped_by[0] if stopped_by else ("duration" if self.session.duration else "end")
         )
+        if self.recording_failed is not None:
+            stats["recording_failed"] = self.recording_failed
         return stats
 
     def _shutdown(self) -> None:
+        self.recording_failed: str | None = None  # why the final recording did not end well
         self.stopping.set()  # subscriptions send what is left and end; puts are refused
         try:
             if self._recording is not None:
@@ -380,6 +383,7 @@ class Daemon:
                     log.info("final flush: %s", json.dumps(result))
                 except (ValueError, RuntimeError, OSError) as e:
                     log.error("stopping the writer: %s", e)
+                    self.recording_failed = str(e)
             # shutdown() waits for every call in progress; a client that holds a do_put open
             # without sending would hold it forever: give up on it after a while.
             t = threading.Thread(target=self.server.shutdown, daemon=True)

@@ -344,11 +344,12 @@ class HDF5Writer:
                 name = allocate(hdf5_name(str(key)), taken)
                 taken.add(name)
                 meta.create_dataset(name, data=value).attrs["key"] = attr_text(str(key))
+        # The writer's own books: no NeXus class (NXroot holds NXentry groups only), so NeXus
+        # tools pass them by.
         book = f.create_group("rust_daq")
-        book.attrs["NX_class"] = "NXcollection"
         book.create_dataset("progress", data=np.array([-1, 0, 0, 0, 0, 0, 0], dtype=np.int64))
-        book.create_group("streams").attrs["NX_class"] = "NXcollection"
-        book.create_group("resume").attrs["NX_class"] = "NXcollection"
+        book.create_group("streams")
+        book.create_group("resume")
         self._marker = 0
         self._create_quarantine(f)
         f.flush()
@@ -399,7 +400,6 @@ class HDF5Writer:
 
     def _create_quarantine(self, f: h5py.File) -> None:
         q = f.require_group(_QUARANTINE)
-        q.attrs["NX_class"] = "NXcollection"
         for name, dtype in _QUARANTINE_FIELDS.items():
             if name not in q:
                 q.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
@@ -1099,7 +1099,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.repair:
-        print(f"{args.repair}: {'repaired' if repair(args.repair) else 'nothing to repair'}")
+        try:
+            done = repair(args.repair)
+        except OSError as e:
+            print(f"rust_daq.writer: cannot repair {args.repair}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        print(f"{args.repair}: {'repaired' if done else 'nothing to repair'}")
         return 0
     if not args.ring or not args.output:
         ap.error("--ring and --output are required")
