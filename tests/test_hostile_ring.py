@@ -448,3 +448,31 @@ def test_a_waiting_reader_learns_of_a_truncation_with_its_producer_gone(ring_pat
         pytest.fail("the waiting reader never noticed the truncation")
     assert waiter.returncode == 0, err
     assert out.splitlines()[-1] == "RingCorruptError True 200", out
+
+
+ARROW_WRITER = """
+import os, sys
+import pyarrow as pa
+from rust_daq import RingBuffer, RingCorruptError
+
+ring = RingBuffer.create(sys.argv[1], capacity_bytes=1 << 20)
+ring.write_arrow_batch(pa.record_batch({"x": list(range(1000))}), "s")
+mm, data_offset, _ = ring._arrow.file  # pyarrow's own map of the ring file
+os.truncate(sys.argv[1], 12288)        # as another process would, mid-run
+mm.seek(data_offset + 600_000)         # pyarrow writes a batch where the file is gone now
+mm.write(b"x" * 4096)
+try:
+    ring.write_arrow_batch(pa.record_batch({"x": [1]}), "s")
+    print("written", flush=True)
+except RingCorruptError as e:
+    print("RingCorruptError", "truncated" in str(e), flush=True)
+"""
+
+
+def test_pyarrows_map_of_a_truncated_ring_is_guarded_too(ring_path: str) -> None:
+    """Arrow batches are serialised through pyarrow's own map of the ring file; a truncation
+    that lands while pyarrow writes used to end the process with SIGBUS."""
+    child = _child(ARROW_WRITER, ring_path)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, f"died with {child.returncode}: {err}"
+    assert out.splitlines()[-1] == "RingCorruptError True", (out, err)

@@ -103,16 +103,22 @@ def check_supported(schema: pa.Schema, stream: str) -> None:
             )
 
 
-def map_ring_file(ring: _native.RingBuffer) -> tuple[pa.MemoryMappedFile, int]:
+def map_ring_file(ring: _native.RingBuffer) -> tuple[pa.MemoryMappedFile, int, _native.MappingGuard]:
     """A pyarrow memory map of the producer's open ring file (the same inode, through
-    /proc/self/fd) and the file offset of its data region."""
+    /proc/self/fd), the file offset of its data region, and the registration of that map
+    with the ring's SIGBUS guard (a file truncated while pyarrow writes into it gives
+    RingCorruptError, not a dead process; drop it before closing the map)."""
     fd, data_offset = ring._data_file()
     path = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else ring.path
     mm = pa.memory_map(path, "r+")
     if mm.size() != data_offset + ring.capacity or mm.read_at(8, 48) != ring.session_id.to_bytes(8, "little"):
         mm.close()
         raise RingUsageError(f"{ring.path} is no longer the file this producer opened")
-    return mm, data_offset
+    mm.seek(0)
+    base = mm.read_buffer(1).address  # (a zero-copy slice of the map: its first byte)
+    mm.seek(0)
+    guard = ring._guard_mapping(base, mm.size())
+    return mm, data_offset, guard
 
 
 class StreamWriter:
@@ -164,7 +170,7 @@ class ArrowState:
     def __init__(self, ring: _native.RingBuffer) -> None:
         self.ring = ring
         self.writers: dict[str, StreamWriter] = {}
-        self.file: tuple[pa.MemoryMappedFile, int] | None = None
+        self.file: tuple[pa.MemoryMappedFile, int, _native.MappingGuard] | None = None
         self.by_id: dict[int, StreamInfo] = {}
         self.bad_ids: set[int] = set()  # schema table entries that do not decode
         # Serialises Arrow writes: the writers share one file position.
@@ -174,8 +180,10 @@ class ArrowState:
         """Drops the writers and closes their memory map of the ring file."""
         self.writers.clear()
         if self.file is not None:
-            self.file[0].close()
+            mm, _, guard = self.file
             self.file = None
+            del guard  # unregistered before the map goes: the guard must never outlive it
+            mm.close()
 
     def refresh(self) -> dict[int, int]:
         """Reloads the schema table; returns each schema id's activation. An entry that does
@@ -244,7 +252,7 @@ class ArrowState:
                 if w is None or not w.schema.equals(batch.schema, check_metadata=True):
                     if self.file is None:
                         self.file = map_ring_file(self.ring)
-                    w = self.writers[stream] = StreamWriter(self.ring, *self.file, stream, batch.schema)
+                    w = self.writers[stream] = StreamWriter(self.ring, *self.file[:2], stream, batch.schema)
                 size = pa.ipc.get_record_batch_size(batch)
                 if stream_seq is not None:
                     self.ring._advance_stream_seq(w.stream_id, stream_seq)

@@ -15,6 +15,7 @@ __all__ = [
     "RECORD_ALIGN",
     "RECORD_HEADER_SIZE",
     "MapView",
+    "MappingGuard",
     "Record",
     "Reservation",
     "RingBuffer",
@@ -89,6 +90,10 @@ class RingBuffer:
     def _data_buffer(self) -> MapView: ...
     def _data_file(self) -> tuple[int, int]:
         """(fd, data offset) of the producer's ring file. Raises ReadOnlyRingError."""
+
+    def _guard_mapping(self, address: int, length: int) -> MappingGuard:
+        """Registers another mapping of the ring file with the SIGBUS guard. Raises
+        ReadOnlyRingError, RingConfigError (too many mappings)."""
 
     def status(self) -> dict[str, Any]:
         """Positions, counters and producer state. Raises RingClosedError."""
@@ -244,6 +249,11 @@ class Record:
         """False once a zero-copy record's space was reclaimed by the producer."""
 
     def __len__(self) -> int: ...
+
+@final
+class MappingGuard:
+    """Another mapping of a ring file registered with the SIGBUS guard; dropping it
+    unregisters the mapping."""
 
 @final
 class MapView:

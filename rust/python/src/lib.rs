@@ -15,6 +15,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::RingReader>()?;
     m.add_class::<reader::Record>()?;
     m.add_class::<buffer::MapView>()?;
+    m.add_class::<ring::MappingGuard>()?;
     m.add_class::<reserve::Reservation>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use rust_daq_core::guard::Guard;
 use rust_daq_core::{Claim, ClaimResult, Error, Policy, Producer, Ring};
 
 use crate::buffer::{MapView, SendPtr, Source};
@@ -317,6 +318,21 @@ impl RingBuffer {
         Ok((region.raw_fd(), region.geometry().data_offset))
     }
 
+    /// Registers another mapping of this ring's file (pyarrow's, which fills reservations in
+    /// place) with the SIGBUS guard, so that a file truncated under it gives RingCorruptError
+    /// instead of killing the process. Keep the returned object for as long as that mapping
+    /// is mapped, and drop it before unmapping.
+    fn _guard_mapping(
+        &self,
+        py: Python<'_>,
+        address: usize,
+        length: usize,
+    ) -> PyResult<MappingGuard> {
+        drop(self.producer(py, "guarding a mapping of the ring file")?);
+        let guard = Guard::register(address as *const u8, length, true).py_err(py)?;
+        Ok(MappingGuard { _guard: guard })
+    }
+
     /// Positions, counters and producer state, read now.
     fn status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let ring = self.ring()?;
@@ -490,4 +506,12 @@ impl RingBuffer {
 
     /// The no-op native call: what calling into the extension costs (for benchmarks).
     fn _noop(&self) {}
+}
+
+/// A mapping of a ring file registered with the SIGBUS guard (``RingBuffer._guard_mapping``);
+/// dropping it unregisters the mapping.
+#[pyclass(frozen, module = "rust_daq._native")]
+pub struct MappingGuard {
+    // Only held: its Drop frees the guard's slot.
+    _guard: Guard,
 }
