@@ -25,6 +25,8 @@ from rust_daq import HDF5Writer, IncompatibleFileError, RingBuffer
 from rust_daq._hdf5 import clear_consistency_flags
 from rust_daq.writer import repair
 
+from processes import writer_process
+
 VOLT_SCHEMA = pa.schema(
     [
         pa.field("index", pa.int64()),
@@ -327,26 +329,7 @@ def test_cancellation_flushes_and_closes(ring_path: str, h5_path: str) -> None:
 
 
 def _writer_process(ring_path: str, h5_path: str, interval: float = 0.02) -> subprocess.Popen[str]:
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rust_daq.writer",
-            "--ring",
-            ring_path,
-            "--output",
-            h5_path,
-            "--flush-interval",
-            str(interval),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None
-    line = p.stdout.readline().strip()
-    assert line == "ready", p.stderr.read() if p.stderr else line
-    return p
+    return writer_process(ring_path, h5_path, flush_interval=interval)
 
 
 def test_writer_process_stops_cleanly_on_sigterm(ring_path: str, h5_path: str) -> None:

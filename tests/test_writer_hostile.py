@@ -22,6 +22,8 @@ from h5stream import book, columns, stream_group
 from rust_daq import HDF5Writer, IncompatibleFileError, RingBuffer
 from rust_daq._layouts import AppendLayout
 
+from processes import writer_process
+
 
 @pytest.fixture
 def h5_path(tmp_path: Path) -> str:
@@ -215,23 +217,7 @@ def test_nullable_fixed_size_list_in_a_writer_process(ring_path: str, h5_path: s
             pa.record_batch({"v": pa.array([[1.0, 2.0], None, [7.0, 8.0]], pa.list_(pa.float64(), 2))}), "s"
         )
         ring.write_arrow_batch(pa.record_batch({"v": pa.array([[9.0, 9.5]], pa.list_(pa.float64(), 2))}), "s")
-        w = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rust_daq.writer",
-                "--ring",
-                ring_path,
-                "--output",
-                h5_path,
-                "--flush-interval",
-                "0.1",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        w = writer_process(ring_path, h5_path, flush_interval=0.1)
         _wait_rows(h5_path, "s", 4)
         w.send_signal(signal.SIGTERM)
         _, err = w.communicate(timeout=60)
@@ -298,23 +284,7 @@ def test_type_changes_mid_run_become_generations(ring_path: str, h5_path: str, l
 def test_int_then_str_in_a_writer_process_then_sigterm_exits_0(ring_path: str, h5_path: str) -> None:
     """It retried forever on HDF5's OSError, and SIGTERM then exited 1."""
     with RingBuffer.create(ring_path, capacity_mb=8) as ring:
-        w = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rust_daq.writer",
-                "--ring",
-                ring_path,
-                "--output",
-                h5_path,
-                "--flush-interval",
-                "0.05",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        w = writer_process(ring_path, h5_path, flush_interval=0.05)
         ring.write_arrow_batch(pa.record_batch({"v": [1, 2]}), "s")
         _wait_rows(h5_path, "s", 2)
         ring.write_arrow_batch(pa.record_batch({"v": ["x", "y"]}), "s")
@@ -329,23 +299,7 @@ def test_int_then_str_in_a_writer_process_then_sigterm_exits_0(ring_path: str, h
 
 
 def _run_writer_until(ring_path: str, h5_path: str, stream: str, rows: int, kill_after: float | None) -> None:
-    w = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rust_daq.writer",
-            "--ring",
-            ring_path,
-            "--output",
-            h5_path,
-            "--flush-interval",
-            "0.02",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+    w = writer_process(ring_path, h5_path, flush_interval=0.02)
     if kill_after is not None:
         time.sleep(kill_after)
         w.kill()
@@ -509,14 +463,8 @@ def test_a_second_writer_process_on_a_running_writers_file_changes_nothing(
 ) -> None:
     with RingBuffer.create(ring_path, capacity_mb=1) as ring:
         ring.write_arrow_batch(_x(5), "s")
-        first = subprocess.Popen(
-            [sys.executable, "-m", "rust_daq.writer", "--ring", ring_path, "--output", h5_path],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        first = writer_process(ring_path, h5_path)
         try:
-            assert first.stdout is not None and first.stdout.readline().strip() == "ready"
             _wait_rows(h5_path, "s", 5)
             head = Path(h5_path).read_bytes()[:48]
             assert head[11] != 0, "the running writer's SWMR flags"
@@ -602,24 +550,7 @@ def test_sigterm_on_a_full_disk_exits_0_and_says_what_stays_in_the_ring(ring_pat
     with RingBuffer.create(ring_path, capacity_mb=32) as ring:
         for i in range(400):  # 3.2 MB: more than the 3 MiB the writer may write
             ring.write_arrow_batch(_x(1000, 1000 * i), "v")
-        w = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "rust_daq.writer",
-                "--ring",
-                ring_path,
-                "--output",
-                h5_path,
-                "--flush-interval",
-                "0.05",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=limit,
-        )
-        assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        w = writer_process(ring_path, h5_path, flush_interval=0.05, preexec_fn=limit)
         _wait_rows(h5_path, "v", 1000)
         time.sleep(1.0)  # a few passes against the limit
         w.send_signal(signal.SIGTERM)

@@ -13,8 +13,6 @@ import math
 import os
 import random
 import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rust_daq import RingBuffer
+
+from processes import writer_process
 
 _RUNS = itertools.count()
 STREAMS_PER_EXAMPLE = 20
@@ -197,16 +197,7 @@ def _write_and_check(
                 if k in corrupt and name not in bad:
                     _garbage(ring, name)  # a record of the stream that is no Arrow batch
                     bad[name] = 1
-        w = subprocess.Popen(
-            [sys.executable, "-m", "rust_daq.writer", "--ring", ring_path, "--output", str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert w.stdout is not None
-        if w.stdout.readline().strip() != "ready":
-            w.kill()
-            raise AssertionError(f"the writer did not start: {w.communicate()[1]}")
+        w = writer_process(ring_path, out)
         w.send_signal(signal.SIGTERM)  # its final flush drains the ring
         _, err = w.communicate(timeout=300)
     Path(ring_path).unlink(missing_ok=True)

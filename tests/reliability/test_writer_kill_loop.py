@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,29 +20,14 @@ from h5stream import book, columns, stream_group
 from rust_daq import RingBuffer
 from rust_daq.writer import repair
 
+from processes import writer_process
+
 KILLS = 20
 ODD = "odd/name\0."
 
 
 def _writer(ring_path: str, h5_path: Path) -> subprocess.Popen[str]:
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rust_daq.writer",
-            "--ring",
-            ring_path,
-            "--output",
-            str(h5_path),
-            "--flush-interval",
-            "0.02",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.communicate()[1]
-    return p
+    return writer_process(ring_path, h5_path, flush_interval=0.02)
 
 
 def _odd(i: int) -> pa.RecordBatch:

@@ -3,7 +3,6 @@
 //! Real files in /dev/shm (or the temp dir).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -11,27 +10,8 @@ use std::time::Duration;
 use rust_daq_core::format::off;
 use rust_daq_core::{Error, Policy, Reader, Ring, Start};
 
-struct TempRing(PathBuf);
-
-impl TempRing {
-    fn new(tag: &str) -> TempRing {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        TempRing(dir.join(format!("rdaq-test-{tag}-{}-{n}", std::process::id())))
-    }
-}
-impl Drop for TempRing {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+mod common;
+use common::TempRing;
 
 fn truncate(path: &std::path::Path, len: u64) {
     std::fs::OpenOptions::new()

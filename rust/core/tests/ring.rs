@@ -1,34 +1,14 @@
 //! Tier-1 tests of the ring core, through its public API, on real files in /dev/shm
 //! (or the temp dir where there is none).
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rust_daq_core::format::{self, off};
 use rust_daq_core::{ClaimResult, Error, Next, Policy, Reader, Ring, Start};
 
-struct TempRing(PathBuf);
-
-impl TempRing {
-    fn new(tag: &str) -> TempRing {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let n = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        TempRing(dir.join(format!("rdaq-test-{tag}-{}-{n}", std::process::id())))
-    }
-}
-impl Drop for TempRing {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+mod common;
+use common::TempRing;
 
 /// xorshift64*: deterministic sizes without a dependency.
 struct Rng(u64);
