@@ -618,3 +618,86 @@ def test_a_new_stream_mid_run_does_not_stall_the_others_while_a_reader_follows(
             assert stream_group(f, f"late{i}")["y"][:].tolist() == [float(i)]
         cols = columns(stream_group(f, "v"))
         assert cols[(("z",), 0)] == [None] * 10 + (["new column"] + [None] * 10) * 3
+
+
+# -- found by review: each failed before its fix ---------------------------------------------------
+
+
+def test_zero_width_fixed_size_types_are_written(ring_path: str, h5_path: str) -> None:
+    """fixed_size_list[0] and binary(0) failed every write ('All chunk dimensions must be
+    positive'): every record quarantined, one abandoned pass each."""
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring, HDF5Writer(h5_path, ring) as w:
+        for i in range(50):
+            ring.write_arrow_batch(
+                pa.record_batch(
+                    {
+                        "l": pa.array([[]], pa.list_(pa.int64(), 0)),
+                        "b": pa.array([b""], pa.binary(0)),
+                        "i": [i],
+                    }
+                ),
+                "z",
+            )
+        assert w.flush_to_disk() == 50 and w.records_unwritable == 0
+    with h5py.File(h5_path, "r") as f:
+        g = stream_group(f, "z")
+        assert g["i"][:].tolist() == list(range(50)) and g["l"].shape == (50, 0) and g["b"].shape == (50, 0)
+
+
+def test_a_schema_arrow_cannot_read_back_is_refused_before_it_enters_the_ring(ring_path: str) -> None:
+    """A 400-deep struct used to be registered before pyarrow failed: the schema table then
+    held an entry nobody could decode, and streams() raised RingCorruptError from then on."""
+    from rust_daq import UnsupportedTypeError
+
+    deep = pa.array([1, 2], pa.int32())
+    for _ in range(400):
+        deep = pa.StructArray.from_arrays([deep], names=["f"])
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring:
+        with pytest.raises(UnsupportedTypeError, match="'s'"):
+            ring.write_arrow_batch(pa.record_batch({"s": deep}), "s")
+        ring.write_arrow_batch(_x(3), "ok")
+        assert list(ring.streams()) == ["ok"]
+
+
+_KILL_IN_CREATE = """
+import os, sys
+import numpy as np, pyarrow as pa
+from rust_daq import HDF5Writer, RingBuffer
+ring = RingBuffer.open(sys.argv[1])
+w = HDF5Writer(sys.argv[2], ring)
+w.flush_to_disk()  # stream a
+print("flushed", flush=True)
+sys.stdin.readline()  # stream b is in the ring now: new in the next pass
+original = HDF5Writer._create_resume
+def die(self, resume, b, *, committed):
+    if b.name == "b":  # stream b is new in this pass: its view is made, its slots are not
+        self._file.flush()
+        os._exit(9)
+    original(self, resume, b, committed=committed)
+HDF5Writer._create_resume = die
+w.flush_to_disk()
+"""
+
+
+def test_a_writer_killed_while_making_a_new_streams_books_writes_its_rows_once(
+    ring_path: str, h5_path: str
+) -> None:
+    """The new stream's readable book held the pass's uncommitted rows; a writer killed before
+    its resume slots existed left a restart trusting them: every row of it twice."""
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring:
+        ring.write_arrow_batch(_x(3), "a")
+        child = subprocess.Popen(
+            [sys.executable, "-c", _KILL_IN_CREATE, ring_path, h5_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "flushed"
+        ring.write_arrow_batch(pa.record_batch({"y": np.arange(5)}), "b")
+        child.communicate("go\n", timeout=60)
+        assert child.returncode == 9, "killed while making stream b's books"
+        with HDF5Writer(h5_path, ring) as w:
+            w.flush_to_disk()
+    with h5py.File(h5_path, "r") as f:
+        assert stream_group(f, "b")["y"][:].tolist() == list(range(5))
+        assert book(f, "b")[:2] == [5, 1]

@@ -134,17 +134,26 @@ class StreamWriter:
         schema: pa.Schema,
     ) -> None:
         check_supported(schema, name)
+        # Everything pyarrow can fail on for this schema happens before it enters the ring's
+        # schema table: an entry readers cannot decode would hide the others.
+        try:
+            raw = schema.serialize().to_pybytes()
+            empty = empty_batch(pa.ipc.read_schema(pa.py_buffer(raw)))
+            size = schema.serialize().size + pa.ipc.get_record_batch_size(empty)
+        except (pa.ArrowException, OSError, ValueError, KeyError, RecursionError) as e:
+            raise UnsupportedTypeError(
+                f"stream {name!r}: Arrow cannot read this schema back ({e}); nothing was written "
+                "(a type nested hundreds of levels deep?)"
+            ) from e
         self.schema = schema
-        self.stream_id, self.schema_id = ring._register_schema(name, schema.serialize().to_pybytes())
+        self.stream_id, self.schema_id = ring._register_schema(name, raw)
         # Reservation addresses are in our mapping; the file offset is relative to the data region.
         self.base = ring.data_address() - data_offset
         self.file = file
         self.writer = pa.ipc.new_stream(file, schema)
         # pyarrow writes the schema message before its first batch: let it land in a record
         # that is then aborted (it becomes padding readers skip); the table has the schema.
-        empty = empty_batch(schema)
-        size = schema.serialize().size + pa.ipc.get_record_batch_size(empty)
-        self.put(empty, ring.reserve(size), size).abort()
+        self.put(empty_batch(schema), ring.reserve(size), size).abort()
 
     def put(self, batch: pa.RecordBatch, res: _native.Reservation, size: int) -> _native.Reservation:
         """Serialises `batch` into `res` (exactly `size` bytes); aborts it on any failure."""

@@ -117,7 +117,7 @@ def _base_name(p: Piece) -> str:
 
 
 def _chunks(p: Piece) -> tuple[int, ...]:
-    tail = p.data.shape[1:]
+    tail = tuple(max(d, 1) for d in p.data.shape[1:])  # (a chunk has no zero-size dimension)
     if len(tail) >= 2:  # frames: one per chunk (readers take whole frames)
         return (1, *tail)
     row_bytes = (64 if p.dtype.kind == "O" else p.dtype.itemsize) * int(np.prod(tail, dtype=np.int64))
@@ -134,7 +134,8 @@ def _create(
     ds = g.create_dataset(
         name,
         shape=(rows, *tail),
-        maxshape=(None, *tail),
+        # A zero-size row dimension (fixed_size_list[0]) may not be smaller than its chunk's.
+        maxshape=(None, *(d if d else None for d in tail)),
         dtype=p.dtype,
         chunks=_chunks(p),
         **extra,

@@ -176,6 +176,7 @@ def _io_error(path: str, e: BaseException) -> OSError:
 # number of the flush that wrote it: which slot of the streams' resume books goes with it)
 _PROGRESS_FIELDS = 7
 _RESUME = "rust_daq/resume"
+_UNCOMMITTED = [0, 0, 0, -1, 0]  # a stream's book before anything of it is committed
 _QUARANTINE = "rust_daq/quarantine"
 #: The quarantine's datasets (one row per record that could not be written) and their types.
 _QUARANTINE_FIELDS: dict[str, Any] = {
@@ -193,7 +194,8 @@ _SPACE_MARGIN = 256 << 10
 _SPACE_FACTOR = 1.25
 _SPACE_FACTOR_MAX = 1 << 12
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_LOGGED_PER_STREAM = 10  # quarantined records logged one by one per stream, then every 1000th
+_LOGGED_PER_STREAM = 10
+_ATTEMPTS = 256  # passes a flush may abandon (each torn, or finding a record HDF5 refuses)  # quarantined records logged one by one per stream, then every 1000th
 
 
 class HDF5Writer:
@@ -249,6 +251,7 @@ class HDF5Writer:
         self._warned: set[str] = set()
         self._space_factor = _SPACE_FACTOR
         self._left_in_ring = 0
+        self._unfinished = False  # the last flush stopped early: records still to quarantine
         self._marker = 0  # the number of the last progress marker written
         self._lock_fd: int | None = None  # our lock on the output file, for the writer's life
         try:
@@ -257,8 +260,7 @@ class HDF5Writer:
             self._release()
             raise
         self._file_ok = True  # False after an I/O error: reopened on the next flush
-        self._reader = self._ring.reader("tail")
-        self._lost_base = 0
+        self._new_reader()
 
     # -- the file -----------------------------------------------------------------------------
 
@@ -432,6 +434,7 @@ class HDF5Writer:
     def _resume(self, f: h5py.File) -> None:
         """Back to the state of the last completed flush: trim what came after it."""
         progress = [int(v) for v in f[_PROGRESS][()]]
+        legacy = len(progress) < _PROGRESS_FIELDS  # a writer from before the resume slots
         progress += [0] * (_PROGRESS_FIELDS - len(progress))
         if f[_PROGRESS].shape != (_PROGRESS_FIELDS,):  # a file from an older writer
             del f[_PROGRESS]
@@ -451,10 +454,12 @@ class HDF5Writer:
                 values = next(
                     (list(map(int, s[:BOOK_FIELDS])) for s in slots if s[BOOK_FIELDS] == marker), None
                 )
-                values = values or [0, 0, 0, -1, 0]  # made after that flush: nothing of it committed
-            else:  # an older writer's file: its flat book
+                values = values or list(_UNCOMMITTED)  # made after that flush: nothing committed
+            elif legacy:  # an older writer's file: its flat book
                 values = [int(v) for v in ds[()]]
                 values += [0] * (BOOK_FIELDS - len(values))
+            else:  # a view whose slots a killed writer never wrote: nothing of it committed
+                values = list(_UNCOMMITTED)
             name = arrow_name(ds.attrs, group)
             rows, records, lost_, next_seq, unwritable_ = values[:BOOK_FIELDS]
             b = self._books[name] = StreamBook(name, group, rows, records, lost_, next_seq, unwritable_)
@@ -526,7 +531,9 @@ class HDF5Writer:
             streams, resume = f["rust_daq/streams"], f.require_group(_RESUME)
             for b in self._books.values():
                 if b.group not in streams:
-                    book = streams.create_dataset(b.group, data=np.array(b.values(), np.int64))
+                    # Nothing of it is committed yet (this pass's marker may never be written):
+                    # the view says so too, until the marker does.
+                    book = streams.create_dataset(b.group, data=np.array(_UNCOMMITTED, np.int64))
                     set_arrow_name(book.attrs, b.name)
                     self._create_resume(resume, b, committed=False)
 
@@ -535,8 +542,10 @@ class HDF5Writer:
         writes one, then the progress marker naming it, so that a writer killed between the
         two leaves the slot of the last marker whole (``rust_daq/streams`` is the readable
         view; it may run one flush ahead of the marker after such a kill)."""
-        state = b.values() if committed else [0, 0, 0, -1, 0]  # (a new stream: nothing committed yet)
+        state = b.values() if committed else _UNCOMMITTED  # (a new stream: nothing committed yet)
         slots = np.array([[*state, self._marker], [*state, -1]], dtype=np.int64)
+        if b.group in resume:  # (left by a writer killed before the stream's view was made)
+            del resume[b.group]
         set_arrow_name(resume.create_dataset(b.group, data=slots).attrs, b.name)
 
     def _structural(self) -> h5py.File:
@@ -570,7 +579,8 @@ class HDF5Writer:
         if not self._file_ok:
             self._reattach()
         copy = False
-        for _ in range(256):
+        self._unfinished = False
+        for _ in range(_ATTEMPTS):
             try:
                 return self._flush(copy=copy)
             except _TornRead as e:
@@ -603,9 +613,14 @@ class HDF5Writer:
             # Abandon this pass before its marker: the retry reads the ring again from its tail.
             self._abandon()
             self._reattach()
-        raise RustDaqError(
-            f"{self.path}: no flush completed after 256 attempts; the ring still holds the data"
+        # Each attempt found one more record to quarantine: the next flush goes on from there.
+        log.warning(
+            "%s: %d records quarantined so far; this flush goes on at the next",
+            self.path,
+            len(self._condemned),
         )
+        self._unfinished = True
+        return 0
 
     def _abandon(self) -> None:
         """After a failed pass, HDF5's in-memory state cannot be trusted: drop the handle.
@@ -621,8 +636,14 @@ class HDF5Writer:
         self._books.clear()
         self._file = self._open()
         self._file_ok = True
+        self._new_reader()
+
+    def _new_reader(self) -> None:
+        """A cursor at the ring's read_tail. Losses are counted from sequence gaps after the
+        file's last record and this starting point, not from the reader's own count: a new
+        reader at the tail would count again what was lost (or written) before."""
         self._reader = self._ring.reader("tail")
-        self._lost_base = 0
+        self._reader_from = self._ring.read_tail_seq
 
     def _info(self, schema_id: int) -> StreamInfo | None:
         try:
@@ -639,6 +660,9 @@ class HDF5Writer:
         budget, code = self._space()
         full = False  # the disk holds no more this pass: the rest stays in the ring
         pass_rows: dict[str, int] = {}  # rows of each stream this pass has taken so far
+        expected = max(last_seq + 1, self._reader_from)  # the next record, unless lost
+        lost = 0
+        skipped_before = self.records_skipped
         while not full:
             # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
             # validated after the write; a torn one aborts the flush.
@@ -657,12 +681,15 @@ class HDF5Writer:
                         full = True  # whole records only, in ring order: the marker stays exact
                         break
                     budget -= cost
+                if rec.seq > expected:  # overwritten in the ring before the writer read them
+                    lost += rec.seq - expected
+                expected = rec.seq + 1
                 taken += 1
                 self._take(rec, sorted_, pending, bad, pass_rows)
             records = records[:taken]
             if full and not pending and not bad and written == 0 and quarantined == 0:
-                self._reader = self._ring.reader("tail")  # (our cursor read past what it wrote)
-                self._lost_base = 0
+                self._new_reader()  # (our cursor read past what it wrote)
+                self.records_skipped = skipped_before  # counted again when read again
                 raise _NoSpace(
                     code,
                     f"{self.path}: no room for the next record ({budget or 0} bytes left after a "
@@ -686,10 +713,8 @@ class HDF5Writer:
                 break
             average = sum(len(r.data) for r in records) / len(records)
             limit = int(min(max(_READ_BYTES // max(average, 1), 1), _READ_CHUNK))
-        lost = self._reader.lost - self._lost_base
         if lost:
             log.warning("%d record(s) were overwritten in the ring before the writer read them", lost)
-            self._lost_base = self._reader.lost
             self.records_lost += lost
         if written == 0 and not quarantined and not lost and last_seq == committed_seq:
             return 0
@@ -726,8 +751,7 @@ class HDF5Writer:
         if full:
             # Our cursor went past what the disk took: leave read_tail where it is and read again
             # from it next time (what the file holds is skipped by its marker).
-            self._reader = self._ring.reader("tail")
-            self._lost_base = 0
+            self._new_reader()
             log.warning(
                 "%s: disk nearly full: wrote %d record(s); the rest stays in the ring until space returns",
                 self.path,
@@ -934,6 +958,8 @@ class HDF5Writer:
                 return
             try:
                 self._flush_retrying()
+                while self._unfinished:  # (many records to quarantine: each pass finds one)
+                    self._flush_retrying()
             except BaseException:
                 self._left_in_ring = self.records_pending
                 raise
