@@ -12,28 +12,39 @@ or in-process, from async code (asyncio or trio, through anyio)::
     async with HDF5Writer("run.h5", ring) as writer:
         await writer.run()          # until cancelled, or `await writer.stop()`
 
-Durability: after every flush the writer records, in the file, the last ring sequence number
-and the rows of every stream it holds, flushes again, and only then commits the ring's
-``read_tail``. A writer killed at any moment and started again on the same ring and file trims
-what came after its last marker and skips what the file already holds: every record ends up
-in the file exactly once, as long as the ring did not overwrite it meanwhile (then it is
-counted as lost, in the file and the log).
+Durability: a pass writes the data and flushes; writes every stream's book (rows, records,
+lost, next stream_seq, unwritable) into the slot of the next marker (``rust_daq/resume``) and
+flushes; writes the progress marker naming that slot (``rust_daq/progress``) with the readable
+views (``rust_daq/streams``) and flushes; only then commits the ring's ``read_tail``. A writer
+killed at any moment and started again on the same ring and file trims every dataset to the
+marker's slot and skips what the file already holds: every record ends up in the file exactly
+once, as long as the ring did not overwrite it meanwhile (then it is counted as lost, from
+the gaps in the sequence numbers, in the file and the log).
+
+Any batch: Arrow columns become HDF5 arrays as ``_columns.py`` tabulates (nulls: fill value
+plus a validity dataset), names are mapped to valid HDF5 names, a type change starts a new
+dataset generation (``_layouts.py``); a record that still cannot be written is quarantined in
+``rust_daq/quarantine`` (its Arrow bytes, stream, reason) and counted. The file is never
+touched before it is known to be this run's and closed elsewhere (an OFD lock for the writer's
+life). docs/reliability.md states all of it, with the tests.
 
 Layouts:
 
 - ``"append"`` (default): ``measurements/<stream>/<column>``, one chunked dataset per column,
   extended at each flush; NeXus attributes so silx/NeXpy plot the default stream with no code;
   SWMR, so ``h5py.File(path, "r", libver="latest", swmr=True)`` and ``refresh()`` follow a
-  running acquisition. SWMR forbids creating objects, so when a new stream appears mid-run
-  the writer leaves SWMR mode, creates its group, and re-enters it (readers re-open the file to
-  see the new stream; no data is lost, it is still in the ring).
+  running acquisition. The streams in the ring's schema table get their groups when the file
+  opens; SWMR forbids creating objects, so a stream or column that appears later makes the
+  writer leave SWMR for the milliseconds it takes to create them, also under readers that
+  hold the file open (they see the new stream once they reopen it).
 - ``"batches"``: the original system's layout, ``measurements/batch_000001/<column>``, one
   group per stream per flush with the stream name, sequence range, ring positions, flush time
   and the Arrow schema (JSON) as attributes. No SWMR (new groups every flush).
 
 Errors are raised before anything is consumed: the ring's ``read_tail`` never moves past data
-that did not reach the file, so a failed flush (disk full, say) loses nothing the ring still
-holds; the next flush retries from the same place.
+that did not reach the file, so a failed flush loses nothing the ring still holds; the next
+flush retries from the same place. On a nearly full disk a pass takes the whole records that
+fit and leaves the rest in the ring.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import logging
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -194,8 +206,8 @@ _SPACE_MARGIN = 256 << 10
 _SPACE_FACTOR = 1.25
 _SPACE_FACTOR_MAX = 1 << 12
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_LOGGED_PER_STREAM = 10
-_ATTEMPTS = 256  # passes a flush may abandon (each torn, or finding a record HDF5 refuses)  # quarantined records logged one by one per stream, then every 1000th
+_LOGGED_PER_STREAM = 10  # quarantined records logged one by one per stream, then every 1000th
+_ATTEMPTS = 256  # passes a flush may abandon (each torn, or finding a record HDF5 refuses)
 
 
 class HDF5Writer:
@@ -960,10 +972,10 @@ class HDF5Writer:
                 self._flush_retrying()
                 while self._unfinished:  # (many records to quarantine: each pass finds one)
                     self._flush_retrying()
-            except BaseException:
-                self._left_in_ring = self.records_pending
-                raise
             finally:
+                # What the final flush could not write (a nearly full disk: the rest of a
+                # partial pass, or all of it when it failed) stays in the ring: say how much.
+                self._left_in_ring = self.records_pending
                 self._closed = True
                 if self._file_ok:
                     self._file.close()
@@ -1028,6 +1040,7 @@ def start_process(
     compression: str | None = None,
     metadata: dict[str, Any] | None = None,
     remove_ring_if_orphaned: bool = False,
+    ready_timeout: float = 120.0,
 ) -> subprocess.Popen[str]:
     """Starts ``python -m rust_daq.writer`` on `ring` and waits until it is ready (its file is
     open). It runs in its own session: a Ctrl-C in the terminal reaches only its parent, which
@@ -1064,11 +1077,18 @@ def start_process(
         start_new_session=True,
     )
     assert p.stdout is not None
-    if p.stdout.readline().strip() != "ready":
-        err = p.communicate(timeout=30)[1].strip()
-        raise RustDaqError(
-            f"the writer process did not start: {err.splitlines()[-1] if err else p.returncode}"
-        )
+    # A writer that hangs before its file is open (a stale NFS mount, say) must not hang its
+    # parent: wait for "ready" at most ready_timeout seconds.
+    ready = select.select([p.stdout], [], [], ready_timeout)[0] and p.stdout.readline().strip() == "ready"
+    if not ready:
+        if p.poll() is None:
+            p.kill()
+        try:
+            err = p.communicate(timeout=30)[1].strip()
+        except subprocess.TimeoutExpired:
+            err = ""
+        why = err.splitlines()[-1] if err else f"no 'ready' within {ready_timeout:g} s (exit {p.returncode})"
+        raise RustDaqError(f"the writer process did not start: {why}")
     return p
 
 
@@ -1181,6 +1201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.output,
             args.ring,
         )
+    else:
+        if writer.records_pending:  # a final pass that took only what fitted
+            log.warning(
+                "%d record(s) are not in %s and stay in the ring %s (the disk holds no more)",
+                writer.records_pending,
+                args.output,
+                args.ring,
+            )
     if orphaned.is_set() and args.remove_ring_if_orphaned:
         left = writer.records_pending
         try:
