@@ -216,8 +216,34 @@ def test_a_writer_that_cannot_be_kept_alive_fails_the_run_and_says_what_is_where
     assert f"(voltmeter {held:,} rows)" in stdout, "what the file holds"
     assert acquired > held, "rows acquired after the writer was given up on"
     assert f"not in the file: voltmeter {acquired - held:,} rows" in stdout
-    assert "records the writer did not commit; the ring was removed" in stdout
-    assert not rings_of(p.pid)
+    # Those records exist only in the ring now: it is kept, and writing it finishes the file.
+    assert "records the writer did not commit; they are in the ring, kept: rust-daq write --ring" in " ".join(
+        stdout.split()
+    )
+    (ring,) = rings_of(p.pid)
+    try:
+        w = subprocess.Popen(
+            [RUST_DAQ, "write", "--ring", str(ring), "--output", str(tmp_path / "run.h5")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def rows_now() -> int:
+            try:
+                with h5py.File(tmp_path / "run.h5", "r", libver="latest", swmr=True) as f:
+                    return int(f["rust_daq/streams/voltmeter"][0])
+            except (OSError, KeyError):
+                return 0
+
+        wait_for("the rest in the file", lambda: rows_now() >= acquired, timeout=60)
+        w.send_signal(signal.SIGTERM)
+        _, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err
+        ts = file_rows(tmp_path / "run.h5")
+        assert len(ts) == acquired and np.all(np.diff(ts) > 0), "every acquired row once: nothing was lost"
+    finally:
+        ring.unlink(missing_ok=True)
 
 
 def test_a_daemon_whose_recording_could_not_be_kept_alive_exits_1(
@@ -383,3 +409,21 @@ def test_daemon_status_never_reports_recording_for_a_dead_writer(
     _, stderr = p.communicate(timeout=120)
     assert "the writer failed after" in stderr, stderr
     assert not rings_of(p.pid), "the daemon removed its ring (a random name)"
+
+
+def test_an_unexpected_error_in_the_supervisor_fails_it_instead_of_hanging_its_caller(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An exception the supervisor's thread did not expect (here from starting a writer)
+    ended the thread silently: start() waited forever and stop() reported "restarting"."""
+    import rust_daq._supervisor as supervisor
+    from rust_daq import RustDaqError
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise ValueError("not a writer")
+
+    monkeypatch.setattr(supervisor, "start_process", boom)
+    sup = supervisor.WriterSupervisor("no-ring", str(tmp_path / "x.h5"))
+    with pytest.raises(RustDaqError, match="supervisor failed: ValueError: not a writer"):
+        sup.start()
+    assert sup.state == "failed" and sup.stop() == "failed"

@@ -232,7 +232,7 @@ class WriterSupervisor:
             p = start_process(self.ring, self.output, **self._args)
         except RustDaqError as e:
             return str(e)
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:
             return f"the writer process did not start: {e}"
         # Its log goes to a pipe that nobody read until the end: a writer that logs a lot
         # (a flush failing every second for minutes) filled it and blocked. Drain it here;
@@ -266,6 +266,21 @@ class WriterSupervisor:
         self._emit(f"writer: giving up: {reason}")
 
     def _main(self) -> None:
+        try:
+            self._supervise()
+        except BaseException as e:  # the thread must never end silently: callers wait on it
+            self._fail(f"the supervisor failed: {type(e).__name__}: {e}")
+            with self._lock:
+                p = self._proc
+            if p is not None and p.poll() is None:
+                with contextlib.suppress(Exception):
+                    self._final_stop(p)
+                with self._lock:
+                    self._state = "failed"
+        finally:
+            self._first.set()
+
+    def _supervise(self) -> None:
         err = self._spawn()
         if err is not None:
             self._fail(err)

@@ -355,7 +355,12 @@ def _run_in_ring(s: Session, show_progress: bool, stopped_by: list[str]) -> dict
                 }
         finally:
             ring.close()
-            removed = created and s.own_ring
+            # A ring holding records the given-up writer never committed is the only copy of
+            # them: keep it (the summary says how to write them), whatever own_ring says.
+            unwritten = stats.get("writer", {}).get("state") == "failed" and stats.get("ring_left", {}).get(
+                "records", 0
+            )
+            removed = created and s.own_ring and not unwritten
             if removed:
                 _unlink(s.ring_path)
             if "ring_left" in stats:
@@ -456,7 +461,7 @@ def _summary(stats: dict[str, Any]) -> bool:
             where = (
                 "the ring was removed"
                 if left["removed"]
-                else f"they are in the ring: rust-daq write --ring {left['path']} --output <file>"
+                else f"they are in the ring, kept: rust-daq write --ring {left['path']} --output {output}"
             )
             out.print(f"{left['records']:,} records the writer did not commit; {where}", markup=False)
         return False
