@@ -50,7 +50,7 @@ __all__ = [
 
 #: The suffixes a recording's file name may have (case-insensitive).
 RECORDING_SUFFIXES = (".h5", ".hdf5", ".nxs")
-_NAME_MAX = 255  # bytes, as the file systems allow
+NAME_MAX = 255  # bytes of any name from a config or the wire, as file systems allow
 _METADATA_MAX = 64 * 1024  # bytes of JSON: the writer gets it as one argument (argv ≤ 128 KiB)
 _TOKEN_MAX = 4096
 
@@ -270,9 +270,16 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     return path
 
 
-def _control(text: str) -> str | None:
+#: What a name (stream, instrument, recording, metadata key) may not hold: control, format,
+#: surrogate, private-use and unassigned characters, line and paragraph separators. One rule
+#: for every name that comes from a config or the wire.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def control_char(text: str) -> str | None:
+    """The first character of `text` no name may hold, or None."""
     for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+        if unicodedata.category(ch) in _NOT_IN_NAMES:
             return ch
     return None
 
@@ -287,7 +294,7 @@ def recording_path(data_dir: Path, name: Any) -> str:
         raise RecordingNameError(
             f'needs "file": a file name ({allowed}), created in the daemon\'s data directory'
         )
-    bad = _control(name)
+    bad = control_char(name)
     if bad is not None:
         raise RecordingNameError(f"file name {shown(name)} contains the control character {bad!r}")
     if name.startswith("/"):
@@ -304,8 +311,8 @@ def recording_path(data_dir: Path, name: Any) -> str:
         )
     if name in (".", ".."):
         raise RecordingNameError(f"file {shown(name)} is not a file name")
-    if len(name.encode()) > _NAME_MAX:
-        raise RecordingNameError(f"file name {shown(name)} is longer than {_NAME_MAX} bytes")
+    if len(name.encode()) > NAME_MAX:
+        raise RecordingNameError(f"file name {shown(name)} is longer than {NAME_MAX} bytes")
     if not name.lower().endswith(RECORDING_SUFFIXES):
         raise RecordingNameError(f"file name {shown(name)} must end in {allowed}")
     path = data_dir / name
@@ -327,12 +334,12 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise RecordingNameError("metadata must be a JSON object")
     for key in metadata:
-        bad = _control(key) if isinstance(key, str) else None
+        bad = control_char(key) if isinstance(key, str) else None
         if not isinstance(key, str) or not key or bad is not None:
             what = f"the control character {bad!r}" if bad is not None else "no name"
             raise RecordingNameError(f"metadata key {shown(key)} has {what}")
-        if len(key.encode()) > _NAME_MAX:
-            raise RecordingNameError(f"metadata key {shown(key)} is longer than {_NAME_MAX} bytes")
+        if len(key.encode()) > NAME_MAX:
+            raise RecordingNameError(f"metadata key {shown(key)} is longer than {NAME_MAX} bytes")
         if "/" in key or key in (".", "..", "json"):
             raise RecordingNameError(
                 f"metadata key {shown(key)}: keys name HDF5 datasets; no '/', '.', '..' or 'json'"

@@ -8,7 +8,6 @@ import secrets
 import signal
 import time
 import tomllib
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -23,6 +22,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from . import __version__
+from ._access import control_char
 from ._errors import RustDaqError
 from ._ring import RingBuffer, resolve_ring_path
 from ._supervisor import WriterSupervisor, check_writer_options, file_progress
@@ -247,11 +247,11 @@ def _check_name(where: str, name: str) -> None:
     other name to a valid HDF5 name.)"""
     if not name.strip():
         raise ConfigError(f"{where}: name must be a non-empty string (it names the stream), got {name!r}")
-    bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn")]
-    if bad:
+    bad = control_char(name)
+    if bad is not None:
         raise ConfigError(
-            f"{where}: name {name!r} contains control or unassigned characters "
-            f"({', '.join(repr(c) for c in bad)}); use printable characters"
+            f"{where}: name {name!r} contains the control or unassigned character {bad!r}; "
+            "use printable characters"
         )
 
 

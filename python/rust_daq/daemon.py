@@ -107,6 +107,7 @@ class Daemon:
                 else None
             )
             self.stopping = threading.Event()
+            self.recording_failed: str | None = None  # why the final recording did not end well
             # Recording transitions (start/stop: seconds, for a final flush) take _rec_lock in
             # Flight threads; the acquisition's event loop never waits for it. Put counters
             # have their own lock. _recording is replaced whole, never mutated: read freely.
@@ -374,7 +375,7 @@ class Daemon:
         return stats
 
     def _shutdown(self) -> None:
-        self.recording_failed: str | None = None  # why the final recording did not end well
+        self.recording_failed = None
         self.stopping.set()  # subscriptions send what is left and end; puts are refused
         try:
             if self._recording is not None:

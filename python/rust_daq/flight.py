@@ -36,7 +36,6 @@ import hmac
 import json
 import logging
 import threading
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from typing import Any, Protocol, TypeVar
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from ._access import shown
+from ._access import NAME_MAX, control_char, shown
 from ._arrow import DECODE_ERRORS, ArrowState, LiveView, decode_buffer
 from ._errors import RingUsageError, RustDaqError
 from ._ring import RingBuffer
@@ -68,7 +67,6 @@ ACTIONS: dict[str, str] = {
 _READ_RECORDS = 256  # records per ring read in a subscription
 _POLL = 0.1  # seconds a subscription waits for data before checking for cancellation
 _VIEWS = 16  # LiveViews kept for latest-rows requests, the least recently used dropped
-_STREAM_NAME_MAX = 255  # bytes of a stream name a remote instrument may give
 _MESSAGE_MAX = 280  # characters of an error message sent to a client
 
 
@@ -449,14 +447,14 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
             stream = descriptor.path[0].decode()
         except UnicodeDecodeError:
             raise _bad("do_put: the stream name is not UTF-8") from None
-        bad = next((c for c in stream if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
-        if not stream.strip() or bad is not None or len(stream.encode()) > _STREAM_NAME_MAX:
+        bad = control_char(stream)
+        if not stream.strip() or bad is not None or len(stream.encode()) > NAME_MAX:
             why = (
                 "is empty"
                 if not stream.strip()
                 else f"contains the control character {bad!r}"
                 if bad is not None
-                else f"is longer than {_STREAM_NAME_MAX} bytes"
+                else f"is longer than {NAME_MAX} bytes"
             )
             raise _bad(f"do_put: the stream name {shown(stream)} {why}")
         while True:
