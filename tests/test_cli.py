@@ -232,7 +232,10 @@ _WRITER = '[writer]\noutput = "{out}"\n'
             _WRITER + _VOLTMETER + 'name = ""\n',
             "name must be a non-empty string (it names the stream), got ''",
         ),
-        (_WRITER + _VOLTMETER + 'name = "dmm\\u0007"\n', "contains the control or unassigned character '\\x07'"),
+        (
+            _WRITER + _VOLTMETER + 'name = "dmm\\u0007"\n',
+            "contains the control or unassigned character '\\x07'",
+        ),
         ("duration = nan\n" + _WRITER + _VOLTMETER, "duration must be a finite number, got nan"),
         ("duration = inf\n" + _WRITER + _VOLTMETER, "duration must be a finite number, got inf"),
         ("duration = 0\n" + _WRITER + _VOLTMETER, "duration must be a positive number of seconds"),
