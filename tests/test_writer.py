@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 
 from rust_daq import HDF5Writer, IncompatibleFileError, RingBuffer
-from rust_daq._hdf5 import clear_consistency_flags
+from rust_daq.hdf5.file import clear_consistency_flags
 from rust_daq.writer import repair
 
 from processes import writer_process
@@ -577,7 +577,7 @@ def test_disk_full_commits_nothing_and_resumes_when_space_returns(ring_path: str
 def test_a_file_left_short_by_a_failed_write_is_repaired(ring_path: str, h5_path: str) -> None:
     """If space vanishes between the writer's check and HDF5's write, the superblock can record
     an end of file beyond the file's end: the writer extends the file and trims to its marker."""
-    from rust_daq._hdf5 import _lookup3
+    from rust_daq.hdf5.file import _lookup3
 
     with RingBuffer.create(ring_path, capacity_mb=8) as ring:
         w = HDF5Writer(h5_path, ring, swmr=False)

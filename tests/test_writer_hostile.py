@@ -20,7 +20,7 @@ import pytest
 from h5stream import book, columns, stream_group
 
 from rust_daq import HDF5Writer, IncompatibleFileError, RingBuffer
-from rust_daq._layouts import AppendLayout
+from rust_daq.hdf5.layouts import AppendLayout
 
 from processes import writer_process
 
@@ -357,7 +357,7 @@ def test_a_record_hdf5_refuses_is_found_and_quarantined(
         refuse(items)
         return original_append(self, f, structural, book_, items)
 
-    from rust_daq._layouts import BatchesLayout
+    from rust_daq.hdf5.layouts import BatchesLayout
 
     original_batches = BatchesLayout.write
 

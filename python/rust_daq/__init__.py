@@ -9,9 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from ._arrow import LiveView, StreamInfo
 from ._errors import (
+    ConfigError,
+    DaemonConfigError,
+    IncompatibleFileError,
     ProducerActiveError,
     ReadOnlyRingError,
     RecordTooLargeError,
+    RemoteError,
     RingClosedError,
     RingConfigError,
     RingCorruptError,
@@ -28,12 +32,12 @@ from ._ring import RingBuffer, RingReader, resolve_ring_path
 from .acquisition import Acquisition
 
 if TYPE_CHECKING:
-    from .writer import HDF5Writer, IncompatibleFileError
+    from .hdf5 import HDF5Writer
 
-# The writer (h5py, and the module `python -m rust_daq.writer` runs) is imported on first use,
-# not with the package: importing it here made runpy warn that 'rust_daq.writer' was already
+# The writer (h5py; `python -m rust_daq.writer` runs it) is imported on first use, not with
+# the package: importing it here made runpy warn that 'rust_daq.writer' was already
 # in sys.modules before it ran as __main__.
-_LAZY = {"HDF5Writer": "writer", "IncompatibleFileError": "writer"}
+_LAZY = {"HDF5Writer": "hdf5"}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,12 +56,15 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Acquisition",
+    "ConfigError",
+    "DaemonConfigError",
     "FORMAT_VERSION",
     "HDF5Writer",
     "IncompatibleFileError",
     "ProducerActiveError",
     "ReadOnlyRingError",
     "Record",
+    "RemoteError",
     "RecordTooLargeError",
     "RingBuffer",
     "RingClosedError",

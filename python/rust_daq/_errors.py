@@ -10,6 +10,10 @@ with the path in the message.
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
+    "DaemonConfigError",
+    "IncompatibleFileError",
+    "RemoteError",
     "ProducerActiveError",
     "ReadOnlyRingError",
     "RecordTooLargeError",
@@ -85,3 +89,21 @@ class UnknownStreamError(RustDaqError, KeyError):
 
 class UnsupportedTypeError(RustDaqError, TypeError):
     """An Arrow type the ring does not carry (dictionary-encoded columns)."""
+
+
+class IncompatibleFileError(RustDaqError, ValueError):
+    """The writer's output file exists but cannot be continued: another layout, another ring
+    session, or not written by rust-daq."""
+
+
+class ConfigError(RustDaqError, ValueError):
+    """A configuration file that cannot be run; the message names the file, key and what is allowed."""
+
+
+class DaemonConfigError(RustDaqError, ValueError):
+    """The daemon cannot start as asked (address, token, TLS files)."""
+
+
+class RemoteError(RustDaqError):
+    """A call to the daemon failed: it refused the request (the message says why), it could
+    not be reached, or it needs a token this client did not send."""

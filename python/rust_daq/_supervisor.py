@@ -34,7 +34,8 @@ from typing import IO, Any
 import h5py
 
 from ._errors import RustDaqError
-from .writer import _compression, start_process, stop_process
+from .hdf5.process import start_process, stop_process
+from .hdf5.writer import _compression
 
 __all__ = ["WriterSupervisor", "check_writer_options", "file_progress"]
 

@@ -23,7 +23,7 @@ from rich.tree import Tree
 
 from . import __version__
 from ._access import control_char
-from ._errors import RustDaqError
+from ._errors import ConfigError, RustDaqError
 from ._ring import RingBuffer, resolve_ring_path
 from ._supervisor import WriterSupervisor, check_writer_options, file_progress
 from .acquisition import Acquisition
@@ -41,10 +41,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out = Console()
-
-
-class ConfigError(RustDaqError, ValueError):
-    """A configuration file that cannot be run; the message names the file, key and what is allowed."""
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -562,7 +558,7 @@ def write(
     """The HDF5 writer as its own process (SIGINT/SIGTERM: final flush, exit 0): of a ring on
     this machine (--ring), or of a daemon's streams over the network (--from), until the
     daemon stops."""
-    from .writer import main as writer_main
+    from .hdf5.process import main as writer_main
 
     if (ring is None) == (from_url is None):
         raise _fail(RustDaqError("give exactly one of --ring (a local ring) and --from (a daemon's URL)"))

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from . import _access
 from ._access import is_loopback
-from ._errors import RustDaqError
+from ._errors import DaemonConfigError, RustDaqError
 from ._ring import RingBuffer
 from ._supervisor import WriterSupervisor, check_writer_options, file_progress
 from .acquisition import Acquisition, RowIndex
@@ -42,10 +42,6 @@ log = logging.getLogger("rust_daq.daemon")
 
 _IDLE_TAIL = 0.05  # seconds between read_tail moves while nothing records
 _RATE_WINDOW = 1.0  # seconds over which status reports rows/s
-
-
-class DaemonConfigError(RustDaqError, ValueError):
-    """The daemon cannot start as asked (address, token, TLS files)."""
 
 
 class Daemon:

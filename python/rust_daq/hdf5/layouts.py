@@ -1,10 +1,10 @@
 """The two HDF5 layouts of the writer, and what the writer knows of each stream.
 
 Both layouts take a stream's decoded records of one pass (:class:`Item`: the record and its
-columns as :class:`~rust_daq._columns.Piece` objects) and write them; neither commits
+columns as :class:`~rust_daq.hdf5.columns.Piece` objects) and write them; neither commits
 anything: the writer flushes, records its progress marker and only then moves the ring's
-``read_tail``. Names are mapped by :func:`~rust_daq._hdf5.hdf5_name` and made unique by
-:func:`~rust_daq._hdf5.allocate`; the Arrow names stay in ``arrow_name`` attributes.
+``read_tail``. Names are mapped by :func:`~rust_daq.hdf5.file.hdf5_name` and made unique by
+:func:`~rust_daq.hdf5.file.allocate`; the Arrow names stay in ``arrow_name`` attributes.
 
 Append layout: per stream a group ``measurements/<stream>`` whose datasets all have one row
 per row of the stream, in order. A column's dataset has one HDF5 type and row shape (its
@@ -27,9 +27,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._arrow import StreamInfo
-from ._columns import Piece
-from ._hdf5 import allocate, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
+from .._arrow import StreamInfo
+from .columns import Piece
+from .file import allocate, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
 
 __all__ = ["AppendLayout", "BatchesLayout", "Item", "StreamBook", "Target"]
 

@@ -1,6 +1,6 @@
 """HDF5 helpers of the writer: file repair after a crash (the superblock's consistency flags),
 valid and unique HDF5 names for Arrow stream and column names, timestamps, schema JSON.
-How Arrow columns become HDF5 arrays is in ``_columns.py``.
+How Arrow columns become HDF5 arrays is in ``columns.py``.
 """
 
 from __future__ import annotations

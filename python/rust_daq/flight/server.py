@@ -44,11 +44,11 @@ from typing import Any, Protocol, TypeVar
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from ._access import NAME_MAX, control_char, shown
-from ._arrow import DECODE_ERRORS, ArrowState, LiveView, decode_buffer
-from ._errors import RingUsageError, RustDaqError
-from ._ring import RingBuffer
-from .acquisition import RowIndex
+from .._access import NAME_MAX, control_char, shown
+from .._arrow import DECODE_ERRORS, ArrowState, LiveView, decode_buffer
+from .._errors import RingUsageError, RustDaqError
+from .._ring import RingBuffer
+from ..acquisition import RowIndex
 
 __all__ = ["ACTIONS", "DaqFlightServer", "Ticket", "TokenAuth", "ticket"]
 

@@ -1,0 +1,10 @@
+"""HDF5 output: the writer that drains a ring into an HDF5 file (:mod:`.writer`), the file's
+open/lock/repair rules (:mod:`.file`), its layouts (:mod:`.layouts`), the Arrow-to-HDF5 type
+mapping (:mod:`.columns`), and the writer as its own process (:mod:`.process`,
+``python -m rust_daq.writer``). Everything h5py-dependent lives here."""
+
+from .._errors import IncompatibleFileError
+from .process import main, start_process, stop_process
+from .writer import HDF5Writer, repair
+
+__all__ = ["HDF5Writer", "IncompatibleFileError", "main", "repair", "start_process", "stop_process"]
