@@ -38,8 +38,9 @@ def test_the_writer_module_runs_without_a_runpy_warning() -> None:
     # The package still offers the writer's names, imported on first use.
     code = (
         "import sys, rust_daq; assert 'rust_daq.writer' not in sys.modules; "
+        "assert 'h5py' not in sys.modules; "
         "from rust_daq import HDF5Writer, IncompatibleFileError; "
-        "assert HDF5Writer.__module__ == 'rust_daq.writer' and rust_daq.IncompatibleFileError"
+        "assert HDF5Writer.__module__ == 'rust_daq.hdf5.writer' and rust_daq.IncompatibleFileError"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
