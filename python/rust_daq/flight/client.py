@@ -10,17 +10,14 @@ API, the latest rows, remote instruments, and control. ::
     daq.latest("voltmeter", rows=1000)              # {column: numpy array}
     daq.start_recording("run.h5"); daq.stop_recording()   # a file in the daemon's data_dir
 
-:func:`relay` is the remote HDF5 writer (``rust-daq write --from grpc://...``): it copies the
-daemon's streams into a ring on this machine and runs the ordinary writer on it, so the file
-has the local writer's layouts and guarantees; what was lost upstream stays counted.
+What goes over the wire is :mod:`.protocol`'s; the client tells the daemon's errors apart by
+their code, never by their message. The remote HDF5 writer built on it is :mod:`.relay`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -37,25 +34,40 @@ import pyarrow.flight as fl
 from .._access import local_token
 from .._arrow import _to_numpy
 from .._errors import RemoteError, RustDaqError, UnknownStreamError
-from .server import ticket
+from .protocol import (
+    BAD_REQUEST,
+    LIST_STREAMS,
+    REFUSED,
+    SCHEMA_CHANGED,
+    START_RECORDING,
+    STATUS,
+    STOP_RECORDING,
+    UNKNOWN_STREAM,
+    BatchMeta,
+    action,
+    error_info,
+    read_action_result,
+    read_put_ack,
+    start_recording_body,
+    ticket,
+)
 
-__all__ = ["RemoteBatch", "RemoteDaq", "RemoteError", "RemoteReader", "connect", "relay"]
+__all__ = ["RemoteBatch", "RemoteDaq", "RemoteError", "RemotePut", "RemoteReader", "connect"]
 
 log = logging.getLogger("rust_daq.remote")
 
-
-def _clean(e: BaseException) -> str:
-    """A Flight error's message without gRPC's appendix."""
-    return re.split(r"\. Detail: |\. gRPC client debug context", str(e), maxsplit=1)[0]
+# The codes of errors whose message names the request (the daemon's own words, given as is);
+# the others (a missing token, an internal error) are prefixed with what the client was doing.
+_NAMES_THE_REQUEST = frozenset({BAD_REQUEST, UNKNOWN_STREAM, SCHEMA_CHANGED, REFUSED})
 
 
 def _remote_error(e: BaseException, what: str) -> RemoteError:
+    said = error_info(e)
     if isinstance(e, fl.FlightUnavailableError):
-        return RemoteError(f"{what}: the daemon cannot be reached ({_clean(e)})")
-    message = _clean(e)
-    if type(e) is fl.FlightServerError:  # the daemon's own message, which names the request
-        return RemoteError(message)
-    return RemoteError(f"{what}: {message}")
+        return RemoteError(f"{what}: the daemon cannot be reached ({said.message})")
+    if said.code in _NAMES_THE_REQUEST:
+        return RemoteError(said.message)
+    return RemoteError(f"{what}: {said.message}")
 
 
 @dataclass(frozen=True)
@@ -136,22 +148,21 @@ class RemoteDaq:
 
     def action(self, kind: str, body: dict[str, Any] | None = None) -> Any:
         """Runs a ``do_action`` (see :data:`rust_daq.flight.ACTIONS`); its JSON result."""
-        payload = json.dumps(body or {}).encode()
         try:
-            results = list(self._client.do_action(fl.Action(kind, payload), options=self.options(120)))
+            results = list(self._client.do_action(action(kind, body), options=self.options(120)))
         except fl.FlightError as e:
             raise _remote_error(e, kind) from None
-        return json.loads(results[0].body.to_pybytes()) if results else None
+        return read_action_result(results)
 
     def status(self) -> dict[str, Any]:
         """Streams (rows, records, rows/s), ring (fill, records written and lost), writer
         (recording, file, lag), subscribers."""
-        result: dict[str, Any] = self.action("status")
+        result: dict[str, Any] = self.action(STATUS)
         return result
 
     def list_streams(self) -> dict[str, dict[str, str]]:
         """Every stream with its columns (name: Arrow type)."""
-        result: dict[str, dict[str, str]] = self.action("list_streams")
+        result: dict[str, dict[str, str]] = self.action(LIST_STREAMS)
         return result
 
     def start_recording(
@@ -164,15 +175,13 @@ class RemoteDaq:
     ) -> dict[str, Any]:
         """Starts the daemon's HDF5 writer into `file`: a file name (.h5, .hdf5, .nxs, no
         directories), created in the daemon's data directory; the result names its path."""
-        body: dict[str, Any] = {"file": file, "layout": layout, "metadata": metadata or {}}
-        if compression:
-            body["compression"] = compression
-        result: dict[str, Any] = self.action("start_recording", body)
+        body = start_recording_body(file, layout=layout, compression=compression, metadata=metadata)
+        result: dict[str, Any] = self.action(START_RECORDING, body)
         return result
 
     def stop_recording(self) -> dict[str, Any]:
         """Stops the writer after its final flush; what the file holds (records, rows, lost)."""
-        result: dict[str, Any] = self.action("stop_recording")
+        result: dict[str, Any] = self.action(STOP_RECORDING)
         return result
 
     # -- data ----------------------------------------------------------------------------------
@@ -235,8 +244,9 @@ class RemoteDaq:
 
 
 def _stream_error(e: BaseException, stream: str, what: str) -> RustDaqError:
-    if "unknown stream" in str(e):
-        return UnknownStreamError(_clean(e))
+    said = error_info(e)
+    if said.code == UNKNOWN_STREAM:
+        return UnknownStreamError(said.message)
     return _remote_error(e, what)
 
 
@@ -268,8 +278,7 @@ class RemotePut:
             raise _remote_error(e, f"do_put to {self.stream!r}") from None
         if ack is None:
             raise RemoteError(f"do_put to {self.stream!r}: the daemon closed the stream")
-        seq: int = json.loads(ack.to_pybytes())["seq"]
-        return seq
+        return read_put_ack(ack)
 
     def close(self) -> None:
         try:
@@ -370,15 +379,15 @@ class RemoteReader:
                         chunk = call.read_chunk()
                     except StopIteration:
                         break
-                    meta = json.loads(chunk.app_metadata.to_pybytes())
+                    meta = BatchMeta.decode(chunk.app_metadata)
                     item = RemoteBatch(
                         name,
                         chunk.data,
-                        meta["seq"],
-                        meta["stream_seq"],
-                        meta["timestamp_ns"],
-                        base[0] + meta["lost_records"],
-                        None if base[1] is None or meta["lost_rows"] is None else base[1] + meta["lost_rows"],
+                        meta.seq,
+                        meta.stream_seq,
+                        meta.timestamp_ns,
+                        base[0] + meta.lost_records,
+                        None if base[1] is None or meta.lost_rows is None else base[1] + meta.lost_rows,
                     )
                     with self._cond:
                         while (
@@ -397,7 +406,7 @@ class RemoteReader:
             except fl.FlightError as e:
                 if self._closed:
                     return
-                if "changed its schema" in str(e) and name in self._last_seq:
+                if error_info(e).code == SCHEMA_CHANGED and name in self._last_seq:
                     after = self._last_seq[name]  # resume right after the last record we have
                     base = self._lost[name]
                     continue
@@ -497,84 +506,3 @@ class RemoteReader:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def relay(
-    url: str,
-    output: str,
-    *,
-    token: str | None = None,
-    tls_root_certs: bytes | str | os.PathLike[str] | None = None,
-    layout: str = "append",
-    compression: str | None = None,
-    flush_interval: float = 1.0,
-    capacity_mb: float = 256,
-    metadata: dict[str, Any] | None = None,
-    stop: threading.Event | None = None,
-    on_ready: Any = None,
-) -> dict[str, Any]:
-    """The remote HDF5 writer: subscribes to every stream of the daemon at `url` from the
-    oldest record its ring holds, writes the batches into a ring on this machine (keeping
-    their timestamps and per-stream sequence numbers, so records lost upstream are counted
-    as lost in the file), and runs the ordinary writer process on that ring into `output`.
-    Runs until the daemon stops (its streams end) or `stop` is set; then the writer's final
-    flush. Returns records relayed and lost per stream."""
-    from .._ring import RingBuffer
-    from ..hdf5.process import start_process, stop_process
-
-    if os.path.exists(output):
-        raise RustDaqError(f"{output} already exists; choose another output file (or delete it)")
-    daq = connect(url, token=token, tls_root_certs=tls_root_certs)
-    path = (
-        f"/dev/shm/rust-daq-relay-{os.getpid()}"
-        if os.path.isdir("/dev/shm")
-        else f"rust-daq-relay-{os.getpid()}"
-    )
-    ring = RingBuffer.create(path, capacity_mb=capacity_mb, replace=True)
-    stats: dict[str, dict[str, Any]] = {}
-    writer = None
-    try:
-        meta = {"relayed_from": url, **(metadata or {})}
-        writer = start_process(
-            ring.path,
-            output,
-            layout=layout,
-            flush_interval=flush_interval,
-            compression=compression,
-            metadata=meta,
-        )
-        with daq.reader(start="oldest") as reader:
-            if on_ready is not None:
-                on_ready()
-            while True:
-                stopping = stop is not None and stop.is_set()
-                # Stopping: what was received is still written (no wait for more).
-                items = reader.read(timeout=0.0 if stopping else 0.2)
-                for b in items:
-                    ring.write_arrow_batch(
-                        b.batch, b.stream, timestamp_ns=b.timestamp_ns, stream_seq=b.stream_seq
-                    )
-                    st = stats.setdefault(b.stream, {"records": 0, "rows": 0})
-                    st["records"] += 1
-                    st["rows"] += b.batch.num_rows
-                if not items and (stopping or reader.ended):
-                    break
-                if writer.poll() is not None:  # nothing would write the ring into the file
-                    _, err = writer.communicate()
-                    code, writer = writer.returncode, None
-                    last = err.strip().splitlines()[-1:] or ["no message"]
-                    raise RustDaqError(f"the writer process exited with {code}: {last[0]}")
-            for name, (lost, rows) in reader.lost_by_stream().items():
-                stats.setdefault(name, {"records": 0, "rows": 0}).update(lost_records=lost, lost_rows=rows)
-    finally:
-        if writer is not None:
-            code, err = stop_process(writer)
-            if code != 0:
-                log.error("the writer exited with %d: %s", code, err.strip())
-        ring.close()
-        try:
-            os.unlink(ring.path)
-        except FileNotFoundError:
-            pass
-        daq.close()
-    return stats

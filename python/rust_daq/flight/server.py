@@ -4,27 +4,20 @@ and remote control. Flight is gRPC carrying Arrow IPC, which pyarrow ships: any 
 
 - ``list_flights`` / ``get_flight_info`` / ``get_schema``: one flight per stream, descriptor
   path ``[stream name]``, with the stream's schema.
-- ``do_get(Ticket)``: the stream's record batches, live. The ticket is the stream name as
-  UTF-8 (from the latest record on), or a JSON object (see :func:`ticket`)::
-
-      {"stream": "camera", "start": "oldest"}            # from the oldest record in the ring
-      {"stream": "camera", "start": "oldest", "after_seq": 41}   # resume after record 41
-      {"stream": "voltmeter", "last_rows": 1000}         # the latest 1000 rows, then the end
-
-  Each batch carries JSON app metadata: ``seq`` and ``stream_seq`` (the record's sequence
-  numbers in the ring), ``timestamp_ns``, and what this subscriber lost so far,
-  ``lost_records`` and ``lost_rows`` (``null`` if no longer known). Every subscriber reads
-  the ring with its own cursor: a slow one is lapped and loses records, it never slows the
-  producer or anyone else. The stream ends when the daemon stops (after the last record),
-  and with an error if the stream's schema changes (subscribe again with ``after_seq``).
+- ``do_get(Ticket)``: the stream's record batches, live, or its latest rows (the tickets and
+  each batch's metadata: :mod:`.protocol`). Every subscriber reads the ring with its own
+  cursor: a slow one is lapped and loses records, it never slows the producer or anyone
+  else. The stream ends when the daemon stops (after the last record), and with a
+  ``schema_changed`` error if the stream's schema changes (subscribe again with ``after_seq``).
 - ``do_put(descriptor path [stream])``: a remote instrument's record batches, written into
-  the ring as that stream. Each batch is acknowledged with ``{"seq": N}`` once it is there.
-- ``do_action``: see :data:`ACTIONS`; results and bodies are JSON.
+  the ring as that stream, each acknowledged once it is there.
+- ``do_action``: see :data:`~.protocol.ACTIONS`; results and bodies are JSON.
 
-Errors reach the client as one-line Flight errors that say what was wrong, echoing at most
-~100 characters of the request, never a server traceback: every method of the service goes
-through :func:`_guarded`, which turns anything unexpected into a ``FlightInternalError``
-(logged here with its traceback). A token is required on every call
+Tickets, metadata keys, actions and error codes are :mod:`.protocol`'s. Errors reach the
+client as one-line Flight errors that say what was wrong, echoing at most ~100 characters of
+the request, with an error code in ``extra_info``, never a server traceback: every method of
+the service goes through :func:`_guarded`, which turns anything unexpected into a
+``FlightInternalError`` (logged here with its traceback). A token is required on every call
 (``Authorization: Bearer <token>``), checked by :class:`TokenAuth`: the daemon's own, or
 one it generated for its user's local clients (see :mod:`rust_daq._access`).
 """
@@ -33,12 +26,10 @@ from __future__ import annotations
 
 import functools
 import hmac
-import json
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
@@ -49,25 +40,34 @@ from .._arrow import DECODE_ERRORS, ArrowState, LiveView, decode_buffer
 from .._errors import RingUsageError, RustDaqError
 from .._ring import RingBuffer
 from ..acquisition import RowIndex
+from .protocol import (
+    ACTIONS,
+    BAD_REQUEST,
+    INTERNAL,
+    REFUSED,
+    SCHEMA_CHANGED,
+    START_RECORDING,
+    STATUS,
+    STOP_RECORDING,
+    UNAUTHENTICATED,
+    UNKNOWN_STREAM,
+    BatchMeta,
+    Ticket,
+    action_result,
+    error,
+    loads,
+    one_line,
+    parse_ticket,
+    put_ack,
+)
 
-__all__ = ["ACTIONS", "DaqFlightServer", "Ticket", "TokenAuth", "ticket"]
+__all__ = ["DaqFlightServer", "TokenAuth"]
 
 log = logging.getLogger("rust_daq.flight")
-
-#: The actions of ``do_action`` and what they do (``list_actions`` returns this).
-ACTIONS: dict[str, str] = {
-    "status": "JSON: streams (rows, records, rows/s), ring (fill, records written and lost), "
-    "writer (recording, file, lag), subscribers",
-    "start_recording": 'start the HDF5 writer on the ring; body JSON {"file": a file name, created in '
-    'the daemon\'s data directory, "layout": "append"|"batches", "compression": str, "metadata": {...}}',
-    "stop_recording": "stop the HDF5 writer after its final flush; returns what it wrote (JSON)",
-    "list_streams": "JSON: every stream with its columns (name: Arrow type)",
-}
 
 _READ_RECORDS = 256  # records per ring read in a subscription
 _POLL = 0.1  # seconds a subscription waits for data before checking for cancellation
 _VIEWS = 16  # LiveViews kept for latest-rows requests, the least recently used dropped
-_MESSAGE_MAX = 280  # characters of an error message sent to a client
 
 
 class DaemonControl(Protocol):
@@ -81,60 +81,6 @@ class DaemonControl(Protocol):
     def start_recording_from_wire(self, params: dict[str, Any]) -> dict[str, Any]: ...
     def stop_recording(self) -> dict[str, Any]: ...
     def put(self, stream: str, batch: pa.RecordBatch) -> int: ...
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """A parsed ``do_get`` ticket."""
-
-    stream: str
-    start: str = "latest"
-    after_seq: int | None = None
-    last_rows: int | None = None
-
-
-def ticket(
-    stream: str, start: str = "latest", *, after_seq: int | None = None, last_rows: int | None = None
-) -> fl.Ticket:
-    """The ``do_get`` ticket for `stream`: live from the ``"latest"`` or ``"oldest"`` record,
-    after ring sequence number `after_seq` (resuming), or the `last_rows` latest rows only."""
-    if start == "latest" and after_seq is None and last_rows is None:
-        return fl.Ticket(stream.encode())
-    body: dict[str, Any] = {"stream": stream, "start": start}
-    if after_seq is not None:
-        body["after_seq"] = after_seq
-    if last_rows is not None:
-        body["last_rows"] = last_rows
-    return fl.Ticket(json.dumps(body).encode())
-
-
-def _bad(message: str) -> fl.FlightServerError:
-    return fl.FlightServerError(message)
-
-
-def _one_line(message: str) -> str:
-    """`message` as one line of at most _MESSAGE_MAX characters."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= _MESSAGE_MAX else text[: _MESSAGE_MAX - 1] + "…"
-
-
-def _keys(keys: Iterable[Any]) -> str:
-    """Unknown keys of a request, for a message: a few, each cut short."""
-    listed = sorted(keys, key=str)
-    more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
-    return "[" + ", ".join(shown(k, 30) for k in listed[:3]) + "]" + more
-
-
-def _loads(raw: bytes | str, what: str) -> Any:
-    """JSON from a client; a FlightServerError "`what` not valid JSON (why)" otherwise."""
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise _bad(f"{what} not valid JSON ({e})") from None
-    except RecursionError:
-        raise _bad(f"{what} not valid JSON (nested too deeply)") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _bad(f"{what} not valid JSON ({type(e).__name__})") from None
 
 
 class _RequestError(fl.FlightServerError, ValueError):  # type: ignore[misc]
@@ -152,23 +98,24 @@ class _RequestError(fl.FlightServerError, ValueError):  # type: ignore[misc]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _internal(what: str, e: BaseException) -> fl.FlightInternalError:
+def _internal(what: str, e: BaseException) -> fl.FlightError:
     log.error("%s: unexpected %s", what, type(e).__name__, exc_info=e)
-    return fl.FlightInternalError(
-        f"{what}: internal error in the daemon ({type(e).__name__}); its log has the details"
+    return error(
+        INTERNAL, f"{what}: internal error in the daemon ({type(e).__name__}); its log has the details"
     )
 
 
 def _converted(what: str, e: Exception) -> fl.FlightError:
     """The Flight error a client receives for `e`, raised while serving `what`: ours (a
-    FlightError) as one short line; a refusal (ValueError, a rust-daq error) as a
-    FlightServerError; anything else as a FlightInternalError, its traceback logged here."""
+    FlightError) as one short line with its code; a refusal (ValueError, a rust-daq error)
+    as a ``refused`` FlightServerError; anything else as an ``internal``
+    FlightInternalError, its traceback logged here."""
     if isinstance(e, fl.FlightError):
-        converted = type(e)(_one_line(str(e)))
+        converted = type(e)(one_line(str(e)), extra_info=e.extra_info)
     elif isinstance(e, RecursionError):
-        converted = _bad(f"{what}: the request is nested too deeply")
+        converted = error(BAD_REQUEST, f"{what}: the request is nested too deeply")
     elif isinstance(e, RustDaqError | ValueError):
-        converted = _bad(_one_line(f"{what}: {e}"))
+        converted = error(REFUSED, f"{what}: {e}")
     else:
         converted = _internal(what, e)
     return converted
@@ -202,35 +149,6 @@ def _guarded(what: str) -> Callable[[_F], _F]:
     return decorate
 
 
-def parse_ticket(raw: bytes) -> Ticket:
-    """The ticket's fields; a FlightServerError that says what is wrong otherwise."""
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        raise _bad("bad ticket: neither a stream name (UTF-8) nor a JSON object") from None
-    if not text.startswith("{"):
-        if not text:
-            raise _bad("bad ticket: empty; give a stream name (see list_flights)")
-        return Ticket(text)
-    body = _loads(text, "bad ticket:")
-    allowed = {"stream", "start", "after_seq", "last_rows"}
-    if not isinstance(body, dict) or not isinstance(body.get("stream"), str) or not body["stream"]:
-        raise _bad('bad ticket: a JSON ticket needs "stream" (a stream name)')
-    unknown = set(body) - allowed
-    if unknown:
-        raise _bad(f"bad ticket: unknown key(s) {_keys(unknown)}; allowed: {sorted(allowed)}")
-    start = body.get("start", "latest")
-    if start not in ("latest", "oldest"):
-        raise _bad(f'bad ticket: start must be "latest" or "oldest", got {shown(start)}')
-    for key in ("after_seq", "last_rows"):
-        v = body.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise _bad(f"bad ticket: {key} must be a non-negative integer, got {shown(v)}")
-    if body.get("last_rows") == 0:
-        raise _bad("bad ticket: last_rows must be at least 1")
-    return Ticket(body["stream"], start, body.get("after_seq"), body.get("last_rows"))
-
-
 class TokenAuth(fl.ServerMiddlewareFactory):  # type: ignore[misc]  # pyarrow ships no stubs
     """Refuses every call whose ``authorization`` header is not ``Bearer <token>``."""
 
@@ -243,16 +161,13 @@ class TokenAuth(fl.ServerMiddlewareFactory):  # type: ignore[misc]  # pyarrow sh
             given = value if isinstance(value, bytes) else str(value).encode()
             if hmac.compare_digest(given, self._expected):
                 return None
-        raise fl.FlightUnauthenticatedError(
+        raise error(
+            UNAUTHENTICATED,
             "this rust-daq daemon needs a token: send 'authorization: Bearer <token>' (connect(url, "
             "token=...), RUST_DAQ_TOKEN); its own user's local clients read it from its token file"
             if not headers.get("authorization")
-            else "wrong token"
+            else "wrong token",
         )
-
-
-def _meta(body: dict[str, Any]) -> pa.Buffer:
-    return pa.py_buffer(json.dumps(body, separators=(",", ":")).encode())
 
 
 class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow ships no stubs
@@ -295,7 +210,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
 
     def _schema_of(self, descriptor: fl.FlightDescriptor) -> tuple[str, pa.Schema]:
         if descriptor.descriptor_type != fl.DescriptorType.PATH or len(descriptor.path or []) != 1:
-            raise _bad("a rust-daq flight is named by a path of one element: [stream name]")
+            raise error(BAD_REQUEST, "a rust-daq flight is named by a path of one element: [stream name]")
         name = descriptor.path[0].decode(errors="replace")
         streams = self._streams()
         if name not in streams:
@@ -372,9 +287,12 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                     if info is None:
                         continue
                     if not info.schema.equals(schema, check_metadata=True):
-                        raise _bad(
+                        raise error(
+                            SCHEMA_CHANGED,
                             f"stream {info.name!r} changed its schema at record {rec.seq}; subscribe "
-                            f'again (ticket {{"stream": ..., "after_seq": {rec.seq - 1}}} resumes here)'
+                            f'again (ticket {{"stream": ..., "after_seq": {rec.seq - 1}}} resumes here)',
+                            stream=info.name,
+                            after_seq=rec.seq - 1,
                         )
                     # Our own copy: gRPC sends the batch after this generator moves on.
                     data = bytes(rec.data)
@@ -403,18 +321,10 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                         rows_expected = before + batch.num_rows
                     with self._state_lock:
                         self.rows_sent += batch.num_rows
-                    yield (
-                        batch,
-                        _meta(
-                            {
-                                "seq": rec.seq,
-                                "stream_seq": rec.stream_seq,
-                                "timestamp_ns": rec.timestamp_ns,
-                                "lost_records": lost_records,
-                                "lost_rows": lost_rows,
-                            }
-                        ),
+                    meta = BatchMeta(
+                        rec.seq, rec.stream_seq, rec.timestamp_ns, lost_records, lost_rows, before
                     )
+                    yield batch, meta.encode()
         finally:
             with self._state_lock:
                 self.subscribers -= 1
@@ -429,7 +339,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
             try:
                 return view.update_table()
             except RingUsageError as e:
-                raise _bad(str(e)) from None
+                raise error(REFUSED, str(e)) from None
 
     # -- streams in ------------------------------------------------------------------------------
 
@@ -442,11 +352,11 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         writer: fl.FlightMetadataWriter,
     ) -> None:
         if descriptor.descriptor_type != fl.DescriptorType.PATH or len(descriptor.path or []) != 1:
-            raise _bad("do_put needs a descriptor path of one element: [stream name]")
+            raise error(BAD_REQUEST, "do_put needs a descriptor path of one element: [stream name]")
         try:
             stream = descriptor.path[0].decode()
         except UnicodeDecodeError:
-            raise _bad("do_put: the stream name is not UTF-8") from None
+            raise error(BAD_REQUEST, "do_put: the stream name is not UTF-8") from None
         bad = control_char(stream)
         if not stream.strip() or bad is not None or len(stream.encode()) > NAME_MAX:
             why = (
@@ -456,7 +366,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                 if bad is not None
                 else f"is longer than {NAME_MAX} bytes"
             )
-            raise _bad(f"do_put: the stream name {shown(stream)} {why}")
+            raise error(BAD_REQUEST, f"do_put: the stream name {shown(stream)} {why}")
         while True:
             try:
                 chunk = reader.read_chunk()
@@ -465,18 +375,21 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
             except pa.ArrowException as e:
                 if isinstance(e, fl.FlightError):
                     raise
-                raise _bad(f"do_put to stream {shown(stream)}: unreadable batch ({_first(e)})") from None
+                raise error(
+                    BAD_REQUEST, f"do_put to stream {shown(stream)}: unreadable batch ({_first(e)})"
+                ) from None
             if chunk.data is None:
                 continue
             try:
                 seq = self.daemon.put(stream, chunk.data)
             except pa.ArrowNotImplementedError as e:
-                raise _bad(
-                    f"do_put to stream {shown(stream)}: the ring cannot hold this Arrow type ({_first(e)})"
+                raise error(
+                    REFUSED,
+                    f"do_put to stream {shown(stream)}: the ring cannot hold this Arrow type ({_first(e)})",
                 ) from None
             except (ValueError, TypeError, OSError, RustDaqError, pa.ArrowException) as e:
-                raise _bad(f"do_put to stream {shown(stream)}: {_first(e)}") from None
-            writer.write(_meta({"seq": seq}))
+                raise error(REFUSED, f"do_put to stream {shown(stream)}: {_first(e)}") from None
+            writer.write(put_ack(seq))
 
     @_guarded("do_exchange")
     def do_exchange(
@@ -486,7 +399,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         reader: fl.MetadataRecordBatchReader,
         writer: fl.MetadataRecordBatchWriter,
     ) -> None:
-        raise _bad("do_exchange is not offered by rust-daq; use do_get and do_put")
+        raise error(BAD_REQUEST, "do_exchange is not offered by rust-daq; use do_get and do_put")
 
     # -- control ------------------------------------------------------------------------------
 
@@ -498,36 +411,37 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
     def do_action(self, context: fl.ServerCallContext, action: fl.Action) -> Iterator[bytes]:
         kind = action.type
         if kind not in ACTIONS:
-            raise _bad(f"unknown action {shown(kind)}; the actions: {', '.join(ACTIONS)}")
+            raise error(BAD_REQUEST, f"unknown action {shown(kind)}; the actions: {', '.join(ACTIONS)}")
         raw = action.body.to_pybytes() if action.body is not None else b""
-        params = _loads(raw, f"{kind}: the body is") if raw.strip() else {}
+        params = loads(raw, f"{kind}: the body is") if raw.strip() else {}
         if not isinstance(params, dict):
-            raise _bad(f"{kind}: the body must be a JSON object")
+            raise error(BAD_REQUEST, f"{kind}: the body must be a JSON object")
         try:
-            if kind == "status":
+            if kind == STATUS:
                 result = self.daemon.status()
                 with self._state_lock:
                     result["subscribers"] = self.subscribers
                     result["rows_sent"] = self.rows_sent
-            elif kind == "start_recording":
+            elif kind == START_RECORDING:
                 result = self.daemon.start_recording_from_wire(params)
-            elif kind == "stop_recording":
+            elif kind == STOP_RECORDING:
                 result = self.daemon.stop_recording()
-            else:
+            else:  # LIST_STREAMS
                 result = {
                     name: {f.name: str(f.type) for f in schema} for name, schema in self._streams().items()
                 }
         except (ValueError, OSError, RuntimeError) as e:
-            raise _bad(f"{kind}: {_first(e)}") from None
-        return iter([json.dumps(result).encode()])
+            raise error(REFUSED, f"{kind}: {_first(e)}") from None
+        return iter([action_result(result)])
 
 
-def _unknown(name: str, streams: Iterable[str]) -> fl.FlightServerError:
+def _unknown(name: str, streams: Iterable[str]) -> fl.FlightError:
     listed = list(streams)
     names = ", ".join(shown(n, 40) for n in listed[:8]) or "none yet"
     if len(listed) > 8:
         names += f" and {len(listed) - 8} more (list_flights)"
-    return _bad(f"unknown stream {shown(name)}; the daemon's streams: {names}")
+    # The name is not among the details: the client knows it, and it may be 100 kB.
+    return error(UNKNOWN_STREAM, f"unknown stream {shown(name)}; the daemon's streams: {names}")
 
 
 def _first(e: BaseException) -> str:
