@@ -232,3 +232,39 @@ def test_a_schema_change_resubscribes_the_reader_right_after_its_last_record(run
             assert [g.batch.schema for g in got] == [a.schema, b.schema, b.schema]
             assert [g.stream_seq for g in got] == [0, 1, 2], "nothing skipped, nothing twice"
             assert (reader.lost_records, reader.lost_rows) == (0, 0)
+
+
+class _Resubscribing(fl.FlightServerBase):  # type: ignore[misc]
+    """A daemon's side of the protocol only: stream "s" sends stream_seq 0 and 1 (2 rows each),
+    then its schema changes; the resubscription (after_seq 1) starts at stream_seq 5, rows 10:
+    records 2 to 4 and their 6 rows were overwritten in between."""
+
+    schema = pa.schema([("x", pa.int64())])
+
+    def list_flights(self, context: fl.ServerCallContext, criteria: bytes) -> Iterator[fl.FlightInfo]:
+        yield fl.FlightInfo(self.schema, fl.FlightDescriptor.for_path("s"), [], -1, -1)
+
+    def do_get(self, context: fl.ServerCallContext, t: fl.Ticket) -> fl.FlightDataStream:
+        after = parse_ticket(t.ticket).after_seq
+        batch = pa.record_batch([pa.array([1, 2])], schema=self.schema)
+        sent = [(seq, seq, 2 * seq) for seq in (0, 1)] if after is None else [(5, 5, 10)]
+
+        def batches() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+            for seq, stream_seq, rows_before in sent:  # lost_*: this subscription's own, none
+                yield batch, BatchMeta(seq, stream_seq, 0, 0, 0, rows_before).encode()
+            if after is None:
+                raise error(protocol.SCHEMA_CHANGED, "stream 's' changed its schema", stream="s", after_seq=1)
+
+        return fl.GeneratorStream(self.schema, batches())
+
+
+def test_the_client_counts_what_it_lost_between_two_subscriptions() -> None:
+    server = _Resubscribing("grpc://127.0.0.1:0")
+    try:
+        with rust_daq.remote.connect(f"grpc://127.0.0.1:{server.port}", token="") as daq:
+            with daq.reader("s", start="oldest") as reader:
+                got = list(reader)
+        assert [(b.stream_seq, b.lost_records, b.lost_rows) for b in got] == [(0, 0, 0), (1, 0, 0), (5, 3, 6)]
+        assert reader.lost_by_stream() == {"s": (3, 6)}
+    finally:
+        server.shutdown()

@@ -34,6 +34,7 @@ import pyarrow.flight as fl
 from .._access import local_token
 from .._arrow import _to_numpy
 from .._errors import RemoteError, RustDaqError, UnknownStreamError
+from .._records import LossAccount
 from .protocol import (
     BAD_REQUEST,
     LIST_STREAMS,
@@ -328,7 +329,7 @@ class RemoteReader:
         self._threads: dict[str, threading.Thread] = {}
         self._calls: dict[str, fl.FlightStreamReader] = {}
         self._ended: set[str] = set()
-        self._lost: dict[str, tuple[int, int | None]] = {}
+        self._loss = LossAccount()  # per stream name; changed and read under _cond
         self._last_seq: dict[str, int] = {}
         known = daq.streams()
         if self._want is not None:
@@ -367,7 +368,6 @@ class RemoteReader:
 
     def _receive(self, name: str, start: str) -> None:
         after: int | None = None
-        base: tuple[int, int | None] = (0, 0)  # lost before a resubscription
         while not self._closed:
             try:
                 call = self.daq._client.do_get(
@@ -380,15 +380,6 @@ class RemoteReader:
                     except StopIteration:
                         break
                     meta = BatchMeta.decode(chunk.app_metadata)
-                    item = RemoteBatch(
-                        name,
-                        chunk.data,
-                        meta.seq,
-                        meta.stream_seq,
-                        meta.timestamp_ns,
-                        base[0] + meta.lost_records,
-                        None if base[1] is None or meta.lost_rows is None else base[1] + meta.lost_rows,
-                    )
                     with self._cond:
                         while (
                             self._buf
@@ -398,17 +389,27 @@ class RemoteReader:
                             self._cond.wait(0.1)
                         if self._closed:
                             return
+                        # Our own account, from stream_seq and rows_before, continues across
+                        # resubscriptions (the daemon's lost_* start again with each).
+                        self._loss.observe(name, meta.stream_seq, chunk.data.num_rows, meta.rows_before)
+                        item = RemoteBatch(
+                            name,
+                            chunk.data,
+                            meta.seq,
+                            meta.stream_seq,
+                            meta.timestamp_ns,
+                            self._loss.records(name),
+                            self._loss.rows(name),
+                        )
                         self._buf.append(item)
                         self._buf_bytes += item.batch.nbytes
                         self._last_seq[name] = item.seq
-                        self._lost[name] = (item.lost_records, item.lost_rows)
                         self._cond.notify_all()
             except fl.FlightError as e:
                 if self._closed:
                     return
                 if error_info(e).code == SCHEMA_CHANGED and name in self._last_seq:
                     after = self._last_seq[name]  # resume right after the last record we have
-                    base = self._lost[name]
                     continue
                 with self._cond:
                     self._error = _remote_error(e, f"stream {name!r}")
@@ -432,17 +433,18 @@ class RemoteReader:
     @property
     def lost_records(self) -> int:
         """Records this subscriber lost (lapped in the daemon's ring), all streams."""
-        return sum(lost for lost, _ in self._lost.values())
+        return sum(lost for lost, _ in self.lost_by_stream().values())
 
     @property
     def lost_rows(self) -> int | None:
         """Rows in those records; None if the daemon no longer knew for some of them."""
-        rows = [r for _, r in self._lost.values()]
+        rows = [r for _, r in self.lost_by_stream().values()]
         return None if any(r is None for r in rows) else sum(r for r in rows if r is not None)
 
     def lost_by_stream(self) -> dict[str, tuple[int, int | None]]:
         """Per stream: (records lost, rows lost or None)."""
-        return dict(self._lost)
+        with self._cond:
+            return {str(name): (loss.records, loss.rows) for name, loss in self._loss.streams.items()}
 
     def read(self, max_records: int | None = None, timeout: float = 0.0) -> list[RemoteBatch]:
         """The batches received so far (waiting up to `timeout` s for one), with their

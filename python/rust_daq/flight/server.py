@@ -38,7 +38,7 @@ import pyarrow.flight as fl
 from .._access import NAME_MAX, control_char, shown
 from .._errors import RingUsageError, RustDaqError
 from .._live import LiveView
-from .._records import DECODE_ERRORS, SchemaTable, decode_buffer
+from .._records import LossAccount, RecordDecoder, SchemaTable
 from .._ring import RingBuffer
 from ..acquisition import RowIndex
 from .protocol import (
@@ -263,10 +263,12 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
     ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
         ring, rows = self.daemon.ring, self.daemon.row_index
         reader = ring.reader("oldest" if t.start == "oldest" or t.after_seq is not None else "latest")
-        next_stream_seq: int | None = None
-        lost_records = 0
-        lost_rows: int | None = 0
-        rows_expected: int | None = None
+        # Our own copies: gRPC sends a batch after this generator moves on. A copy torn by the
+        # producer is lost (a gap before the next record); an undecodable record, counted by
+        # the writer, is skipped.
+        decoder = RecordDecoder(state, copy=True)
+        account = LossAccount()
+        lost = account.start(stream_id, None)  # this subscription's losses
         with self._state_lock:
             self.subscribers += 1
         try:
@@ -280,13 +282,12 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                         return  # the daemon stops: everything written has been sent
                     continue
                 for rec in records:
-                    if rec.stream != stream_id or rec.schema_id == 0:
-                        continue
                     if t.after_seq is not None and rec.seq <= t.after_seq:
                         continue
-                    info = state.info(rec.schema_id)
-                    if info is None:
+                    d = decoder.decode(rec, stream_id=stream_id)
+                    if d is None or d.info is None:
                         continue
+                    info = d.info
                     if not info.schema.equals(schema, check_metadata=True):
                         raise error(
                             SCHEMA_CHANGED,
@@ -295,35 +296,15 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                             stream=info.name,
                             after_seq=rec.seq - 1,
                         )
-                    # Our own copy: gRPC sends the batch after this generator moves on.
-                    data = bytes(rec.data)
-                    if not rec.valid():
-                        continue  # overwritten while copied: lost, a gap before the next record
-                    try:
-                        batch = decode_buffer(data, info)
-                    except DECODE_ERRORS:
-                        continue  # counted by the writer; a subscriber just skips it
-                    gap = 0
-                    if rec.stream_seq is not None:
-                        if next_stream_seq is not None and rec.stream_seq > next_stream_seq:
-                            gap = rec.stream_seq - next_stream_seq
-                        next_stream_seq = rec.stream_seq + 1
-                    lost_records += gap
+                    batch = d.batch
+                    if batch is None:
+                        continue
                     before = rows.rows_before(rec.seq)
-                    if before is None:
-                        if gap:
-                            lost_rows = None  # the lost records' rows are no longer known
-                        rows_expected = None
-                    else:
-                        if rows_expected is not None and lost_rows is not None:
-                            lost_rows += before - rows_expected
-                        elif gap:
-                            lost_rows = None
-                        rows_expected = before + batch.num_rows
+                    account.observe(stream_id, rec.stream_seq, batch.num_rows, before)
                     with self._state_lock:
                         self.rows_sent += batch.num_rows
                     meta = BatchMeta(
-                        rec.seq, rec.stream_seq, rec.timestamp_ns, lost_records, lost_rows, before
+                        rec.seq, rec.stream_seq, rec.timestamp_ns, lost.records, lost.rows, before
                     )
                     yield batch, meta.encode()
         finally:
