@@ -23,6 +23,7 @@ fn producer_killed_mid_record_leaves_nothing_readable_and_restart_continues() {
         ClaimResult::Claimed(c) => c,
         ClaimResult::WouldBlock { .. } => unreachable!(),
     };
+    // SAFETY: 32 bytes read from a 32-byte array, into a 64-byte claim.
     unsafe { p.fill(&c, [0xEEu8; 32].as_ptr(), 32) };
     // Simulate SIGKILL: the process vanishes without running Drop; its pid is gone.
     std::mem::forget(p);

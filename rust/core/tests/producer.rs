@@ -119,6 +119,8 @@ fn uncommitted_records_are_invisible_and_abort_reuses_the_sequence() {
         p.try_claim(8, 0, None),
         Err(Error::Invalid { .. })
     ));
+    // SAFETY: the payload (a temporary living to the end of the statement) has 100 bytes,
+    // the claim's length.
     unsafe { p.fill(&c, payload(0, 100).as_ptr(), 100) };
     p.abort(c).unwrap();
     assert!(
@@ -147,6 +149,8 @@ fn payloads_can_be_filled_piecewise_at_any_offset() {
     };
     let mut at = 0usize;
     for n in [4usize, 4, 184, 59] {
+        // SAFETY: the pieces add up to msg.len(), the claim's length: `n` bytes from `at`
+        // are inside both `msg` and the payload.
         unsafe { p.fill_at(&c, at as u64, msg[at..].as_ptr(), n) };
         at += n;
     }

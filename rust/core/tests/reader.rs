@@ -84,6 +84,8 @@ fn commit_while_the_record_after_the_end_padding_is_still_filling() {
     rd.commit().unwrap();
     let st = ring.status();
     assert_eq!((st.read_tail, st.read_tail_seq), (3 * 1088, 3));
+    // SAFETY: the payload (a temporary living to the end of the statement) has 1024 bytes,
+    // the claim's length.
     unsafe { p.fill(&c, payload(3, 1024).as_ptr(), 1024) };
     p.commit(c).unwrap();
     let got = drain(&mut rd);
