@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from ._arrow import StreamInfo
 from ._errors import (
+    AccessError,
     ConfigError,
     DaemonConfigError,
     IncompatibleFileError,
     ProducerActiveError,
     ReadOnlyRingError,
+    RecordingNameError,
     RecordTooLargeError,
     RemoteError,
     RingClosedError,
@@ -56,6 +58,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AccessError",
+    "RecordingNameError",
     "Acquisition",
     "ConfigError",
     "DaemonConfigError",

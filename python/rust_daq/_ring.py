@@ -15,7 +15,7 @@ import pyarrow as pa
 from . import _native
 from ._arrow import ArrowWriter
 from ._errors import RingConfigError, RingCorruptError, RingUsageError, RustDaqError
-from ._records import DECODE_ERRORS, RecordDecoder, SchemaTable
+from ._records import DECODE_ERRORS, LossAccount, RecordDecoder, SchemaTable
 from ._window import RowWindow
 
 if TYPE_CHECKING:
@@ -209,6 +209,7 @@ class RingReader(_native.RingReader):
     def __init__(self, ring: _native.RingBuffer, start: StartAt = "oldest") -> None:
         # (the native __new__ placed the cursor; this reader's Arrow decoding)
         self._decoder = RecordDecoder(SchemaTable(ring))
+        self._loss = LossAccount()  # per stream, from the gaps in stream_seq
         # Zero-copy batches handed out, by id: (a weak reference, the record's ring position).
         self._views: dict[int, tuple[weakref.ref[pa.RecordBatch], int]] = {}
 
@@ -223,11 +224,12 @@ class RingReader(_native.RingReader):
         :attr:`not_arrow`; records that do not decode are skipped and counted in
         :attr:`undecodable`.
         """
-        decoder, out = self._decoder, []
+        decoder, observe, out = self._decoder, self._loss.observe, []
         for rec in self.read(max_records, timeout, copy):
             d = decoder.decode(rec)
             if d is None or d.batch is None or d.info is None:
                 continue
+            observe(d.info.name, rec.stream_seq, d.batch.num_rows)
             # A private copy (see _records.decode) stays valid, unless it was torn as it was copied.
             if not copy and (not d.info.full_validation or not rec.valid()):
                 self._remember(d.batch, rec.position)
@@ -251,6 +253,14 @@ class RingReader(_native.RingReader):
     def undecodable(self) -> int:
         """Arrow records skipped because their payload did not decode (corruption)."""
         return self._decoder.undecodable
+
+    def lost_by_stream(self) -> dict[str, tuple[int, int | None]]:
+        """Per Arrow stream, ``(records, rows)`` this reader lost (overwritten before it read
+        them), as ``rust_daq.remote``'s reader reports them. Records are counted from the gaps
+        in the stream's sequence numbers, from the first record of the stream that
+        ``read_batches`` returned; the rows they held are gone with them (None), unless none
+        were lost (0). :attr:`lost` counts every record, of any stream."""
+        return {str(name): (loss.records, loss.rows) for name, loss in self._loss.streams.items()}
 
     @property
     def not_arrow(self) -> int:

@@ -7,13 +7,17 @@
 //!
 //! One role per module: `ring` (shared state, header positions, record-header rules),
 //! `producer`, `reader`, `tail` (the primary consumer's `read_tail` and snapshots), `wait`
-//! (futex sleeping), `region` (the mapped file), `schema` (the schema table), `lock` (the
-//! producer lock), `guard` (SIGBUS protection), `copy` (copies into and out of the mapping).
+//! (futex sleeping), `file` (creating, opening and checking the ring file), `header`
+//! (encoding and validating its header bytes), `region` (its mapping and typed field
+//! access), `schema` (the schema table), `lock` (the producer lock), `guard` (SIGBUS
+//! protection), `copy` (copies into and out of the mapping).
 
 pub(crate) mod copy;
 pub(crate) mod error;
+pub(crate) mod file;
 pub mod format;
 pub(crate) mod guard;
+pub(crate) mod header;
 pub(crate) mod lock;
 pub(crate) mod producer;
 pub(crate) mod reader;

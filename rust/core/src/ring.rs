@@ -22,10 +22,11 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::file::{self, CreateOptions};
 use crate::format::{self, off, SIZE_MASK, TYPE_DATA, TYPE_PADDING};
 use crate::lock;
 use crate::producer::Producer;
-use crate::region::{CreateOptions, Region};
+use crate::region::Region;
 use crate::wait::backoff;
 
 /// Overflow policy.
@@ -152,7 +153,7 @@ impl Ring {
         replace: bool,
     ) -> Result<(Arc<Ring>, Producer)> {
         let capacity = validate_capacity(capacity)?;
-        crate::region::check_file_name(path)?;
+        file::check_file_name(path)?;
         let opts = CreateOptions {
             capacity,
             schema_size: format::DEFAULT_SCHEMA_SIZE,
@@ -166,7 +167,7 @@ impl Ring {
                 Err(e) => return Err(Error::io("cannot inspect ring path", path, e)),
             };
             if !exists {
-                if Region::create_new(path, opts)?.is_none() {
+                if file::create(path, opts)?.is_none() {
                     continue; // somebody created it meanwhile: attach to theirs
                 }
                 return Ring::attach_producer(path);
@@ -201,7 +202,7 @@ impl Ring {
                     });
                 }
             }
-            Region::create_new(
+            file::create(
                 path,
                 CreateOptions {
                     replace: true,
