@@ -35,23 +35,8 @@ from .._access import local_token
 from .._arrow import _to_numpy
 from .._errors import RemoteError, RustDaqError, UnknownStreamError
 from .._records import LossAccount
-from .protocol import (
-    BAD_REQUEST,
-    LIST_STREAMS,
-    REFUSED,
-    SCHEMA_CHANGED,
-    START_RECORDING,
-    STATUS,
-    STOP_RECORDING,
-    UNKNOWN_STREAM,
-    BatchMeta,
-    action,
-    error_info,
-    read_action_result,
-    read_put_ack,
-    start_recording_body,
-    ticket,
-)
+from . import protocol
+from .protocol import BatchMeta, error_info, ticket
 
 __all__ = ["RemoteBatch", "RemoteDaq", "RemoteError", "RemotePut", "RemoteReader", "connect"]
 
@@ -59,7 +44,9 @@ log = logging.getLogger("rust_daq.remote")
 
 # The codes of errors whose message names the request (the daemon's own words, given as is);
 # the others (a missing token, an internal error) are prefixed with what the client was doing.
-_NAMES_THE_REQUEST = frozenset({BAD_REQUEST, UNKNOWN_STREAM, SCHEMA_CHANGED, REFUSED})
+_NAMES_THE_REQUEST = frozenset(
+    {protocol.BAD_REQUEST, protocol.UNKNOWN_STREAM, protocol.SCHEMA_CHANGED, protocol.REFUSED}
+)
 
 
 def _remote_error(e: BaseException, what: str) -> RemoteError:
@@ -150,20 +137,20 @@ class RemoteDaq:
     def action(self, kind: str, body: dict[str, Any] | None = None) -> Any:
         """Runs a ``do_action`` (see :data:`rust_daq.flight.ACTIONS`); its JSON result."""
         try:
-            results = list(self._client.do_action(action(kind, body), options=self.options(120)))
+            results = list(self._client.do_action(protocol.action(kind, body), options=self.options(120)))
         except fl.FlightError as e:
             raise _remote_error(e, kind) from None
-        return read_action_result(results)
+        return protocol.read_action_result(results)
 
     def status(self) -> dict[str, Any]:
         """Streams (rows, records, rows/s), ring (fill, records written and lost), writer
         (recording, file, lag), subscribers."""
-        result: dict[str, Any] = self.action(STATUS)
+        result: dict[str, Any] = self.action(protocol.STATUS)
         return result
 
     def list_streams(self) -> dict[str, dict[str, str]]:
         """Every stream with its columns (name: Arrow type)."""
-        result: dict[str, dict[str, str]] = self.action(LIST_STREAMS)
+        result: dict[str, dict[str, str]] = self.action(protocol.LIST_STREAMS)
         return result
 
     def start_recording(
@@ -176,13 +163,13 @@ class RemoteDaq:
     ) -> dict[str, Any]:
         """Starts the daemon's HDF5 writer into `file`: a file name (.h5, .hdf5, .nxs, no
         directories), created in the daemon's data directory; the result names its path."""
-        body = start_recording_body(file, layout=layout, compression=compression, metadata=metadata)
-        result: dict[str, Any] = self.action(START_RECORDING, body)
+        body = protocol.start_recording_body(file, layout=layout, compression=compression, metadata=metadata)
+        result: dict[str, Any] = self.action(protocol.START_RECORDING, body)
         return result
 
     def stop_recording(self) -> dict[str, Any]:
         """Stops the writer after its final flush; what the file holds (records, rows, lost)."""
-        result: dict[str, Any] = self.action(STOP_RECORDING)
+        result: dict[str, Any] = self.action(protocol.STOP_RECORDING)
         return result
 
     # -- data ----------------------------------------------------------------------------------
@@ -246,7 +233,7 @@ class RemoteDaq:
 
 def _stream_error(e: BaseException, stream: str, what: str) -> RustDaqError:
     said = error_info(e)
-    if said.code == UNKNOWN_STREAM:
+    if said.code == protocol.UNKNOWN_STREAM:
         return UnknownStreamError(said.message)
     return _remote_error(e, what)
 
@@ -279,7 +266,7 @@ class RemotePut:
             raise _remote_error(e, f"do_put to {self.stream!r}") from None
         if ack is None:
             raise RemoteError(f"do_put to {self.stream!r}: the daemon closed the stream")
-        return read_put_ack(ack)
+        return protocol.read_put_ack(ack)
 
     def close(self) -> None:
         try:
@@ -408,7 +395,7 @@ class RemoteReader:
             except fl.FlightError as e:
                 if self._closed:
                     return
-                if error_info(e).code == SCHEMA_CHANGED and name in self._last_seq:
+                if error_info(e).code == protocol.SCHEMA_CHANGED and name in self._last_seq:
                     after = self._last_seq[name]  # resume right after the last record we have
                     continue
                 with self._cond:
