@@ -97,7 +97,7 @@ def parse_ticket(raw: bytes) -> Ticket:
     unknown = set(body) - set(TICKET_KEYS)
     if unknown:
         raise error(
-            BAD_REQUEST, f"bad ticket: unknown key(s) {keys(unknown)}; allowed: {sorted(TICKET_KEYS)}"
+            BAD_REQUEST, f"bad ticket: unknown key(s) {_keys(unknown)}; allowed: {sorted(TICKET_KEYS)}"
         )
     start = body.get("start", "latest")
     if start not in STARTS:
@@ -299,7 +299,7 @@ def loads(raw: bytes | str, what: str) -> Any:
         raise error(BAD_REQUEST, f"{what} not valid JSON ({type(e).__name__})") from None
 
 
-def keys(found: Any) -> str:
+def _keys(found: Any) -> str:
     """Unknown keys of a request, for a message: a few, each cut short."""
     listed = sorted(found, key=str)
     more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
