@@ -192,10 +192,11 @@ def test_the_client_tells_errors_apart_by_code(running: object) -> None:
         with pytest.raises(RemoteError) as e:
             daq.latest_table("v", rows=0)
         assert str(e.value) == "bad ticket: last_rows must be at least 1"
-        assert type(e.value) is RemoteError
+        assert type(e.value) is RemoteError and e.value.code == "bad_request"
         with pytest.raises(RemoteError) as e:
             daq.stop_recording()
         assert str(e.value) == "stop_recording: not recording"
+        assert e.value.code == "refused"
         with pytest.raises(RemoteError) as e:
             daq.action("reboot")
         assert str(e.value).startswith("unknown action 'reboot'; the actions: status, ")
@@ -214,6 +215,7 @@ def test_the_client_does_not_mistake_a_message_for_a_code(running: object) -> No
         with pytest.raises(RemoteError) as e:
             daq.put("v", pa.table({"a": [2]}))
         assert type(e.value) is RemoteError and "unknown stream 'x' changed its schema" in str(e.value)
+        assert e.value.code == "refused"
 
 
 def test_a_schema_change_resubscribes_the_reader_right_after_its_last_record(running: object) -> None:

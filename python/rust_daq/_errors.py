@@ -108,7 +108,13 @@ class DaemonConfigError(RustDaqError, ValueError):
 
 class RemoteError(RustDaqError):
     """A call to the daemon failed: it refused the request (the message says why), it could
-    not be reached, or it needs a token this client did not send."""
+    not be reached, or it needs a token this client did not send. ``code`` is the daemon's
+    error code (``"bad_request"``, ``"refused"``, ``"unauthenticated"``...; the list is in
+    docs/distributed.md), None when the daemon sent none (not reached, an older daemon)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AccessError(RustDaqError, OSError):

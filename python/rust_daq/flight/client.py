@@ -52,10 +52,10 @@ _NAMES_THE_REQUEST = frozenset(
 def _remote_error(e: BaseException, what: str) -> RemoteError:
     said = error_info(e)
     if isinstance(e, fl.FlightUnavailableError):
-        return RemoteError(f"{what}: the daemon cannot be reached ({said.message})")
+        return RemoteError(f"{what}: the daemon cannot be reached ({said.message})", said.code)
     if said.code in _NAMES_THE_REQUEST:
-        return RemoteError(said.message)
-    return RemoteError(f"{what}: {said.message}")
+        return RemoteError(said.message, said.code)
+    return RemoteError(f"{what}: {said.message}", said.code)
 
 
 @dataclass(frozen=True)
