@@ -18,20 +18,21 @@ a value), named by its ``validity`` attribute; float datasets also hold NaN ther
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
-from .._arrow import StreamInfo
-from .columns import Piece
-from .file import allocate, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
+from .._arrow import StreamInfo, empty_batch
+from .columns import Piece, pieces_of
+from .file import allocate, arrow_name, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
 
-__all__ = ["AppendLayout", "BatchesLayout", "Item", "StreamBook", "Target"]
+__all__ = ["AppendLayout", "BatchesLayout", "FileLayout", "Item", "StreamBook", "Target"]
 
 #: Children of ``/measurements`` that are not streams.
 ENTRY_NAMES = frozenset({"metadata", "start_time", "end_time"})
@@ -41,7 +42,6 @@ GROUP_NAMES = frozenset({"arrow_schema"})
 #: stream's first timestamp column (not a JSON list, so no column's key).
 AXIS_KEY = "axis"
 AXIS_SIGNATURE = "axis<f8()"
-BOOK_FIELDS = 5  # rust_daq/streams/<stream>: rows, records, lost, next_stream_seq, unwritable
 
 
 @dataclass
@@ -212,13 +212,81 @@ def _runs(
     return out
 
 
+class FileLayout(Protocol):
+    """What the writer asks of a layout; it knows nothing else of either."""
+
+    #: Whether readers can follow the file with SWMR (no new objects at every flush).
+    swmr: bool
+    #: The progress marker's ``flushes``: flushes that wrote records (append), batch groups
+    #: written (batches).
+    flushes: int
+
+    def ready(self, f: h5py.File) -> None:
+        """The file is open (new or resumed): read what the layout needs of it."""
+
+    def resume(self, f: h5py.File, books: MutableMapping[str, StreamBook], flushes: int) -> None:
+        """Back to the last progress marker (`books` as it committed them, `flushes` its count):
+        what came after it trimmed away."""
+
+    def prepare(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, info: StreamInfo
+    ) -> None:
+        """Objects for a stream known before its first record (made before SWMR starts)."""
+
+    def new_chunk_bytes(self, book: StreamBook, item: Item, rows: int) -> int:
+        """Bytes of the chunks `item` would open when appended at row `rows` of its stream
+        (for the writer's free-space check: HDF5 allocates a chunk whole)."""
+
+    def write(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
+    ) -> int:
+        """Writes `items` (records of one stream, in order); returns the rows written.
+        `structural()` gives the file ready for new objects (out of SWMR mode)."""
+
+    def flushed(self, written: int) -> None:
+        """A flush wrote `written` records (its marker is about to be written)."""
+
+
 class AppendLayout:
     """``measurements/<stream>/<column>``: extendable datasets, NeXus NXdata groups."""
+
+    swmr = True
 
     def __init__(self, filters: dict[str, Any]) -> None:
         self.filters = filters
         self.start_ns = 0  # the file's start_time, ns since the epoch (the time axis' zero)
         self.start_time = ""
+        self.flushes = 0
+
+    def ready(self, f: h5py.File) -> None:
+        start = f["measurements/start_time"][()]
+        start = start.decode() if isinstance(start, bytes) else str(start)
+        self.start_time = start
+        when = dt.datetime.fromisoformat(start.strip())
+        self.start_ns = (int(when.timestamp()) * 1_000_000 + when.microsecond) * 1000
+
+    def resume(self, f: h5py.File, books: MutableMapping[str, StreamBook], flushes: int) -> None:
+        self.flushes = flushes
+        for b in books.values():
+            self._resume(f, b)
+        # Groups a pass made before it was abandoned (no marker covers them): adopted empty,
+        # so the stream keeps its name instead of getting a second group.
+        for group, g in f["measurements"].items():
+            if isinstance(g, h5py.Group) and "arrow_name" in g.attrs:
+                name = arrow_name(g.attrs, group)
+                if name not in books:
+                    self._resume(f, books.setdefault(name, StreamBook(name, group, next_seq=-1)))
+
+    def prepare(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, info: StreamInfo
+    ) -> None:
+        """A stream's group and datasets, from its schema: SWMR forbids making them later
+        without leaving it (which takes every reader's file away)."""
+        self.write(f, structural, book, [Item(pieces_of(empty_batch(info.schema)), 0, None, info)])
+
+    def flushed(self, written: int) -> None:
+        if written:
+            self.flushes += 1
 
     def _axis(self, book: StreamBook, it: Item) -> Piece | None:
         """The time axis piece of one item: its timestamps as seconds since start_time."""
@@ -238,7 +306,7 @@ class AppendLayout:
                 return Piece(("time",), seconds, None, AXIS_SIGNATURE, attrs)
         return None
 
-    def resume(self, f: h5py.File, book: StreamBook) -> None:
+    def _resume(self, f: h5py.File, book: StreamBook) -> None:
         """Targets from the file; every dataset trimmed back to the committed rows."""
         group = f["measurements"].get(book.group)
         if group is None:
@@ -263,8 +331,6 @@ class AppendLayout:
                 )
 
     def new_chunk_bytes(self, book: StreamBook, item: Item, rows: int) -> int:
-        """Bytes of the chunks `item` would open when appended at row `rows` of its stream
-        (for the writer's free-space check: HDF5 allocates a chunk whole)."""
         total = 0
         for key, p in zip(piece_keys(item.pieces), item.pieces, strict=True):
             t = book.targets.get((key, p.signature))
@@ -282,8 +348,6 @@ class AppendLayout:
     def write(
         self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
     ) -> int:
-        """Appends `items` (records of one stream, in order); returns the rows written.
-        `structural()` gives the file ready for new objects (out of SWMR mode)."""
         start = book.rows
         total = sum(it.rows for it in items)
         if book.group not in f["measurements"] and book.time_key is None:
@@ -414,12 +478,39 @@ class AppendLayout:
 
 class BatchesLayout:
     """``measurements/batch_NNNNNN/<column>``: the original system's layout, one group per
-    stream per flush (per schema, if it changed within the flush)."""
+    stream per flush (per schema, if it changed within the flush). No SWMR (new groups every
+    flush), no objects before a stream's first records."""
+
+    swmr = False
 
     def __init__(self, filters: dict[str, Any]) -> None:
         self.filters = filters
+        self.flushes = 0  # batch groups written: the last one's number
 
-    def write(self, f: h5py.File, next_index: Callable[[], int], book: StreamBook, items: list[Item]) -> int:
+    def ready(self, f: h5py.File) -> None:
+        pass
+
+    def resume(self, f: h5py.File, books: MutableMapping[str, StreamBook], flushes: int) -> None:
+        self.flushes = flushes
+        for key in list(f["measurements"]):
+            if key.startswith("batch_") and int(key[6:]) > flushes:
+                del f["measurements"][key]
+
+    def prepare(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, info: StreamInfo
+    ) -> None:
+        pass
+
+    def new_chunk_bytes(self, book: StreamBook, item: Item, rows: int) -> int:
+        return 0  # (no chunks: a group's datasets are written whole)
+
+    def flushed(self, written: int) -> None:
+        pass
+
+    def write(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
+    ) -> int:
+        f = structural()
         start = 0
         while start < len(items):
             first = items[start]
@@ -431,7 +522,8 @@ class BatchesLayout:
                 and [p.signature for p in items[end].pieces] == shape
             ):
                 end += 1
-            self._group(f, next_index(), book, items[start:end])
+            self.flushes += 1
+            self._group(f, self.flushes, book, items[start:end])
             start = end
         rows = sum(it.rows for it in items)
         book.rows += rows
