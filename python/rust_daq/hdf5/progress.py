@@ -19,6 +19,7 @@ any file, also one another process is writing.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import h5py
 import numpy as np
 
 from .._errors import IncompatibleFileError
-from .file import arrow_name, iso_now, set_arrow_name
+from .file import arrow_name, consistency_flags, iso_now, set_arrow_name
 from .layouts import StreamBook
 
 __all__ = ["Progress", "StreamProgress", "read_progress"]
@@ -95,7 +96,7 @@ def _committed(f: h5py.File) -> tuple[list[int], bool, dict[str, tuple[str, list
 
 def _open_for_reading(path: str) -> h5py.File:
     """The file as its readers open it: SWMR (a running append writer), else plainly, else
-    without HDF5's locking (a running batches writer holds its exclusive lock)."""
+    without HDF5's locking (readers of its own may hold the file)."""
     if not os.path.exists(path):
         raise FileNotFoundError(2, f"{path} does not exist", path)
     for kwargs in ({"libver": "latest", "swmr": True}, {}, {"locking": False}):
@@ -103,13 +104,23 @@ def _open_for_reading(path: str) -> h5py.File:
             return h5py.File(path, "r", **kwargs)
         except OSError as e:
             error = e
+    if consistency_flags(path):
+        raise BlockingIOError(
+            errno.EWOULDBLOCK,
+            f"{path} is open for writing without SWMR (a running batches-layout writer; an append-layout "
+            "writer for the moment it makes a new stream's datasets: retry), or was left so by a killed "
+            f"writer; HDF5 reads it once its writer closes it, or after rust_daq.writer.repair() ({error})",
+            path,
+        )
     raise IncompatibleFileError(f"{path} is not a readable HDF5 file: {error}")
 
 
 def read_progress(path: str | os.PathLike[str]) -> Progress:
     """The progress marker and per-stream books of a writer's file, as its last completed
-    flush committed them; safe on a file another process is writing. Raises FileNotFoundError,
-    IncompatibleFileError (not an HDF5 file, or no rust-daq writer's)."""
+    flush committed them; safe on a file another process is writing with SWMR (the append
+    layout). Raises FileNotFoundError, BlockingIOError (a file open for writing without SWMR:
+    HDF5 refuses every reader), IncompatibleFileError (not an HDF5 file, or no rust-daq
+    writer's)."""
     path = os.fspath(path)
     with _open_for_reading(path) as f:
         if PROGRESS not in f or STREAMS not in f:
