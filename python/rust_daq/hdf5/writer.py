@@ -60,8 +60,9 @@ from typing import Any, Literal, Self
 import anyio
 import h5py
 
-from .._arrow import DECODE_ERRORS, ArrowState, StreamInfo, decode
+from .._arrow import StreamInfo
 from .._errors import IncompatibleFileError, RustDaqError
+from .._records import DECODE_ERRORS, SchemaTable, decode
 from .._ring import RingBuffer
 from . import progress, quarantine
 from .columns import pieces_of
@@ -158,7 +159,7 @@ class HDF5Writer:
         self._only = set(streams) if streams is not None else None
         self._ring = ring_buffer if isinstance(ring_buffer, RingBuffer) else RingBuffer.open(ring_buffer)
         self._owns_ring = not isinstance(ring_buffer, RingBuffer)
-        self._state = ArrowState(self._ring)
+        self._state = SchemaTable(self._ring)
         self._lock = threading.Lock()  # one flush at a time (run() and flush_to_disk())
         self._closed = False
         self.records_written = 0

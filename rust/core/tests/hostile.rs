@@ -211,8 +211,8 @@ fn plain_records_cannot_use_an_arrow_streams_id() {
     let volts = p.register_schema("volts", b"schema").unwrap();
     assert_eq!(volts.stream_id, 2);
     match p.write(b"plain", 2, None, Duration::ZERO).unwrap_err() {
-        Error::Invalid { detail } => assert!(detail.contains("\"volts\""), "{detail}"),
-        other => panic!("expected Invalid, got {other:?}"),
+        Error::StreamIdTaken { stream, name } => assert_eq!((stream, name.as_str()), (2, "volts")),
+        other => panic!("expected StreamIdTaken, got {other:?}"),
     }
     assert!(
         p.try_claim_tagged(8, 3, volts.schema_id, None).is_err(),

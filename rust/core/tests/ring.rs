@@ -279,10 +279,10 @@ fn producer_killed_mid_record_leaves_nothing_readable_and_restart_continues() {
     unsafe { p.fill(&c, [0xEEu8; 32].as_ptr(), 32) };
     // Simulate SIGKILL: the process vanishes without running Drop; its pid is gone.
     std::mem::forget(p);
-    ring.region().h64(off::PRODUCER_LOCK).store(
-        rust_daq_core::lock::lock_word(0x7fff_fff0, 1),
-        Ordering::Release,
-    );
+    // The lock word of docs/ring-format.md: pid | (start time mod 2^32) << 32.
+    ring.region()
+        .h64(off::PRODUCER_LOCK)
+        .store(0x7fff_fff0 | (1 << 32), Ordering::Release);
     let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
     assert_eq!(drain(&mut rd).len(), 3);
     assert_eq!(rd.peek().unwrap(), Next::Busy { seq: 3 });
