@@ -22,13 +22,14 @@ import datetime as dt
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
 from .._arrow import StreamInfo, empty_batch
+from .._records import StreamLoss
 from .columns import Piece, pieces_of
 from .file import allocate, arrow_name, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
 
@@ -77,22 +78,40 @@ def _new_chunks(rows: int, n: int, per: int) -> int:
     return -(-(rows + n) // per) - -(-rows // per)
 
 
-@dataclass
 class StreamBook:
-    """What the writer knows of one stream, persisted in ``rust_daq/streams/<group>``."""
+    """What the writer knows of one stream, persisted in ``rust_daq/streams/<group>``. Its
+    losses are a :class:`~rust_daq._records.StreamLoss` (``loss``), the one account every
+    reader keeps; ``next_seq`` -1 in the file is its None (nothing of the stream seen yet)."""
 
-    name: str  # the Arrow stream name
-    group: str  # its HDF5 name
-    rows: int = 0
-    records: int = 0
-    lost: int = 0
-    next_seq: int = 0
-    unwritable: int = 0
-    targets: dict[tuple[str, str], Target] = field(default_factory=dict)
-    #: Extendable datasets of the group that are no target (from an older writer).
-    untracked: list[str] = field(default_factory=list)
-    #: The key of the timestamp column the stream's time axis is made from, if any.
-    time_key: str | None = None
+    def __init__(
+        self,
+        name: str,
+        group: str,
+        rows: int = 0,
+        records: int = 0,
+        lost: int = 0,
+        next_seq: int = 0,
+        unwritable: int = 0,
+    ) -> None:
+        self.name = name  # the Arrow stream name
+        self.group = group  # its HDF5 name
+        self.rows = rows
+        self.records = records
+        self.loss = StreamLoss(None if next_seq < 0 else next_seq, lost)
+        self.unwritable = unwritable
+        self.targets: dict[tuple[str, str], Target] = {}
+        #: Extendable datasets of the group that are no target (from an older writer).
+        self.untracked: list[str] = []
+        #: The key of the timestamp column the stream's time axis is made from, if any.
+        self.time_key: str | None = None
+
+    @property
+    def lost(self) -> int:
+        return self.loss.records
+
+    @property
+    def next_seq(self) -> int:
+        return -1 if self.loss.next_seq is None else self.loss.next_seq
 
     def values(self) -> list[int]:
         return [self.rows, self.records, self.lost, self.next_seq, self.unwritable]

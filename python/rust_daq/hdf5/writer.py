@@ -62,7 +62,7 @@ import h5py
 
 from .._arrow import StreamInfo
 from .._errors import IncompatibleFileError, RustDaqError
-from .._records import DECODE_ERRORS, SchemaTable, decode
+from .._records import DECODE_ERRORS, LossAccount, RecordDecoder, SchemaTable
 from .._ring import RingBuffer
 from . import progress, quarantine
 from .columns import pieces_of
@@ -159,7 +159,10 @@ class HDF5Writer:
         self._only = set(streams) if streams is not None else None
         self._ring = ring_buffer if isinstance(ring_buffer, RingBuffer) else RingBuffer.open(ring_buffer)
         self._owns_ring = not isinstance(ring_buffer, RingBuffer)
-        self._state = SchemaTable(self._ring)
+        self._decoder = RecordDecoder(SchemaTable(self._ring))
+        only = self._only
+        self._wanted = None if only is None else (lambda info: info.name in only)
+        self._losses = LossAccount()  # the books' StreamLoss objects, by stream name
         self._lock = threading.Lock()  # one flush at a time (run() and flush_to_disk())
         self._closed = False
         self.records_written = 0
@@ -202,6 +205,8 @@ class HDF5Writer:
             self._marker = 0
         else:
             self._resume()
+        self._losses = LossAccount()
+        self._losses.streams.update({b.name: b.loss for b in self._books.values()})
         f = self._out.file
         self._layout.ready(f)
         self._precreate()
@@ -232,13 +237,14 @@ class HDF5Writer:
             )
             group = allocate(hdf5_name(name, ENTRY_NAMES), taken | ENTRY_NAMES)
             book = self._books[name] = StreamBook(name, group, next_seq=-1)
+            self._losses.streams[name] = book.loss
         return book
 
     def _precreate(self) -> None:
         """Groups and datasets for the streams the ring's schema table holds now, before SWMR
         starts: SWMR forbids new objects, and leaving it takes every reader's file away."""
         try:
-            streams = self._state.streams()
+            streams = self._decoder.schemas.streams()
         except DECODE_ERRORS + (RustDaqError,) as e:
             log.error("the ring's schema table does not decode: %s", e)
             return
@@ -324,13 +330,6 @@ class HDF5Writer:
         reader at the tail would count again what was lost (or written) before."""
         self._reader = self._ring.reader("tail")
         self._reader_from = self._ring.read_tail_seq
-
-    def _info(self, schema_id: int) -> StreamInfo | None:
-        try:
-            return self._state.info(schema_id)
-        except DECODE_ERRORS + (RustDaqError,) as e:
-            log.error("the ring's schema table does not decode: %s", e)
-            return None
 
     def _flush(self, copy: bool = False) -> int:
         written = 0
@@ -437,23 +436,23 @@ class HDF5Writer:
         return written
 
     def _sort(self, rec: Any) -> Item | tuple[StreamInfo | None, str] | None:
-        """What a record is, with no side effect: None (not Arrow, or a stream not selected:
-        skipped), an Item to write, or (stream, reason) to quarantine."""
-        if rec.schema_id == 0:
-            return None
-        info = self._info(rec.schema_id)
-        if info is None:
-            return None, f"schema id {rec.schema_id} is not in the ring's schema table"
-        if self._only is not None and info.name not in self._only:
-            return None
-        reason = self._quarantine.reason(rec.seq)
-        if reason is not None:
-            return info, reason
+        """What a record is, with no side effect on the writer's books: None (not Arrow, or a
+        stream not selected: skipped), an Item to write, or (stream, reason) to quarantine."""
+        reason = self._quarantine.condemned.get(rec.seq)
+        if reason is not None:  # (HDF5 refused it: an Arrow record of a selected stream)
+            return self._decoder.info(rec), reason
         try:
-            batch = decode(rec, info)
+            d = self._decoder.decode(rec, wanted=self._wanted)
+        except RustDaqError as e:
+            log.error("the ring's schema table does not decode: %s", e)
+            return None, f"schema id {rec.schema_id} is not in the ring's schema table"
+        if d is None:
+            return None
+        info, batch = d.info, d.batch
+        if batch is None or info is None:  # (its schema is unknown, or it does not decode)
+            return info, d.error or "does not decode"
+        try:
             return Item(pieces_of(batch), batch.num_rows, rec, info)
-        except DECODE_ERRORS as e:
-            return info, f"does not decode with its stream's schema: {e}"
         except Exception as e:  # a batch that contradicts its schema
             return info, f"cannot be converted for HDF5: {type(e).__name__}: {e}"
 
@@ -516,17 +515,15 @@ class HDF5Writer:
         """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
         if stream_seq is None:
             return
-        if book.next_seq < 0:
+        if book.loss.next_seq is None and self._reader.lost > 0:
             # First record of this stream in this file. If the reader lost nothing so far, the
-            # stream's earlier records went to another file: this one is the baseline. If it
-            # did (the ring lapped the tail before this file got it), they count as lost.
-            book.next_seq = 0 if self._reader.lost > 0 else stream_seq
-        if stream_seq > book.next_seq:
-            book.lost += stream_seq - book.next_seq
-            log.warning(
-                "stream %r: %d record(s) lost to ring overwrite", book.name, stream_seq - book.next_seq
-            )
-        book.next_seq = stream_seq + 1
+            # stream's earlier records went to another file: this one is the baseline (the
+            # account's own rule for a first record). If it did (the ring lapped the tail
+            # before this file got it), they count as lost: from 0.
+            book.loss.next_seq = 0
+        gap = self._losses.observe(book.name, stream_seq)
+        if gap:
+            log.warning("stream %r: %d record(s) lost to ring overwrite", book.name, gap)
 
     def stream_stats(self) -> dict[str, dict[str, int]]:
         """Per stream: records written, records lost (overwritten in the ring before the writer
