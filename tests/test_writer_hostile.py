@@ -357,7 +357,7 @@ def test_a_record_hdf5_refuses_is_found_and_quarantined(
         refuse(items)
         return original_append(self, f, structural, book_, items)
 
-    from rust_daq.hdf5.layouts import BatchesLayout
+    from rust_daq.hdf5.batches import BatchesLayout
 
     original_batches = BatchesLayout.write
 

@@ -1,4 +1,5 @@
-"""The two HDF5 layouts of the writer, and what the writer knows of each stream.
+"""The writer's append layout, the interface both layouts implement (:class:`FileLayout`;
+the batches layout is in ``batches.py``), and what the writer knows of each stream.
 
 Both layouts take a stream's decoded records of one pass (:class:`Item`: the record and its
 columns as :class:`~rust_daq.hdf5.columns.Piece` objects) and write them; neither commits
@@ -31,9 +32,9 @@ import numpy as np
 from .._arrow import StreamInfo, empty_batch
 from .._records import StreamLoss
 from .columns import Piece, pieces_of
-from .file import allocate, arrow_name, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
+from .file import allocate, arrow_name, attr_text, chunk_rows, hdf5_name, schema_json, set_arrow_name
 
-__all__ = ["AppendLayout", "BatchesLayout", "FileLayout", "Item", "StreamBook", "Target"]
+__all__ = ["AppendLayout", "FileLayout", "Item", "StreamBook", "Target"]
 
 #: Children of ``/measurements`` that are not streams.
 ENTRY_NAMES = frozenset({"metadata", "start_time", "end_time"})
@@ -131,7 +132,7 @@ def _is_time(p: Piece) -> bool:
     return p.attrs.get("units") == "ns" and "epoch" in p.attrs and p.data.ndim == 1
 
 
-def _base_name(p: Piece) -> str:
+def base_name(p: Piece) -> str:
     return ".".join(hdf5_name(part) for part in p.path)
 
 
@@ -160,11 +161,11 @@ def _create(
         **extra,
         **filters,
     )
-    _set_attrs(ds, p, **attrs)
+    set_attrs(ds, p, **attrs)
     return ds
 
 
-def _set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
+def set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
     set_arrow_name(ds.attrs, p.path[0])
     ds.attrs["long_name"] = attr_text(".".join(p.path))
     if len(p.path) > 1:
@@ -173,7 +174,7 @@ def _set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
         ds.attrs[key] = attr_text(value) if isinstance(value, str) else value
 
 
-def _create_mask(g: h5py.Group, of: str, rows: int) -> str:
+def create_mask(g: h5py.Group, of: str, rows: int) -> str:
     name = allocate(f"{of}__valid", set(g.keys()) | GROUP_NAMES)
     m = g.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=np.uint8, chunks=(chunk_rows(1),))
     m.attrs["validity_of"] = of
@@ -403,7 +404,7 @@ class AppendLayout:
             for ks in new:
                 row, p = writes[ks][0]
                 generation = 1 + sum(1 for k, _ in book.targets if k == ks[0])
-                base = _base_name(p)
+                base = base_name(p)
                 name = allocate(
                     base if generation == 1 else f"{base}__{generation}", set(g.keys()) | GROUP_NAMES
                 )
@@ -418,7 +419,7 @@ class AppendLayout:
                 book.targets[ks] = Target(name, row, None, *_chunk_of(g[name]))
             for ks in masks:
                 t = book.targets[ks]
-                t.mask = _create_mask(g, t.name, start)
+                t.mask = create_mask(g, t.name, start)
                 if start > t.first_row:  # rows so far held a value wherever the target existed
                     g[t.mask][t.first_row : start] = 1
             self._attach_scales(g, book, new)
@@ -493,96 +494,3 @@ class AppendLayout:
             g.attrs["signal"] = signal
             x = axis.name if axis is not None else (times[0] if times else ".")
             g.attrs["axes"] = [x] + ["."] * (p.data.ndim - 1)
-
-
-class BatchesLayout:
-    """``measurements/batch_NNNNNN/<column>``: the original system's layout, one group per
-    stream per flush (per schema, if it changed within the flush). No SWMR (new groups every
-    flush), no objects before a stream's first records."""
-
-    swmr = False
-
-    def __init__(self, filters: dict[str, Any]) -> None:
-        self.filters = filters
-        self.flushes = 0  # batch groups written: the last one's number
-
-    def ready(self, f: h5py.File) -> None:
-        pass
-
-    def resume(self, f: h5py.File, books: MutableMapping[str, StreamBook], flushes: int) -> None:
-        self.flushes = flushes
-        for key in list(f["measurements"]):
-            if key.startswith("batch_") and int(key[6:]) > flushes:
-                del f["measurements"][key]
-
-    def prepare(
-        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, info: StreamInfo
-    ) -> None:
-        pass
-
-    def new_chunk_bytes(self, book: StreamBook, item: Item, rows: int) -> int:
-        return 0  # (no chunks: a group's datasets are written whole)
-
-    def flushed(self, written: int) -> None:
-        pass
-
-    def write(
-        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
-    ) -> int:
-        f = structural()
-        start = 0
-        while start < len(items):
-            first = items[start]
-            shape = [p.signature for p in first.pieces]
-            end = start + 1
-            while (
-                end < len(items)
-                and items[end].info.schema_id == first.info.schema_id
-                and [p.signature for p in items[end].pieces] == shape
-            ):
-                end += 1
-            self.flushes += 1
-            self._group(f, self.flushes, book, items[start:end])
-            start = end
-        rows = sum(it.rows for it in items)
-        book.rows += rows
-        return rows
-
-    def _group(self, f: h5py.File, index: int, book: StreamBook, items: list[Item]) -> None:
-        g = f["measurements"].create_group(f"batch_{index:06d}")
-        g.attrs["NX_class"] = "NXdata"
-        rows = sum(it.rows for it in items)
-        first = items[0]
-        for col, key in enumerate(piece_keys(first.pieces)):
-            parts = [it.pieces[col] for it in items]
-            p = parts[0]
-            data = p.data if len(parts) == 1 else np.concatenate([q.data for q in parts])
-            if p.dtype.kind == "O":
-                data = data.astype(p.dtype, copy=False)
-            name = allocate(_base_name(p), set(g.keys()))
-            ds = g.create_dataset(name, shape=data.shape, dtype=p.dtype, **self.filters)
-            write_rows(ds, 0, data)
-            _set_attrs(ds, p, rust_daq_key=key)
-            if any(q.valid is not None for q in parts):
-                present = np.concatenate(
-                    [
-                        np.ones(len(q.data), np.uint8) if q.valid is None else q.valid.astype(np.uint8)
-                        for q in parts
-                    ]
-                )
-                mask = _create_mask(g, name, 0)
-                g[mask].resize(rows, axis=0)
-                g[mask][:] = present
-        recs = [it.record for it in items]
-        g.attrs.update(
-            stream=attr_text(book.name),
-            **({"stream_utf8": np.frombuffer(book.name.encode(), np.uint8)} if "\0" in book.name else {}),
-            seq_first=recs[0].seq,
-            seq_last=recs[-1].seq,
-            position_first=recs[0].position,
-            position_last=recs[-1].position,
-            records=len(recs),
-            rows=rows,
-            flush_time=iso_now(),
-            arrow_schema_json=schema_json(first.info.schema),
-        )

@@ -21,12 +21,18 @@ marker's slot and skips what the file already holds: every record ends up in the
 once, as long as the ring did not overwrite it meanwhile (then it is counted as lost, from
 the gaps in the sequence numbers, in the file and the log).
 
-Any batch: Arrow columns become HDF5 arrays as ``columns.py`` tabulates (nulls: fill value
-plus a validity dataset), names are mapped to valid HDF5 names, a type change starts a new
-dataset generation (``layouts.py``); a record that still cannot be written is quarantined in
-``rust_daq/quarantine`` (its Arrow bytes, stream, reason) and counted. The file is never
-touched before it is known to be this run's and closed elsewhere (an OFD lock for the writer's
-life). docs/reliability.md states all of it, with the tests.
+Any batch: records are decoded by the one read path (``rust_daq._records``), Arrow columns
+become HDF5 arrays as ``columns.py`` tabulates (nulls: fill value plus a validity dataset),
+names are mapped to valid HDF5 names, a type change starts a new dataset generation
+(``layouts.py``); a record that still cannot be written is quarantined in
+``rust_daq/quarantine`` (its Arrow bytes, stream, reason; ``quarantine.py``) and counted. The
+file is never touched before it is known to be this run's and closed elsewhere (an OFD lock
+for the writer's life; ``open.py``). docs/reliability.md states all of it, with the tests.
+
+This module is the drain loop and the writer's lifecycle; the progress format is
+``progress.py``, the disk-space budget ``space.py``, the layouts ``layouts.py`` and
+``batches.py``. (It is ~590 lines: a third is this documentation and the pass with its
+retry rules, which read best in one place.)
 
 Layouts:
 
@@ -65,9 +71,10 @@ from .._errors import IncompatibleFileError, RustDaqError
 from .._records import DECODE_ERRORS, LossAccount, RecordDecoder, SchemaTable
 from .._ring import RingBuffer
 from . import progress, quarantine
+from .batches import BatchesLayout
 from .columns import pieces_of
-from .file import allocate, clear_consistency_flags, hdf5_name
-from .layouts import ENTRY_NAMES, AppendLayout, BatchesLayout, FileLayout, Item, StreamBook
+from .file import allocate, clear_consistency_flags, compression_filters, hdf5_name
+from .layouts import ENTRY_NAMES, AppendLayout, FileLayout, Item, StreamBook
 from .open import OutputFile
 from .quarantine import Bad, Quarantine, Unwritable
 from .space import MARGIN, NoSpace, SpaceBudget, disk_trouble, errno_of, io_error
@@ -82,34 +89,8 @@ _READ_BYTES = 64 << 20  # ...and about this many bytes: the writer's memory stay
 _ATTEMPTS = 256  # passes a flush may abandon (each torn, or finding a record HDF5 refuses)
 
 
-def _compression(spec: str | None) -> dict[str, Any]:
-    if spec is None or spec == "none":
-        return {}
-    if spec in ("gzip", "lzf"):
-        return {"compression": spec, **({"compression_opts": 4} if spec == "gzip" else {})}
-    name, _, level = spec.partition(":")
-    if name == "gzip" and level:
-        if not (level.isdigit() and 0 <= int(level) <= 9):
-            raise ValueError(f"compression {spec!r}: a gzip level is 0 (none) to 9 (smallest), got {level!r}")
-        return {"compression": "gzip", "compression_opts": int(level)}
-    if name not in ("blosc", "lz4", "zstd", "bitshuffle"):
-        raise ValueError(
-            f"unknown compression {spec!r}; use gzip, gzip:LEVEL, lzf, blosc, lz4, zstd or bitshuffle"
-        )
-    try:
-        import hdf5plugin
-    except ImportError as e:
-        raise ValueError(
-            f"compression {spec!r} needs the hdf5plugin package (pip install 'rust-daq[hdf5plugin]'); "
-            "gzip and lzf are built in"
-        ) from e
-    filters: dict[str, Any] = {
-        "blosc": hdf5plugin.Blosc,
-        "lz4": hdf5plugin.LZ4,
-        "zstd": hdf5plugin.Zstd,
-        "bitshuffle": hdf5plugin.Bitshuffle,
-    }
-    return dict(filters[name]())
+#: The writer's compression option parser (the supervisor checks options with it).
+_compression = compression_filters
 
 
 def repair(path: str | os.PathLike[str]) -> bool:
@@ -153,7 +134,7 @@ class HDF5Writer:
         self.path = os.fspath(output_path)
         self.layout: Layout = layout
         self.flush_interval = float(flush_interval)
-        filters = _compression(compression)
+        filters = compression_filters(compression)
         self._layout: FileLayout = AppendLayout(filters) if layout == "append" else BatchesLayout(filters)
         self._metadata = dict(metadata or {})
         self._only = set(streams) if streams is not None else None
