@@ -357,7 +357,7 @@ def test_a_record_hdf5_refuses_is_found_and_quarantined(
         refuse(items)
         return original_append(self, f, structural, book_, items)
 
-    from rust_daq.hdf5.layouts import BatchesLayout
+    from rust_daq.hdf5.batches import BatchesLayout
 
     original_batches = BatchesLayout.write
 
@@ -668,13 +668,14 @@ w = HDF5Writer(sys.argv[2], ring)
 w.flush_to_disk()  # stream a
 print("flushed", flush=True)
 sys.stdin.readline()  # stream b is in the ring now: new in the next pass
-original = HDF5Writer._create_resume
-def die(self, resume, b, *, committed):
+from rust_daq.hdf5 import progress
+original = progress.create_resume
+def die(resume, b, marker, *, committed):
     if b.name == "b":  # stream b is new in this pass: its view is made, its slots are not
-        self._file.flush()
+        resume.file.flush()
         os._exit(9)
-    original(self, resume, b, committed=committed)
-HDF5Writer._create_resume = die
+    original(resume, b, marker, committed=committed)
+progress.create_resume = die
 w.flush_to_disk()
 """
 

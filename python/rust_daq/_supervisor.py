@@ -35,6 +35,7 @@ import h5py
 
 from ._errors import RustDaqError
 from .hdf5.process import start_process, stop_process
+from .hdf5.progress import read_progress
 from .hdf5.writer import _compression
 
 __all__ = ["WriterSupervisor", "check_writer_options", "file_progress"]
@@ -80,27 +81,11 @@ def file_progress(path: str) -> dict[str, Any] | None:
     """What a writer's file holds by its progress marker: records, lost, flushes and, per
     stream, rows/records/lost. None if the file has no marker (or cannot be read)."""
     try:
-        f = h5py.File(path, "r", libver="latest", swmr=True)
-    except OSError:
-        try:
-            f = h5py.File(path, "r")
-        except OSError:
-            return None
-    try:
-        with f:
-            if "rust_daq/progress" not in f:
-                return None
-            _, records, lost, flushes = (int(v) for v in f["rust_daq/progress"][()][:4])
-            streams: dict[str, dict[str, int]] = {}
-            if "rust_daq/streams" in f:
-                for key, book in f["rust_daq/streams"].items():
-                    v = [int(x) for x in book[()]]
-                    name = book.attrs.get("name", key)
-                    name = name.decode() if isinstance(name, bytes) else str(name)
-                    streams[name] = {"rows": v[0], "records": v[1], "lost": v[2]}
-            return {"records": records, "lost": lost, "flushes": flushes, "streams": streams}
-    except (OSError, KeyError, ValueError, TypeError, IndexError):
+        p = read_progress(path)
+    except (OSError, RustDaqError):
         return None
+    streams = {name: {"rows": s.rows, "records": s.records, "lost": s.lost} for name, s in p.streams.items()}
+    return {"records": p.records, "lost": p.lost, "flushes": p.flushes, "streams": streams}
 
 
 def _exited(p: subprocess.Popen[str]) -> bool:

@@ -1,5 +1,6 @@
 """HDF5 helpers of the writer: file repair after a crash (the superblock's consistency flags),
-valid and unique HDF5 names for Arrow stream and column names, timestamps, schema JSON.
+valid and unique HDF5 names for Arrow stream and column names, timestamps, schema JSON,
+compression filters.
 How Arrow columns become HDF5 arrays is in ``columns.py``.
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "set_arrow_name",
     "chunk_rows",
     "clear_consistency_flags",
+    "compression_filters",
     "hdf5_name",
     "open_for_writing",
     "iso_now",
@@ -167,6 +169,38 @@ def clear_consistency_flags(path: str) -> bool:
         f.seek(0)
         f.write(sb)
     return True
+
+
+def compression_filters(spec: str | None) -> dict[str, Any]:
+    """The dataset-creation options of a ``--compression`` spec: none, gzip, gzip:LEVEL, lzf,
+    or blosc, lz4, zstd, bitshuffle (hdf5plugin). Raises ValueError naming what is allowed."""
+    if spec is None or spec == "none":
+        return {}
+    if spec in ("gzip", "lzf"):
+        return {"compression": spec, **({"compression_opts": 4} if spec == "gzip" else {})}
+    name, _, level = spec.partition(":")
+    if name == "gzip" and level:
+        if not (level.isdigit() and 0 <= int(level) <= 9):
+            raise ValueError(f"compression {spec!r}: a gzip level is 0 (none) to 9 (smallest), got {level!r}")
+        return {"compression": "gzip", "compression_opts": int(level)}
+    if name not in ("blosc", "lz4", "zstd", "bitshuffle"):
+        raise ValueError(
+            f"unknown compression {spec!r}; use gzip, gzip:LEVEL, lzf, blosc, lz4, zstd or bitshuffle"
+        )
+    try:
+        import hdf5plugin
+    except ImportError as e:
+        raise ValueError(
+            f"compression {spec!r} needs the hdf5plugin package (pip install 'rust-daq[hdf5plugin]'); "
+            "gzip and lzf are built in"
+        ) from e
+    filters: dict[str, Any] = {
+        "blosc": hdf5plugin.Blosc,
+        "lz4": hdf5plugin.LZ4,
+        "zstd": hdf5plugin.Zstd,
+        "bitshuffle": hdf5plugin.Bitshuffle,
+    }
+    return dict(filters[name]())
 
 
 def iso_now() -> str:

@@ -1,4 +1,5 @@
-"""The two HDF5 layouts of the writer, and what the writer knows of each stream.
+"""The writer's append layout, the interface both layouts implement (:class:`FileLayout`;
+the batches layout is in ``batches.py``), and what the writer knows of each stream.
 
 Both layouts take a stream's decoded records of one pass (:class:`Item`: the record and its
 columns as :class:`~rust_daq.hdf5.columns.Piece` objects) and write them; neither commits
@@ -18,20 +19,22 @@ a value), named by its ``validity`` attribute; float datasets also hold NaN ther
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
-from .._arrow import StreamInfo
-from .columns import Piece
-from .file import allocate, attr_text, chunk_rows, hdf5_name, iso_now, schema_json, set_arrow_name
+from .._arrow import StreamInfo, empty_batch
+from .._records import StreamLoss
+from .columns import Piece, pieces_of
+from .file import allocate, arrow_name, attr_text, chunk_rows, hdf5_name, schema_json, set_arrow_name
 
-__all__ = ["AppendLayout", "BatchesLayout", "Item", "StreamBook", "Target"]
+__all__ = ["AppendLayout", "FileLayout", "Item", "StreamBook", "Target"]
 
 #: Children of ``/measurements`` that are not streams.
 ENTRY_NAMES = frozenset({"metadata", "start_time", "end_time"})
@@ -41,7 +44,6 @@ GROUP_NAMES = frozenset({"arrow_schema"})
 #: stream's first timestamp column (not a JSON list, so no column's key).
 AXIS_KEY = "axis"
 AXIS_SIGNATURE = "axis<f8()"
-BOOK_FIELDS = 5  # rust_daq/streams/<stream>: rows, records, lost, next_stream_seq, unwritable
 
 
 @dataclass
@@ -77,22 +79,40 @@ def _new_chunks(rows: int, n: int, per: int) -> int:
     return -(-(rows + n) // per) - -(-rows // per)
 
 
-@dataclass
 class StreamBook:
-    """What the writer knows of one stream, persisted in ``rust_daq/streams/<group>``."""
+    """What the writer knows of one stream, persisted in ``rust_daq/streams/<group>``. Its
+    losses are a :class:`~rust_daq._records.StreamLoss` (``loss``), the one account every
+    reader keeps; ``next_seq`` -1 in the file is its None (nothing of the stream seen yet)."""
 
-    name: str  # the Arrow stream name
-    group: str  # its HDF5 name
-    rows: int = 0
-    records: int = 0
-    lost: int = 0
-    next_seq: int = 0
-    unwritable: int = 0
-    targets: dict[tuple[str, str], Target] = field(default_factory=dict)
-    #: Extendable datasets of the group that are no target (from an older writer).
-    untracked: list[str] = field(default_factory=list)
-    #: The key of the timestamp column the stream's time axis is made from, if any.
-    time_key: str | None = None
+    def __init__(
+        self,
+        name: str,
+        group: str,
+        rows: int = 0,
+        records: int = 0,
+        lost: int = 0,
+        next_seq: int = 0,
+        unwritable: int = 0,
+    ) -> None:
+        self.name = name  # the Arrow stream name
+        self.group = group  # its HDF5 name
+        self.rows = rows
+        self.records = records
+        self.loss = StreamLoss(None if next_seq < 0 else next_seq, lost)
+        self.unwritable = unwritable
+        self.targets: dict[tuple[str, str], Target] = {}
+        #: Extendable datasets of the group that are no target (from an older writer).
+        self.untracked: list[str] = []
+        #: The key of the timestamp column the stream's time axis is made from, if any.
+        self.time_key: str | None = None
+
+    @property
+    def lost(self) -> int:
+        return self.loss.records
+
+    @property
+    def next_seq(self) -> int:
+        return -1 if self.loss.next_seq is None else self.loss.next_seq
 
     def values(self) -> list[int]:
         return [self.rows, self.records, self.lost, self.next_seq, self.unwritable]
@@ -112,7 +132,7 @@ def _is_time(p: Piece) -> bool:
     return p.attrs.get("units") == "ns" and "epoch" in p.attrs and p.data.ndim == 1
 
 
-def _base_name(p: Piece) -> str:
+def base_name(p: Piece) -> str:
     return ".".join(hdf5_name(part) for part in p.path)
 
 
@@ -141,11 +161,11 @@ def _create(
         **extra,
         **filters,
     )
-    _set_attrs(ds, p, **attrs)
+    set_attrs(ds, p, **attrs)
     return ds
 
 
-def _set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
+def set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
     set_arrow_name(ds.attrs, p.path[0])
     ds.attrs["long_name"] = attr_text(".".join(p.path))
     if len(p.path) > 1:
@@ -154,7 +174,7 @@ def _set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
         ds.attrs[key] = attr_text(value) if isinstance(value, str) else value
 
 
-def _create_mask(g: h5py.Group, of: str, rows: int) -> str:
+def create_mask(g: h5py.Group, of: str, rows: int) -> str:
     name = allocate(f"{of}__valid", set(g.keys()) | GROUP_NAMES)
     m = g.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=np.uint8, chunks=(chunk_rows(1),))
     m.attrs["validity_of"] = of
@@ -212,13 +232,81 @@ def _runs(
     return out
 
 
+class FileLayout(Protocol):
+    """What the writer asks of a layout; it knows nothing else of either."""
+
+    #: Whether readers can follow the file with SWMR (no new objects at every flush).
+    swmr: bool
+    #: The progress marker's ``flushes``: flushes that wrote records (append), batch groups
+    #: written (batches).
+    flushes: int
+
+    def ready(self, f: h5py.File) -> None:
+        """The file is open (new or resumed): read what the layout needs of it."""
+
+    def resume(self, f: h5py.File, books: MutableMapping[str, StreamBook], flushes: int) -> None:
+        """Back to the last progress marker (`books` as it committed them, `flushes` its count):
+        what came after it trimmed away."""
+
+    def prepare(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, info: StreamInfo
+    ) -> None:
+        """Objects for a stream known before its first record (made before SWMR starts)."""
+
+    def new_chunk_bytes(self, book: StreamBook, item: Item, rows: int) -> int:
+        """Bytes of the chunks `item` would open when appended at row `rows` of its stream
+        (for the writer's free-space check: HDF5 allocates a chunk whole)."""
+
+    def write(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
+    ) -> int:
+        """Writes `items` (records of one stream, in order); returns the rows written.
+        `structural()` gives the file ready for new objects (out of SWMR mode)."""
+
+    def flushed(self, written: int) -> None:
+        """A flush wrote `written` records (its marker is about to be written)."""
+
+
 class AppendLayout:
     """``measurements/<stream>/<column>``: extendable datasets, NeXus NXdata groups."""
+
+    swmr = True
 
     def __init__(self, filters: dict[str, Any]) -> None:
         self.filters = filters
         self.start_ns = 0  # the file's start_time, ns since the epoch (the time axis' zero)
         self.start_time = ""
+        self.flushes = 0
+
+    def ready(self, f: h5py.File) -> None:
+        start = f["measurements/start_time"][()]
+        start = start.decode() if isinstance(start, bytes) else str(start)
+        self.start_time = start
+        when = dt.datetime.fromisoformat(start.strip())
+        self.start_ns = (int(when.timestamp()) * 1_000_000 + when.microsecond) * 1000
+
+    def resume(self, f: h5py.File, books: MutableMapping[str, StreamBook], flushes: int) -> None:
+        self.flushes = flushes
+        for b in books.values():
+            self._resume(f, b)
+        # Groups a pass made before it was abandoned (no marker covers them): adopted empty,
+        # so the stream keeps its name instead of getting a second group.
+        for group, g in f["measurements"].items():
+            if isinstance(g, h5py.Group) and "arrow_name" in g.attrs:
+                name = arrow_name(g.attrs, group)
+                if name not in books:
+                    self._resume(f, books.setdefault(name, StreamBook(name, group, next_seq=-1)))
+
+    def prepare(
+        self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, info: StreamInfo
+    ) -> None:
+        """A stream's group and datasets, from its schema: SWMR forbids making them later
+        without leaving it (which takes every reader's file away)."""
+        self.write(f, structural, book, [Item(pieces_of(empty_batch(info.schema)), 0, None, info)])
+
+    def flushed(self, written: int) -> None:
+        if written:
+            self.flushes += 1
 
     def _axis(self, book: StreamBook, it: Item) -> Piece | None:
         """The time axis piece of one item: its timestamps as seconds since start_time."""
@@ -238,7 +326,7 @@ class AppendLayout:
                 return Piece(("time",), seconds, None, AXIS_SIGNATURE, attrs)
         return None
 
-    def resume(self, f: h5py.File, book: StreamBook) -> None:
+    def _resume(self, f: h5py.File, book: StreamBook) -> None:
         """Targets from the file; every dataset trimmed back to the committed rows."""
         group = f["measurements"].get(book.group)
         if group is None:
@@ -263,8 +351,6 @@ class AppendLayout:
                 )
 
     def new_chunk_bytes(self, book: StreamBook, item: Item, rows: int) -> int:
-        """Bytes of the chunks `item` would open when appended at row `rows` of its stream
-        (for the writer's free-space check: HDF5 allocates a chunk whole)."""
         total = 0
         for key, p in zip(piece_keys(item.pieces), item.pieces, strict=True):
             t = book.targets.get((key, p.signature))
@@ -282,8 +368,6 @@ class AppendLayout:
     def write(
         self, f: h5py.File, structural: Callable[[], h5py.File], book: StreamBook, items: list[Item]
     ) -> int:
-        """Appends `items` (records of one stream, in order); returns the rows written.
-        `structural()` gives the file ready for new objects (out of SWMR mode)."""
         start = book.rows
         total = sum(it.rows for it in items)
         if book.group not in f["measurements"] and book.time_key is None:
@@ -320,7 +404,7 @@ class AppendLayout:
             for ks in new:
                 row, p = writes[ks][0]
                 generation = 1 + sum(1 for k, _ in book.targets if k == ks[0])
-                base = _base_name(p)
+                base = base_name(p)
                 name = allocate(
                     base if generation == 1 else f"{base}__{generation}", set(g.keys()) | GROUP_NAMES
                 )
@@ -335,7 +419,7 @@ class AppendLayout:
                 book.targets[ks] = Target(name, row, None, *_chunk_of(g[name]))
             for ks in masks:
                 t = book.targets[ks]
-                t.mask = _create_mask(g, t.name, start)
+                t.mask = create_mask(g, t.name, start)
                 if start > t.first_row:  # rows so far held a value wherever the target existed
                     g[t.mask][t.first_row : start] = 1
             self._attach_scales(g, book, new)
@@ -410,68 +494,3 @@ class AppendLayout:
             g.attrs["signal"] = signal
             x = axis.name if axis is not None else (times[0] if times else ".")
             g.attrs["axes"] = [x] + ["."] * (p.data.ndim - 1)
-
-
-class BatchesLayout:
-    """``measurements/batch_NNNNNN/<column>``: the original system's layout, one group per
-    stream per flush (per schema, if it changed within the flush)."""
-
-    def __init__(self, filters: dict[str, Any]) -> None:
-        self.filters = filters
-
-    def write(self, f: h5py.File, next_index: Callable[[], int], book: StreamBook, items: list[Item]) -> int:
-        start = 0
-        while start < len(items):
-            first = items[start]
-            shape = [p.signature for p in first.pieces]
-            end = start + 1
-            while (
-                end < len(items)
-                and items[end].info.schema_id == first.info.schema_id
-                and [p.signature for p in items[end].pieces] == shape
-            ):
-                end += 1
-            self._group(f, next_index(), book, items[start:end])
-            start = end
-        rows = sum(it.rows for it in items)
-        book.rows += rows
-        return rows
-
-    def _group(self, f: h5py.File, index: int, book: StreamBook, items: list[Item]) -> None:
-        g = f["measurements"].create_group(f"batch_{index:06d}")
-        g.attrs["NX_class"] = "NXdata"
-        rows = sum(it.rows for it in items)
-        first = items[0]
-        for col, key in enumerate(piece_keys(first.pieces)):
-            parts = [it.pieces[col] for it in items]
-            p = parts[0]
-            data = p.data if len(parts) == 1 else np.concatenate([q.data for q in parts])
-            if p.dtype.kind == "O":
-                data = data.astype(p.dtype, copy=False)
-            name = allocate(_base_name(p), set(g.keys()))
-            ds = g.create_dataset(name, shape=data.shape, dtype=p.dtype, **self.filters)
-            write_rows(ds, 0, data)
-            _set_attrs(ds, p, rust_daq_key=key)
-            if any(q.valid is not None for q in parts):
-                present = np.concatenate(
-                    [
-                        np.ones(len(q.data), np.uint8) if q.valid is None else q.valid.astype(np.uint8)
-                        for q in parts
-                    ]
-                )
-                mask = _create_mask(g, name, 0)
-                g[mask].resize(rows, axis=0)
-                g[mask][:] = present
-        recs = [it.record for it in items]
-        g.attrs.update(
-            stream=attr_text(book.name),
-            **({"stream_utf8": np.frombuffer(book.name.encode(), np.uint8)} if "\0" in book.name else {}),
-            seq_first=recs[0].seq,
-            seq_last=recs[-1].seq,
-            position_first=recs[0].position,
-            position_last=recs[-1].position,
-            records=len(recs),
-            rows=rows,
-            flush_time=iso_now(),
-            arrow_schema_json=schema_json(first.info.schema),
-        )
