@@ -34,7 +34,7 @@ from .file import (
     looks_like_run,
     open_for_writing,
 )
-from .space import NoSpace
+from .space import _NoSpace
 
 __all__ = ["OutputFile"]
 
@@ -94,7 +94,7 @@ class OutputFile:
             raise BlockingIOError(
                 e.errno, f"{self.path} is open for writing by another process", self.path
             ) from e
-        except NoSpace:
+        except _NoSpace:
             raise
         except OSError as e:
             raise IncompatibleFileError(f"{self.path} exists but is not a readable HDF5 file: {e}") from e
@@ -198,7 +198,7 @@ class OutputFile:
             try:
                 os.truncate(self.path, int(m.group(2)))
             except OSError as full:  # no room even for that (RLIMIT_FSIZE): retried later
-                raise NoSpace(
+                raise _NoSpace(
                     full.errno or errno.ENOSPC,
                     f"{self.path} needs {int(m.group(2)) - int(m.group(1))} more bytes to be repaired "
                     f"after a failed write ({full.strerror}); the ring still holds what it lacks",

@@ -21,7 +21,7 @@ from .._arrow import StreamInfo
 from .file import attr_text
 from .layouts import StreamBook
 
-__all__ = ["QUARANTINE", "QUARANTINE_FIELDS", "Quarantine", "Unwritable"]
+__all__ = ["QUARANTINE", "QUARANTINE_FIELDS", "Quarantine", "_Unwritable"]
 
 log = logging.getLogger("rust_daq.writer")
 
@@ -42,7 +42,7 @@ Bad = tuple[Any, StreamInfo | None, str]
 _T = TypeVar("_T")
 
 
-class Unwritable(Exception):
+class _Unwritable(Exception):
     """Writing these records failed for a reason of their own, not the disk's."""
 
     def __init__(self, seqs: list[int], cause: BaseException) -> None:
@@ -88,7 +88,7 @@ class Quarantine:
             return [[it] for it in items]
         return [items]
 
-    def failed(self, e: Unwritable) -> None:
+    def failed(self, e: _Unwritable) -> None:
         """A write failed for a reason of its own: its one record condemned, or its records
         made suspects."""
         if len(e.seqs) == 1:

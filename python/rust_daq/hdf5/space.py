@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any
 
-__all__ = ["FULL", "MARGIN", "NoSpace", "SpaceBudget", "disk_trouble", "errno_of", "io_error"]
+__all__ = ["FULL", "MARGIN", "_NoSpace", "SpaceBudget", "disk_trouble", "errno_of", "io_error"]
 
 # What a pass may write when the disk is nearly full: payload * factor + margin per record must
 # fit. HDF5 adds chunk rounding and metadata; a write that still fails is retried, smaller.
@@ -25,7 +25,7 @@ _FACTOR_MAX = 1 << 12
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-class NoSpace(OSError):
+class _NoSpace(OSError):
     """Not one more record fits on the disk (or under RLIMIT_FSIZE); nothing was written."""
 
 

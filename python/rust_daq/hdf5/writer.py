@@ -31,8 +31,8 @@ for the writer's life; ``open.py``). docs/reliability.md states all of it, with 
 
 This module is the drain loop and the writer's lifecycle; the progress format is
 ``progress.py``, the disk-space budget ``space.py``, the layouts ``layouts.py`` and
-``batches.py``. (It is ~590 lines: a third is this documentation and the pass with its
-retry rules, which read best in one place.)
+``batches.py``. (Over 500 lines: a third is this documentation, and the pass with its
+retry rules reads best in one place.)
 
 Layouts:
 
@@ -76,8 +76,8 @@ from .columns import pieces_of
 from .file import allocate, clear_consistency_flags, compression_filters, hdf5_name
 from .layouts import ENTRY_NAMES, AppendLayout, FileLayout, Item, StreamBook
 from .open import OutputFile
-from .quarantine import Bad, Quarantine, Unwritable
-from .space import MARGIN, NoSpace, SpaceBudget, disk_trouble, errno_of, io_error
+from .quarantine import Bad, Quarantine, _Unwritable
+from .space import MARGIN, SpaceBudget, _NoSpace, disk_trouble, errno_of, io_error
 
 __all__ = ["HDF5Writer", "IncompatibleFileError", "repair"]
 
@@ -270,9 +270,9 @@ class HDF5Writer:
                 # the writer costs it records, counted as lost, never another torn pass.
                 log.warning("%s; retrying from the ring's tail with copies", e)
                 copy = True
-            except Unwritable as e:
+            except _Unwritable as e:
                 self._quarantine.failed(e)
-            except NoSpace:
+            except _NoSpace:
                 raise  # nothing was written: the ring holds it all
             except (OSError, RuntimeError) as e:
                 # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError or OSError.
@@ -350,7 +350,7 @@ class HDF5Writer:
             if full and not pending and not bad and written == 0 and quarantined == 0:
                 self._new_reader()  # (our cursor read past what it wrote)
                 self.records_skipped = skipped_before  # counted again when read again
-                raise NoSpace(
+                raise _NoSpace(
                     code,
                     f"{self.path}: no room for the next record ({budget or 0} bytes left after a "
                     f"{MARGIN}-byte margin); nothing was written, the ring still holds it",
@@ -488,7 +488,7 @@ class HDF5Writer:
             except Exception as e:
                 if isinstance(e, OSError | RuntimeError) and disk_trouble(self.path, e):
                     raise
-                raise Unwritable([it.record.seq for it in group], e) from e
+                raise _Unwritable([it.record.seq for it in group], e) from e
         book.records += len(items)
         return len(items)
 
