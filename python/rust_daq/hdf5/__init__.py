@@ -4,7 +4,16 @@ mapping (:mod:`.columns`), and the writer as its own process (:mod:`.process`,
 ``python -m rust_daq.writer``). Everything h5py-dependent lives here."""
 
 from .._errors import IncompatibleFileError
+from .options import WriterOptions
 from .process import main, start_process, stop_process
 from .writer import HDF5Writer, repair
 
-__all__ = ["HDF5Writer", "IncompatibleFileError", "main", "repair", "start_process", "stop_process"]
+__all__ = [
+    "HDF5Writer",
+    "IncompatibleFileError",
+    "WriterOptions",
+    "main",
+    "repair",
+    "start_process",
+    "stop_process",
+]
