@@ -485,3 +485,33 @@ def test_a_relay_keeps_the_upstream_stream_numbering(ring_path: str) -> None:
         with pytest.raises(TypeError, match="stream_seq must be a non-negative int"):
             ring.write_arrow_batch(voltmeter(9, 10), "v", stream_seq=-1)
         assert ring.records_written == 5, "the refused write wrote nothing"
+
+
+def test_a_lapped_reader_counts_what_it_lost_of_each_stream(ring_path: str) -> None:
+    """Two streams interleaved 3:1 through a ring too small to hold them; a reader that falls
+    behind loses records of both. Its per-stream count must equal the gaps in each stream's
+    own numbering (the `i` column), and add up to the reader's total loss."""
+    with RingBuffer.create(ring_path, capacity_bytes=256 * 1024) as ring:
+        reader = ring.reader()
+        seen: dict[str, list[int]] = {"fast": [], "slow": []}
+        written = {"fast": 0, "slow": 0}
+
+        def drain() -> None:
+            for name, batch in reader.read_batches():
+                seen[name] += batch.column("i").to_pylist()
+
+        n = 0
+        for burst in range(6):
+            for _ in range(3000 if burst % 2 else 40):  # odd bursts lap the reader
+                for name in ("fast", "fast", "fast", "slow") if n % 4 == 0 else ("fast",):
+                    ring.write_arrow_batch(pa.record_batch({"i": [written[name]]}), name)
+                    written[name] += 1
+                n += 1
+            drain()
+        lost = reader.lost_by_stream()
+        for name, got in seen.items():
+            assert got == sorted(got) and len(set(got)) == len(got)
+            gaps = (got[-1] - got[0] + 1) - len(got)
+            assert lost[name] == (gaps, None if gaps else 0), name
+        assert lost["fast"][0] > 0 and lost["slow"][0] > 0
+        assert reader.lost >= lost["fast"][0] + lost["slow"][0]

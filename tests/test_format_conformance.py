@@ -196,3 +196,71 @@ def test_schema_table_and_arrow_records_as_documented(ring_path: str) -> None:
             ]
         finally:
             sr.close()
+
+
+def test_padding_in_the_middle_keeps_its_claims_fields_as_documented(ring_path: str) -> None:
+    """Aborted claims (and one per Arrow schema activation) become padding that keeps the
+    claim's payload_len, stream and stream_seq; end-of-lap padding has zeros there."""
+    import pyarrow as pa
+
+    no_seq = 2**64 - 1
+    with RingBuffer.create(ring_path, capacity_bytes=64 * 1024) as ring:
+        ring.write(b"a" * 10, stream=5)
+        ring.reserve(100, stream=5).abort()
+        ring.write(b"b" * 10, stream=5)  # reuses the aborted claim's numbers
+        ring.write_arrow_batch(pa.record_batch([pa.array([1, 2, 3])], names=["a"]), "dmm")
+        sr = StructReader(ring_path)
+        try:
+            m, headers, r = sr.m, [], 0
+            while r < u64(m, 128):  # no wrap yet: walk every record from position 0
+                headers.append(REC.unpack_from(m, sr.data + r))
+                r += headers[-1][0] & SIZE_MASK
+            kinds = [(h[1], h[2], h[3], h[6] != 0, h[9]) for h in headers]  # type stream seq len>0 sseq
+            assert kinds == [
+                (DATA, 5, 0, True, 0),
+                (PADDING, 5, no_seq, True, 1),  # the aborted claim: real stream_seq, payload_len 100
+                (DATA, 5, 1, True, 1),
+                (PADDING, 0, no_seq, True, 0),  # the schema message of the activation
+                (DATA, 1, 2, True, 0),  # the Arrow stream got id 1 (5 is taken by plain records)
+            ]
+            assert headers[1][6] == 100 and headers[1][0] & SIZE_MASK == 64 + 128
+            # next_stream_seq (offset 1024 + 8k): the number the stream's next record gets.
+            assert [u64(m, 1024 + 8 * k) for k in (0, 1, 5)] == [0, 1, 2]
+            # End-of-lap padding: zeros where middle padding keeps its claim's fields.
+            ring.write_many([b"x" * 1000] * 200, stream=5)
+            r, tail_pad = u64(m, 144), None
+            while r < u64(m, 128) and tail_pad is None:
+                h = REC.unpack_from(m, sr.data + r % sr.capacity)
+                if h[1] == PADDING and r % sr.capacity + (h[0] & SIZE_MASK) == sr.capacity:
+                    tail_pad = h
+                r += h[0] & SIZE_MASK
+            assert tail_pad is not None
+            stream, seq, plen, schema_id, sseq = (tail_pad[i] for i in (2, 3, 6, 7, 9))
+            assert (stream, seq, plen, schema_id, sseq) == (0, no_seq, 0, 0, no_seq)
+        finally:
+            sr.close()
+
+
+def test_a_ring_recreated_at_the_same_path_has_a_new_session_id(ring_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_bytes=16 * 1024) as ring:
+        ring.write(b"old")
+        first = ring.session_id
+    old = StructReader(ring_path)
+    try:
+        assert u64(old.m, 48) == first
+        with RingBuffer.create(ring_path, capacity_bytes=32 * 1024, replace=True) as ring:
+            ring.write(b"new")
+            assert ring.session_id != first
+            new = StructReader(ring_path)
+            try:
+                assert u64(new.m, 48) == ring.session_id != u64(old.m, 48) == first
+                # The old mapping is the old file: it never sees the new ring's records.
+                assert [r.payload for r in old.read_all(old.oldest)[0]] == [b"old"]
+                assert [r.payload for r in new.read_all(new.oldest)[0]] == [b"new"]
+            finally:
+                new.close()
+        # Reattaching with the same geometry keeps the ring and its id.
+        with RingBuffer.create(ring_path, capacity_bytes=32 * 1024) as ring:
+            assert ring.session_id != first and ring.records_written == 1
+    finally:
+        old.close()

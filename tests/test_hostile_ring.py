@@ -457,7 +457,7 @@ from rust_daq import RingBuffer, RingCorruptError
 
 ring = RingBuffer.create(sys.argv[1], capacity_bytes=1 << 20)
 ring.write_arrow_batch(pa.record_batch({"x": list(range(1000))}), "s")
-mm, data_offset, _ = ring._arrow.file  # pyarrow's own map of the ring file
+mm, data_offset, _ = ring._arrow_writer.file  # pyarrow's own map of the ring file
 os.truncate(sys.argv[1], 12288)        # as another process would, mid-run
 mm.seek(data_offset + 600_000)         # pyarrow writes a batch where the file is gone now
 mm.write(b"x" * 4096)

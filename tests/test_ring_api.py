@@ -312,3 +312,38 @@ def test_version_is_single_sourced() -> None:
     from importlib.metadata import version
 
     assert rust_daq.__version__ == version("rust-daq")
+
+
+def test_misusing_a_reservation_raises_ring_usage_error(ring_path: str) -> None:
+    usage = rust_daq.RingUsageError
+    assert issubclass(usage, ValueError)
+    with RingBuffer.create(ring_path, capacity_mb=1) as ring:
+        res = ring.reserve(8)
+        with pytest.raises(usage, match="overflows the reservation"):
+            res.write(b"123456789")  # past its end
+        res.write(b"12345678")
+        with pytest.raises(usage, match="overflows the reservation"):
+            res.write(b"x")  # full: one byte past its end
+        seq = res.commit()
+        with pytest.raises(usage, match=f"already committed \\(seq {seq}\\)"):
+            res.commit()  # twice
+        with pytest.raises(usage, match="already committed"):
+            res.abort()  # after commit
+        with pytest.raises(usage, match="already committed"):
+            res.write(b"x")  # after commit
+
+        res = ring.reserve(8)
+        res.abort()
+        with pytest.raises(usage, match="already aborted"):
+            res.commit()  # after abort
+        with pytest.raises(usage, match="already aborted"):
+            res.abort()  # twice
+        with pytest.raises(usage, match="already aborted"):
+            res.write(b"x")  # after abort
+
+        # A second reservation while one is pending is a usage error of the ring.
+        res = ring.reserve(8)
+        with pytest.raises(usage, match="pending"):
+            ring.reserve(8)
+        res.abort()
+        assert [r.seq for r in ring.reader().read()] == [seq]

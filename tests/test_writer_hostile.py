@@ -36,7 +36,7 @@ def _x(n: int, start: int = 0) -> pa.RecordBatch:
 
 def _garbage(ring: RingBuffer, stream: str, data: bytes) -> None:
     """A record of an Arrow stream whose payload is not an Arrow batch."""
-    info = ring._arrow.stream(stream)
+    info = ring._schema_table.stream(stream)
     with ring.reserve(len(data), stream=info.stream_id, schema_id=info.schema_id) as res:
         res.write(data)
 

@@ -175,7 +175,7 @@ def _expect_stream(stream: list[list[Column]]) -> dict[tuple[tuple[str, ...], in
 
 
 def _garbage(ring: RingBuffer, stream: str) -> None:
-    info = ring._arrow.stream(stream)
+    info = ring._schema_table.stream(stream)
     with ring.reserve(40, stream=info.stream_id, schema_id=info.schema_id) as res:
         res.write(b"\x07" * 40)
 

@@ -7,13 +7,15 @@ stored in the ring (:meth:`RingBuffer.write_arrow_batch`, :meth:`RingReader.read
 
 from typing import TYPE_CHECKING, Any
 
-from ._arrow import LiveView, StreamInfo
+from ._arrow import StreamInfo
 from ._errors import (
+    AccessError,
     ConfigError,
     DaemonConfigError,
     IncompatibleFileError,
     ProducerActiveError,
     ReadOnlyRingError,
+    RecordingNameError,
     RecordTooLargeError,
     RemoteError,
     RingClosedError,
@@ -27,6 +29,7 @@ from ._errors import (
     UnknownStreamError,
     UnsupportedTypeError,
 )
+from ._live import LiveView
 from ._native import FORMAT_VERSION, Record, __version__
 from ._ring import RingBuffer, RingReader, resolve_ring_path
 from .acquisition import Acquisition
@@ -55,6 +58,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AccessError",
+    "RecordingNameError",
     "Acquisition",
     "ConfigError",
     "DaemonConfigError",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._errors import RustDaqError
+from ._errors import AccessError, RecordingNameError
 
 __all__ = [
     "RECORDING_SUFFIXES",
@@ -53,15 +53,6 @@ RECORDING_SUFFIXES = (".h5", ".hdf5", ".nxs")
 NAME_MAX = 255  # bytes of any name from a config or the wire, as file systems allow
 _METADATA_MAX = 64 * 1024  # bytes of JSON: the writer gets it as one argument (argv ≤ 128 KiB)
 _TOKEN_MAX = 4096
-
-
-class AccessError(RustDaqError, OSError):
-    """The daemon's token file cannot be written safely (directory not private, not ours)."""
-
-
-class RecordingNameError(RustDaqError, ValueError):
-    """A recording name or metadata from the wire that the daemon refuses; the message
-    says what was wrong."""
 
 
 def shown(value: Any, limit: int = 100) -> str:

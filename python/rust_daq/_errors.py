@@ -10,6 +10,8 @@ with the path in the message.
 from __future__ import annotations
 
 __all__ = [
+    "AccessError",
+    "RecordingNameError",
     "ConfigError",
     "DaemonConfigError",
     "IncompatibleFileError",
@@ -107,3 +109,12 @@ class DaemonConfigError(RustDaqError, ValueError):
 class RemoteError(RustDaqError):
     """A call to the daemon failed: it refused the request (the message says why), it could
     not be reached, or it needs a token this client did not send."""
+
+
+class AccessError(RustDaqError, OSError):
+    """The daemon's token file cannot be written safely (directory not private, not ours)."""
+
+
+class RecordingNameError(RustDaqError, ValueError):
+    """A recording name or metadata from the wire that the daemon refuses; the message
+    says what was wrong."""

@@ -166,11 +166,11 @@ class Reservation:
     ``commit()``; ``abort()``, an exception in ``with``, or collection without commit abandons it."""
 
     def write(self, data: Buffer) -> int:
-        """Copies at the write cursor. Raises ValueError (overflow, or already finished)."""
+        """Copies at the write cursor. Raises RingUsageError (overflow, or already finished)."""
 
     def commit(self) -> int:
         """Publishes the record; returns its seq. Raises BufferError (views still alive),
-        ValueError (aborted), RingClosedError."""
+        RingUsageError (already committed or aborted), RingClosedError."""
 
     def abort(self) -> None:
         """Abandons the record (readers skip it; its seq is reused). Raises as ``commit``."""

@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
 
 import numpy as np
 import pyarrow as pa
 
 from . import _native
-from ._arrow import ArrowState, BatchReading, LiveView, batches_of
-from ._errors import RingConfigError, RingCorruptError, RustDaqError
+from ._arrow import ArrowWriter
+from ._errors import RingConfigError, RingCorruptError, RingUsageError, RustDaqError
+from ._records import DECODE_ERRORS, LossAccount, RecordDecoder, SchemaTable
+from ._window import RowWindow
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -27,35 +30,6 @@ _MB = 1024 * 1024
 
 _T = TypeVar("_T")
 
-#: What pyarrow (and the schema decoding in ``_arrow``) raise on bytes that are not what the
-#: ring's format says: from a corrupt ring these become RingCorruptError at this boundary.
-_RAW_DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    pa.ArrowException,
-    ValueError,
-    OSError,
-    EOFError,
-    IndexError,
-    KeyError,
-    OverflowError,
-    TypeError,
-)
-
-
-def _names_decode(t: pa.Schema | pa.DataType) -> bool:
-    """Whether every field name in `t` (nested ones too) is UTF-8. pyarrow decodes a schema
-    with undecodable names and raises UnicodeDecodeError only when a name is used later."""
-    try:
-        fields = list(t) if isinstance(t, pa.Schema) else [t.field(i) for i in range(t.num_fields)]
-        return all(isinstance(f.name, str) and _names_decode(f.type) for f in fields)
-    except UnicodeDecodeError:
-        return False
-
-
-def _checked(schema: pa.Schema, what: str) -> pa.Schema:
-    if not _names_decode(schema):
-        raise RingCorruptError(f"{what}: a field name in the ring's schema table is not UTF-8")
-    return schema
-
 
 def _as_corrupt(what: str, call: Callable[[], _T]) -> _T:
     """``call()``, with a raw library error from decoding ring contents turned into
@@ -64,7 +38,7 @@ def _as_corrupt(what: str, call: Callable[[], _T]) -> _T:
         return call()
     except RustDaqError:
         raise
-    except _RAW_DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise RingCorruptError(
             f"{what}: the ring's Arrow data does not decode ({type(e).__name__}: {e})"
         ) from e
@@ -152,12 +126,12 @@ class RingBuffer(_native.RingBuffer):
 
     # -- Arrow streams ---------------------------------------------------------------------
 
-    @property
-    def _arrow(self) -> ArrowState:
-        state: ArrowState | None = self.__dict__.get("_arrow_state")
-        if state is None:
-            state = self.__dict__["_arrow_state"] = ArrowState(self)
-        return state
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # (the native __new__ opened the ring; this handle's Arrow state, read and write side)
+        self._arrow_writer = ArrowWriter()
+        # Through a weak proxy: the handle must not keep itself alive (closing and dropping a
+        # ring unmaps it at once, without waiting for the garbage collector).
+        self._schema_table = SchemaTable(cast("RingBuffer", weakref.proxy(self)))
 
     def write_arrow_batch(
         self,
@@ -185,17 +159,14 @@ class RingBuffer(_native.RingBuffer):
         stream's numbering jumps forward to it (never back), so records lost upstream count as
         lost here too, for every reader and the HDF5 writer.
         """
-        return self._arrow.write(batch, stream, timestamp_ns, timeout, stream_seq)
+        return self._arrow_writer.write(self, batch, stream, timestamp_ns, timeout, stream_seq)
 
     def streams(self) -> dict[str, pa.Schema]:
         """Every Arrow stream in the ring and its current schema. Raises RingCorruptError if
         the ring's schema table does not decode."""
         return _as_corrupt(
             f"{self.path}: reading the stream schemas",
-            lambda: {
-                name: _checked(info.schema, f"{self.path}: stream {name!r}")
-                for name, info in self._arrow.streams().items()
-            },
+            lambda: {name: info.schema for name, info in self._schema_table.streams().items()},
         )
 
     def latest(self, stream: str, rows: int = 1000) -> dict[str, npt.NDArray[Any]]:
@@ -203,19 +174,20 @@ class RingBuffer(_native.RingBuffer):
         holds them; tensor columns as ``(N, ...)`` arrays). For repeated calls in a live plot use
         :class:`LiveView`, which decodes only new records each time. Raises UnknownStreamError,
         RingCorruptError (records or schemas that do not decode)."""
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
-            raise ValueError(f"rows must be positive, got {rows}")  # before decoding: not corruption
-        return _as_corrupt(
-            f"{self.path}: reading the latest rows of {stream!r}",
-            lambda: LiveView(self, stream, rows).update(),
-        )
+        window = RowWindow(rows)  # (a bad `rows` raises ValueError before decoding: not corruption)
+
+        def latest() -> dict[str, npt.NDArray[Any]]:
+            decoder = RecordDecoder(self._schema_table)
+            info = decoder.schemas.stream(stream)
+            window.fill(self.reader("oldest"), decoder, info.stream_id, 0.0)
+            return window.arrays(info.schema)
+
+        return _as_corrupt(f"{self.path}: reading the latest rows of {stream!r}", latest)
 
     def close(self) -> None:
         """Releases the producer lock and this handle's Arrow writers (and their memory map of
         the ring file). Readers and views made earlier keep working."""
-        state: ArrowState | None = self.__dict__.pop("_arrow_state", None)
-        if state is not None:
-            state.close()  # also breaks the handle <-> Arrow state reference cycle
+        self._arrow_writer.close()
         super().close()
 
     def __exit__(self, *exc: object) -> Literal[False]:
@@ -234,12 +206,12 @@ class RingReader(_native.RingReader):
     every record carries ``seq``, ``timestamp_ns``, ``stream`` and ``data``.
     """
 
-    @property
-    def _batches(self) -> BatchReading:
-        state: BatchReading | None = self.__dict__.get("_batch_state")
-        if state is None:
-            state = self.__dict__["_batch_state"] = BatchReading(self)
-        return state
+    def __init__(self, ring: _native.RingBuffer, start: StartAt = "oldest") -> None:
+        # (the native __new__ placed the cursor; this reader's Arrow decoding)
+        self._decoder = RecordDecoder(SchemaTable(ring))
+        self._loss = LossAccount()  # per stream, from the gaps in stream_seq
+        # Zero-copy batches handed out, by id: (a weak reference, the record's ring position).
+        self._views: dict[int, tuple[weakref.ref[pa.RecordBatch], int]] = {}
 
     def read_batches(
         self, max_records: int | None = None, timeout: float = 0.0, copy: bool = True
@@ -252,49 +224,27 @@ class RingReader(_native.RingReader):
         :attr:`not_arrow`; records that do not decode are skipped and counted in
         :attr:`undecodable`.
         """
-        records = self.read(max_records, timeout, copy)
-        batches = self._batches
-        counts = batches.not_arrow, batches.undecodable
-        try:
-            return self._without_bad_schemas(batches.decode_all(records, zero_copy=not copy))
-        except RustDaqError:
-            raise
-        except _RAW_DECODE_ERRORS:
-            pass
-        # A record (or a schema it needs) raised something decode_all does not count: decode
-        # them one by one, so the others are delivered and that one is counted as undecodable.
-        batches.not_arrow, batches.undecodable = counts
-        out: list[tuple[str, pa.RecordBatch]] = []
-        for rec in records:
-            try:
-                out.extend(batches.decode_all([rec], zero_copy=not copy))
-            except RustDaqError:
-                raise
-            except _RAW_DECODE_ERRORS:
-                batches.undecodable += 1
-        return self._without_bad_schemas(out)
+        decoder, observe, out = self._decoder, self._loss.observe, []
+        for rec in self.read(max_records, timeout, copy):
+            d = decoder.decode(rec)
+            if d is None or d.batch is None or d.info is None:
+                continue
+            observe(d.info.name, rec.stream_seq, d.batch.num_rows)
+            # A private copy (see _records.decode) stays valid, unless it was torn as it was copied.
+            if not copy and (not d.info.full_validation or not rec.valid()):
+                self._remember(d.batch, rec.position)
+            out.append((d.info.name, d.batch))
+        return out
 
-    def _without_bad_schemas(self, got: list[tuple[str, pa.RecordBatch]]) -> list[tuple[str, pa.RecordBatch]]:
-        """`got` without batches whose schema has field names that are not UTF-8 (a corrupt
-        schema table), counted as undecodable. Each schema is checked once."""
-        checked: set[int] = self.__dict__.setdefault("_checked_schema_ids", set())
-        bad: list[pa.Schema] = self.__dict__.setdefault("_bad_schemas", [])
-        for schema_id, info in list(self._batches.state.by_id.items()):
-            if schema_id not in checked:
-                checked.add(schema_id)
-                if not _names_decode(info.schema):
-                    bad.append(info.schema)
-        if not bad:
-            return got
-        kept = [(name, b) for name, b in got if not any(b.schema.equals(s) for s in bad)]
-        self._batches.undecodable += len(got) - len(kept)
-        return kept
+    def _remember(self, batch: pa.RecordBatch, position: int) -> None:
+        key, views = id(batch), self._views
+        views[key] = (weakref.ref(batch, lambda _r: views.pop(key, None)), position)
 
     def batch_valid(self, batch: pa.RecordBatch) -> bool:
         """For a batch from ``read_batches(copy=False)``: False once the producer has reclaimed
         its space (discard what was computed from it). Check after using the data. True for
         batches that are copies."""
-        entry = self._batches.views.get(id(batch))
+        entry = self._views.get(id(batch))
         if entry is None or entry[0]() is not batch:
             return True
         return self._position_valid(entry[1])
@@ -302,24 +252,35 @@ class RingReader(_native.RingReader):
     @property
     def undecodable(self) -> int:
         """Arrow records skipped because their payload did not decode (corruption)."""
-        return self._batches.undecodable
+        return self._decoder.undecodable
+
+    def lost_by_stream(self) -> dict[str, tuple[int, int | None]]:
+        """Per Arrow stream, ``(records, rows)`` this reader lost (overwritten before it read
+        them), as ``rust_daq.remote``'s reader reports them. Records are counted from the gaps
+        in the stream's sequence numbers, from the first record of the stream that
+        ``read_batches`` returned; the rows they held are gone with them (None), unless none
+        were lost (0). :attr:`lost` counts every record, of any stream."""
+        return {str(name): (loss.records, loss.rows) for name, loss in self._loss.streams.items()}
 
     @property
     def not_arrow(self) -> int:
         """Records skipped by ``read_batches`` because they carry no Arrow schema."""
-        return self._batches.not_arrow
+        return self._decoder.not_arrow
+
+    def _stream(self, stream: str) -> pa.Schema:
+        return _as_corrupt(
+            f"{self.ring.path}: reading the stream schemas",
+            lambda: self._decoder.schemas.stream(stream).schema,
+        )
 
     def read_table(self, stream: str, max_records: int | None = None, timeout: float = 0.0) -> pa.Table:
         """The available records of ``stream`` as one ``pyarrow.Table`` (copied out of the ring).
         Records of other streams read meanwhile are dropped: use a reader per stream. Raises
         UnknownStreamError."""
-        info = _as_corrupt(
-            f"{self.ring.path}: reading the stream schemas", lambda: self._batches.state.stream(stream)
-        )
-        _checked(info.schema, f"{self.ring.path}: stream {stream!r}")
+        schema = self._stream(stream)
         batches = [b for name, b in self.read_batches(max_records, timeout) if name == stream]
         if not batches:
-            return info.schema.empty_table()
+            return schema.empty_table()
         schemas = {id(b.schema) for b in batches}
         if len(schemas) == 1 or all(b.schema.equals(batches[0].schema) for b in batches):
             return pa.Table.from_batches(batches)
@@ -330,11 +291,26 @@ class RingReader(_native.RingReader):
         It exports ``__arrow_c_stream__``, so polars, duckdb or arro3 consume it directly. It
         ends when no record arrives for ``timeout`` seconds (0: at the end of what the ring
         holds now). Raises UnknownStreamError; RingUsageError if the schema changes mid-read."""
-        schema = _as_corrupt(
-            f"{self.ring.path}: reading the stream schemas", lambda: self._batches.state.stream(stream).schema
-        )
-        _checked(schema, f"{self.ring.path}: stream {stream!r}")
-        return pa.RecordBatchReader.from_batches(schema, batches_of(self, stream, schema, timeout, copy))
+        schema = self._stream(stream)
+        return pa.RecordBatchReader.from_batches(schema, self._batches_of(stream, schema, timeout, copy))
+
+    def _batches_of(
+        self, stream: str, schema: pa.Schema, timeout: float, copy: bool
+    ) -> Iterator[pa.RecordBatch]:
+        """Batches of one stream until nothing arrives for `timeout` s."""
+        while True:
+            got = self.read_batches(timeout=timeout, copy=copy)
+            if not got:
+                return
+            for name, batch in got:
+                if name != stream:
+                    continue
+                if not batch.schema.equals(schema, check_metadata=True):
+                    raise RingUsageError(
+                        f"stream {stream!r} changed its schema mid-read; a RecordBatchReader has one "
+                        "schema: read the rest with a new stream_reader()"
+                    )
+                yield batch
 
     def __repr__(self) -> str:
         return f"<RingReader of {self.ring.path!r} at {self.position} lost={self.lost}>"

@@ -85,7 +85,7 @@ def test_writer_sigkill_loop_keeps_every_row_once(ring_path: str, tmp_path: Path
                     ring.write_arrow_batch(_odd(odd), ODD)
                     odd += 1
                 if n % 97 == 0:
-                    info = ring._arrow.stream("v")
+                    info = ring._schema_table.stream("v")
                     with ring.reserve(24, stream=info.stream_id, schema_id=info.schema_id) as res:
                         res.write(b"\xff" * 24)
                         garbage.append(res.seq)

@@ -45,8 +45,9 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .._access import NAME_MAX, control_char, shown
-from .._arrow import DECODE_ERRORS, ArrowState, LiveView, decode_buffer
 from .._errors import RingUsageError, RustDaqError
+from .._live import LiveView
+from .._records import DECODE_ERRORS, SchemaTable, decode_buffer
 from .._ring import RingBuffer
 from ..acquisition import RowIndex
 
@@ -327,7 +328,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
     @_guarded("do_get")
     def do_get(self, context: fl.ServerCallContext, ticket: fl.Ticket) -> fl.FlightDataStream:
         t = parse_ticket(ticket.ticket)
-        state = ArrowState(self.daemon.ring)
+        state = SchemaTable(self.daemon.ring)
         streams = state.streams()
         if t.stream not in streams:
             raise _unknown(t.stream, streams)
@@ -343,7 +344,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         )
 
     def _subscription(
-        self, context: fl.ServerCallContext, t: Ticket, state: ArrowState, stream_id: int, schema: pa.Schema
+        self, context: fl.ServerCallContext, t: Ticket, state: SchemaTable, stream_id: int, schema: pa.Schema
     ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
         ring, rows = self.daemon.ring, self.daemon.row_index
         reader = ring.reader("oldest" if t.start == "oldest" or t.after_seq is not None else "latest")

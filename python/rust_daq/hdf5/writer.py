@@ -65,9 +65,10 @@ import anyio
 import h5py
 import numpy as np
 
-from .._arrow import DECODE_ERRORS, ArrowState, StreamInfo, decode, empty_batch
+from .._arrow import StreamInfo, empty_batch
 from .._errors import IncompatibleFileError, RustDaqError
 from .._native import __version__
+from .._records import DECODE_ERRORS, SchemaTable, decode
 from .._ring import RingBuffer
 from .columns import pieces_of
 from .file import (
@@ -237,7 +238,7 @@ class HDF5Writer:
         self._only = set(streams) if streams is not None else None
         self._ring = ring_buffer if isinstance(ring_buffer, RingBuffer) else RingBuffer.open(ring_buffer)
         self._owns_ring = not isinstance(ring_buffer, RingBuffer)
-        self._state = ArrowState(self._ring)
+        self._state = SchemaTable(self._ring)
         self._lock = threading.Lock()  # one flush at a time (run() and flush_to_disk())
         self._closed = False
         self.batch_count = 0

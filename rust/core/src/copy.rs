@@ -156,8 +156,12 @@ mod tests {
             for mis in 0..8usize {
                 let src: Vec<u8> = (0..len + mis).map(|i| (i * 31 + len) as u8).collect();
                 ring.iter_mut().for_each(|w| *w = u64::MAX);
+                // SAFETY: `ring` is a Vec<u64> (8-aligned) of (1 << 17) + 8 words, more than
+                // any `len` here rounded up to 8; `src` holds `len + mis` bytes.
                 unsafe { to_ring(ring.as_mut_ptr().cast(), src.as_ptr().add(mis), len) };
                 let mut out = vec![0xAAu8; len + mis + 3];
+                // SAFETY: `ring` as above, readable for `len` rounded up to 8; `out` holds
+                // `len + mis + 3` bytes and is a separate allocation.
                 unsafe { from_ring(out.as_mut_ptr().add(mis), ring.as_ptr().cast(), len) };
                 assert_eq!(
                     &out[mis..mis + len],
@@ -166,6 +170,7 @@ mod tests {
                 );
                 assert_eq!(out[mis + len], 0xAA, "wrote past the end");
                 // The rounding bytes of the last word are zeroed, not left stale; nothing after.
+                // SAFETY: the whole of `ring`, as bytes; it is not written while `bytes` lives.
                 let bytes: &[u8] =
                     unsafe { std::slice::from_raw_parts(ring.as_ptr().cast(), ring.len() * 8) };
                 assert!(bytes[len..len.div_ceil(8) * 8].iter().all(|&b| b == 0));
@@ -184,9 +189,11 @@ mod tests {
         // Pieces of 4, 4, 3, 17, 100 bytes at unaligned offsets, like an IPC writer's.
         let mut at = 0;
         for n in [4usize, 4, 3, 17, 100] {
+            // SAFETY: at + n <= 128 bytes, inside both `ring` (256 bytes) and `src` (200).
             unsafe { to_ring_exact(base.add(at), src.as_ptr().add(at), n) };
             at += n;
         }
+        // SAFETY: `base` points to `ring`'s 256 bytes, not written while `bytes` lives.
         let bytes: &[u8] = unsafe { std::slice::from_raw_parts(base, 256) };
         assert_eq!(&bytes[..at], &src[..at]);
         assert!(

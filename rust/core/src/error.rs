@@ -1,6 +1,9 @@
-//! One error type for the core. The Python bindings map each variant to an exception
-//! class (`python/rust_daq/_errors.py`); the messages are written for the user who reads
-//! them there: what was wrong and what to do.
+//! One error type for the core. The messages say what was wrong and what to do in terms of
+//! the ring itself, never in a binding's terms (no parameter, method or class names of the
+//! Python API): a binding maps each variant to its own error type and adds its own advice
+//! where the variant calls for it (the Python one in `rust/python/src/errors.rs`). Variants
+//! that carry such advice (`Mismatch`, `SchemaFull`, `StreamIdTaken`, `ReadOnly`,
+//! `ProducerActive`, `Forked`) carry their facts as fields rather than as finished text.
 
 use std::fmt;
 use std::io;
@@ -21,6 +24,24 @@ pub enum Error {
     Corrupt { detail: String },
     /// A requested configuration is impossible or contradicts the existing ring.
     Config { detail: String },
+    /// Creating a ring where one of another capacity or policy exists (and replacing it
+    /// was not asked for).
+    Mismatch {
+        path: PathBuf,
+        capacity: u64,
+        policy: &'static str,
+        asked_capacity: u64,
+        asked_policy: &'static str,
+    },
+    /// The schema table has no room for another schema (it is append-only).
+    SchemaFull {
+        size: u64,
+        schemas: usize,
+        schema_len: usize,
+        stream: String,
+    },
+    /// A plain record on a stream id that an Arrow stream owns.
+    StreamIdTaken { stream: u32, name: String },
     /// A record does not fit in the ring.
     TooLarge { payload: u64, max_payload: u64 },
     /// A write through a handle that is not the producer.
@@ -99,10 +120,36 @@ impl fmt::Display for Error {
                 "record of {payload} bytes does not fit in this ring (at most {max_payload} \
                  payload bytes); create the ring with a larger capacity"
             ),
+            Error::Mismatch {
+                path,
+                capacity,
+                policy,
+                asked_capacity,
+                asked_policy,
+            } => write!(
+                f,
+                "a ring with capacity {capacity} bytes and policy {policy:?} exists at {}; asked for \
+                 {asked_capacity} bytes and policy {asked_policy:?}",
+                path.display()
+            ),
+            Error::SchemaFull {
+                size,
+                schemas,
+                schema_len,
+                stream,
+            } => write!(
+                f,
+                "the ring's schema region is full ({size} bytes, {schemas} schemas): cannot register a \
+                 {schema_len}-byte schema for stream {stream:?}; recreate the ring to start a new table"
+            ),
+            Error::StreamIdTaken { stream, name } => write!(
+                f,
+                "stream id {stream} belongs to the Arrow stream {name:?}: plain records cannot use it \
+                 (they would break that stream's sequence numbers); use a stream id no Arrow stream has"
+            ),
             Error::ReadOnly { what } => write!(
                 f,
-                "{what} needs the producer handle; this one is read-only \
-                 (use RingBuffer.create(...) or RingBuffer.open(path, writable=True))"
+                "{what} needs the producer handle; this one is read-only"
             ),
             Error::ProducerActive {
                 pid,
@@ -117,8 +164,7 @@ impl fmt::Display for Error {
                 this_process: false,
             } => write!(
                 f,
-                "another process (pid {pid}) is the producer of this ring; \
-                 one producer per ring (open with writable=False to read)"
+                "another process (pid {pid}) is the producer of this ring; one producer per ring"
             ),
             Error::Full { needed, waited_s } => write!(
                 f,
@@ -128,7 +174,7 @@ impl fmt::Display for Error {
             Error::Closed => f.write_str("operation on a closed ring handle"),
             Error::Forked => f.write_str(
                 "this producer handle was inherited across fork(); only the process that opened it \
-                 may write (open the ring in this process, or start workers with the 'spawn' method)",
+                 may write: open the ring in the process that writes",
             ),
         }
     }

@@ -2,19 +2,35 @@
 //! producer, any number of readers in any process, lapping detection and exact loss
 //! accounting. No Python types here: `rust/python` binds it.
 //!
-//! The byte layout is documented in `docs/ring-format.md` and defined in [`format`].
+//! The byte layout is documented in `docs/ring-format.md` and defined in [`format`], the one
+//! public module; everything else is internal and re-exported here as far as it is API.
+//!
+//! One role per module: `ring` (shared state, header positions, record-header rules),
+//! `producer`, `reader`, `tail` (the primary consumer's `read_tail` and snapshots), `wait`
+//! (futex sleeping), `file` (creating, opening and checking the ring file), `header`
+//! (encoding and validating its header bytes), `region` (its mapping and typed field
+//! access), `schema` (the schema table), `lock` (the producer lock), `guard` (SIGBUS
+//! protection), `copy` (copies into and out of the mapping).
 
-pub mod copy;
-pub mod error;
+pub(crate) mod copy;
+pub(crate) mod error;
+pub(crate) mod file;
 pub mod format;
-pub mod guard;
-pub mod lock;
-pub mod region;
-pub mod ring;
-pub mod schema;
-pub mod wait;
+pub(crate) mod guard;
+pub(crate) mod header;
+pub(crate) mod lock;
+pub(crate) mod producer;
+pub(crate) mod reader;
+pub(crate) mod region;
+pub(crate) mod ring;
+pub(crate) mod schema;
+pub(crate) mod tail;
+pub(crate) mod wait;
 
 pub use error::{Error, Result};
-pub use ring::{
-    Claim, ClaimResult, Next, Policy, Producer, Reader, RecordRef, Ring, Start, Status,
-};
+pub use guard::Guard;
+pub use producer::{Claim, ClaimResult, Producer};
+pub use reader::{Next, Reader, RecordRef};
+pub use region::{Geometry, Region};
+pub use ring::{Policy, Ring, Start, Status};
+pub use schema::SchemaEntry;

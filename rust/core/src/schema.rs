@@ -173,12 +173,12 @@ pub fn register(
     let used = region.h64_schema(0).load(Ordering::Acquire);
     let entry = ENTRY_HEADER + pad(name.len() as u64) + pad(schema.len() as u64);
     if TABLE_HEADER + used + entry > size {
-        return Err(Error::config(format!(
-            "the ring's schema region is full ({size} bytes, {} schemas): cannot register a {}-byte schema \
-             for stream {name:?}; recreate the ring (replace=True) to start a new table",
-            existing.len(),
-            schema.len()
-        )));
+        return Err(Error::SchemaFull {
+            size,
+            schemas: existing.len(),
+            schema_len: schema.len(),
+            stream: name.to_string(),
+        });
     }
     let at = TABLE_HEADER + used;
     let mut hdr = [0u8; ENTRY_HEADER as usize];
@@ -216,4 +216,56 @@ pub fn register(
         activation,
         registered_ns: now,
     })
+}
+
+/// The schema table's stream ids, as the producer needs them to keep plain records out of
+/// Arrow streams (whose per-stream sequence numbers must count only their own records).
+#[derive(Default)]
+pub(crate) struct StreamIds {
+    /// `stream_of[schema_id]`: the stream id of each registered schema (0: none).
+    stream_of: Vec<u32>,
+    /// Stream id -> stream name, for every Arrow stream.
+    names: std::collections::BTreeMap<u32, String>,
+}
+
+impl StreamIds {
+    pub(crate) fn load(region: &Region) -> Result<StreamIds> {
+        let mut ids = StreamIds::default();
+        for e in list(region)? {
+            ids.add(&e);
+        }
+        Ok(ids)
+    }
+
+    pub(crate) fn add(&mut self, e: &SchemaEntry) {
+        let i = e.schema_id as usize;
+        if self.stream_of.len() <= i {
+            self.stream_of.resize(i + 1, 0);
+        }
+        self.stream_of[i] = e.stream_id;
+        self.names.insert(e.stream_id, e.name.clone());
+    }
+
+    /// Refuses a plain record (`schema_id` 0) on an Arrow stream's id, and an Arrow record
+    /// on another id than its schema's.
+    pub(crate) fn check(&self, stream: u32, schema_id: u32) -> Result<()> {
+        if schema_id == 0 {
+            if let Some(name) = self.names.get(&stream) {
+                return Err(Error::StreamIdTaken {
+                    stream,
+                    name: name.clone(),
+                });
+            }
+            return Ok(());
+        }
+        match self.stream_of.get(schema_id as usize).copied() {
+            Some(owner) if owner != 0 && owner == stream => Ok(()),
+            Some(owner) if owner != 0 => Err(Error::invalid(format!(
+                "schema id {schema_id} belongs to stream id {owner}, not {stream}"
+            ))),
+            _ => Err(Error::invalid(format!(
+                "schema id {schema_id} is not registered in this ring's schema table"
+            ))),
+        }
+    }
 }

@@ -1,12 +1,16 @@
 //! Sleeping until another process changes a word in the shared header. On Linux this is
-//! a shared (not PRIVATE) futex on the mapped word; elsewhere a short sleep.
+//! a shared (not PRIVATE) futex on the mapped word; elsewhere a short sleep. `sleep_on` and
+//! `wake_sleepers` add the `WAITERS` flag protocol of docs/ring-format.md on top, so a
+//! producer that nobody waits for never makes a syscall.
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::time::Duration;
+
+use crate::format::WAITERS;
 
 /// Sleeps while `*word == expected`, at most `timeout`. May return early (spuriously);
 /// callers re-check their condition.
-pub fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     #[cfg(target_os = "linux")]
     {
         let ts = libc::timespec {
@@ -36,7 +40,7 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
 }
 
 /// Wakes every process sleeping on `word`.
-pub fn wake_all(word: &AtomicU32) {
+pub(crate) fn wake_all(word: &AtomicU32) {
     #[cfg(target_os = "linux")]
     // SAFETY: as in `wait`; FUTEX_WAKE does not touch the word's memory.
     unsafe {
@@ -52,4 +56,44 @@ pub fn wake_all(word: &AtomicU32) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = word;
+}
+
+/// Between two tries of a seqlock read: spin a little, then yield.
+pub(crate) fn backoff(tries: u32) {
+    if tries < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Wakes everybody sleeping on a futex word, if anybody said they would sleep.
+/// The caller has just published what the sleepers wait for; the SeqCst fence pairs with
+/// the sleeper's SeqCst flag-set and re-check (no lost wake-up).
+#[inline(always)]
+pub(crate) fn wake_sleepers(word: &AtomicU32) {
+    fence(Ordering::SeqCst);
+    let v = word.load(Ordering::Relaxed);
+    if v & WAITERS != 0 {
+        word.store((v & !WAITERS).wrapping_add(1) & !WAITERS, Ordering::Release);
+        wake_all(word);
+    }
+}
+
+/// Sleeps on a futex word until woken or `timeout`, unless `ready()` holds once the
+/// sleeper has announced itself.
+pub(crate) fn sleep_on(word: &AtomicU32, timeout: Duration, ready: impl Fn() -> bool) {
+    let mut v = word.load(Ordering::Acquire);
+    if v & WAITERS == 0 {
+        match word.compare_exchange(v, v | WAITERS, Ordering::SeqCst, Ordering::Acquire) {
+            Ok(_) => v |= WAITERS,
+            Err(_) => return, // it changed: something happened, let the caller look
+        }
+    } else {
+        fence(Ordering::SeqCst);
+    }
+    if ready() {
+        return;
+    }
+    wait(word, v, timeout);
 }

@@ -6,6 +6,7 @@ mod errors;
 mod reader;
 mod reserve;
 mod ring;
+mod wait;
 
 use pyo3::prelude::*;
 

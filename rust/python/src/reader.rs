@@ -1,9 +1,8 @@
 //! `RingReader` and `Record`.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyMemoryView};
@@ -11,12 +10,8 @@ use rust_daq_core::{Next, Reader, RecordRef, Ring, Start};
 
 use crate::buffer::{MapView, SendPtr};
 use crate::errors::IntoPy;
-use crate::ring::{lock_detached, RingBuffer};
-
-/// Payloads at least this large are copied with the GIL released.
-const DETACH_COPY_BYTES: u64 = 256 * 1024;
-/// Longest sleep between two checks for Ctrl-C while waiting.
-const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+use crate::ring::RingBuffer;
+use crate::wait::{copy_maybe_detached, duration, lock_detached, sleep_slice};
 
 /// One record read from the ring.
 #[pyclass(frozen, module = "rust_daq._native")]
@@ -125,15 +120,12 @@ fn copy_record(py: Python<'_>, rd: &mut Reader, rec: &RecordRef) -> PyResult<Opt
     };
     // SAFETY: obj is a bytes object we own; its buffer holds `len` bytes.
     let dst = SendPtr(unsafe { ffi::PyBytes_AsString(obj.as_ptr()) } as *mut u8);
-    if rec.payload_len >= DETACH_COPY_BYTES {
-        let r: &Reader = rd;
-        // SAFETY: dst is valid for len bytes (the bytes object lives across the call and
-        // is not shared yet); the ring mapping is kept alive by `rd`.
-        py.detach(move || unsafe { r.copy_payload(rec, dst.get()) });
-    } else {
-        // SAFETY: as above.
-        unsafe { rd.copy_payload(rec, dst.get()) };
-    }
+    let r: &Reader = rd;
+    // SAFETY: dst is valid for len bytes (the bytes object lives across the call and is not
+    // shared yet); the ring mapping is kept alive by `rd`.
+    copy_maybe_detached(py, len as usize, move || unsafe {
+        r.copy_payload(rec, dst.get())
+    });
     Ok(rd.confirm(rec).then(|| obj.into_any().unbind()))
 }
 
@@ -162,18 +154,14 @@ impl RingReader {
         timeout: f64,
         copy: bool,
     ) -> PyResult<Bound<'py, PyList>> {
-        if !timeout.is_finite() || timeout < 0.0 {
-            return Err(PyValueError::new_err(format!(
-                "timeout must be a finite number of seconds >= 0, got {timeout}"
-            )));
-        }
+        let timeout = duration(timeout, "timeout")?;
         let max = max_records.unwrap_or(usize::MAX);
         let out = PyList::empty(py);
         if max == 0 {
             return Ok(out);
         }
         let mut rd = lock_detached(py, &self.inner);
-        let deadline = Instant::now() + Duration::from_secs_f64(timeout.min(1e9));
+        let deadline = Instant::now() + timeout;
         let mut torn = 0u32;
         loop {
             while out.len() < max {
@@ -202,14 +190,13 @@ impl RingReader {
                     out.append(make_record(py, &rec, mv.into_any().unbind(), Some(ring))?)?;
                 }
             }
-            let now = Instant::now();
-            if !out.is_empty() || out.len() >= max || now >= deadline {
+            if !out.is_empty() || out.len() >= max {
                 return Ok(out);
             }
-            let slice = (deadline - now).min(SIGNAL_SLICE);
             let r: &Reader = &rd;
-            py.detach(|| r.wait(slice));
-            py.check_signals()?;
+            if !sleep_slice(py, deadline, |slice| r.wait(slice))? {
+                return Ok(out);
+            }
             // A reader that waits touches only the header page: a file truncated under it
             // (by a third process, its producer dead) would otherwise keep it waiting forever.
             rd.ring().check_intact().py_err(py)?;

@@ -1,23 +1,35 @@
 //! `Reservation`: ring space claimed for one record, filled in place, then committed (or
-//! aborted).
+//! aborted). Misuse (a write past its end, anything after it was finished) raises
+//! `RingUsageError`.
 
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use rust_daq_core::{Claim, Error, Ring};
+use rust_daq_core::{Claim, Error, Producer, Ring};
 
 use crate::buffer::Source;
-use crate::errors::{to_py, IntoPy};
-use crate::ring::{lock_detached, RingBuffer};
+use crate::errors::{to_py, usage_error, IntoPy};
+use crate::wait::lock_detached;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,
     Committed(u64),
     Aborted,
+}
+
+impl State {
+    /// How a reservation that is no longer open was finished, for error messages.
+    fn finished(self) -> String {
+        match self {
+            State::Open => "open".to_string(),
+            State::Committed(seq) => format!("committed (seq {seq})"),
+            State::Aborted => "aborted".to_string(),
+        }
+    }
 }
 
 struct Inner {
@@ -35,19 +47,25 @@ struct Inner {
 /// commit turn it into padding that readers skip.
 #[pyclass(frozen, module = "rust_daq._native")]
 pub struct Reservation {
-    owner: Py<RingBuffer>,
-    // Keeps the mapping alive while the reservation exists.
+    /// Keeps the mapping alive while the reservation exists.
     ring: Arc<Ring>,
+    /// The producer slot of the handle that claimed it (None once that handle is closed,
+    /// which aborted the claim): commit and abort go through it.
+    producer: Arc<Mutex<Option<Producer>>>,
     claim: Claim,
     /// A Mutex because the frozen object may be shared between Python threads.
     inner: Mutex<Inner>,
 }
 
 impl Reservation {
-    pub fn new(owner: Py<RingBuffer>, ring: Arc<Ring>, claim: Claim) -> Reservation {
+    pub fn new(
+        ring: Arc<Ring>,
+        producer: Arc<Mutex<Option<Producer>>>,
+        claim: Claim,
+    ) -> Reservation {
         Reservation {
-            owner,
             ring,
+            producer,
             claim,
             inner: Mutex::new(Inner {
                 state: State::Open,
@@ -58,9 +76,7 @@ impl Reservation {
     }
 
     fn payload_ptr(&self) -> *mut u8 {
-        let at = self.claim.pos % self.ring.capacity() + rust_daq_core::format::RECORD_HEADER_SIZE;
-        // SAFETY: the claimed record lies inside the data region.
-        unsafe { self.ring.region().data_ptr().add(at as usize) }
+        self.ring.claim_payload_ptr(&self.claim)
     }
 
     /// Copies `src` at the cursor. Used by `write` and by the sink.
@@ -68,25 +84,30 @@ impl Reservation {
         let src = Source::new(data, "Reservation.write()")?;
         let mut inner = lock_detached(py, &self.inner);
         if inner.state != State::Open {
-            return Err(PyValueError::new_err(
-                "write() to a reservation that was already committed or aborted",
+            return Err(usage_error(
+                py,
+                format!(
+                    "write() to a reservation that was already {}",
+                    inner.state.finished()
+                ),
             ));
         }
         let room = self.claim.payload_len - inner.cursor;
         if src.len as u64 > room {
-            return Err(PyValueError::new_err(format!(
-                "write() of {} bytes overflows the reservation: {room} of {} bytes left",
-                src.len, self.claim.payload_len
-            )));
+            return Err(usage_error(
+                py,
+                format!(
+                    "write() of {} bytes overflows the reservation: {room} of {} bytes left",
+                    src.len, self.claim.payload_len
+                ),
+            ));
         }
         // SAFETY: [cursor, cursor + len) lies inside the claim's payload (checked above),
-        // which only this reservation writes until commit; `src` holds the source alive.
+        // which only this reservation writes until it is finished (the state is Open, under
+        // the lock); `src` holds the source alive.
         unsafe {
-            rust_daq_core::copy::to_ring_exact(
-                self.payload_ptr().add(inner.cursor as usize),
-                src.ptr,
-                src.len,
-            )
+            self.ring
+                .fill_claim_at(&self.claim, inner.cursor, src.ptr, src.len)
         };
         inner.cursor += src.len as u64;
         Ok(src.len)
@@ -94,19 +115,15 @@ impl Reservation {
 
     fn finish(&self, py: Python<'_>, commit: bool) -> PyResult<Option<u64>> {
         let mut inner = lock_detached(py, &self.inner);
-        match inner.state {
-            State::Committed(seq) if commit => return Ok(Some(seq)),
-            State::Open => {}
-            _ => {
-                return Err(PyValueError::new_err(format!(
-                    "this reservation was already {}",
-                    if inner.state == State::Aborted {
-                        "aborted"
-                    } else {
-                        "committed"
-                    }
-                )))
-            }
+        if inner.state != State::Open {
+            return Err(usage_error(
+                py,
+                format!(
+                    "{}() of a reservation that was already {}",
+                    if commit { "commit" } else { "abort" },
+                    inner.state.finished()
+                ),
+            ));
         }
         if inner.exports != 0 {
             return Err(PyBufferError::new_err(format!(
@@ -116,8 +133,7 @@ impl Reservation {
                 if commit { "commit()" } else { "abort()" }
             )));
         }
-        let ring = self.owner.get();
-        let mut guard = ring.producer_guard(py)?;
+        let mut guard = lock_detached(py, &self.producer);
         let Some(p) = guard.as_mut() else {
             inner.state = State::Aborted; // the handle was closed: closing aborted the claim
             return Err(to_py(py, Error::Closed));
@@ -143,7 +159,8 @@ impl Reservation {
     }
 
     /// Publishes the record; returns its sequence number. Raises BufferError while buffer
-    /// views of the reservation are alive, ValueError if it was aborted.
+    /// views of the reservation are alive, RingUsageError if it was already committed or
+    /// aborted.
     fn commit(&self, py: Python<'_>) -> PyResult<u64> {
         Ok(self
             .finish(py, true)?

@@ -5,50 +5,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use rust_daq_core::guard::Guard;
-use rust_daq_core::{Claim, ClaimResult, Error, Policy, Producer, Ring};
+use rust_daq_core::{Claim, ClaimResult, Error, Guard, Policy, Producer, Ring};
 
 use crate::buffer::{MapView, SendPtr, Source};
 use crate::errors::{to_py, IntoPy};
 use crate::reserve::Reservation;
+use crate::wait::{copy_maybe_detached, duration, lock_detached, sleep_slice};
 
 /// (schema_id, stream_id, name, Arrow IPC schema bytes, activation), as `_schemas` returns.
 type SchemaRow<'py> = (u32, u32, String, Bound<'py, PyBytes>, u64);
-
-/// Payloads at least this large are copied with the GIL released.
-const DETACH_COPY_BYTES: usize = 256 * 1024;
-/// Longest sleep between two checks for Ctrl-C while blocked.
-const SIGNAL_SLICE: Duration = Duration::from_millis(50);
-
-/// Locks `m` without deadlocking against the GIL: if another thread holds it (possibly
-/// while waiting without the GIL), wait for it with the GIL released.
-pub fn lock_detached<'a, T: Send>(py: Python<'_>, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
-    match m.try_lock() {
-        Ok(g) => g,
-        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => {
-            let guard = py.detach(|| SendGuard(m.lock().unwrap_or_else(|p| p.into_inner())));
-            guard.0
-        }
-    }
-}
-
-struct SendGuard<'a, T>(MutexGuard<'a, T>);
-// SAFETY: the guard is created in the detached closure on this same thread and handed back
-// to it: it never changes threads (py.detach runs the closure on the calling thread).
-unsafe impl<T> Send for SendGuard<'_, T> {}
-
-fn duration(seconds: f64, what: &str) -> PyResult<Duration> {
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "{what} must be a finite number of seconds >= 0, got {seconds}"
-        )));
-    }
-    Ok(Duration::from_secs_f64(seconds.min(1e9)))
-}
 
 /// A ring buffer file: the producer's handle (from `create`, or `open(writable=True)`) or a
 /// read-only one. The Python subclass `rust_daq.RingBuffer` is the public face.
@@ -57,7 +24,8 @@ pub struct RingBuffer {
     ring: Arc<Ring>,
     /// The producer (None for read-only handles, and after close). A Mutex because a
     /// frozen pyclass is shared between Python threads; writes take it for one record.
-    producer: Mutex<Option<Producer>>,
+    /// Shared with the reservations made from this handle, which commit through it.
+    producer: Arc<Mutex<Option<Producer>>>,
     writable: bool,
     closed: AtomicBool,
     /// Default wait of a blocked write, in seconds, as f64 bits (settable from Python).
@@ -74,22 +42,6 @@ impl RingBuffer {
             return Python::attach(|py| Err(to_py(py, e)));
         }
         Ok(&self.ring)
-    }
-
-    /// The producer slot (None once closed), for reservations that finish later.
-    pub fn producer_guard<'a>(
-        &'a self,
-        py: Python<'_>,
-    ) -> PyResult<MutexGuard<'a, Option<Producer>>> {
-        if !self.writable {
-            return Err(to_py(
-                py,
-                Error::ReadOnly {
-                    what: "a reservation",
-                },
-            ));
-        }
-        Ok(lock_detached(py, &self.producer))
     }
 
     fn producer<'a>(
@@ -134,20 +86,18 @@ fn claim_with_wait(
     ts: Option<i64>,
     timeout: Duration,
 ) -> PyResult<Claim> {
-    let mut start: Option<Instant> = None;
+    let mut deadline: Option<Instant> = None;
     loop {
         match p.try_claim_tagged(len, stream, schema_id, ts).py_err(py)? {
             ClaimResult::Claimed(c) => return Ok(c),
             ClaimResult::WouldBlock { needed_tail } => {
-                let t0 = *start.get_or_insert_with(Instant::now);
-                let waited = t0.elapsed();
-                if waited >= timeout {
+                let end = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+                let pr = &*p;
+                if !sleep_slice(py, end, |slice| {
+                    pr.wait_for_room(needed_tail, slice);
+                })? {
                     return Err(to_py(py, p.full_error(needed_tail, timeout)));
                 }
-                let slice = (timeout - waited).min(SIGNAL_SLICE);
-                let pr = &*p;
-                py.detach(|| pr.wait_for_room(needed_tail, slice));
-                py.check_signals()?;
             }
         }
     }
@@ -163,16 +113,11 @@ fn write_one(
     timeout: Duration,
 ) -> PyResult<u64> {
     let c = claim_with_wait(py, p, src.len as u64, stream, 0, ts, timeout)?;
-    if src.len >= DETACH_COPY_BYTES {
-        let (s, n) = (SendPtr(src.ptr as *mut u8), src.len);
-        let pr = &*p;
-        // SAFETY: `src` holds the buffer export (or the bytes object) until after this
-        // call; the claim's payload space is ours until commit.
-        py.detach(move || unsafe { pr.fill(&c, s.get(), n) });
-    } else {
-        // SAFETY: as above.
-        unsafe { p.fill(&c, src.ptr, src.len) };
-    }
+    let (s, n) = (SendPtr(src.ptr as *mut u8), src.len);
+    let pr = &*p;
+    // SAFETY: `src` holds the buffer export (or the bytes object) until after this call;
+    // the claim's payload space is ours until commit.
+    copy_maybe_detached(py, n, move || unsafe { pr.fill(&c, s.get(), n) });
     p.commit(c).py_err(py)
 }
 
@@ -205,7 +150,7 @@ impl RingBuffer {
         Ok(RingBuffer {
             ring,
             writable: producer.is_some(),
-            producer: Mutex::new(producer),
+            producer: Arc::new(Mutex::new(producer)),
             closed: AtomicBool::new(false),
             block_timeout: AtomicU64::new(block_timeout.to_bits()),
         })
@@ -441,25 +386,24 @@ impl RingBuffer {
     /// policy "block"). Fill it, then commit it; see `Reservation`.
     #[pyo3(signature = (nbytes, *, stream=0, schema_id=0, timestamp_ns=None, timeout=None))]
     fn reserve(
-        slf: Bound<'_, Self>,
+        &self,
+        py: Python<'_>,
         nbytes: u64,
         stream: u32,
         schema_id: u32,
         timestamp_ns: Option<i64>,
         timeout: Option<f64>,
     ) -> PyResult<Reservation> {
-        let py = slf.py();
-        let me = slf.get();
-        let mut guard = me.producer(py, "reserve()")?;
+        let mut guard = self.producer(py, "reserve()")?;
         let p = guard.as_mut().expect("checked by producer()");
         // fstat: a reservation may be filled through another mapping of the file (pyarrow's
         // IPC writer maps it), which the SIGBUS guard does not cover: refuse a shrunk file.
         p.ring().check_intact().py_err(py)?;
-        let limit = me.wait_limit(p, timeout)?;
+        let limit = self.wait_limit(p, timeout)?;
         let claim = claim_with_wait(py, p, nbytes, stream, schema_id, timestamp_ns, limit)?;
         Ok(Reservation::new(
-            slf.clone().unbind(),
-            me.ring.clone(),
+            self.ring.clone(),
+            self.producer.clone(),
             claim,
         ))
     }

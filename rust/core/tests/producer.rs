@@ -1,0 +1,205 @@
+//! Writing records: framing and sequence numbers, sizes up to the whole data region, end
+//! padding, claims that are filled piecewise, committed or aborted, and the block policy.
+//!
+//! Through the public API, on real files in /dev/shm (or the temp dir where there is none).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rust_daq_core::format::{self, off};
+use rust_daq_core::{ClaimResult, Error, Next, Policy, Reader, Ring, Start};
+
+mod common;
+use common::{check, drain, payload, TempRing};
+
+#[test]
+fn records_round_trip_in_order_with_sequence_numbers() {
+    let t = TempRing::new("roundtrip");
+    let (ring, mut p) = Ring::create(&t.0, 64 * 1024, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    for i in 0..100u64 {
+        let seq = p
+            .write(
+                &payload(i, 16 + i as usize * 3),
+                7,
+                Some(i as i64 * 10),
+                Duration::ZERO,
+            )
+            .unwrap();
+        assert_eq!(seq, i);
+    }
+    let got = drain(&mut rd);
+    assert_eq!(got.len(), 100);
+    for (i, (seq, buf)) in got.iter().enumerate() {
+        assert_eq!(*seq, i as u64);
+        assert_eq!(buf.len(), 16 + i * 3);
+        assert_eq!(check(buf), i as u64);
+    }
+    assert_eq!(rd.lost(), 0);
+    let st = ring.status();
+    assert_eq!(st.next_seq, 100);
+    assert_eq!(st.commit_pos, st.write_pos);
+    assert_eq!(st.producer_pid, Some(std::process::id()));
+}
+
+#[test]
+fn zero_length_records_and_exact_fit() {
+    let t = TempRing::new("sizes");
+    let (ring, mut p) = Ring::create(&t.0, 4096, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    p.write(&[], 0, None, Duration::ZERO).unwrap();
+    // The largest record fills the whole data region.
+    let max = vec![0xABu8; ring.max_payload() as usize];
+    p.write(&max, 0, None, Duration::ZERO).unwrap();
+    let got = drain(&mut rd);
+    // The zero-length record was overwritten by the full-size one before we read.
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, max);
+    assert_eq!(rd.lost(), 1);
+    let too_big = vec![0u8; ring.max_payload() as usize + 1];
+    match p.write(&too_big, 0, None, Duration::ZERO) {
+        Err(Error::TooLarge {
+            payload,
+            max_payload,
+        }) => {
+            assert_eq!(payload, 4033);
+            assert_eq!(max_payload, 4032);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_record_never_straddles_the_end_padding_fills_the_gap() {
+    let t = TempRing::new("padding");
+    let (ring, mut p) = Ring::create(&t.0, 4096, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    // 3 records of 1024+64 bytes = 3264; the 4th (1088) does not fit in the 832 left.
+    for i in 0..4u64 {
+        p.write(&payload(i, 1024), 0, None, Duration::ZERO).unwrap();
+    }
+    let st = ring.status();
+    assert_eq!(
+        st.write_pos,
+        4096 + 1088,
+        "4th record starts after 832 bytes of padding"
+    );
+    // The padding record at 3264 is committed and typed as padding.
+    let at = 3 * 1088;
+    assert_eq!(
+        ring.region().r32(at, off::R_TYPE).load(Ordering::Relaxed),
+        format::TYPE_PADDING
+    );
+    assert_eq!(
+        ring.region().r64(at, off::R_COMMIT).load(Ordering::Relaxed),
+        format::COMMITTED | 832
+    );
+    // Readers see the three surviving... the first was reclaimed for the 4th.
+    let got = drain(&mut rd);
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(rd.lost(), 1);
+    for (seq, buf) in &got {
+        assert_eq!(check(buf), *seq);
+    }
+}
+
+#[test]
+fn uncommitted_records_are_invisible_and_abort_reuses_the_sequence() {
+    let t = TempRing::new("commit");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    let c = match p.try_claim(100, 3, Some(5)).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    assert_eq!(rd.peek().unwrap(), Next::Busy { seq: 0 });
+    assert!(rd.next_copy().unwrap().is_none());
+    // A second claim while one is pending is refused.
+    assert!(matches!(
+        p.try_claim(8, 0, None),
+        Err(Error::Invalid { .. })
+    ));
+    // SAFETY: the payload (a temporary living to the end of the statement) has 100 bytes,
+    // the claim's length.
+    unsafe { p.fill(&c, payload(0, 100).as_ptr(), 100) };
+    p.abort(c).unwrap();
+    assert!(
+        rd.next_copy().unwrap().is_none(),
+        "aborted record is padding"
+    );
+    let seq = p
+        .write(&payload(0, 100), 3, Some(5), Duration::ZERO)
+        .unwrap();
+    assert_eq!(seq, 0, "the aborted sequence number is reused");
+    let (rec, buf) = rd.next_copy().unwrap().unwrap();
+    assert_eq!((rec.seq, rec.stream, rec.timestamp_ns), (0, 3, 5));
+    assert_eq!(check(&buf), 0);
+    assert_eq!(rd.lost(), 0);
+}
+
+#[test]
+fn payloads_can_be_filled_piecewise_at_any_offset() {
+    let t = TempRing::new("fillat");
+    let (ring, mut p) = Ring::create(&t.0, 8192, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Oldest).unwrap();
+    let msg: Vec<u8> = (0..=250u8).collect();
+    let c = match p.try_claim(msg.len() as u64, 4, None).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    let mut at = 0usize;
+    for n in [4usize, 4, 184, 59] {
+        // SAFETY: the pieces add up to msg.len(), the claim's length: `n` bytes from `at`
+        // are inside both `msg` and the payload.
+        unsafe { p.fill_at(&c, at as u64, msg[at..].as_ptr(), n) };
+        at += n;
+    }
+    p.set_claim_tags(&c, 9, 0);
+    p.commit(c).unwrap();
+    let (rec, buf) = rd.next_copy().unwrap().unwrap();
+    assert_eq!(buf, msg);
+    assert_eq!((rec.stream, rec.schema_id), (4, 9));
+}
+
+#[test]
+fn block_policy_waits_for_the_consumer_and_loses_nothing() {
+    let t = TempRing::new("block");
+    let (ring, mut p) = Ring::create(&t.0, 4096, Policy::Block, false).unwrap();
+    // 1024-byte payloads: 3 fit (3 * 1088 = 3264 of 4096).
+    for i in 0..3u64 {
+        p.write(&payload(i, 1024), 0, None, Duration::ZERO).unwrap();
+    }
+    let e = p
+        .write(&payload(3, 1024), 0, None, Duration::from_millis(20))
+        .unwrap_err();
+    assert!(matches!(e, Error::Full { .. }), "{e}");
+    assert_eq!(
+        ring.status().next_seq,
+        3,
+        "a timed-out write leaves nothing behind"
+    );
+    let consumer_ring = ring.clone();
+    let consumer = std::thread::spawn(move || {
+        let mut rd = Reader::new(consumer_ring, Start::Tail).unwrap();
+        let mut seen = vec![];
+        while seen.len() < 200 {
+            match rd.next_copy().unwrap() {
+                Some((rec, buf)) => {
+                    assert_eq!(check(&buf), rec.seq);
+                    seen.push(rec.seq);
+                    rd.commit().unwrap();
+                }
+                None => rd.wait(Duration::from_millis(50)),
+            }
+        }
+        (seen, rd.lost())
+    });
+    for i in 3..200u64 {
+        p.write(&payload(i, 1024), 0, None, Duration::from_secs(10))
+            .unwrap();
+    }
+    let (seen, lost) = consumer.join().unwrap();
+    assert_eq!(seen, (0..200).collect::<Vec<_>>());
+    assert_eq!(lost, 0);
+    assert_eq!(ring.status().records_lost, 0);
+}
