@@ -165,7 +165,9 @@ def test_a_registered_instrument_type_runs_through_rust_daq_run(tmp_path: Path) 
     with h5py.File(out, "r") as f:
         t = f["measurements/cryostat/temperature"]
         assert t.shape[0] > 10 and set(t[()]) == {4.2} and t.attrs["units"] == "K"
-    assert f"│ cryostat │ {t.shape[0]:>4} │ {t.shape[0]:>7} │" in r.stdout, "every row acquired is in the file"
+    assert f"│ cryostat │ {t.shape[0]:>4} │ {t.shape[0]:>7} │" in r.stdout, (
+        "every row acquired is in the file"
+    )
     cfg.write_text('[[instruments]]\ntype = "thermometer"\nkelvin = "cold"\nspeed = 1\n')
     r = subprocess.run(
         [sys.executable, str(script), "run", str(cfg), "--no-progress"],

@@ -54,11 +54,19 @@ class Runner:
 
     ``own_ring``: remove the ring at the end (None: if the session owns it and this creates
     it); ``row_index``: write through a :class:`~rust_daq.acquisition.RowIndex` (the daemon's
-    subscribers learn from it how many rows they lost). A session without instruments has no
+    subscribers learn from it how many rows they lost); ``stopped_by``: the list that
+    :func:`noting_signals` fills (default: a new one). A session without instruments has no
     acquisition (:attr:`acq` None): the run then only waits, for its duration or a signal.
     """
 
-    def __init__(self, session: Session, *, own_ring: bool | None = None, row_index: bool = False) -> None:
+    def __init__(
+        self,
+        session: Session,
+        *,
+        own_ring: bool | None = None,
+        row_index: bool = False,
+        stopped_by: list[str] | None = None,
+    ) -> None:
         self.session = session
         if own_ring is None:
             own_ring = session.own_ring and not os.path.exists(session.ring_path)
@@ -79,8 +87,8 @@ class Runner:
             self.close()
             raise
         self.started = time.time()
-        #: The signals received (their names), first first.
-        self.stopped_by: list[str] = []
+        #: The signals received (their names), first first: :func:`noting_signals` fills it.
+        self.stopped_by: list[str] = [] if stopped_by is None else stopped_by
         #: The writer process of the recording in progress, if any.
         self.writer: WriterSupervisor | None = None
         self._stop_on_writer_failure = False
@@ -218,8 +226,7 @@ def run_session(
     stats: dict[str, Any] = {}
     stopped_by: list[str] = []
     with noting_signals(stopped_by):
-        run = Runner(s)
-        run.stopped_by = stopped_by
+        run = Runner(s, stopped_by=stopped_by)
         try:
             if s.output is not None:
                 run.start_writer(

@@ -96,11 +96,7 @@ def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
 
 _PROG = "python -m rust_daq.writer"
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="Drain a rust-daq ring into HDF5. SIGINT/SIGTERM: final flush, exit 0.",
-)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
@@ -137,6 +133,7 @@ def _command(
         ),
     ] = False,
 ) -> None:
+    """Drain a rust-daq ring into HDF5 (SIGINT/SIGTERM: final flush, exit 0), or --repair a file."""
     if repair_file is not None:
         try:
             done = repair(repair_file)
