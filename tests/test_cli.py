@@ -131,7 +131,7 @@ def test_run_with_a_config(tmp_path: Path) -> None:
         ("duration = 5\n", "no [[instruments]]"),
         (
             '[[instruments]]\ntype = "voltmeter"\nrate_hz = "fast"\n',
-            "rate_hz must be an integer or a number, got 'fast'",
+            "[[instruments]] #1: rate_hz must be a number, got 'fast'",
         ),
         ('[[instruments]]\ntype = "scpi"\n', "needs a resource"),
         ("not toml at all ===", "not valid TOML"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -31,50 +30,17 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-import h5py
-
 from ._errors import RustDaqError
+from .hdf5.options import WriterOptions
 from .hdf5.process import start_process, stop_process
 from .hdf5.progress import read_progress
-from .hdf5.writer import _compression
 
-__all__ = ["WriterSupervisor", "check_writer_options", "file_progress"]
+__all__ = ["WriterSupervisor", "file_progress"]
 
 log = logging.getLogger("rust_daq.supervisor")
 
 _POLL = 0.1  # seconds between checks that the writer lives
 _STDERR_LINES = 40  # the last lines of each writer's log kept (for the death message)
-
-
-def check_writer_options(*, layout: object, compression: object, flush_interval: object) -> None:
-    """Raises ValueError naming the option and what is allowed, for writer options that would
-    make the writer process refuse to start or die at its first flush."""
-    if layout not in ("append", "batches"):
-        raise ValueError(f"layout must be 'append' or 'batches', got {layout!r}")
-    if (
-        isinstance(flush_interval, bool)
-        or not isinstance(flush_interval, int | float)
-        or not math.isfinite(flush_interval)
-        or not flush_interval > 0
-    ):
-        raise ValueError(f"flush_interval must be a positive number of seconds, got {flush_interval!r}")
-    if compression is None:
-        return
-    if not isinstance(compression, str):
-        raise ValueError(f"compression must be a string (gzip, gzip:LEVEL, lzf, ...), got {compression!r}")
-    filters = _compression(compression)  # the writer's own parser: ValueError for unknown names
-    if not filters:
-        return
-    # Options the parser lets through can still be refused by HDF5 when the first dataset is
-    # created (gzip:99): create one, in memory, as the writer would.
-    try:
-        with h5py.File(f"rust-daq-check-{os.getpid()}", "w", driver="core", backing_store=False) as f:
-            f.create_dataset("x", shape=(0,), maxshape=(None,), chunks=(64,), dtype="f8", **filters)
-    except (ValueError, TypeError, OSError) as e:
-        raise ValueError(
-            f"compression {compression!r} is refused by HDF5 ({e}); use gzip, gzip:0 to gzip:9, "
-            "lzf, blosc, lz4, zstd or bitshuffle"
-        ) from None
 
 
 def file_progress(path: str) -> dict[str, Any] | None:
@@ -109,7 +75,9 @@ def _describe(code: int) -> str:
 
 
 class WriterSupervisor:
-    """One writer process for `ring` into `output`, kept alive; see the module documentation.
+    """One writer process with `options` (:class:`~rust_daq.hdf5.options.WriterOptions`; or
+    `options` the ring, `output` the file and the other options as keywords), kept alive;
+    see the module documentation.
 
     ``backoff``: seconds before each restart, the n-th of a row of quick deaths waiting the
     n-th entry (the last repeats); ``min_uptime``: a writer that lived less than this (default
@@ -120,31 +88,23 @@ class WriterSupervisor:
 
     def __init__(
         self,
-        ring: str,
-        output: str,
+        options: WriterOptions | str,
+        output: str | None = None,
         *,
-        layout: str = "append",
-        flush_interval: float = 1.0,
-        compression: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        remove_ring_if_orphaned: bool = False,
         backoff: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0),
         min_uptime: float | None = None,
         max_quick_deaths: int = 3,
         stop_timeout: float = 120.0,
         on_event: Callable[[str], None] | None = None,
+        **writer_options: Any,
     ) -> None:
-        self.ring, self.output = ring, output
-        self._args: dict[str, Any] = {
-            "layout": layout,
-            "flush_interval": flush_interval,
-            "compression": compression,
-            "metadata": metadata,
-            # The process that made the ring SIGKILLed: its writer is the last to know of it.
-            "remove_ring_if_orphaned": remove_ring_if_orphaned,
-        }
+        if not isinstance(options, WriterOptions):
+            assert output is not None, "WriterSupervisor(ring, output, ...) needs the output"
+            options = WriterOptions(ring=options, output=output, **writer_options)
+        self.options = options
+        self.ring, self.output = options.ring, options.output
         self.backoff = backoff
-        self.min_uptime = 2.0 + 2 * flush_interval if min_uptime is None else min_uptime
+        self.min_uptime = 2.0 + 2 * options.flush_interval if min_uptime is None else min_uptime
         self.max_quick_deaths = max_quick_deaths
         self.stop_timeout = stop_timeout
         self._emit = on_event or log.warning
@@ -215,7 +175,7 @@ class WriterSupervisor:
     def _spawn(self) -> str | None:
         """Starts a writer; None when it is ready, else why it did not start."""
         try:
-            p = start_process(self.ring, self.output, **self._args)
+            p = start_process(self.options)
         except RustDaqError as e:
             return str(e)
         except (OSError, subprocess.SubprocessError) as e:

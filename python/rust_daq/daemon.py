@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,11 @@ import pyarrow as pa
 from . import _access
 from ._access import is_loopback
 from ._errors import DaemonConfigError, RustDaqError
-from ._ring import RingBuffer
-from ._supervisor import WriterSupervisor, check_writer_options, file_progress
-from .acquisition import Acquisition, RowIndex
+from ._session import Session
+from ._supervisor import file_progress
 from .flight import DaqFlightServer
+from .hdf5.options import WriterOptions
+from .runner import Runner, noting_signals
 
 __all__ = ["Daemon", "DaemonConfigError", "is_loopback"]
 
@@ -45,7 +45,8 @@ _RATE_WINDOW = 1.0  # seconds over which status reports rows/s
 
 
 class Daemon:
-    """Runs a :class:`~rust_daq.cli.Session` headless behind a Flight server.
+    """Runs a :class:`~rust_daq.config.Session` headless behind a Flight server, its ring,
+    acquisition and recordings those of a :class:`~rust_daq.runner.Runner`.
 
     ``host``/``port``: where the server listens (port 0: any free port; :attr:`url` says
     which). Off loopback a ``token`` is required; ``tls`` is a (certificate, key) pair of
@@ -53,17 +54,19 @@ class Daemon:
     only its own user can read it (:attr:`token_file`, removed at exit): local clients of
     that user read it, everyone else is refused. ``data_dir``: where ``start_recording``
     over the wire creates its files (None: the working directory), resolved once, here.
+    ``own_ring``: remove the ring at the end (None: if the session owns it and the daemon
+    creates it).
     """
 
     def __init__(
         self,
-        session: Any,
+        session: Session,
         *,
         host: str = "127.0.0.1",
         port: int = 8815,
         token: str | None = None,
         tls: tuple[Path, Path] | None = None,
-        own_ring: bool = False,
+        own_ring: bool | None = False,
         data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not is_loopback(host) and not token:
@@ -90,30 +93,23 @@ class Daemon:
         self._token = token
         server: DaqFlightServer | None = None  # to shut down if the start fails after it
         self.session = session
-        self.own_ring = own_ring
-        self.ring = RingBuffer.create(
-            session.ring_path, capacity_mb=session.capacity_mb, policy=session.policy
-        )
+        # No instruments: a daemon that only receives (remote instruments, do_put): no acq.
+        self.runner = Runner(session, own_ring=own_ring, row_index=True)
+        self.ring, self.acq = self.runner.ring, self.runner.acq
+        assert self.runner.row_index is not None
+        self.row_index = self.runner.row_index
         try:
-            self.row_index = RowIndex(self.ring)
-            # No instruments: a daemon that only receives (remote instruments, do_put).
-            self.acq = (
-                Acquisition(self.ring, session.instruments, row_index=self.row_index)
-                if session.instruments
-                else None
-            )
             self.stopping = threading.Event()
             self.recording_failed: str | None = None  # why the final recording did not end well
             # Recording transitions (start/stop: seconds, for a final flush) take _rec_lock in
             # Flight threads; the acquisition's event loop never waits for it. Put counters
             # have their own lock. _recording is replaced whole, never mutated: read freely.
+            # The recording's writer is the runner's (runner.writer).
             self._rec_lock = threading.Lock()
             self._stats_lock = threading.Lock()
-            self._writer: WriterSupervisor | None = None
             self._recording: dict[str, Any] | None = None
             self._puts: dict[str, list[int]] = {}  # stream -> [rows, records, bytes]
             self._rates: dict[str, float] = {}
-            self._started = time.time()
             scheme = "grpc+tls" if certs else "grpc"
             shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
             try:
@@ -134,9 +130,7 @@ class Daemon:
         except BaseException:  # nothing runs yet: leave no ring behind
             if server is not None:
                 server.shutdown()
-            self.ring.close()
-            if own_ring:
-                _unlink(self.ring.path)
+            self.runner.close()
             raise
         self.url = f"{scheme}://{shown}:{self.server.port}"
 
@@ -176,7 +170,7 @@ class Daemon:
             st["rows_per_s"] = self._rates.get(name, 0.0)
         rs = self.ring.status()
         head, tail, oldest = rs["write_head"], rs["read_tail"], rs["oldest_position"]
-        sup = self._writer
+        sup = self.runner.writer
         writer: dict[str, Any] = {"recording": False}
         if recording is not None:
             writer.update(recording)
@@ -188,7 +182,7 @@ class Daemon:
             writer["lag_records"] = rs["records_written"] - rs["read_tail_seq"]
         return {
             "url": self.url,
-            "uptime_s": time.time() - self._started,
+            "uptime_s": time.time() - self.runner.started,
             "streams": streams,
             "ring": {
                 "path": rs["path"],
@@ -229,20 +223,15 @@ class Daemon:
         file = params.get("file")
         if not isinstance(file, str) or not file:
             raise ValueError('needs "file": the HDF5 file to write, a path on the daemon\'s host')
-        layout = params.get("layout", "append")
-        if layout not in ("append", "batches"):
-            raise ValueError(f"layout must be 'append' or 'batches', got {layout!r}")
-        metadata = params.get("metadata", {})
-        if not isinstance(metadata, dict):
-            raise ValueError("metadata must be a JSON object")
-        compression = params.get("compression")
-        if compression is not None and not isinstance(compression, str):
-            raise ValueError("compression must be a string (gzip, lzf, ...)")
-        flush = params.get("flush_interval", self.session.flush_interval)
-        if isinstance(flush, bool) or not isinstance(flush, int | float) or not flush > 0:
-            raise ValueError(f"flush_interval must be a positive number of seconds, got {flush!r}")
-        check_writer_options(layout=layout, compression=compression, flush_interval=flush)
         path = os.path.abspath(file)
+        options = WriterOptions(  # ValueError naming the option and what is allowed
+            ring=self.ring.path,
+            output=path,
+            layout=params.get("layout", "append"),
+            flush_interval=params.get("flush_interval", self.session.flush_interval),
+            compression=params.get("compression"),
+            metadata=params.get("metadata", {}),
+        )
         with self._rec_lock:
             if self.stopping.is_set():
                 raise ValueError("the daemon is stopping")
@@ -254,31 +243,24 @@ class Daemon:
             self.ring.reader("latest").commit()
             # Supervised: a writer that dies is restarted (status says so meanwhile); one that
             # cannot be kept alive leaves the recording "failed", with the reason.
-            sup = WriterSupervisor(
-                self.ring.path,
-                path,
-                layout=layout,
-                flush_interval=float(flush),
-                compression=compression,
-                metadata=metadata,
-                on_event=lambda line: log.warning("recording %s: %s", path, line),
-            )
             try:
-                sup.start()
+                self.runner.start_writer(
+                    options, on_event=lambda line: log.warning("recording %s: %s", path, line)
+                )
             except RustDaqError as e:
                 raise ValueError(str(e)) from e
-            self._writer = sup
-            self._recording = {"file": path, "layout": layout, "started": time.time()}
+            self._recording = {"file": path, "layout": options.layout, "started": time.time()}
             log.info("recording to %s", path)
             return dict(self._recording)
 
     def stop_recording(self) -> dict[str, Any]:
         with self._rec_lock:
-            if self._writer is None or self._recording is None:
+            if self.runner.writer is None or self._recording is None:
                 raise ValueError("not recording")
-            sup = self._writer
-            state = sup.stop()  # the final flush; a dead writer is started once more for it
-            rec, self._writer, self._recording = self._recording, None, None
+            sup = self.runner.stop_writer()  # the final flush; a dead writer is started once more for it
+            assert sup is not None
+            state = sup.state
+            rec, self._recording = self._recording, None
         progress = file_progress(rec["file"])
         if state == "failed":
             held = "no progress marker" if progress is None else f"{progress['records']:,} records"
@@ -306,66 +288,38 @@ class Daemon:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run(self, on_ready: Any = None) -> dict[str, Any]:
+    def run(self, on_ready: Callable[[Daemon], None] | None = None) -> dict[str, Any]:
         """Acquires until the session's duration or SIGINT/SIGTERM, then stops in order (see the
         module documentation). Returns the acquisition's stats (rows per stream, elapsed_s,
         stopped_by), with the streams received through do_put."""
-        stopped_by: list[str] = []
 
-        async def main() -> None:
-            async with AsyncExitStack() as stack:
-                if self.acq is not None:
-                    await stack.enter_async_context(self.acq)
-                tg = await stack.enter_async_context(anyio.create_task_group())
+        async def started() -> None:
+            if self.session.output is not None:
+                await anyio.to_thread.run_sync(
+                    self.start_recording,
+                    {
+                        "file": self.session.output,
+                        "layout": self.session.layout,
+                        "compression": self.session.compression,
+                        "metadata": self.session.metadata,
+                    },
+                )
+            if on_ready is not None:
+                on_ready(self)
 
-                async def on_signals() -> None:
-                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for sig in signals:
-                            stopped_by.append(signal.Signals(sig).name)
-                            if self.acq is not None:
-                                self.acq.stop()
-                            else:
-                                tg.cancel_scope.cancel()
-                            return
-
-                tg.start_soon(on_signals)
-                tg.start_soon(self._idle_tail)
-                tg.start_soon(self._sample_rates)
-                if self.session.output is not None:
-                    await anyio.to_thread.run_sync(
-                        self.start_recording,
-                        {
-                            "file": self.session.output,
-                            "layout": self.session.layout,
-                            "compression": self.session.compression,
-                            "metadata": self.session.metadata,
-                        },
-                    )
-                if on_ready is not None:
-                    on_ready(self)
-                if self.acq is not None:
-                    await self.acq.run(duration=self.session.duration)
-                elif self.session.duration is not None:
-                    await anyio.sleep(self.session.duration)
-                else:
-                    await anyio.sleep_forever()
-                tg.cancel_scope.cancel()
-
-        try:
-            anyio.run(main)
-        finally:
-            self._shutdown()
-        stats: dict[str, Any] = (
-            self.acq.stats()
-            if self.acq is not None
-            else {"elapsed_s": time.time() - self._started, "streams": {}}
-        )
+        with noting_signals(self.runner.stopped_by):
+            try:
+                # A recording given up on does not stop the daemon: status says so.
+                stats = self.runner.acquire(
+                    tasks=[self._idle_tail, self._sample_rates],
+                    on_started=started,
+                    stop_on_writer_failure=False,
+                )
+            finally:
+                self._shutdown()
         with self._stats_lock:
             for name, (rows, records, nbytes) in self._puts.items():
                 stats["streams"][name] = {"rows": rows, "records": records, "bytes": nbytes}
-        stats["stopped_by"] = (
-            stopped_by[0] if stopped_by else ("duration" if self.session.duration else "end")
-        )
         if self.recording_failed is not None:
             stats["recording_failed"] = self.recording_failed
         return stats
@@ -391,9 +345,7 @@ class Daemon:
         finally:
             if self.token_file is not None:
                 _access.remove_token_file(self.token_file, self._token)
-            self.ring.close()
-            if self.own_ring:
-                _unlink(self.ring.path)
+            self.runner.close()
 
     async def _idle_tail(self) -> None:
         while True:
@@ -405,7 +357,7 @@ class Daemon:
             try:
                 # A failed writer (given up on) will not move the tail: a ring with policy
                 # "block" must not wait for it.
-                sup = self._writer
+                sup = self.runner.writer
                 if self._recording is None or (sup is not None and sup.state == "failed"):
                     self.ring.reader("latest").commit()
             finally:
@@ -423,10 +375,3 @@ class Daemon:
             dt = now - t_last
             self._rates = {n: (r - last.get(n, 0)) / dt for n, r in rows.items()}
             last, t_last = rows, now
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -20,6 +20,9 @@ A new device is a class with those members; nothing to inherit. For example::
             t = await anyio.to_thread.run_sync(self.dev.read_kelvin)   # blocking I/O off the loop
             return pa.record_batch([pa.array([time.time_ns()], pa.timestamp("ns")), [t]], schema=self.schema)
 
+A type that a run configuration names (``[[instruments]] type = "..."``) is one entry in
+:mod:`rust_daq.adapters.registry`: the adapter and the pydantic model of its table.
+
 Embedding rust-daq in another DAQ stack is the same pattern: wrap the other stack's readable
 object (an ophyd-async signal, a QCoDeS parameter...) in :class:`CallableInstrument`, or in a
 class like the one above whose ``read`` awaits it.

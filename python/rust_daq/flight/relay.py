@@ -38,6 +38,7 @@ def relay(
     Runs until the daemon stops (its streams end) or `stop` is set; then the writer's final
     flush. Returns records relayed and lost per stream."""
     from .._ring import RingBuffer
+    from ..hdf5.options import WriterOptions
     from ..hdf5.process import start_process, stop_process
 
     if os.path.exists(output):
@@ -54,12 +55,14 @@ def relay(
     try:
         meta = {"relayed_from": url, **(metadata or {})}
         writer = start_process(
-            ring.path,
-            output,
-            layout=layout,
-            flush_interval=flush_interval,
-            compression=compression,
-            metadata=meta,
+            WriterOptions(
+                ring=ring.path,
+                output=output,
+                layout=layout,
+                flush_interval=flush_interval,
+                compression=compression,
+                metadata=meta,
+            )
         )
         with daq.reader(start="oldest") as reader:
             if on_ready is not None:

@@ -5,6 +5,7 @@ Arrow-to-HDF5 type mapping (:mod:`.columns`), its progress format and :func:`rea
 the writer as its own process (:mod:`.process`, ``python -m rust_daq.writer``). Everything h5py-dependent lives here."""
 
 from .._errors import IncompatibleFileError
+from .options import WriterOptions
 from .process import main, start_process, stop_process
 from .progress import Progress, StreamProgress, read_progress
 from .writer import HDF5Writer, repair
@@ -14,6 +15,7 @@ __all__ = [
     "IncompatibleFileError",
     "Progress",
     "StreamProgress",
+    "WriterOptions",
     "main",
     "read_progress",
     "repair",

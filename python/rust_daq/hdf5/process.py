@@ -1,9 +1,10 @@
-"""The writer as its own process: ``python -m rust_daq.writer`` (:func:`main`), started and
-stopped by :func:`start_process` / :func:`stop_process`."""
+"""The writer as its own process: ``python -m rust_daq.writer`` (:func:`main`, a typer command
+like ``rust-daq``'s), started and stopped by :func:`start_process` / :func:`stop_process`; its
+options are one :class:`~rust_daq.hdf5.options.WriterOptions`."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -13,56 +14,41 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import typer
 
 from .._errors import RustDaqError
 from .._ring import resolve_ring_path
+from .options import WriterOptions
 from .writer import HDF5Writer, repair
 
-__all__ = ["main", "start_process", "stop_process"]
+__all__ = ["WriterOptions", "main", "run", "start_process", "stop_process"]
 
 log = logging.getLogger("rust_daq.writer")
 
 
 def start_process(
-    ring: str,
-    output: str,
+    options: WriterOptions | str,
+    output: str | None = None,
     *,
-    layout: str = "append",
-    flush_interval: float = 1.0,
-    compression: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    remove_ring_if_orphaned: bool = False,
     ready_timeout: float = 120.0,
+    **kwargs: Any,
 ) -> subprocess.Popen[str]:
-    """Starts ``python -m rust_daq.writer`` on `ring` and waits until it is ready (its file is
-    open). It runs in its own session: a Ctrl-C in the terminal reaches only its parent, which
-    stops it (:func:`stop_process`) after the producer has written its last rows, so the final
-    flush holds them. Raises RustDaqError with the writer's own message if it does not start."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "rust_daq.writer",
-        "--ring",
-        ring,
-        "--output",
-        output,
-        "--layout",
-        layout,
-        "--flush-interval",
-        str(flush_interval),
-        "--metadata",
-        json.dumps(metadata or {}, default=str),
-    ]
-    if compression:
-        cmd += ["--compression", compression]
+    """Starts ``python -m rust_daq.writer`` with `options` and waits until it is ready (its
+    file is open). (``start_process(ring, output, layout=..., ...)``, the keywords of
+    :class:`WriterOptions`, still works.) It runs in its own session: a Ctrl-C in the terminal
+    reaches only its parent, which stops it (:func:`stop_process`) after the producer has
+    written its last rows, so the final flush holds them. Raises RustDaqError with the
+    writer's own message if it does not start."""
+    if not isinstance(options, WriterOptions):
+        assert output is not None, "start_process(ring, output, ...) needs the output"
+        options = WriterOptions(ring=options, output=output, **kwargs)
     # --parent-pipe: the child watches its stdin, whose only write end is ours, so our death
     # (even by SIGKILL) reaches it as EOF and it writes, flushes and closes its file.
-    cmd.append("--parent-pipe")
-    if remove_ring_if_orphaned:
-        cmd.append("--remove-ring-if-orphaned")
+    options = dataclasses.replace(options, parent_pipe=True)
     p = subprocess.Popen(
-        cmd,
+        options.command(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -108,70 +94,117 @@ def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
         stop.set()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rust_daq.writer``: the writer as its own process. SIGINT/SIGTERM stop it
-    cleanly (final flush, exit 0)."""
-    ap = argparse.ArgumentParser(
-        prog="python -m rust_daq.writer", description="Drain a rust-daq ring into HDF5."
-    )
-    ap.add_argument("--ring", help="ring path (a bare name lives in /dev/shm)")
-    ap.add_argument("--output", help="HDF5 file to write (continued if it exists)")
-    ap.add_argument(
-        "--repair", metavar="FILE", help="clear the flags a killed writer left in FILE, then exit"
-    )
-    ap.add_argument("--layout", choices=["append", "batches"], default="append")
-    ap.add_argument("--flush-interval", type=float, default=1.0, metavar="SECONDS")
-    ap.add_argument("--compression", default=None, help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
-    ap.add_argument("--no-swmr", action="store_true", help="do not enable SWMR (append layout)")
-    ap.add_argument("--stream", action="append", dest="streams", help="only this stream (repeatable)")
-    ap.add_argument("--metadata", default=None, help="run metadata as a JSON object")
-    ap.add_argument(
-        "--parent-pipe",
-        action="store_true",
-        help="stop (final flush, exit 0) when standard input closes: the parent that started us died",
-    )
-    ap.add_argument(
-        "--remove-ring-if-orphaned",
-        action="store_true",
-        help="with --parent-pipe: when the parent dies, remove the ring after the final flush (it "
-        "created the ring, and no one else would)",
-    )
-    args = ap.parse_args(argv)
-    if args.repair:
+_PROG = "python -m rust_daq.writer"
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def _command(
+    ring: Annotated[str | None, typer.Option(help="ring path (a bare name lives in /dev/shm)")] = None,
+    output: Annotated[str | None, typer.Option(help="HDF5 file to write (continued if it exists)")] = None,
+    repair_file: Annotated[
+        str | None,
+        typer.Option(
+            "--repair", metavar="FILE", help="clear the flags a killed writer left in FILE, then exit"
+        ),
+    ] = None,
+    layout: Annotated[Literal["append", "batches"], typer.Option()] = "append",
+    flush_interval: Annotated[float, typer.Option(metavar="SECONDS", help="seconds between flushes")] = 1.0,
+    compression: Annotated[
+        str | None, typer.Option(help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
+    ] = None,
+    no_swmr: Annotated[bool, typer.Option("--no-swmr", help="do not enable SWMR (append layout)")] = False,
+    stream: Annotated[list[str] | None, typer.Option(help="only this stream (repeatable)")] = None,
+    metadata: Annotated[str | None, typer.Option(help="run metadata as a JSON object")] = None,
+    parent_pipe: Annotated[
+        bool,
+        typer.Option(
+            "--parent-pipe",
+            help="stop (final flush, exit 0) when standard input closes: the parent that started us died",
+        ),
+    ] = False,
+    remove_ring_if_orphaned: Annotated[
+        bool,
+        typer.Option(
+            "--remove-ring-if-orphaned",
+            help="with --parent-pipe: when the parent dies, remove the ring after the final flush (it "
+            "created the ring, and no one else would)",
+        ),
+    ] = False,
+) -> None:
+    """Drain a rust-daq ring into HDF5 (SIGINT/SIGTERM: final flush, exit 0), or --repair a file."""
+    if repair_file is not None:
         try:
-            done = repair(args.repair)
+            done = repair(repair_file)
         except OSError as e:
-            print(f"rust_daq.writer: cannot repair {args.repair}: {e.strerror or e}", file=sys.stderr)
-            return 2
-        print(f"{args.repair}: {'repaired' if done else 'nothing to repair'}")
-        return 0
-    if not args.ring or not args.output:
-        ap.error("--ring and --output are required")
+            print(f"rust_daq.writer: cannot repair {repair_file}: {e.strerror or e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        print(f"{repair_file}: {'repaired' if done else 'nothing to repair'}")
+        raise typer.Exit(0)
+    if not ring or not output:
+        print(f"{_PROG}: error: --ring and --output are required", file=sys.stderr)
+        raise typer.Exit(2)
+    try:
+        options = WriterOptions(
+            ring=ring,
+            output=output,
+            layout=layout,
+            flush_interval=flush_interval,
+            compression=compression,
+            swmr=not no_swmr,
+            streams=tuple(stream) if stream else None,
+            metadata=json.loads(metadata) if metadata else None,
+            parent_pipe=parent_pipe,
+            remove_ring_if_orphaned=remove_ring_if_orphaned,
+        )
+    except ValueError as e:  # (json.JSONDecodeError is one)
+        print(f"rust_daq.writer: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run(options))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rust_daq.writer``: the writer as its own process (:func:`run`), its
+    arguments those of :meth:`WriterOptions.argv`. Returns the exit status: 0, 2 (bad
+    arguments, a writer that cannot start), 1 (the final flush failed)."""
+    try:
+        # Typer's own handling (usage errors said, exit status 2); the command raises
+        # typer.Exit with its status, so every way out is a SystemExit here.
+        app(list(argv) if argv is not None else None, prog_name=_PROG)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    return 0
+
+
+def run(options: WriterOptions) -> int:
+    """Runs a writer with `options` in this process until SIGINT/SIGTERM (or, with
+    ``parent_pipe``, until standard input closes); then the final flush. Returns the exit
+    status as :func:`main` does."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     orphaned = threading.Event()
-    if args.parent_pipe:
+    if options.parent_pipe:
         threading.Thread(
             target=_watch_parent, args=(stop, orphaned), name="parent-watch", daemon=True
         ).start()
     try:
-        metadata = json.loads(args.metadata) if args.metadata else None
         writer = HDF5Writer(
-            args.output,
-            args.ring,
-            flush_interval=args.flush_interval,
-            layout=args.layout,
-            compression=args.compression,
-            swmr=not args.no_swmr,
-            metadata=metadata,
-            streams=args.streams,
+            options.output,
+            options.ring,
+            flush_interval=options.flush_interval,
+            layout=options.layout,  # type: ignore[arg-type]
+            compression=options.compression,
+            swmr=options.swmr,
+            metadata=dict(options.metadata) if options.metadata is not None else None,
+            streams=list(options.streams) if options.streams is not None else None,
         )
     except (OSError, ValueError, RustDaqError) as e:
         print(f"rust_daq.writer: {e}", file=sys.stderr)
         return 2
-    log.info("writing %s -> %s (layout %s)", args.ring, args.output, args.layout)
+    log.info("writing %s -> %s (layout %s)", options.ring, options.output, options.layout)
     print("ready", flush=True)
     try:
         with writer:
@@ -183,7 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stop.wait(writer.flush_interval)
     except RustDaqError as e:  # (IncompatibleFileError: the file was changed under us)
         log.error(
-            "final flush failed: %s; %d record(s) stay in the ring %s", e, writer.records_pending, args.ring
+            "final flush failed: %s; %d record(s) stay in the ring %s",
+            e,
+            writer.records_pending,
+            options.ring,
         )
         return 1
     except OSError as e:  # the final flush: what did not fit stays in the ring, and is said
@@ -191,26 +227,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             "final flush failed: %s; %d record(s) are not in %s and stay in the ring %s",
             e,
             writer.records_pending,
-            args.output,
-            args.ring,
+            options.output,
+            options.ring,
         )
     else:
         if writer.records_pending:  # a final pass that took only what fitted
             log.warning(
                 "%d record(s) are not in %s and stay in the ring %s (the disk holds no more)",
                 writer.records_pending,
-                args.output,
-                args.ring,
+                options.output,
+                options.ring,
             )
-    if orphaned.is_set() and args.remove_ring_if_orphaned:
+    if orphaned.is_set() and options.remove_ring_if_orphaned:
         left = writer.records_pending
         try:
-            os.unlink(resolve_ring_path(args.ring))
+            os.unlink(resolve_ring_path(options.ring))
             log.warning(
-                "removed the ring %s its dead parent created (%d record(s) were not written)", args.ring, left
+                "removed the ring %s its dead parent created (%d record(s) were not written)",
+                options.ring,
+                left,
             )
         except OSError as e:
-            log.error("could not remove the ring %s: %s", args.ring, e)
+            log.error("could not remove the ring %s: %s", options.ring, e)
     log.info(
         "stopped: %d records in %d batches, %d lost",
         writer.records_written,
