@@ -46,6 +46,83 @@ def test_the_writer_module_runs_without_a_runpy_warning() -> None:
     assert r.returncode == 0, r.stderr
 
 
+def _writer_on_a_ring(tmp_path: Path, *args: str) -> tuple[str, Path, subprocess.Popen[str]]:
+    """A writer process with its parent pipe (standard input) open, on a fresh ring holding
+    7 batches of 100 rows."""
+    import pyarrow as pa
+
+    from rust_daq import RingBuffer
+
+    ring_path = f"/dev/shm/rust-daq-test-{secrets.token_hex(6)}"
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        for i in range(7):
+            ring.write_arrow_batch(pa.record_batch({"i": np.arange(i * 100, (i + 1) * 100)}), "v")
+    out = tmp_path / "w.h5"
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rust_daq.writer",
+            "--ring",
+            ring_path,
+            "--output",
+            str(out),
+            "--parent-pipe",
+            *args,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.communicate()[1]
+    return ring_path, out, p
+
+
+def _rows(out: Path) -> list[int]:
+    with h5py.File(out, "r") as f:
+        return [int(x) for x in f["measurements/v/i"][()]]
+
+
+def test_sigterm_with_the_parent_pipe_open_is_a_clean_stop_not_sigabrt(tmp_path: Path) -> None:
+    """The parent-pipe watcher blocked in sys.stdin's buffered reader held its lock, so every
+    writer stopped by SIGTERM with its pipe open died in interpreter shutdown with SIGABRT
+    ("could not acquire lock for <stdin>") after a good final flush, and its supervisor
+    reported a failed recording."""
+    ring_path, out, p = _writer_on_a_ring(tmp_path)
+    try:
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 0, p.communicate()[1]
+        assert _rows(out) == list(range(700))
+    finally:
+        p.kill()
+        p.communicate()
+        os.unlink(ring_path)
+
+
+def test_a_pipe_closed_by_a_living_parent_stops_the_writer_without_orphaning_it(tmp_path: Path) -> None:
+    """Closing standard input is a stop request; only a parent that died makes the writer an
+    orphan that removes the ring (stop_process sends SIGTERM and then closes the pipe: the
+    pipe could win the race and the writer removed a ring its living parent still used)."""
+    ring_path, out, p = _writer_on_a_ring(tmp_path, "--remove-ring-if-orphaned")
+    try:
+        assert p.stdin is not None
+        p.stdin.close()
+        p.stdin = None  # (communicate() would flush it)
+        err = p.communicate(timeout=60)[1]
+        assert p.returncode == 0, err
+        assert "is gone" not in err and "removed the ring" not in err, err
+        assert os.path.exists(ring_path), "the writer removed the ring of a living parent"
+        assert _rows(out) == list(range(700))
+    finally:
+        p.kill()
+        with contextlib.suppress(OSError, ValueError):
+            p.communicate()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ring_path)
+
+
 # -- helpers ------------------------------------------------------------------------------------
 
 RUST_DAQ = shutil.which("rust-daq") or "rust-daq"

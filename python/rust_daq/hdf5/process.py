@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -79,19 +80,38 @@ def stop_process(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, s
     return p.returncode, err or ""  # (None when the caller reads stderr itself)
 
 
+#: Seconds a writer whose standard input closed waits to learn why: a SIGTERM that comes with
+#: it (stop_process sends one, then closes the pipe), or its parent's death (it is reparented).
+_EOF_GRACE = 2.0
+
+
 def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
     """Blocks on standard input until EOF: the parent closed it (stop_process) or died. Either
-    way the writer stops as on SIGTERM. (PR_SET_PDEATHSIG would fire when the parent's *thread*
-    that started us ends, which in the daemon is any Flight worker thread.)"""
+    way the writer stops as on SIGTERM; only a dead parent makes it an orphan (which may remove
+    the ring). (PR_SET_PDEATHSIG would fire when the parent's *thread* that started us ends,
+    which in the daemon is any Flight worker thread.)
+
+    It reads the raw descriptor, not ``sys.stdin``: a thread blocked in the buffered reader
+    holds its lock, and an interpreter that finishes while it does aborts (SIGABRT, "could
+    not acquire lock for <stdin> at interpreter shutdown") after a clean final flush."""
+    parent = os.getppid()
     try:
-        while sys.stdin.buffer.read(4096):
+        while os.read(0, 4096):
             pass
-    except (OSError, ValueError):
+    except OSError:
         pass
-    if not stop.is_set():
+    # A dying parent closes its descriptors before the kernel reparents its children.
+    deadline = time.monotonic() + _EOF_GRACE
+    while not stop.is_set() and os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if stop.is_set():
+        return
+    if os.getppid() != parent:
         log.warning("standard input closed: the process that started this writer is gone; stopping")
         orphaned.set()
-        stop.set()
+    else:
+        log.info("standard input closed by the process that started this writer; stopping")
+    stop.set()
 
 
 _PROG = "python -m rust_daq.writer"
