@@ -224,17 +224,40 @@ class RingReader(_native.RingReader):
         :attr:`not_arrow`; records that do not decode are skipped and counted in
         :attr:`undecodable`.
         """
-        decoder, observe, out = self._decoder, self._loss.observe, []
-        for rec in self.read(max_records, timeout, copy):
-            d = decoder.decode(rec)
-            if d is None or d.batch is None or d.info is None:
+        lost = self.lost
+        records = self.read(max_records, timeout, copy)
+        decode, out = self._decoder.decode, []
+        last: dict[str, _native.Record] = {}  # each stream's last record read
+        for rec in records:
+            d = decode(rec)
+            if d is None or d.info is None:
                 continue
-            observe(d.info.name, rec.stream_seq, d.batch.num_rows)
+            last[d.info.name] = rec
+            if d.batch is None:
+                continue
             # A private copy (see _records.decode) stays valid, unless it was torn as it was copied.
             if not copy and (not d.info.full_validation or not rec.valid()):
                 self._remember(d.batch, rec.position)
             out.append((d.info.name, d.batch))
+        self._count_losses(records, last, gapless=self.lost == lost)
         return out
+
+    def _count_losses(
+        self, records: list[_native.Record], last: dict[str, _native.Record], gapless: bool
+    ) -> None:
+        """Per-stream losses of what one read returned. With no gap in the ring's sequence
+        numbers (the common case) no stream lost a record: each stream's account only moves to
+        its last record; otherwise each record is accounted for."""
+        loss = self._loss
+        if gapless:
+            for name, rec in last.items():
+                loss.caught_up(name, rec.stream_seq)
+            return
+        by_id = self._decoder.schemas.by_id
+        for rec in records:
+            info = by_id.get(rec.schema_id)
+            if info is not None:
+                loss.observe(info.name, rec.stream_seq)  # (a ring does not know the lost rows)
 
     def _remember(self, batch: pa.RecordBatch, position: int) -> None:
         key, views = id(batch), self._views
