@@ -515,3 +515,39 @@ def test_a_lapped_reader_counts_what_it_lost_of_each_stream(ring_path: str) -> N
             assert lost[name] == (gaps, None if gaps else 0), name
         assert lost["fast"][0] > 0 and lost["slow"][0] > 0
         assert reader.lost >= lost["fast"][0] + lost["slow"][0]
+
+
+@pytest.mark.parametrize("max_records", [None, 1, 2])
+def test_a_stream_whose_numbering_jumps_counts_the_jump_as_lost(
+    ring_path: str, max_records: int | None
+) -> None:
+    """A relay carries the upstream stream_seq (records lost upstream): a jump in a stream's
+    numbering is a loss for every reader even when the ring itself lost nothing, however the
+    reads are cut, and beside a stream that lost nothing."""
+    with RingBuffer.create(ring_path, capacity_mb=1) as ring:
+        b = pa.record_batch({"i": [1]})
+        ring.write_arrow_batch(b, "v", stream_seq=0)
+        ring.write_arrow_batch(b, "w")
+        ring.write_arrow_batch(b, "v", stream_seq=5)
+        ring.write_arrow_batch(b, "w")
+        ring.write_arrow_batch(b, "v")  # (6)
+        reader = ring.reader()
+        got = 0
+        while batches := reader.read_batches(max_records=max_records):
+            got += len(batches)
+        assert got == 5 and reader.lost == 0
+        assert reader.lost_by_stream() == {"v": (4, None), "w": (0, 0)}
+
+
+def test_rows_lost_are_counted_for_records_without_a_stream_number() -> None:
+    """A record without a per-stream number (stream ids from 384) still has its row position
+    when the producer knows it: the rows between two such records are lost rows."""
+    from rust_daq._records import LossAccount
+
+    account = LossAccount()
+    assert account.observe("s", None, 10, rows_before=0) == 0
+    assert account.observe("s", None, 10, rows_before=50) == 0
+    assert account.records("s") == 0 and account.rows("s") == 40
+    assert account.observe("t", 3, 10, rows_before=100) == 0
+    assert account.observe("t", 6, 10, rows_before=150) == 2
+    assert account.records("t") == 2 and account.rows("t") == 40

@@ -268,21 +268,21 @@ class LossAccount:
         self, key: Hashable, stream_seq: int | None, rows: int = 0, rows_before: int | None = None
     ) -> int:
         """Accounts for a record of stream `key` with `rows` rows; returns the records lost just
-        before it. ``stream_seq`` None (a record without a per-stream number) counts nothing."""
+        before it. ``stream_seq`` None (a record without a per-stream number) counts no records,
+        only rows where ``rows_before`` says them."""
         loss = self.streams.get(key)
         if loss is None:
             loss = self.streams[key] = StreamLoss()
-        if stream_seq is None:
-            return 0
-        if stream_seq == loss.next_seq and rows_before is None:  # nothing lost, no rows known
-            loss.next_seq = stream_seq + 1
-            loss.next_row = None
-            return 0
         gap = 0
-        if loss.next_seq is not None and stream_seq > loss.next_seq:
-            gap = stream_seq - loss.next_seq
-        loss.next_seq = stream_seq + 1
-        loss.records += gap
+        if stream_seq is not None:
+            if stream_seq == loss.next_seq and rows_before is None:  # nothing lost, no rows known
+                loss.next_seq = stream_seq + 1
+                loss.next_row = None
+                return 0
+            if loss.next_seq is not None and stream_seq > loss.next_seq:
+                gap = stream_seq - loss.next_seq
+            loss.next_seq = stream_seq + 1
+            loss.records += gap
         if rows_before is None:
             if gap:
                 loss.rows = None  # the lost records' rows are no longer known
@@ -295,16 +295,22 @@ class LossAccount:
             loss.next_row = rows_before + rows
         return gap
 
-    def caught_up(self, key: Hashable, stream_seq: int | None) -> None:
-        """Stream `key`'s records up to `stream_seq` all arrived (the reader's sequence numbers
-        had no gap): the same as observing each of them, in one step."""
-        if stream_seq is None:
-            return
+    def caught_up(self, key: Hashable, first: int | None, last: int | None, count: int) -> bool:
+        """Accounts for `count` records of stream `key` numbered `first`..`last` in one step, if
+        that is all of them with none lost (the common case: the read had no gap in the ring's
+        sequence and no stream's numbering jumped); returns False, changing nothing, if not
+        (then :meth:`observe` each record)."""
         loss = self.streams.get(key)
+        if first is None or last is None:
+            return False
+        expected = first if loss is None or loss.next_seq is None else loss.next_seq
+        if first != expected or last - first + 1 != count:
+            return False
         if loss is None:
             loss = self.streams[key] = StreamLoss()
-        loss.next_seq = stream_seq + 1
+        loss.next_seq = last + 1
         loss.next_row = None
+        return True
 
     def records(self, key: Hashable) -> int:
         loss = self.streams.get(key)

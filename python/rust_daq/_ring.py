@@ -227,37 +227,41 @@ class RingReader(_native.RingReader):
         lost = self.lost
         records = self.read(max_records, timeout, copy)
         decode, out = self._decoder.decode, []
-        last: dict[str, _native.Record] = {}  # each stream's last record read
+        # Per stream: its first and last record read, and how many (for the loss account).
+        seen: dict[str, list[Any]] = {}
         for rec in records:
             d = decode(rec)
             if d is None or d.info is None:
                 continue
-            last[d.info.name] = rec
+            s = seen.get(d.info.name)
+            if s is None:
+                seen[d.info.name] = [rec, rec, 1]
+            else:
+                s[1] = rec
+                s[2] += 1
             if d.batch is None:
                 continue
             # A private copy (see _records.decode) stays valid, unless it was torn as it was copied.
             if not copy and (not d.info.full_validation or not rec.valid()):
                 self._remember(d.batch, rec.position)
             out.append((d.info.name, d.batch))
-        self._count_losses(records, last, gapless=self.lost == lost)
+        self._count_losses(records, seen, gapless=self.lost == lost)
         return out
 
-    def _count_losses(
-        self, records: list[_native.Record], last: dict[str, _native.Record], gapless: bool
-    ) -> None:
+    def _count_losses(self, records: list[_native.Record], seen: dict[str, list[Any]], gapless: bool) -> None:
         """Per-stream losses of what one read returned. With no gap in the ring's sequence
-        numbers (the common case) no stream lost a record: each stream's account only moves to
-        its last record; otherwise each record is accounted for."""
-        loss = self._loss
-        if gapless:
-            for name, rec in last.items():
-                loss.caught_up(name, rec.stream_seq)
-            return
-        by_id = self._decoder.schemas.by_id
-        for rec in records:
-            info = by_id.get(rec.schema_id)
-            if info is not None:
-                loss.observe(info.name, rec.stream_seq)  # (a ring does not know the lost rows)
+        numbers and no stream's numbering jumping (a relay's ``stream_seq``), each stream's
+        account moves in one step; otherwise each record is accounted for."""
+        loss, slow = self._loss, set()
+        for name, (first, last, n) in seen.items():
+            if not (gapless and loss.caught_up(name, first.stream_seq, last.stream_seq, n)):
+                slow.add(name)
+        if slow:
+            by_id = self._decoder.schemas.by_id
+            for rec in records:
+                info = by_id.get(rec.schema_id)
+                if info is not None and info.name in slow:
+                    loss.observe(info.name, rec.stream_seq)  # (a ring does not know the lost rows)
 
     def _remember(self, batch: pa.RecordBatch, position: int) -> None:
         key, views = id(batch), self._views
