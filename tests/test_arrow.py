@@ -551,3 +551,15 @@ def test_rows_lost_are_counted_for_records_without_a_stream_number() -> None:
     assert account.observe("t", 3, 10, rows_before=100) == 0
     assert account.observe("t", 6, 10, rows_before=150) == 2
     assert account.records("t") == 2 and account.rows("t") == 40
+
+
+def test_a_live_view_takes_any_positive_integer_rows_and_refuses_the_rest(ring_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_mb=1) as ring:
+        ring.write_arrow_batch(voltmeter(0, 100), "v")
+        assert len(LiveView(ring, "v", rows=np.int64(30)).update()["voltage"]) == 30
+        assert len(ring.latest("v", rows=np.int32(7))["voltage"]) == 7
+        for bad in (0, -1, 2.5, True, "10", None):
+            with pytest.raises(ValueError, match="rows must be a positive integer"):
+                LiveView(ring, "v", rows=bad)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="rows must be a positive integer"):
+                ring.latest("v", rows=bad)  # type: ignore[arg-type]

@@ -148,6 +148,12 @@ def test_config_errors_name_the_file_key_and_what_is_allowed(tmp_path: Path, tom
 def test_missing_config_and_bad_arguments(tmp_path: Path) -> None:
     r = cli("run", str(tmp_path / "nope.toml"))
     assert r.returncode == 2 and "no such file" in r.stderr
+    # A directory, or a file that is not text: said as an error, never a traceback.
+    r = cli("run", str(tmp_path))
+    assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00")
+    r = cli("run", str(tmp_path / "binary.toml"))
+    assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = cli("demo", "--duration", "-1")
     assert r.returncode == 2 and "duration" in r.stderr
     r = cli("frobnicate")

@@ -123,6 +123,49 @@ def test_a_pipe_closed_by_a_living_parent_stops_the_writer_without_orphaning_it(
             os.unlink(ring_path)
 
 
+_DIES_AT_ONCE = """
+import os, sys, threading, time
+from rust_daq.hdf5.process import start_process
+ring, out = sys.argv[1], sys.argv[2]
+threading.Thread(target=start_process, args=(ring, out), kwargs={"remove_ring_if_orphaned": True}, daemon=True).start()
+time.sleep(0.05)  # the writer is still starting: its watcher does not run yet
+os._exit(0)
+"""
+
+
+def test_a_parent_that_dies_while_its_writer_starts_still_orphans_it(tmp_path: Path) -> None:
+    """The watcher took its parent from getppid() when it started, a second after the fork: a
+    parent dead by then had already handed the writer to another process, the EOF looked like
+    a stop request and the orphan's ring was never removed (nor was a "ready" to a dead pipe
+    survived)."""
+    import pyarrow as pa
+
+    from rust_daq import RingBuffer
+
+    ring_path = f"/dev/shm/rust-daq-test-{secrets.token_hex(6)}"
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        for i in range(7):
+            ring.write_arrow_batch(pa.record_batch({"i": np.arange(i * 100, (i + 1) * 100)}), "v")
+    out = tmp_path / "w.h5"
+    try:
+        parent = subprocess.run([sys.executable, "-c", _DIES_AT_ONCE, ring_path, str(out)], timeout=60)
+        assert parent.returncode == 0
+
+        def writers() -> list[int]:
+            return [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit() and ring_path in _cmdline(int(p.name))
+            ]
+
+        wait_for("the orphaned writer to exit", lambda: not writers(), timeout=90)
+        assert not os.path.exists(ring_path), "the orphan left its dead parent's ring behind"
+        assert _rows(out) == list(range(700))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ring_path)
+
+
 # -- helpers ------------------------------------------------------------------------------------
 
 RUST_DAQ = shutil.which("rust-daq") or "rust-daq"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -25,9 +26,13 @@ class RowWindow:
     """The newest records of one stream holding at least `rows` rows (zero-copy batches)."""
 
     def __init__(self, rows: int) -> None:
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
-            raise ValueError(f"rows must be positive, got {rows}")
-        self.rows = rows
+        try:
+            n = operator.index(rows)  # (numpy integers too)
+        except TypeError:
+            n = 0
+        if isinstance(rows, bool) or n <= 0:
+            raise ValueError(f"rows must be a positive integer, got {rows!r}")
+        self.rows = n
         self.window: deque[tuple[pa.RecordBatch, _native.Record]] = deque()
         self.nrows = 0
 

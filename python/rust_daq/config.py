@@ -97,6 +97,8 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"{path}: no such file") from e
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     problems: list[str] = []

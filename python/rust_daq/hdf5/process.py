@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
@@ -50,6 +50,9 @@ def start_process(
     options = dataclasses.replace(options, parent_pipe=True)
     p = subprocess.Popen(
         options.command(),
+        # (the watcher compares its parent with ours: a parent that dies before the child's
+        # watcher starts has already handed it to another process by then)
+        env={**os.environ, _PARENT_ENV: str(os.getpid())},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -80,6 +83,9 @@ def stop_process(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, s
     return p.returncode, err or ""  # (None when the caller reads stderr itself)
 
 
+#: The environment variable in which start_process gives the writer its pid.
+_PARENT_ENV = "RUST_DAQ_WRITER_PARENT"
+
 #: Seconds a writer whose standard input closed waits to learn why: a SIGTERM that comes with
 #: it (stop_process sends one, then closes the pipe), or its parent's death (it is reparented).
 _EOF_GRACE = 2.0
@@ -94,7 +100,10 @@ def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
     It reads the raw descriptor, not ``sys.stdin``: a thread blocked in the buffered reader
     holds its lock, and an interpreter that finishes while it does aborts (SIGABRT, "could
     not acquire lock for <stdin> at interpreter shutdown") after a clean final flush."""
-    parent = os.getppid()
+    try:
+        parent = int(os.environ.get(_PARENT_ENV, ""))
+    except ValueError:
+        parent = os.getppid()  # (started by hand: the parent as it is now)
     try:
         while os.read(0, 4096):
             pass
@@ -129,7 +138,7 @@ def _command(
             "--repair", metavar="FILE", help="clear the flags a killed writer left in FILE, then exit"
         ),
     ] = None,
-    layout: Annotated[Literal["append", "batches"], typer.Option()] = "append",
+    layout: Annotated[str, typer.Option(help="append or batches")] = "append",
     flush_interval: Annotated[float, typer.Option(metavar="SECONDS", help="seconds between flushes")] = 1.0,
     compression: Annotated[
         str | None, typer.Option(help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
@@ -225,7 +234,10 @@ def run(options: WriterOptions) -> int:
         print(f"rust_daq.writer: {e}", file=sys.stderr)
         return 2
     log.info("writing %s -> %s (layout %s)", options.ring, options.output, options.layout)
-    print("ready", flush=True)
+    try:
+        print("ready", flush=True)
+    except OSError:  # (BrokenPipeError) nobody reads it: the parent died as we started
+        log.warning("the process that started this writer is gone; writing what the ring holds")
     try:
         with writer:
             while not stop.is_set():

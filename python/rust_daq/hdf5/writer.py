@@ -425,6 +425,9 @@ class HDF5Writer:
         try:
             d = self._decoder.decode(rec, wanted=self._wanted)
         except RustDaqError as e:
+            known = self._decoder.schemas.by_id.get(rec.schema_id)
+            if known is not None:  # (its schema is known: the payload is what failed)
+                return known, f"does not decode: {e}"
             log.error("the ring's schema table does not decode: %s", e)
             return None, f"schema id {rec.schema_id} is not in the ring's schema table"
         if d is None:
