@@ -5,6 +5,7 @@ options are one :class:`~rust_daq.hdf5.options.WriterOptions`."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -123,6 +124,11 @@ def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
     stop.set()
 
 
+class _Layout(enum.StrEnum):  # (an Enum: typer names the option and its choices in errors)
+    append = "append"
+    batches = "batches"
+
+
 _PROG = "python -m rust_daq.writer"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -138,7 +144,7 @@ def _command(
             "--repair", metavar="FILE", help="clear the flags a killed writer left in FILE, then exit"
         ),
     ] = None,
-    layout: Annotated[str, typer.Option(help="append or batches")] = "append",
+    layout: Annotated[_Layout, typer.Option()] = _Layout.append,
     flush_interval: Annotated[float, typer.Option(metavar="SECONDS", help="seconds between flushes")] = 1.0,
     compression: Annotated[
         str | None, typer.Option(help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
@@ -178,7 +184,7 @@ def _command(
         options = WriterOptions(
             ring=ring,
             output=output,
-            layout=layout,
+            layout=layout.value,
             flush_interval=flush_interval,
             compression=compression,
             swmr=not no_swmr,
