@@ -210,6 +210,7 @@ class HDF5Writer:
         self._until: int | None = None  # rotating: records from this seq on go to the next file
         self._floor = 0  # records before this seq belong to no file of ours (start, rotation)
         self._marker = 0  # the number of the last progress marker written
+        self._handles = progress.Handles()  # the file's own entries, opened once per handle
         self._out = OutputFile(
             self.path, self.layout, str(self._ring.session_id), swmr=self._swmr and self._layout.swmr
         )
@@ -386,7 +387,7 @@ class HDF5Writer:
     def _flush(self, copy: bool = False) -> int:
         written = 0
         quarantined = 0
-        committed_seq = last_seq = progress.last_seq(self._out.file)
+        committed_seq = last_seq = progress.last_seq(self._out.file, self._handles)
         limit = 64  # records per read until their size is known
         budget, code = self._space.available()
         full = False  # the disk holds no more this pass: the rest stays in the ring
@@ -480,6 +481,7 @@ class HDF5Writer:
                 self.records_skipped,
             ],
             marker,
+            self._handles,
         )
         self._marker = marker
         self._commits += 1
