@@ -23,7 +23,8 @@ handle and one GIL.
 Garbage collection: ``freeze_gc`` freezes the objects alive at the start (``gc.freeze()``) so
 that collections of the older generations, which walk every live object, stay short during
 the run. Freezing is counted across acquisitions: the first to start freezes (after a
-``gc.collect()`` only on the main thread's loop, which the acquisition owns; never on a loop
+``gc.collect()``, before the acquisition's first run only, and only on the main thread's
+loop, which the acquisition owns; never on a loop
 another framework runs, where a collection of a large heap stalls it), the last to end
 unfreezes, and only if nothing was frozen before the first started (a user's own
 ``gc.freeze()`` is left as it was). ``freeze_gc=None`` (the default) freezes on the main
@@ -147,6 +148,7 @@ class RowIndex:
 @dataclass
 class _Stream:
     instrument: Instrument
+    polled: bool = False
     pending: list[pa.RecordBatch] = field(default_factory=list)
     pending_rows: int = 0
     pending_bytes: int = 0
@@ -198,12 +200,13 @@ class Acquisition:
         self.batch_rows, self.max_latency, self.max_batch_bytes = batch_rows, max_latency, max_batch_bytes
         self.precise = precise
         self.freeze_gc = freeze_gc
-        self._streams = {i.name: _Stream(i) for i in instruments}
+        self._streams = {i.name: _Stream(i, isinstance(i, PolledInstrument)) for i in instruments}
         self.row_index = row_index
         self._write_latency = _Samples()
         self._started: float | None = None
         self._elapsed = 0.0  # seconds of the runs that ended
         self._run_started: float | None = None
+        self._collected = False  # gc.collect() before the first frozen run only
         self._lost_at_end: int | None = None
         self._stop: anyio.Event | None = None
 
@@ -231,16 +234,13 @@ class Acquisition:
         if duration is not None and not (math.isfinite(duration) and duration >= 0):
             raise ValueError(f"duration must be a number of seconds >= 0, got {duration!r}")
         self._stop = anyio.Event()
-        freeze = (
-            threading.current_thread() is threading.main_thread()
-            if self.freeze_gc is None
-            else self.freeze_gc
-        )
-        with (
-            _frozen_gc(collect=threading.current_thread() is threading.main_thread())
-            if freeze
-            else _nothing()
-        ):
+        main = threading.current_thread() is threading.main_thread()
+        freeze = main if self.freeze_gc is None else self.freeze_gc
+        # (one collection per acquisition: a detector's thousand short runs must not make a
+        # thousand collections of the whole heap, ~40 ms each with bluesky imported)
+        collect = main and freeze and not self._collected
+        self._collected = self._collected or collect
+        with _frozen_gc(collect=collect) if freeze else _nothing():
             await self._run(reads, duration)
 
     async def _run(self, reads: int | None, duration: float | None) -> None:
@@ -260,11 +260,10 @@ class Acquisition:
         try:
             async with anyio.create_task_group() as tg:
                 for st in self._streams.values():
-                    inst = st.instrument
-                    tg.start_soon(
-                        counted, self._poll if isinstance(inst, PolledInstrument) else self._consume, st
-                    )
-                tg.start_soon(self._latency_flusher)
+                    tg.start_soon(counted, self._poll if st.polled else self._consume, st)
+                if reads is None or reads > 1 or not all(st.polled for st in self._streams.values()):
+                    # (a run of one read per polled instrument ends with its final flush)
+                    tg.start_soon(self._latency_flusher)
                 if duration is not None:
                     with anyio.move_on_after(duration):
                         await self._stop.wait()

@@ -146,6 +146,8 @@ class Handles:
     def __init__(self) -> None:
         self._file: h5py.File | None = None
         self._open: dict[str, Any] = {}
+        #: Stream groups known to have their view and resume slots (in any handle of the file).
+        self.known: set[str] = set()
 
     def __call__(self, f: h5py.File, path: str) -> Any:
         if f is not self._file:
@@ -210,11 +212,20 @@ def resume(f: h5py.File) -> tuple[list[int], dict[str, StreamBook]]:
 
 
 def create_books(
-    f: h5py.File, structural: Callable[[], h5py.File], books: Mapping[str, StreamBook], marker: int
+    f: h5py.File,
+    structural: Callable[[], h5py.File],
+    books: Mapping[str, StreamBook],
+    marker: int,
+    handles: Handles | None = None,
 ) -> None:
     """Views and resume slots for the streams that have none yet; `structural()` gives the
     file ready for new objects (out of SWMR mode)."""
+    known = handles.known if handles is not None else None
+    if known is not None and all(b.group in known for b in books.values()):
+        return  # (every stream has its view: no lookup at all, the common case)
     streams = f[STREAMS]
+    if known is not None:
+        known.update(b.group for b in books.values() if b.group in streams)
     if any(b.group not in streams for b in books.values()):
         f = structural()
         streams, resume_group = f[STREAMS], f.require_group(RESUME)
@@ -238,6 +249,13 @@ def create_resume(resume_group: h5py.Group, b: StreamBook, marker: int, *, commi
     set_arrow_name(resume_group.create_dataset(b.group, data=slots).attrs, b.name)
 
 
+def write_slots(f: h5py.File, books: Mapping[str, StreamBook], marker: int, handles: Handles) -> None:
+    """The books in the slot of `marker`, the next one: no marker names that slot yet, so they
+    may go to disk with the pass's data, in its flush, before :func:`commit` names them."""
+    for b in books.values():
+        _put(handles(f, f"{RESUME}/{b.group}"), [*b.values(), marker], row=marker % 2)
+
+
 def commit(
     f: h5py.File,
     books: Mapping[str, StreamBook],
@@ -245,12 +263,9 @@ def commit(
     marker: int,
     handles: Handles | None = None,
 ) -> None:
-    """After the data is flushed: the books in the slot of `marker`, flush; the marker
-    (`fields`: its first six values), the views and end_time, flush."""
+    """After the data and the books' slot (:func:`write_slots`) are flushed: the marker
+    (`fields`: its first six values) naming that slot, the views and end_time, flush."""
     get = handles or Handles()
-    for b in books.values():
-        _put(get(f, f"{RESUME}/{b.group}"), [*b.values(), marker], row=marker % 2)
-    f.flush()
     _put(get(f, PROGRESS), [*fields, marker])
     for b in books.values():
         _put(get(f, f"{STREAMS}/{b.group}"), b.values())

@@ -258,6 +258,7 @@ class HDF5Writer:
         self._out.file.flush()
         self._out.enter_swmr()
         self._out.ok = True
+        self._held = progress.last_seq(self._out.file)  # the last record the file holds
         return fresh
 
     def _resume(self) -> None:
@@ -307,7 +308,7 @@ class HDF5Writer:
         self._create_books()
 
     def _create_books(self) -> None:
-        progress.create_books(self._out.file, self._out.structural, self._books, self._marker)
+        progress.create_books(self._out.file, self._out.structural, self._books, self._marker, self._handles)
 
     # -- draining -------------------------------------------------------------------------------
 
@@ -387,7 +388,7 @@ class HDF5Writer:
     def _flush(self, copy: bool = False) -> int:
         written = 0
         quarantined = 0
-        committed_seq = last_seq = progress.last_seq(self._out.file, self._handles)
+        committed_seq = last_seq = self._held
         limit = 64  # records per read until their size is known
         budget, code = self._space.available()
         full = False  # the disk holds no more this pass: the rest stays in the ring
@@ -460,15 +461,17 @@ class HDF5Writer:
             if reached:
                 self._new_reader()  # (our cursor read the next file's records)
             return 0
-        # 1. the data, 2. the marker that says it is there, 3. the ring's read_tail.
-        self._out.file.flush()
         self._layout.flushed(written)
         self.records_written += written
         self.records_unwritable += quarantined
         self._create_books()
-        # The books in the slot of the next marker, then the marker: HDF5 writes each small
-        # dataset with its own pwrite at a flush, so a kill can fall between any two of them.
+        # 1. the data and the books in the slot of the next marker (a slot no marker names
+        # yet), one flush; 2. the marker naming that slot, flush; 3. the ring's read_tail.
+        # HDF5 writes each small dataset with its own pwrite at a flush, so a kill can fall
+        # between any two of them: the marker must not go out with what it names.
         marker = self._marker + 1
+        progress.write_slots(self._out.file, self._books, marker, self._handles)
+        self._out.file.flush()
         progress.commit(
             self._out.file,  # (new objects may have reopened it)
             self._books,
@@ -484,6 +487,7 @@ class HDF5Writer:
             self._handles,
         )
         self._marker = marker
+        self._held = last_seq
         self._commits += 1
         self._committed_rows = {b.name: b.rows for b in self._books.values()}
         self._out.enter_swmr()
@@ -776,6 +780,18 @@ class HDF5Writer:
             out = self._on_flush(rows)
             if inspect.isawaitable(out):
                 await out
+
+    async def flush(self, *, in_thread: bool = True) -> int:
+        """A flush now, awaited, then ``on_flush`` (awaited too); returns the records written.
+        In a worker thread by default; ``in_thread=False`` runs it in the calling thread: a
+        millisecond or two on the event loop, less than the thread handoff costs (a step
+        scan's point, which waits for its flush anyway)."""
+        if in_thread:
+            written = await anyio.to_thread.run_sync(self.flush_to_disk)
+        else:
+            written = self.flush_to_disk()
+        await self._notify()
+        return written
 
     def flush_soon(self) -> None:
         """Wakes ``run()`` for a flush now instead of at the end of its interval (call it from

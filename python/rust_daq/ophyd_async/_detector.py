@@ -14,8 +14,8 @@ numeric column of the first instrument that is not a timestamp); every other col
 every stream is ``<det>-<column>`` (``<det>-<stream>-<column>`` for the streams after the
 first), its validity dataset, if the column has nulls, ``<det>-<column>__valid``.
 ``collections_written`` is the rows of every stream the file holds, set from the writer's
-``on_flush`` on every flush (the writer is woken when an exposure's reads are in the ring,
-so a step scan's point waits for its own flush, not a flush interval).
+``on_flush`` on every flush (the writer flushes when an exposure's reads are in the ring, so
+a step scan's point waits for its own flush, not a flush interval).
 
 Stop order, whatever ends the scan (complete, stop, abort, an exception): the acquisition is
 stopped and its last rows written to the ring; the writer drains them into the file and
@@ -107,7 +107,9 @@ class _Session:
     async def _expose(self, reads: int) -> None:
         await self.acquisition.run(reads=reads)
         if self.writer is not None:
-            self.writer.flush_soon()  # (the rows are in the ring: the point waits for them)
+            # The rows are in the ring and the point waits for them: flushed now, on the
+            # loop (a one-row flush costs less than a handoff to the writer's thread).
+            await self.writer.flush(in_thread=False)
 
     async def wait(self) -> None:
         if self.task is not None:
