@@ -599,3 +599,27 @@ def test_a_file_left_short_by_a_failed_write_is_repaired(ring_path: str, h5_path
             assert w2.flush_to_disk() == 1
     with h5py.File(h5_path, "r") as f:
         np.testing.assert_array_equal(f["measurements/voltmeter/index"][:], np.arange(200))
+
+
+def test_bool_tensors_and_descriptive_field_metadata(ring_path: str, h5_path: str) -> None:
+    """A fixed_shape_tensor of bool (to_numpy_ndarray refuses it: the record was quarantined)
+    is written like any tensor; source, precision, limits and choices in a field's metadata
+    become dataset attributes beside units (what an ophyd-async DataKey describes)."""
+    masks = np.array([[[True, False, True], [False, False, True]], [[False] * 3, [True] * 3]])
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(masks.reshape(-1)), 6)
+    tensor = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.bool_(), [2, 3]), storage)
+    md = {"units": "V", "source": "ca://X:Y", "precision": "3", "limits": '{"display": {"low": 0}}'}
+    schema = pa.schema([pa.field("mask", tensor.type), pa.field("v", pa.float64(), metadata=md)])
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        ring.write_arrow_batch(pa.record_batch([tensor, pa.array([1.0, 2.0])], schema=schema), "s")
+        with HDF5Writer(h5_path, ring) as w:
+            w.flush_to_disk()
+            assert w.records_unwritable == 0
+    with h5py.File(h5_path) as f:
+        g = f["measurements/s"]
+        assert g["mask"].dtype == np.bool_ and g["mask"].shape == (2, 2, 3)
+        np.testing.assert_array_equal(g["mask"][:], masks)
+        attrs = dict(g["v"].attrs)
+        assert (attrs["units"], attrs["source"], attrs["precision"]) == ("V", "ca://X:Y", "3")
+        assert json.loads(attrs["limits"]) == {"display": {"low": 0}}
+        assert "source" not in g["mask"].attrs

@@ -26,6 +26,7 @@ from ._errors import (
     RingPermissionError,
     RingUsageError,
     RustDaqError,
+    SignalTypeError,
     UnknownStreamError,
     UnsupportedTypeError,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "RingUsageError",
     "RustDaqError",
     "LiveView",
+    "SignalTypeError",
     "StreamInfo",
     "UnknownStreamError",
     "UnsupportedTypeError",

@@ -25,6 +25,7 @@ __all__ = [
     "RingFormatError",
     "RingFullError",
     "RingPermissionError",
+    "SignalTypeError",
     "RingUsageError",
     "RustDaqError",
     "UnknownStreamError",
@@ -91,6 +92,15 @@ class UnknownStreamError(RustDaqError, KeyError):
 
 class UnsupportedTypeError(RustDaqError, TypeError):
     """An Arrow type the ring does not carry (dictionary-encoded columns)."""
+
+
+class SignalTypeError(UnsupportedTypeError):
+    """An ophyd-async signal or device whose readings have no Arrow column (``describe()``
+    gives a dtype or shape that no column type can hold: complex numbers, an empty array, a
+    dimension of unknown length, external data...), or a reading that does not match what
+    ``describe()`` said (another shape, a dtype that does not convert without loss). The
+    message names the signal or data key, the dtype and shape, and why. Raised by
+    :mod:`rust_daq.ophyd_async`, never a skipped or truncated value."""
 
 
 class IncompatibleFileError(RustDaqError, ValueError):

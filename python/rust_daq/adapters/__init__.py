@@ -24,8 +24,9 @@ A type that a run configuration names (``[[instruments]] type = "..."``) is one 
 :mod:`rust_daq.adapters.registry`: the adapter and the pydantic model of its table.
 
 Embedding rust-daq in another DAQ stack is the same pattern: wrap the other stack's readable
-object (an ophyd-async signal, a QCoDeS parameter...) in :class:`CallableInstrument`, or in a
-class like the one above whose ``read`` awaits it.
+object (a QCoDeS parameter...) in :class:`CallableInstrument`, or in a class like the one
+above whose ``read`` awaits it. ophyd-async signals and devices have their own instruments,
+with the schema from ``describe()`` and the Readings' timestamps: :mod:`rust_daq.ophyd_async`.
 """
 
 from __future__ import annotations

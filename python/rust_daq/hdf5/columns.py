@@ -25,7 +25,7 @@ binary, large_binary, binary_view                variable-length uint8 (fill emp
 fixed_size_binary[n]                             uint8 ``(N, n)``
 decimal128 / decimal256                          variable-length UTF-8, the exact decimal
 fixed_size_list<number>[k] (nested too)          ``(N, k, ...)`` of the number type
-arrow.fixed_shape_tensor                         ``(N, *shape)`` (one frame per chunk)
+arrow.fixed_shape_tensor (of numbers or bool)    ``(N, *shape)`` (one frame per chunk)
 list / large_list / list_view <number or bool>   variable-length arrays of the number type
 struct                                           one piece per field, ``<col>.<field>``
 null                                             float64 NaN, every row invalid
@@ -33,6 +33,11 @@ everything else (map, union, list of strings,    variable-length UTF-8, one JSON
 lists with null elements of integers, intervals) per row, ``encoding="json"``
 dictionary                                       refused by ``write_arrow_batch``
 ===============================================  ==========================================
+
+Field metadata: ``units`` (or ``unit``) becomes the ``units`` attribute of the column's
+datasets; ``source``, ``precision``, ``limits`` and ``choices`` (what an ophyd-async DataKey
+describes; :mod:`rust_daq.ophyd_async` puts them there) become attributes of the same name,
+as text.
 """
 
 from __future__ import annotations
@@ -73,6 +78,15 @@ class Piece:
     def dtype(self) -> np.dtype[Any]:
         dtype: np.dtype[Any] = self.data.dtype
         return dtype
+
+
+#: Field metadata copied to the datasets' attributes as they are (see the module documentation).
+_DESCRIPTIVE = ("source", "precision", "limits", "choices")
+
+
+def _descriptive(f: pa.Field) -> dict[str, str]:
+    md = f.metadata or {}
+    return {k: md[k.encode()].decode("utf-8", "replace") for k in _DESCRIPTIVE if k.encode() in md}
 
 
 def _units(f: pa.Field) -> str | None:
@@ -206,7 +220,11 @@ def _leaf(f: pa.Field, col: pa.Array, path: tuple[str, ...]) -> list[Piece]:
     if isinstance(t, pa.BaseExtensionType):
         attrs["arrow_extension"] = t.extension_name
         storage = col.storage
-        if isinstance(col, pa.FixedShapeTensorArray) and col.null_count == 0:
+        if (
+            isinstance(col, pa.FixedShapeTensorArray)
+            and col.null_count == 0
+            and not pa.types.is_boolean(t.value_type)  # (to_numpy_ndarray refuses bool tensors)
+        ):
             data = col.to_numpy_ndarray()
             kind = data.dtype.str
         elif isinstance(t, pa.FixedShapeTensorType) and _fixed_shape(t.storage_type) is not None:
@@ -300,6 +318,7 @@ def _leaf(f: pa.Field, col: pa.Array, path: tuple[str, ...]) -> list[Piece]:
         sig_shape = str(tuple(data.shape[1:]))
     if units is not None:
         attrs["units"] = units
+    attrs.update(_descriptive(f))
     if valid is not None and valid.all():
         valid = None
     if valid is not None and data.dtype.kind in "fiub":
