@@ -14,6 +14,7 @@ __all__ = [
     "RecordingNameError",
     "ConfigError",
     "DaemonConfigError",
+    "DocumentError",
     "IncompatibleFileError",
     "RemoteError",
     "ProducerActiveError",
@@ -124,3 +125,11 @@ class AccessError(RustDaqError, OSError):
 class RecordingNameError(RustDaqError, ValueError):
     """A recording name or metadata from the wire that the daemon refuses; the message
     says what was wrong."""
+
+
+class DocumentError(RustDaqError, ValueError):
+    """A bluesky document that ``rust_daq.bluesky`` cannot write as it stands: an event value
+    that contradicts its data key (another shape, a type that does not convert without
+    loss), a data key with no Arrow type, an event of a descriptor (or a descriptor of a
+    run) the callback has not seen, a file name template the start document cannot fill.
+    The message names the document, the key and what was wrong."""
