@@ -38,6 +38,10 @@ __all__ = ["AppendLayout", "FileLayout", "Item", "StreamBook", "Target"]
 
 #: Children of ``/measurements`` that are not streams.
 ENTRY_NAMES = frozenset({"metadata", "start_time", "end_time"})
+#: Attributes of a stream group the writer sets itself (never taken from schema metadata).
+_GROUP_ATTRS = frozenset(
+    {"NX_class", "signal", "axes", "arrow_name", "arrow_name_utf8", "arrow_schema_json", "rust_daq_time_key"}
+)
 #: Datasets of a stream group that are not columns.
 GROUP_NAMES = frozenset({"arrow_schema"})
 #: rust_daq_key of the time axis dataset: seconds since the file's start_time, from the
@@ -455,6 +459,11 @@ class AppendLayout:
         g.attrs["NX_class"] = "NXdata"
         set_arrow_name(g.attrs, book.name)
         g.attrs["arrow_schema_json"] = schema_json(first.info.schema)
+        # The stream's own metadata (a bluesky run's uid and scan id, say) as attributes too.
+        for key, value in (first.info.schema.metadata or {}).items():
+            k = attr_text(key.decode("utf-8", "replace"))
+            if k and k not in g.attrs and k not in _GROUP_ATTRS:
+                g.attrs[k] = attr_text(value.decode("utf-8", "replace"))
         g.create_dataset(
             "arrow_schema", data=np.frombuffer(first.info.schema.serialize().to_pybytes(), np.uint8)
         )

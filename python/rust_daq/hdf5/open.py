@@ -137,15 +137,7 @@ class OutputFile:
         m.create_dataset("end_time", data=now, dtype=times)
         meta = m.create_group("metadata")
         meta.attrs["NX_class"] = "NXcollection"
-        meta.create_dataset("json", data=json.dumps(metadata, default=str), dtype=h5py.string_dtype())
-        taken: set[str] = {"json"}
-        for key, value in metadata.items():
-            if isinstance(value, str) and "\0" in value:
-                continue  # HDF5 strings end at NUL: the JSON above holds it whole
-            if isinstance(value, bool | int | float | str):
-                name = allocate(hdf5_name(str(key)), taken)
-                taken.add(name)
-                meta.create_dataset(name, data=value).attrs["key"] = attr_text(str(key))
+        write_metadata(meta, metadata, "json")
         progress.create(f)
         quarantine.create(f)
         f.flush()
@@ -225,8 +217,33 @@ class OutputFile:
         except Exception as e:  # the file is being abandoned either way
             log.debug("closing after a failed pass failed: %s", e)
 
+    def finish(self, metadata: dict[str, Any]) -> None:
+        """Adds `metadata` (known only at the end of the run: a stop document, say) to
+        ``measurements/metadata``: whole as JSON in ``final_json``, each scalar as a dataset
+        beside the opening metadata's (a key already taken gets ``__2``)."""
+        f = self.structural()
+        write_metadata(f["measurements/metadata"], metadata, "final_json")
+        f.flush()
+
     def close(self) -> None:
         """Closes the file (if it is open) and gives up the lock."""
         if self.ok:
             self.file.close()
         self.release()
+
+
+def write_metadata(group: h5py.Group, metadata: dict[str, Any], json_name: str) -> None:
+    """`metadata` into `group`: whole as JSON in `json_name`; each scalar (bool, int, float,
+    str) also as its own dataset named after its key (the key in its ``key`` attribute)."""
+    taken = set(group.keys())
+    group.create_dataset(
+        allocate(json_name, taken), data=json.dumps(metadata, default=str), dtype=h5py.string_dtype()
+    )
+    taken = set(group.keys())
+    for key, value in metadata.items():
+        if isinstance(value, str) and "\0" in value:
+            continue  # HDF5 strings end at NUL: the JSON holds it whole
+        if isinstance(value, bool | int | float | str):
+            name = allocate(hdf5_name(str(key)), taken)
+            taken.add(name)
+            group.create_dataset(name, data=value).attrs["key"] = attr_text(str(key))

@@ -48,9 +48,12 @@ class WriterOptions:
     """What one writer process does. Raises ValueError, naming the option and what is
     allowed, for options that would make the writer refuse to start or die at its first flush.
 
-    ``parent_pipe``: stop (final flush, exit 0) when standard input closes, i.e. when the
-    parent that started the writer died; ``remove_ring_if_orphaned``: then also remove the
-    ring (the parent created it, and no one else would)."""
+    ``start``: ``"tail"`` (the ring's read_tail: what no file holds yet) or ``"now"`` (only
+    records written from the writer's start on; a new file only). ``parent_pipe``: stop
+    (final flush, exit 0) when standard input closes, i.e. when the parent that started the
+    writer died, and take commands on it (:func:`~rust_daq.hdf5.process.rotate_process`);
+    ``remove_ring_if_orphaned``: then also remove the ring (the parent created it, and no one
+    else would)."""
 
     ring: str
     output: str
@@ -60,6 +63,7 @@ class WriterOptions:
     swmr: bool = True
     streams: tuple[str, ...] | None = None
     metadata: Mapping[str, Any] | None = field(default=None, hash=False)
+    start: str = "tail"
     parent_pipe: bool = False
     remove_ring_if_orphaned: bool = False
 
@@ -75,6 +79,8 @@ class WriterOptions:
         ):
             raise ValueError(f"flush_interval must be a positive number of seconds, got {flush!r}")
         check_compression(self.compression)
+        if self.start not in ("tail", "now"):
+            raise ValueError(f"start must be 'tail' or 'now', got {self.start!r}")
         if self.metadata is not None and not isinstance(self.metadata, Mapping):
             raise ValueError(f"metadata must be a mapping (a JSON object), got {self.metadata!r}")
         if self.streams is not None:
@@ -100,6 +106,8 @@ class WriterOptions:
             args += ["--stream", stream]
         if self.metadata is not None:
             args += ["--metadata", json.dumps(dict(self.metadata), default=str)]
+        if self.start != "tail":
+            args += ["--start", self.start]
         if self.parent_pipe:
             args.append("--parent-pipe")
         if self.remove_ring_if_orphaned:

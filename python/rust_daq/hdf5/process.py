@@ -1,6 +1,16 @@
 """The writer as its own process: ``python -m rust_daq.writer`` (:func:`main`, a typer command
-like ``rust-daq``'s), started and stopped by :func:`start_process` / :func:`stop_process`; its
-options are one :class:`~rust_daq.hdf5.options.WriterOptions`."""
+like ``rust-daq``'s), started and stopped by :func:`start_process` / :func:`stop_process`,
+rotated from one file to the next by :func:`rotate_process`; its options are one
+:class:`~rust_daq.hdf5.options.WriterOptions`.
+
+Its standard input (``--parent-pipe``) is the parent's pipe: EOF means the parent is gone or
+done (a final flush, then exit), and each line is a command, a JSON object answered by one
+JSON line on standard output::
+
+    {"rotate": {"path": "run2.h5" | null, "metadata": {...}, "at": 1234, "final_metadata": {...}}}
+    -> {"ok": true, "path": "run2.h5", "records": <records the closed file holds>}
+    -> {"ok": false, "error": "<what went wrong>"}
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ import enum
 import json
 import logging
 import os
+import queue
 import select
 import signal
 import subprocess
@@ -18,6 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+import pyarrow as pa
 import typer
 
 from .._errors import RustDaqError
@@ -25,7 +37,7 @@ from .._ring import resolve_ring_path
 from .options import WriterOptions
 from .writer import HDF5Writer, repair
 
-__all__ = ["WriterOptions", "main", "run", "start_process", "stop_process"]
+__all__ = ["WriterOptions", "main", "rotate_process", "run", "start_process", "stop_process"]
 
 log = logging.getLogger("rust_daq.writer")
 
@@ -76,6 +88,57 @@ def start_process(
     return p
 
 
+def rotate_process(
+    p: subprocess.Popen[str],
+    path: str | os.PathLike[str] | None,
+    metadata: dict[str, Any] | None = None,
+    *,
+    at: int | None = None,
+    final_metadata: dict[str, Any] | None = None,
+    timeout: float = 120.0,
+) -> int:
+    """:meth:`HDF5Writer.rotate <rust_daq.hdf5.HDF5Writer.rotate>` in a writer process from
+    :func:`start_process`: records before `at` (default: all the ring holds when the writer
+    gets the command) go to its current file, which gets `final_metadata` and is closed; then
+    `path` (None: no file until the next rotation) takes the rest. Waits for it (at most
+    `timeout` s). Returns the records the closed file holds. Raises RustDaqError with the
+    writer's own message if it refused (the old file is closed then, and it holds no file),
+    or if it died or did not answer."""
+    if p.stdin is None or p.stdout is None:
+        raise ValueError("rotate_process needs a writer from start_process (its pipes)")
+    command = {
+        "path": None if path is None else os.fspath(path),
+        "metadata": metadata,
+        "at": at,
+        "final_metadata": final_metadata,
+    }
+    try:
+        p.stdin.write(json.dumps({"rotate": command}, default=str) + "\n")
+        p.stdin.flush()
+    except (BrokenPipeError, ValueError):
+        raise RustDaqError(f"the writer process has exited ({_exit_of(p)})") from None
+    if not select.select([p.stdout], [], [], timeout)[0]:
+        raise RustDaqError(f"the writer process did not answer a rotation within {timeout:g} s")
+    line = p.stdout.readline()
+    if not line:
+        raise RustDaqError(f"the writer process has exited ({_exit_of(p)})")
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        raise RustDaqError(f"the writer process answered {line.strip()!r}, not a JSON object") from None
+    if not answer.get("ok"):
+        raise RustDaqError(f"the writer process could not rotate: {answer.get('error')}")
+    return int(answer.get("records", 0))
+
+
+def _exit_of(p: subprocess.Popen[str]) -> str:
+    try:
+        code = p.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return "still running, its pipe closed"
+    return f"exit status {code}"
+
+
 def stop_process(p: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
     """SIGTERM to a writer process from :func:`start_process`; waits for its final flush.
     Returns its exit code and what it wrote to stderr (its log)."""
@@ -92,11 +155,17 @@ _PARENT_ENV = "RUST_DAQ_WRITER_PARENT"
 _EOF_GRACE = 2.0
 
 
-def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
+def _watch_parent(
+    stop: threading.Event,
+    orphaned: threading.Event,
+    commands: queue.SimpleQueue[dict[str, Any] | str] | None = None,
+    wake: threading.Event | None = None,
+) -> None:
     """Blocks on standard input until EOF: the parent closed it (stop_process) or died. Either
     way the writer stops as on SIGTERM; only a dead parent makes it an orphan (which may remove
     the ring). (PR_SET_PDEATHSIG would fire when the parent's *thread* that started us ends,
-    which in the daemon is any Flight worker thread.)
+    which in the daemon is any Flight worker thread.) Each line before EOF is a command (a
+    JSON object; anything else is answered with an error), queued for the writer's loop.
 
     It reads the raw descriptor, not ``sys.stdin``: a thread blocked in the buffered reader
     holds its lock, and an interpreter that finishes while it does aborts (SIGABRT, "could
@@ -105,9 +174,24 @@ def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
         parent = int(os.environ.get(_PARENT_ENV, ""))
     except ValueError:
         parent = os.getppid()  # (started by hand: the parent as it is now)
+    pending = b""
     try:
-        while os.read(0, 4096):
-            pass
+        while chunk := os.read(0, 65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if not line.strip() or commands is None:
+                    continue
+                try:
+                    command = json.loads(line)
+                    if not isinstance(command, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as e:
+                    commands.put(f"a command must be one JSON object per line ({e})")
+                else:
+                    commands.put(command)
+                if wake is not None:
+                    wake.set()
     except OSError:
         pass
     # A dying parent closes its descriptors before the kernel reparents its children.
@@ -122,11 +206,54 @@ def _watch_parent(stop: threading.Event, orphaned: threading.Event) -> None:
     else:
         log.info("standard input closed by the process that started this writer; stopping")
     stop.set()
+    if wake is not None:
+        wake.set()
+
+
+def _serve(writer: HDF5Writer, command: dict[str, Any] | str) -> None:
+    """Carries out one command from the parent; its answer is one JSON line on stdout."""
+    answer: dict[str, Any]
+    try:
+        if isinstance(command, str):
+            raise ValueError(command)
+        rotate = command.get("rotate")
+        if not isinstance(rotate, dict) or set(command) != {"rotate"}:
+            raise ValueError(f"unknown command {sorted(command)}; the writer knows 'rotate'")
+        unknown = set(rotate) - {"path", "metadata", "at", "final_metadata"}
+        if unknown:
+            raise ValueError(f"rotate: unknown fields {sorted(unknown)}")
+        at = rotate.get("at")
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int)):
+            raise ValueError(f"rotate: at must be a sequence number, got {at!r}")
+        for key in ("metadata", "final_metadata"):
+            if rotate.get(key) is not None and not isinstance(rotate[key], dict):
+                raise ValueError(f"rotate: {key} must be a JSON object, got {rotate[key]!r}")
+        old = writer.path
+        writer.rotate(
+            rotate.get("path"),
+            rotate.get("metadata"),
+            at=at,
+            final_metadata=rotate.get("final_metadata"),
+        )
+        log.info("rotated %s -> %s", old, rotate.get("path"))
+        answer = {"ok": True, "path": rotate.get("path"), "records": writer.last_file_records}
+    except (OSError, ValueError, RustDaqError) as e:
+        log.error("rotation failed: %s", e)
+        answer = {"ok": False, "error": str(e)}
+    try:
+        print(json.dumps(answer), flush=True)
+    except OSError:  # (the parent is gone: EOF on stdin stops us next)
+        pass
 
 
 class _Layout(enum.StrEnum):  # (an Enum: typer names the option and its choices in errors)
     append = "append"
     batches = "batches"
+
+
+class _Start(enum.StrEnum):
+    tail = "tail"
+    now = "now"
 
 
 _PROG = "python -m rust_daq.writer"
@@ -145,6 +272,9 @@ def _command(
         ),
     ] = None,
     layout: Annotated[_Layout, typer.Option()] = _Layout.append,
+    start: Annotated[
+        _Start, typer.Option(help="tail: what no file holds yet; now: only records written from now on")
+    ] = _Start.tail,
     flush_interval: Annotated[float, typer.Option(metavar="SECONDS", help="seconds between flushes")] = 1.0,
     compression: Annotated[
         str | None, typer.Option(help="gzip, gzip:LEVEL, lzf, blosc, lz4, zstd, bitshuffle")
@@ -190,6 +320,7 @@ def _command(
             swmr=not no_swmr,
             streams=tuple(stream) if stream else None,
             metadata=json.loads(metadata) if metadata else None,
+            start=start.value,
             parent_pipe=parent_pipe,
             remove_ring_if_orphaned=remove_ring_if_orphaned,
         )
@@ -218,12 +349,19 @@ def run(options: WriterOptions) -> int:
     status as :func:`main` does."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
+    wake = threading.Event()  # a stop, or a command from the parent
+
+    def stopped(*_: object) -> None:
+        stop.set()
+        wake.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stopped)
     orphaned = threading.Event()
+    commands: queue.SimpleQueue[dict[str, Any] | str] = queue.SimpleQueue()
     if options.parent_pipe:
         threading.Thread(
-            target=_watch_parent, args=(stop, orphaned), name="parent-watch", daemon=True
+            target=_watch_parent, args=(stop, orphaned, commands, wake), name="parent-watch", daemon=True
         ).start()
     try:
         writer = HDF5Writer(
@@ -235,11 +373,15 @@ def run(options: WriterOptions) -> int:
             swmr=options.swmr,
             metadata=dict(options.metadata) if options.metadata is not None else None,
             streams=list(options.streams) if options.streams is not None else None,
+            start=options.start,  # type: ignore[arg-type]
         )
     except (OSError, ValueError, RustDaqError) as e:
         print(f"rust_daq.writer: {e}", file=sys.stderr)
         return 2
     log.info("writing %s -> %s (layout %s)", options.ring, options.output, options.layout)
+    # pyarrow's first to_numpy() imports pandas when it is installed (0.3-0.5 s here): taken
+    # now, before "ready", not in the first flush, which a run expects within its interval.
+    pa.array([0]).to_numpy()
     try:
         print("ready", flush=True)
     except OSError:  # (BrokenPipeError) nobody reads it: the parent died as we started
@@ -247,11 +389,14 @@ def run(options: WriterOptions) -> int:
     try:
         with writer:
             while not stop.is_set():
+                while not commands.empty():
+                    _serve(writer, commands.get())
                 try:
                     writer.flush_to_disk()
                 except OSError as e:  # disk full, I/O error: nothing was committed; retry
                     log.error("flush failed, will retry: %s", e)
-                stop.wait(writer.flush_interval)
+                wake.wait(writer.flush_interval)
+                wake.clear()
     except RustDaqError as e:  # (IncompatibleFileError: the file was changed under us)
         log.error(
             "final flush failed: %s; %d record(s) stay in the ring %s",

@@ -55,16 +55,20 @@ fit and leaves the rest in the ring.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
 import anyio
 import h5py
+import numpy as np
+import pyarrow as pa
 
 from .._arrow import StreamInfo
 from .._errors import IncompatibleFileError, RustDaqError
@@ -79,11 +83,15 @@ from .open import OutputFile
 from .quarantine import Bad, Quarantine, _Unwritable
 from .space import MARGIN, SpaceBudget, _NoSpace, disk_trouble, errno_of, io_error
 
-__all__ = ["HDF5Writer", "IncompatibleFileError", "repair"]
+__all__ = ["DatasetInfo", "HDF5Writer", "IncompatibleFileError", "repair"]
 
 log = logging.getLogger("rust_daq.writer")
 
 Layout = Literal["append", "batches"]
+Start = Literal["tail", "now"]
+#: Called after every flush that committed records, with the rows of each stream the file
+#: holds; may return an awaitable (awaited by ``run()``).
+OnFlush = Callable[[dict[str, int]], None | Awaitable[None]]
 _READ_CHUNK = 4096  # at most this many records decoded and written per step...
 _READ_BYTES = 64 << 20  # ...and about this many bytes: the writer's memory stays flat
 _ATTEMPTS = 256  # passes a flush may abandon (each torn, or finding a record HDF5 refuses)
@@ -105,6 +113,18 @@ class _TornRead(Exception):
     """Records were overwritten in the ring while the writer copied them into the file."""
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset of a stream (append layout), as :meth:`HDF5Writer.datasets` gives it."""
+
+    column: str  #: the Arrow column (a struct's field as ``col.field``; ``time``: the axis)
+    path: str  #: the dataset's path in the file, e.g. ``/measurements/voltmeter/voltage``
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]  #: of one row (``()`` for scalars, ``(h, w)`` for frames)
+    chunks: tuple[int, ...]  #: the dataset's chunk shape, rows first
+    validity: str | None  #: the path of its validity dataset, if it has one (nulls)
+
+
 class HDF5Writer:
     """Drains a ring into an HDF5 file. See the module documentation.
 
@@ -124,19 +144,30 @@ class HDF5Writer:
         swmr: bool = True,
         metadata: dict[str, Any] | None = None,
         streams: Sequence[str] | None = None,
+        start: Start = "tail",
+        on_flush: OnFlush | None = None,
+        schemas: Mapping[str, pa.Schema] | None = None,
     ) -> None:
+        if start not in ("tail", "now"):
+            raise ValueError(f"unknown start {start!r}; use 'tail' or 'now'")
+        if on_flush is not None and not callable(on_flush):
+            raise ValueError(f"on_flush must be callable, got {type(on_flush).__name__}")
+        for name, schema in (schemas or {}).items():
+            if not isinstance(name, str) or not isinstance(schema, pa.Schema):
+                raise ValueError(f"schemas maps stream names to pyarrow.Schema; got {name!r}: {schema!r}")
         if layout not in ("append", "batches"):
             raise ValueError(f"unknown layout {layout!r}; use 'append' or 'batches'")
         if not (
             isinstance(flush_interval, int | float) and math.isfinite(flush_interval) and flush_interval > 0
         ):
             raise ValueError(f"flush_interval must be a positive number of seconds, got {flush_interval!r}")
-        self.path = os.fspath(output_path)
         self.layout: Layout = layout
         self.flush_interval = float(flush_interval)
-        filters = compression_filters(compression)
-        self._layout: FileLayout = AppendLayout(filters) if layout == "append" else BatchesLayout(filters)
-        self._metadata = dict(metadata or {})
+        self._filters = compression_filters(compression)
+        self._swmr = swmr
+        self._start: Start = start
+        self._on_flush = on_flush
+        self._schemas = dict(schemas or {})
         self._only = set(streams) if streams is not None else None
         self._ring = ring_buffer if isinstance(ring_buffer, RingBuffer) else RingBuffer.open(ring_buffer)
         self._owns_ring = not isinstance(ring_buffer, RingBuffer)
@@ -146,23 +177,54 @@ class HDF5Writer:
         self._losses = LossAccount()  # the books' StreamLoss objects, by stream name
         self._lock = threading.Lock()  # one flush at a time (run() and flush_to_disk())
         self._closed = False
+        self._in_run = False  # run() delivers on_flush on its event loop
+        self._commits = 0  # progress markers written, all files
+        self._notified = 0  # ...of which on_flush has been told
+        self._committed_rows: dict[str, int] = {}  # rows per stream at the last marker
+        self._wake: anyio.Event | None = None
+        self._warned: set[str] = set()
+        self._left_in_ring = 0
+        self.last_file_records = 0  #: records the last file closed (by rotate or close) holds
+        self._end_seq = 0  # the record after the last one the last closed file covers
+        self._idle = False  # rotated to no file
+        self._begin(output_path, metadata, at=None)
+
+    def _begin(
+        self, output_path: str | os.PathLike[str], metadata: dict[str, Any] | None, at: int | None
+    ) -> None:
+        """Starts a file: a new one (at the ring's tail, at ``start="now"``'s head, or at
+        `at` after a rotation), or an earlier writer's run of this ring, resumed."""
+        self.path = os.fspath(output_path)
+        self._metadata = dict(metadata or {})
+        self._layout: FileLayout = (
+            AppendLayout(self._filters) if self.layout == "append" else BatchesLayout(self._filters)
+        )
         self.records_written = 0
         self.records_lost = 0
         self.records_unwritable = 0  # quarantined: in rust_daq/quarantine, not in measurements
         self.records_skipped = 0  # not Arrow, or a stream not selected
         self._books: dict[str, StreamBook] = {}
         self._quarantine = Quarantine()
-        self._warned: set[str] = set()
         self._space = SpaceBudget(self.path)
-        self._left_in_ring = 0
         self._unfinished = False  # the last flush stopped early: records still to quarantine
+        self._until: int | None = None  # rotating: records from this seq on go to the next file
+        self._floor = 0  # records before this seq belong to no file of ours (start, rotation)
         self._marker = 0  # the number of the last progress marker written
-        self._out = OutputFile(self.path, layout, str(self._ring.session_id), swmr=swmr and self._layout.swmr)
+        self._out = OutputFile(
+            self.path, self.layout, str(self._ring.session_id), swmr=self._swmr and self._layout.swmr
+        )
         try:
-            self._open()
+            fresh = self._open()
         except BaseException:
             self._out.release()
             raise
+        if fresh and at is not None:
+            self._floor = at
+        elif fresh and self._start == "now":
+            # From now on: what the ring holds already is an earlier run's, not this file's.
+            self._reader = self._ring.reader("latest")
+            self._floor = self._reader_from = self._reader.next_seq
+            return
         self._new_reader()
 
     @property
@@ -178,11 +240,12 @@ class HDF5Writer:
 
     # -- the file -----------------------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self) -> bool:
         """Opens the file (new, or resumed at its last marker); then datasets for the streams
         known now, then SWMR: from here on a reader can open the file at any moment, also
-        after a crash (``swmr=True``)."""
-        if self._out.open(self._ring.path, self._metadata):
+        after a crash (``swmr=True``). Returns True if the file is new."""
+        fresh = self._out.open(self._ring.path, self._metadata)
+        if fresh:
             self._marker = 0
         else:
             self._resume()
@@ -194,6 +257,7 @@ class HDF5Writer:
         self._out.file.flush()
         self._out.enter_swmr()
         self._out.ok = True
+        return fresh
 
     def _resume(self) -> None:
         """Back to the state of the last completed flush: trim what came after it."""
@@ -225,10 +289,12 @@ class HDF5Writer:
         """Groups and datasets for the streams the ring's schema table holds now, before SWMR
         starts: SWMR forbids new objects, and leaving it takes every reader's file away."""
         try:
-            streams = self._decoder.schemas.streams()
+            streams = dict(self._decoder.schemas.streams())
         except DECODE_ERRORS + (RustDaqError,) as e:
             log.error("the ring's schema table does not decode: %s", e)
-            return
+            streams = {}
+        for name, schema in self._schemas.items():  # (given: the ring's own comes first)
+            streams.setdefault(name, StreamInfo(name, 0, 0, schema))
         for name, info in streams.items():
             if self._only is not None and name not in self._only:
                 continue
@@ -255,9 +321,14 @@ class HDF5Writer:
         with self._lock:
             if self._closed:
                 raise ValueError("flush_to_disk() on a closed HDF5Writer")
-            return self._flush_retrying()
+            written = self._flush_retrying()
+        if not self._in_run:
+            self._notify_here()
+        return written
 
     def _flush_retrying(self) -> int:
+        if self._idle:  # (rotated to no file: the ring keeps what comes, for the next)
+            return 0
         if not self._out.ok:
             self._reattach()
         copy = False
@@ -320,10 +391,13 @@ class HDF5Writer:
         budget, code = self._space.available()
         full = False  # the disk holds no more this pass: the rest stays in the ring
         pass_rows: dict[str, int] = {}  # rows of each stream this pass has taken so far
-        expected = max(last_seq + 1, self._reader_from)  # the next record, unless lost
+        # The next record, unless lost.
+        expected = max(last_seq + 1, self._reader_from, self._floor)
         lost = 0
         skipped_before = self.records_skipped
-        while not full:
+        until = self._until
+        reached = False  # rotating: a record of the next file was read; this pass ends here
+        while not (full or reached):
             # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
             # validated after the write; a torn one aborts the flush.
             records = self._reader.read(max_records=limit, copy=copy)
@@ -331,9 +405,14 @@ class HDF5Writer:
             bad: list[Bad] = []
             taken = 0
             for rec in records:
-                if rec.seq <= last_seq:
+                if rec.seq <= last_seq or rec.seq < self._floor:
+                    # Already in the file (a restart after its marker, before its commit), or
+                    # before this file's start (another file's, or a run before start="now").
                     taken += 1
-                    continue  # already in the file (a restart after its marker, before its commit)
+                    continue
+                if until is not None and rec.seq >= until:
+                    reached = True  # the next file's: left in the ring
+                    break
                 sorted_ = self._sort(rec)
                 if budget is not None and sorted_ is not None:
                     cost = self._cost(rec, sorted_, pass_rows)
@@ -369,7 +448,7 @@ class HDF5Writer:
                 raise _TornRead(f"records {torn[0]}..{torn[-1]} were overwritten while being written")
             if records:
                 last_seq = max(last_seq, records[-1].seq)
-            if len(records) < limit:
+            if len(records) < limit or reached:
                 break
             average = sum(len(r.data) for r in records) / len(records)
             limit = int(min(max(_READ_BYTES // max(average, 1), 1), _READ_CHUNK))
@@ -377,6 +456,8 @@ class HDF5Writer:
             log.warning("%d record(s) were overwritten in the ring before the writer read them", lost)
             self.records_lost += lost
         if written == 0 and not quarantined and not lost and last_seq == committed_seq:
+            if reached:
+                self._new_reader()  # (our cursor read the next file's records)
             return 0
         # 1. the data, 2. the marker that says it is there, 3. the ring's read_tail.
         self._out.file.flush()
@@ -401,8 +482,14 @@ class HDF5Writer:
             marker,
         )
         self._marker = marker
+        self._commits += 1
+        self._committed_rows = {b.name: b.rows for b in self._books.values()}
         self._out.enter_swmr()
-        if full:
+        if reached:
+            # Our cursor read records of the next file: read_tail stays where it is, and the
+            # next file reads again from it (skipping what is this file's by its floor).
+            self._new_reader()
+        elif full:
             # Our cursor went past what the disk took: leave read_tail where it is and read again
             # from it next time (what the file holds is skipped by its marker).
             self._new_reader()
@@ -499,11 +586,12 @@ class HDF5Writer:
         """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
         if stream_seq is None:
             return
-        if book.loss.next_seq is None and self._reader.lost > 0:
+        if book.loss.next_seq is None and self._reader.lost > 0 and self._floor == 0:
             # First record of this stream in this file. If the reader lost nothing so far, the
             # stream's earlier records went to another file: this one is the baseline (the
             # account's own rule for a first record). If it did (the ring lapped the tail
-            # before this file got it), they count as lost: from 0.
+            # before this file got it), they count as lost: from 0. (A file that starts at
+            # a given record, start="now" or a rotation, starts its streams' books there.)
             book.loss.next_seq = 0
         gap = self._losses.observe(book.name, stream_seq)
         if gap:
@@ -525,6 +613,8 @@ class HDF5Writer:
         flush. After ``close()``: what the final flush could not write."""
         if self._closed:
             return self._left_in_ring
+        if self._idle:
+            return max(self._ring.records_written - self._floor, 0)
         try:
             last = progress.last_seq(self._out.file) if self._out.ok else None
         except (OSError, ValueError, KeyError):
@@ -542,17 +632,155 @@ class HDF5Writer:
             if self._closed:
                 return
             try:
-                self._flush_retrying()
-                while self._unfinished:  # (many records to quarantine: each pass finds one)
-                    self._flush_retrying()
+                if not self._idle:
+                    self._finish(None)
             finally:
-                # What the final flush could not write (a nearly full disk: the rest of a
-                # partial pass, or all of it when it failed) stays in the ring: say how much.
-                self._left_in_ring = self.records_pending
                 self._closed = True
-                self._out.close()
                 if self._owns_ring:
                     self._ring.close()
+        if not self._in_run:
+            self._notify_here()
+
+    def _finish(self, final_metadata: dict[str, Any] | None) -> None:
+        """The current file's final drain and flush (up to ``_until``, if set), its final
+        metadata, then it is closed. (Under the lock.)"""
+        try:
+            self._flush_retrying()
+            while self._unfinished:  # (many records to quarantine: each pass finds one)
+                self._flush_retrying()
+            if final_metadata:
+                self._out.finish(final_metadata)
+        finally:
+            # What the final flush could not write (a nearly full disk: the rest of a partial
+            # pass, or all of it when it failed) stays in the ring: say how much.
+            self._left_in_ring = self.records_pending
+            self.last_file_records = self.records_written
+            try:  # where the next file starts: after the last record this one covers
+                self._end_seq = max(progress.last_seq(self._out.file) + 1, self._floor)
+            except Exception:  # (a file that failed: its last marker is what it holds)
+                self._end_seq = self._floor
+            self._out.close()
+
+    def rotate(
+        self,
+        path: str | os.PathLike[str] | None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        at: int | None = None,
+        final_metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """One run, one file: the records before sequence number `at` (default: all the ring
+        holds now) go to the current file, which then gets `final_metadata` (under
+        ``measurements/metadata``, as ``final_json`` and one dataset per scalar) and is
+        closed; `path` is opened (with `metadata`) and takes the records from `at` on. (An
+        `at` beyond what the ring holds closes the file with what it holds: the next file
+        takes the rest; one the file has already flushed past is a ValueError, and nothing
+        changes.) With
+        ``path=None`` the writer holds no file until the next ``rotate``: the ring keeps what
+        is written meanwhile, and the next file takes it. Blocking (a final flush and a file
+        open; in async code ``await anyio.to_thread.run_sync(writer.rotate, ...)``); the
+        flushes of ``run()`` wait for it. Raises what the constructor raises for `path`: the
+        old file is closed by then, and the writer holds no file."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("rotate() on a closed HDF5Writer")
+            boundary = self._ring.records_written if at is None else int(at)
+            if boundary < 0:
+                raise ValueError(f"at must be a sequence number (>= 0), got {at!r}")
+            if not self._idle:
+                held = progress.last_seq(self._out.file) if self._out.ok else -1
+                if held >= boundary:
+                    raise ValueError(
+                        f"rotate(at={boundary}): {self.path} already holds the records up to {held}; "
+                        "a boundary must come before the writer flushes past it"
+                    )
+                self._until = boundary
+                try:
+                    self._finish(final_metadata)
+                finally:
+                    self._idle = True
+                    self._floor = self._end_seq
+            else:
+                self.last_file_records = 0  # (no file was open: none was closed)
+                if final_metadata:
+                    log.warning("rotate(): no file is open to take final_metadata %s", final_metadata)
+            if path is not None:
+                self._begin(path, metadata, at=self._floor)
+                self._idle = False
+        if not self._in_run:
+            self._notify_here()
+
+    def datasets(self, stream: str) -> list[DatasetInfo]:
+        """The datasets of `stream` in the current file (append layout): one per column (the
+        newest generation of each), the time axis (``time``) included. They exist from the
+        file's open on for the streams in the ring's schema table and in ``schemas``; for
+        others once their first record is written. Raises KeyError for a stream the file
+        has no datasets of yet, ValueError for the batches layout or without a file."""
+        if self.layout != "append":
+            raise ValueError(
+                "datasets() describes the append layout; the batches layout has a group per flush"
+            )
+        with self._lock:
+            if self._closed or self._idle:
+                raise ValueError("datasets(): the writer has no open file")
+            book = self._books.get(stream)
+            group = self._out.file["measurements"].get(book.group) if book is not None else None
+            if book is None or group is None:
+                raise KeyError(f"stream {stream!r} has no datasets in {self.path} yet")
+            newest: dict[str, tuple[int, DatasetInfo]] = {}
+            for (key, _), t in book.targets.items():
+                ds = group[t.name]
+                column = str(ds.attrs.get("long_name", t.name)) if key != "axis" else "time"
+                generation = int(ds.attrs.get("generation", 1))
+                info = DatasetInfo(
+                    column,
+                    ds.name,
+                    ds.dtype,
+                    tuple(ds.shape[1:]),
+                    tuple(ds.chunks or ds.shape),
+                    None if t.mask is None else group[t.mask].name,
+                )
+                if column not in newest or newest[column][0] < generation:
+                    newest[column] = (generation, info)
+            return [info for _, info in newest.values()]
+
+    # -- on_flush -------------------------------------------------------------------------------
+
+    def _news(self) -> dict[str, int] | None:
+        """The rows per stream of the last marker, if on_flush has not been told of it."""
+        if self._on_flush is None or self._notified == self._commits:
+            return None
+        self._notified = self._commits
+        return dict(self._committed_rows)
+
+    def _notify_here(self) -> None:
+        """on_flush, from a synchronous call (flush_to_disk, close, rotate outside run())."""
+        rows = self._news()
+        if rows is None:
+            return
+        assert self._on_flush is not None
+        out = self._on_flush(rows)
+        if inspect.isawaitable(out):
+            if inspect.iscoroutine(out):
+                out.close()
+            self._warn_once(
+                "on_flush", "on_flush returned an awaitable outside run(): it is awaited only by run()"
+            )
+
+    async def _notify(self) -> None:
+        rows = self._news()
+        if rows is not None:
+            assert self._on_flush is not None
+            out = self._on_flush(rows)
+            if inspect.isawaitable(out):
+                await out
+
+    def flush_soon(self) -> None:
+        """Wakes ``run()`` for a flush now instead of at the end of its interval (call it from
+        the event loop that runs ``run()``): a step scan's point is committed when its rows
+        are, not a flush interval later."""
+        if self._wake is not None:
+            self._wake.set()
 
     @property
     def closed(self) -> bool:
@@ -573,11 +801,14 @@ class HDF5Writer:
         await self.stop()
 
     async def run(self) -> None:
-        """Flushes every ``flush_interval`` seconds until cancelled or ``stop()``; HDF5 work runs
-        in a worker thread so the event loop never blocks. Then a final drain and flush, and
-        the file is closed."""
+        """Flushes every ``flush_interval`` seconds (or at once after :meth:`flush_soon`) until
+        cancelled or ``stop()``; HDF5 work runs in a worker thread so the event loop never
+        blocks, and ``on_flush`` is called (and awaited) on the loop after each flush that
+        committed records. Then a final drain and flush, and the file is closed."""
         self._stop_event = anyio.Event()
         self._done_event = anyio.Event()
+        self._wake = anyio.Event()
+        self._in_run = True
         limiter = anyio.CapacityLimiter(1)
         try:
             while not self._stop_event.is_set():
@@ -585,18 +816,28 @@ class HDF5Writer:
                     await anyio.to_thread.run_sync(self.flush_to_disk, limiter=limiter)
                 except OSError as e:  # disk full, I/O error: nothing was committed; retry
                     log.error("flush failed, will retry: %s", e)
+                await self._notify()
                 with anyio.move_on_after(self.flush_interval):
-                    await self._stop_event.wait()
+                    await self._wake.wait()
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.close, limiter=limiter)
-                self._done_event.set()
+                try:
+                    await anyio.to_thread.run_sync(self.close, limiter=limiter)
+                    await self._notify()
+                finally:
+                    self._in_run = False
+                    self._wake = None
+                    self._done_event.set()
 
     async def stop(self) -> None:
         """Stops ``run()`` (waiting for its final flush), or closes the writer if it is not running."""
         stop, done = getattr(self, "_stop_event", None), getattr(self, "_done_event", None)
         if stop is not None and done is not None and not done.is_set():
             stop.set()
+            if self._wake is not None:
+                self._wake.set()
             await done.wait()
         else:
             await anyio.to_thread.run_sync(self.close)
