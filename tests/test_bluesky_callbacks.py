@@ -5,6 +5,8 @@ against the documents a second subscriber collected (validated by event-model's 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +20,19 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from bluesky import RunEngine
+from bluesky.utils import RunEngineInterrupted
 from ophyd_async.core import Array1D, StandardReadable, Table, init_devices, soft_signal_rw
 from ophyd_async.sim import SimMotor
 
-from rust_daq import DocumentError, HDF5Writer, ReadOnlyRingError, RingBuffer
-from rust_daq.bluesky import RingCallback, seconds_to_ns
+from rust_daq import (
+    DocumentError,
+    HDF5Writer,
+    ReadOnlyRingError,
+    RingBuffer,
+    RingConfigError,
+    WriterProcessError,
+)
+from rust_daq.bluesky import RingCallback, RunFileWriter, seconds_to_ns
 from rust_daq.hdf5.file import hdf5_name
 
 Docs = list[tuple[str, dict[str, Any]]]
@@ -543,3 +553,200 @@ def test_a_read_only_ring_is_refused(ring_path: str, ring: RingBuffer) -> None:
         RingCallback(view)
     with pytest.raises(ValueError, match="schema_metadata must be one of"):
         RingCallback(ring, schema_metadata="all")  # type: ignore[arg-type]
+
+
+def test_a_full_schema_table_is_a_clear_error(ring: RingBuffer) -> None:
+    """Every run registers its schemas; "documents" fills the ring's table soonest, "minimal"
+    with per_run=False reuses one schema for runs of the same keys."""
+    keys = {"x": {"source": "t", "dtype": "number", "shape": []}}
+
+    def one_run(cb: RingCallback) -> None:
+        run = event_model.compose_run(metadata={"notes": "n" * 2000})
+        desc = run.compose_descriptor(data_keys=keys, name="primary")
+        cb("start", run.start_doc)
+        cb("descriptor", desc.descriptor_doc)
+        cb("event", desc.compose_event(data={"x": 1.0}, timestamps={"x": 1.0}, seq_num=1))
+        cb("stop", run.compose_stop())
+
+    minimal = RingCallback(ring, per_run=False, schema_metadata="minimal")
+    for _ in range(3):
+        one_run(minimal)
+    assert len(ring._schemas()) == 1
+    cb = RingCallback(ring)
+    with pytest.raises(RingConfigError, match=r"schema region is full.*every run registers its own schemas"):
+        for _ in range(200):
+            one_run(cb)
+    assert 40 < len(ring._schemas()) < 200
+
+
+# -- RunFileWriter ----------------------------------------------------------------------------------
+
+
+def h5_metadata(path: str) -> dict[str, Any]:
+    """measurements/metadata of a run file: every dataset, strings decoded."""
+    out: dict[str, Any] = {}
+    with h5py.File(path, "r") as f:
+        for name, ds in f["measurements/metadata"].items():
+            v = ds[()]
+            out[str(ds.attrs.get("key", name))] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def h5_stream(path: str, stream: str = "primary") -> dict[str, np.ndarray[Any, Any]]:
+    with h5py.File(path, "r") as f:
+        g = f["measurements"][stream]
+        return {
+            name: ds[:] for name, ds in g.items() if isinstance(ds, h5py.Dataset) and name != "arrow_schema"
+        }
+
+
+def test_two_runs_two_files_each_with_its_own_metadata_and_rows(
+    RE: RunEngine, devices: tuple[SimMotor, Det], ring: RingBuffer, docs: Docs, subscribe: Any, tmp_path: Path
+) -> None:
+    motor, det = devices
+    with RunFileWriter(ring, tmp_path, flush_interval=0.2) as writer:
+        subscribe(writer)
+        (first,) = RE(bp.scan([det, Camera("cam")], motor, 0, 1, 3), sample="Si", temperature={"K": 4.2})
+        assert writer.path is None and len(writer.paths) == 1
+        # Another producer's record between the runs: in neither file.
+        ring.write_arrow_batch(pa.record_batch([pa.array([1.0])], names=["x"]), "between")
+        (second,) = RE(bp.count([det], num=2), sample="Ge")
+    runs = {first: writer.paths[0], second: writer.paths[1]}
+    for uid, path in runs.items():
+        (start,) = of(docs, "start", uid)
+        (stop,) = of(docs, "stop", uid)
+        (desc,) = of(docs, "descriptor", uid)
+        events = of(docs, "event", uid)
+        assert Path(path).name == f"{start['scan_id']}_{uid[:8]}.h5"
+        md = h5_metadata(path)
+        assert json.loads(md["bluesky_start"])["uid"] == uid
+        assert md["start.uid"] == uid and md["start.scan_id"] == start["scan_id"]
+        assert md["start.sample"] == start["sample"] and md["start.plan_name"] == start["plan_name"]
+        assert json.loads(md["bluesky_stop"])["uid"] == stop["uid"]
+        assert md["exit_status"] == "success" and md["num_events.primary"] == len(events)
+        assert json.loads(md["bluesky_descriptors"])["descriptors"][0]["uid"] == desc["uid"]
+        rows = h5_stream(path)
+        assert rows["seq_num"].tolist() == [e["seq_num"] for e in events]
+        np.testing.assert_array_equal(rows["time"], seconds_to_ns([e["time"] for e in events]))
+        np.testing.assert_array_equal(rows["det-volts"], [e["data"]["det-volts"] for e in events])
+        np.testing.assert_array_equal(rows["det-trace"], np.stack([e["data"]["det-trace"] for e in events]))
+        with h5py.File(path, "r") as f:
+            assert sorted(f["measurements"]) == ["end_time", "metadata", "primary", "start_time"]
+    assert h5_metadata(runs[first])["start.temperature.K"] == 4.2
+    one, two = h5_stream(runs[first]), h5_stream(runs[second])
+    assert one["motor"].tolist() == [0.0, 0.5, 1.0] and one["cam_image"].shape == (3, 2, 3)
+    assert "motor" not in two and "cam_image" not in two and "motor__valid" not in two
+
+
+def test_an_aborted_and_a_failed_run_record_their_exit_status(
+    RE: RunEngine, devices: tuple[SimMotor, Det], ring: RingBuffer, docs: Docs, subscribe: Any, tmp_path: Path
+) -> None:
+    motor, det = devices
+
+    def paused() -> Any:
+        yield from bps.open_run()
+        yield from bps.trigger_and_read([det, motor])
+        yield from bps.checkpoint()
+        yield from bps.pause()
+        yield from bps.trigger_and_read([det, motor])
+        yield from bps.close_run()
+
+    def failing() -> Any:
+        yield from bps.open_run()
+        for _ in range(2):
+            yield from bps.trigger_and_read([det])
+        raise RuntimeError("the sample fell off")
+
+    with RunFileWriter(ring, tmp_path, template="{plan_name}/{uid}.h5", flush_interval=0.2) as writer:
+        subscribe(writer)
+        with pytest.raises(RunEngineInterrupted):
+            RE(paused())
+        RE.abort(reason="beam dump")
+        with pytest.raises(RuntimeError, match="the sample fell off"):
+            RE(failing())
+        (clean,) = RE(bp.count([det], num=3))
+    aborted, failed, good = writer.paths
+    assert Path(aborted).parent.name == "paused" and Path(good).name == f"{clean}.h5"
+    md = h5_metadata(aborted)
+    assert md["exit_status"] == "abort" and md["reason"] == "beam dump" and md["num_events.primary"] == 1
+    assert h5_stream(aborted)["seq_num"].tolist() == [1]
+    md = h5_metadata(failed)
+    assert md["exit_status"] == "fail" and "the sample fell off" in md["reason"]
+    assert h5_stream(failed)["seq_num"].tolist() == [1, 2]
+    assert h5_metadata(good)["exit_status"] == "success"
+    assert h5_stream(good)["seq_num"].tolist() == [1, 2, 3]
+    assert json.loads(h5_metadata(good)["bluesky_start"])["uid"] == clean
+
+
+def test_a_killed_writer_is_an_error_at_the_next_document_and_the_next_run_is_clean(
+    RE: RunEngine, devices: tuple[SimMotor, Det], ring: RingBuffer, docs: Docs, subscribe: Any, tmp_path: Path
+) -> None:
+    motor, det = devices
+    with RunFileWriter(ring, tmp_path, flush_interval=0.2) as writer:
+        subscribe(writer)
+
+        def killed() -> Any:
+            yield from bps.open_run()
+            yield from bps.trigger_and_read([det])
+            pid = writer.writer_pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            # Until it is gone (without reaping it: that is the writer's to see), so that the
+            # next event is the first document after its death.
+            while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                yield from bps.sleep(0.01)
+            yield from bps.trigger_and_read([det])
+            yield from bps.close_run()
+
+        with pytest.raises(WriterProcessError, match=r"the writer process \(pid \d+\) exited with status -9"):
+            RE(killed())
+        assert of(docs, "stop")[-1]["exit_status"] == "fail"
+        assert writer.writer_pid is None
+        (uid,) = RE(bp.count([det], num=2))
+    assert h5_metadata(writer.paths[-1])["exit_status"] == "success"
+    assert h5_stream(writer.paths[-1])["seq_num"].tolist() == [1, 2]
+    assert json.loads(h5_metadata(writer.paths[-1])["bluesky_start"])["uid"] == uid
+
+
+def test_file_names_that_cannot_be_made_are_errors_naming_the_template(
+    RE: RunEngine, devices: tuple[SimMotor, Det], ring: RingBuffer, docs: Docs, subscribe: Any, tmp_path: Path
+) -> None:
+    _, det = devices
+    with RunFileWriter(ring, tmp_path, template="{sample}_{scan_id}.h5", flush_interval=0.2) as writer:
+        subscribe(writer)
+        with pytest.raises(
+            DocumentError,
+            match=r"template '\{sample\}_\{scan_id\}.h5' needs 'sample'.*RE\(plan, sample=...\)",
+        ):
+            RE(bp.count([det]))
+        assert writer.writer_pid is None and not writer.paths  # (no process for a run without a file)
+        (uid,) = RE(bp.count([det]), sample="Si", scan_id=7)
+        with pytest.raises(DocumentError, match=r"Si_7.h5 exists.*never continues another's file"):
+            RE(bp.count([det]), sample="Si", scan_id=7)
+        with pytest.raises(DocumentError, match=r"is not a file inside"):
+            RE(bp.count([det]), sample="../../etc/x", scan_id=8)
+        (after,) = RE(bp.count([det], num=2), sample="Ge")
+    assert [Path(p).name for p in writer.paths] == [
+        "Si_7.h5",
+        f"Ge_{of(docs, 'start', after)[0]['scan_id']}.h5",
+    ]
+    assert h5_stream(writer.paths[0])["seq_num"].tolist() == [1]
+    assert h5_stream(writer.paths[1])["seq_num"].tolist() == [1, 2]
+    assert json.loads(h5_metadata(writer.paths[0])["bluesky_start"])["uid"] == uid
+
+
+def test_bad_arguments_are_refused_at_construction(ring: RingBuffer, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not positional"):
+        RunFileWriter(ring, tmp_path, template="{}.h5")
+    with pytest.raises(ValueError, match="has no field"):
+        RunFileWriter(ring, tmp_path, template="run.h5")
+    with pytest.raises(ValueError, match="does not format a start document"):
+        RunFileWriter(ring, tmp_path, template="{scan_id:q}.h5")
+    with pytest.raises(TypeError, match="sets the writer option.*output"):
+        RunFileWriter(ring, tmp_path, output="x.h5")
+    with pytest.raises(TypeError, match="unknown writer option.*flush"):
+        RunFileWriter(ring, tmp_path, flush=1)
+    with pytest.raises(ValueError, match="flush_interval must be a positive number"):
+        RunFileWriter(ring, tmp_path, flush_interval=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RunFileWriter(ring, tmp_path / "missing")

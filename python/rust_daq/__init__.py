@@ -29,6 +29,7 @@ from ._errors import (
     RustDaqError,
     UnknownStreamError,
     UnsupportedTypeError,
+    WriterProcessError,
 )
 from ._live import LiveView
 from ._native import FORMAT_VERSION, Record, __version__
@@ -87,6 +88,7 @@ __all__ = [
     "StreamInfo",
     "UnknownStreamError",
     "UnsupportedTypeError",
+    "WriterProcessError",
     "__version__",
     "resolve_ring_path",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "RustDaqError",
     "UnknownStreamError",
     "UnsupportedTypeError",
+    "WriterProcessError",
 ]
 
 
@@ -133,3 +134,8 @@ class DocumentError(RustDaqError, ValueError):
     loss), a data key with no Arrow type, an event of a descriptor (or a descriptor of a
     run) the callback has not seen, a file name template the start document cannot fill.
     The message names the document, the key and what was wrong."""
+
+
+class WriterProcessError(RustDaqError, RuntimeError):
+    """A writer process (``python -m rust_daq.writer``) that a caller relies on died, refused
+    a command or did not answer in time; the message says which, with the end of its log."""
