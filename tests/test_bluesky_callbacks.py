@@ -753,3 +753,39 @@ def test_bad_arguments_are_refused_at_construction(ring: RingBuffer, tmp_path: P
         RunFileWriter(ring, tmp_path, flush_interval=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         RunFileWriter(ring, tmp_path / "missing")
+
+
+def test_event_pages_and_a_close_in_the_middle_of_a_run(ring: RingBuffer, tmp_path: Path) -> None:
+    """Documents from event-model's composer: event pages into the run's file; close() with
+    a run open keeps what it holds (no stop: no exit status); a run after close() starts a
+    new writer process."""
+    keys = {"x": {"source": "t", "dtype": "number", "shape": [], "units": "K"}}
+    writer = RunFileWriter(ring, tmp_path, template="{uid}.h5", flush_interval=0.2)
+    uids = []
+    for k in range(2):
+        run = event_model.compose_run(metadata={"scan_id": k})
+        uids.append(run.start_doc["uid"])
+        desc = run.compose_descriptor(data_keys=keys, name="primary")
+        writer("start", run.start_doc)
+        writer("descriptor", desc.descriptor_doc)
+        events = [
+            desc.compose_event(data={"x": k + i / 4}, timestamps={"x": 1.0 + i}, seq_num=i + 1)
+            for i in range(4)
+        ]
+        writer("event_page", event_model.pack_event_page(*events))
+        if k == 0:
+            pid = writer.writer_pid
+            writer.close()
+            assert writer.writer_pid is None and writer.path is None
+        else:
+            assert writer.writer_pid not in (None, pid)
+            writer("stop", run.compose_stop(exit_status="success"))
+            writer.close()
+    first, second = (str(tmp_path / f"{u}.h5") for u in uids)
+    assert writer.paths == [first, second]
+    assert h5_stream(first)["x"].tolist() == [0.0, 0.25, 0.5, 0.75]
+    assert "exit_status" not in h5_metadata(first) and h5_metadata(first)["start.scan_id"] == 0
+    assert h5_stream(second)["x"].tolist() == [1.0, 1.25, 1.5, 1.75]
+    assert h5_metadata(second)["exit_status"] == "success" and h5_metadata(second)["num_events.primary"] == 4
+    with h5py.File(second, "r") as f:
+        assert f["measurements/primary/x"].attrs["units"] == "K"
