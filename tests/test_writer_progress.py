@@ -113,7 +113,7 @@ w = HDF5Writer(sys.argv[2], ring)
 w.flush_to_disk()
 print("flushed", flush=True)
 sys.stdin.readline()
-def die(f, books, fields, marker):
+def die(f, books, fields, marker, handles=None):
     # The books in the next slot and the readable views are on disk; the marker is not.
     for b in books.values():
         f[progress.RESUME][b.group][marker % 2] = [*b.values(), marker]

@@ -34,7 +34,7 @@ from ._errors import (
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["ArrowWriter", "StreamInfo", "empty_batch", "to_batches", "variable_length"]
+__all__ = ["ArrowWriter", "StreamInfo", "empty_batch", "to_batches", "variable_length", "warm_up"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,16 @@ class StreamInfo:
     schema: pa.Schema
     #: Batches of this schema need full validation (variable-length layouts) when decoded.
     full_validation: bool = False
+
+
+def warm_up() -> None:
+    """Makes pyarrow load what it loads lazily at its first conversion from or to numpy: when
+    pandas is installed, pyarrow (>= 2x) imports it then, 0.3-0.5 s. Called where a stall
+    does no harm (an acquisition's connect, a writer before "ready"), not in the first read
+    of a run, where it would be missed deadlines."""
+    import numpy as np
+
+    pa.array(np.zeros(1, np.int64)).to_numpy()
 
 
 def _type_name(obj: object) -> str:

@@ -7,10 +7,27 @@ ring with ``policy="overwrite"`` never blocks the producer).
     print(acq.stats())
 
 Scheduling: reads are due at absolute times ``start + k / rate_hz``, so lateness never
-accumulates. asyncio's timers resolve to about a millisecond, so with ``precise=True`` (the
-default) a task sleeps until 1.5 ms before its deadline and then yields until the deadline
-(what makes 1 kHz work, at the cost of a busy core). A read that starts more than a period
-late is a missed deadline: the schedule skips the slots it missed and counts them.
+accumulates. asyncio's timers resolve to about a millisecond, so a precise task sleeps until
+1.5 ms before its deadline and then yields until the deadline (what makes 1 kHz work, at the
+cost of a busy core). ``precise=None`` (the default) is precise for instruments read at 200 Hz
+or more, where a millisecond is a fifth of the period, and plain sleeps below (a 100 Hz poll
+would otherwise cost 15 % of a core); True or False forces it for all. A read that starts
+more than a period late is a missed deadline: the schedule skips the slots it missed and
+counts them.
+
+The event loop: the acquisition runs in the loop that awaits ``run()``, never one of its own.
+Embedded in bluesky that is the RunEngine's loop (``call_in_bluesky_event_loop``, or a plan's
+device methods); a second loop in another thread would put two loops' tasks on one ring
+handle and one GIL.
+
+Garbage collection: ``freeze_gc`` freezes the objects alive at the start (``gc.freeze()``) so
+that collections of the older generations, which walk every live object, stay short during
+the run. Freezing is counted across acquisitions: the first to start freezes (after a
+``gc.collect()`` only on the main thread's loop, which the acquisition owns; never on a loop
+another framework runs, where a collection of a large heap stalls it), the last to end
+unfreezes, and only if nothing was frozen before the first started (a user's own
+``gc.freeze()`` is left as it was). ``freeze_gc=None`` (the default) freezes on the main
+thread only.
 """
 
 from __future__ import annotations
@@ -19,7 +36,8 @@ import gc
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -29,12 +47,41 @@ import anyio.lowlevel
 import numpy as np
 import pyarrow as pa
 
+from ._arrow import warm_up
 from ._ring import RingBuffer
 from .adapters import Instrument, PolledInstrument
 
 __all__ = ["Acquisition", "RowIndex"]
 
 _SAMPLES = 1 << 17  # latency/jitter samples kept (a ring of the most recent)
+_PRECISE_HZ = 200.0  # precise=None: spin to the deadline at this rate and above
+
+_gc_lock = threading.Lock()
+_gc_holders = 0  # acquisitions running with freeze_gc
+_gc_froze = False  # whether the first of them froze (nothing was frozen before it)
+
+
+@contextmanager
+def _frozen_gc(collect: bool) -> Iterator[None]:
+    """gc.freeze() for the outermost of nested or concurrent acquisitions, undone by the last
+    to end, and only if nothing was frozen before (see the module documentation)."""
+    global _gc_holders, _gc_froze
+    with _gc_lock:
+        if _gc_holders == 0:
+            _gc_froze = gc.get_freeze_count() == 0
+            if _gc_froze:
+                if collect:
+                    gc.collect()
+                gc.freeze()
+        _gc_holders += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holders -= 1
+            if _gc_holders == 0 and _gc_froze:
+                gc.unfreeze()
+                _gc_froze = False
 
 
 class _Samples:
@@ -117,9 +164,10 @@ class Acquisition:
 
     ``batch_rows``: rows per record at most; ``max_latency``: seconds a row may wait for its
     batch; ``max_batch_bytes``: bytes per record at most (frames go out one by one);
-    ``freeze_gc``: freeze the objects alive at the start (``gc.freeze()``) so the garbage
-    collector's passes stay short during the run; ``row_index``: write through this
-    :class:`RowIndex` (the daemon's, so its subscribers learn how many rows they lost).
+    ``precise``: spin to each deadline (None: for instruments read at 200 Hz or more);
+    ``freeze_gc``: freeze the objects alive during the run (None: on the main thread only;
+    see the module documentation); ``row_index``: write through this :class:`RowIndex` (the
+    daemon's, so its subscribers learn how many rows they lost).
     """
 
     def __init__(
@@ -130,8 +178,8 @@ class Acquisition:
         batch_rows: int = 1000,
         max_latency: float = 0.1,
         max_batch_bytes: int = 4 << 20,
-        precise: bool = True,
-        freeze_gc: bool = True,
+        precise: bool | None = None,
+        freeze_gc: bool | None = None,
         row_index: RowIndex | None = None,
     ) -> None:
         if not ring.writable:
@@ -154,11 +202,13 @@ class Acquisition:
         self.row_index = row_index
         self._write_latency = _Samples()
         self._started: float | None = None
-        self._elapsed = 0.0
+        self._elapsed = 0.0  # seconds of the runs that ended
+        self._run_started: float | None = None
         self._lost_at_end: int | None = None
         self._stop: anyio.Event | None = None
 
     async def __aenter__(self) -> Self:
+        warm_up()  # (pyarrow's lazy imports: here, not in the first read of the run)
         for inst in self.instruments:
             await inst.connect()
         return self
@@ -170,24 +220,50 @@ class Acquisition:
             for inst in self.instruments:
                 await inst.close()
 
-    async def run(self, duration: float | None = None) -> None:
-        """Acquires until `duration` seconds have passed, `stop()`, or cancellation; then writes
-        what is pending (also when cancelled)."""
+    async def run(self, reads: int | None = None, duration: float | None = None) -> None:
+        """Acquires until every instrument has been read `reads` times (a streaming
+        instrument: `reads` batches), `duration` seconds have passed, `stop()`, or
+        cancellation, whichever comes first; then writes what is pending (also when
+        cancelled), so that when it returns every row read is in the ring. Runs may follow
+        one another on the same acquisition (a detector's points); stats() add up."""
+        if reads is not None and (isinstance(reads, bool) or not isinstance(reads, int) or reads < 1):
+            raise ValueError(f"reads must be a positive number of reads, got {reads!r}")
+        if duration is not None and not (math.isfinite(duration) and duration >= 0):
+            raise ValueError(f"duration must be a number of seconds >= 0, got {duration!r}")
         self._stop = anyio.Event()
-        if self.freeze_gc:
-            # Collections of the older generations walk every live object and stall the loop
-            # for milliseconds (missed deadlines at 1 kHz); frozen objects are not walked.
-            gc.collect()
-            gc.freeze()
-        self._started = time.perf_counter()
+        freeze = (
+            threading.current_thread() is threading.main_thread()
+            if self.freeze_gc is None
+            else self.freeze_gc
+        )
+        with (
+            _frozen_gc(collect=threading.current_thread() is threading.main_thread())
+            if freeze
+            else _nothing()
+        ):
+            await self._run(reads, duration)
+
+    async def _run(self, reads: int | None, duration: float | None) -> None:
+        assert self._stop is not None
+        started = time.perf_counter()
+        if self._started is None:
+            self._started = started
+        self._run_started = started
+        left = [len(self._streams)]  # instruments still to finish their reads
+
+        async def counted(task: Any, st: _Stream) -> None:
+            await task(st, reads)
+            left[0] -= 1
+            if left[0] == 0 and self._stop is not None:
+                self._stop.set()
+
         try:
             async with anyio.create_task_group() as tg:
                 for st in self._streams.values():
                     inst = st.instrument
-                    if isinstance(inst, PolledInstrument):
-                        tg.start_soon(self._poll, st)
-                    else:
-                        tg.start_soon(self._consume, st)
+                    tg.start_soon(
+                        counted, self._poll if isinstance(inst, PolledInstrument) else self._consume, st
+                    )
                 tg.start_soon(self._latency_flusher)
                 if duration is not None:
                     with anyio.move_on_after(duration):
@@ -196,21 +272,20 @@ class Acquisition:
                     await self._stop.wait()
                 tg.cancel_scope.cancel()
         finally:
-            self._elapsed = time.perf_counter() - self._started
+            self._elapsed += time.perf_counter() - started
+            self._run_started = None
             for st in self._streams.values():
                 self._flush(st)
             self._lost_at_end = self.ring.records_lost
-            if self.freeze_gc:
-                gc.unfreeze()
 
     def stop(self) -> None:
         """Ends `run()` (from a task in the same event loop)."""
         if self._stop is not None:
             self._stop.set()
 
-    async def _sleep_until(self, deadline: float) -> None:
+    async def _sleep_until(self, deadline: float, precise: bool) -> None:
         delay = deadline - time.perf_counter()
-        if not self.precise:
+        if not precise:
             if delay > 0:
                 await anyio.sleep(delay)
             return
@@ -219,15 +294,17 @@ class Acquisition:
         while time.perf_counter() < deadline:
             await anyio.lowlevel.checkpoint()
 
-    async def _poll(self, st: _Stream) -> None:
+    async def _poll(self, st: _Stream, reads: int | None) -> None:
         inst = st.instrument
         assert isinstance(inst, PolledInstrument)
         period = 1.0 / inst.rate_hz
+        precise = inst.rate_hz >= _PRECISE_HZ if self.precise is None else self.precise
         start = time.perf_counter()
         k = 0
-        while True:
+        done = 0
+        while reads is None or done < reads:
             deadline = start + k * period
-            await self._sleep_until(deadline)
+            await self._sleep_until(deadline, precise)
             late = time.perf_counter() - deadline
             if late > period:  # slots passed while we were busy: skip them, count them
                 skipped = int(late // period)
@@ -237,10 +314,16 @@ class Acquisition:
             st.jitter.add(late)
             self._add(st, await inst.read())
             k += 1
+            done += 1
 
-    async def _consume(self, st: _Stream) -> None:
-        async for batch in st.instrument.stream():  # type: ignore[union-attr]
-            self._add(st, batch)
+    async def _consume(self, st: _Stream, reads: int | None) -> None:
+        done = 0
+        if reads is None or reads > 0:
+            async for batch in st.instrument.stream():  # type: ignore[union-attr]
+                self._add(st, batch)
+                done += 1
+                if reads is not None and done >= reads:
+                    break
 
     async def _latency_flusher(self) -> None:
         while True:
@@ -287,7 +370,8 @@ class Acquisition:
         """Rows, records and bytes per stream; read jitter (lateness against the schedule, µs)
         and missed deadlines per polled stream; write latency into the ring (µs); records the
         ring lost (overwritten before its primary consumer read them)."""
-        elapsed = self._elapsed or (time.perf_counter() - self._started if self._started else 0.0)
+        running = self._run_started
+        elapsed = self._elapsed + (time.perf_counter() - running if running is not None else 0.0)
         streams = {}
         for name, st in self._streams.items():
             rate = getattr(st.instrument, "rate_hz", None)
@@ -307,3 +391,8 @@ class Acquisition:
             "write_latency_us": self._write_latency.summary(),
             "records_lost": self._lost_at_end if self.ring.closed else self.ring.records_lost,
         }
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

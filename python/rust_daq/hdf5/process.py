@@ -29,9 +29,9 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-import pyarrow as pa
 import typer
 
+from .._arrow import warm_up
 from .._errors import RustDaqError
 from .._ring import resolve_ring_path
 from .options import WriterOptions
@@ -379,9 +379,7 @@ def run(options: WriterOptions) -> int:
         print(f"rust_daq.writer: {e}", file=sys.stderr)
         return 2
     log.info("writing %s -> %s (layout %s)", options.ring, options.output, options.layout)
-    # pyarrow's first to_numpy() imports pandas when it is installed (0.3-0.5 s here): taken
-    # now, before "ready", not in the first flush, which a run expects within its interval.
-    pa.array([0]).to_numpy()
+    warm_up()  # (pyarrow's lazy imports: before "ready", not in the first flush)
     try:
         print("ready", flush=True)
     except OSError:  # (BrokenPipeError) nobody reads it: the parent died as we started

@@ -23,6 +23,7 @@ import errno
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import h5py
 import numpy as np
@@ -137,9 +138,42 @@ def read_progress(path: str | os.PathLike[str]) -> Progress:
 # -- the writer's side ------------------------------------------------------------------------
 
 
-def last_seq(f: h5py.File) -> int:
+class Handles:
+    """The writer's own entries, opened once per file handle: an h5py lookup costs ~65 µs and
+    a pass makes a dozen (a one-row flush would spend most of its time there). Refreshed
+    when the writer's file handle changes (reopened out of SWMR, or after a failed pass)."""
+
+    def __init__(self) -> None:
+        self._file: h5py.File | None = None
+        self._open: dict[str, Any] = {}
+
+    def __call__(self, f: h5py.File, path: str) -> Any:
+        if f is not self._file:
+            self._file, self._open = f, {}
+        obj = self._open.get(path)
+        if obj is None:
+            obj = self._open[path] = f[path]
+        return obj
+
+
+def _put(ds: h5py.Dataset, values: Any, row: int | None = None) -> None:
+    """``ds[...] = values`` (or ``ds[row] = values``) for the small int64 datasets of the
+    books, through the low-level write."""
+    data = np.asarray(values, dtype=np.int64)
+    if row is None:
+        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+        return
+    space = ds.id.get_space()
+    space.select_hyperslab((row, 0), (1, len(data)))
+    ds.id.write(h5py.h5s.create_simple((1, len(data))), space, data.reshape(1, -1))
+
+
+def last_seq(f: h5py.File, handles: Handles | None = None) -> int:
     """The last ring sequence number the file's marker covers (-1: none)."""
-    return int(f[PROGRESS][0])
+    ds = f[PROGRESS] if handles is None else handles(f, PROGRESS)
+    out = np.empty(ds.id.shape, np.int64)
+    ds.id.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+    return int(out[0])
 
 
 def create(f: h5py.File) -> None:
@@ -204,15 +238,23 @@ def create_resume(resume_group: h5py.Group, b: StreamBook, marker: int, *, commi
     set_arrow_name(resume_group.create_dataset(b.group, data=slots).attrs, b.name)
 
 
-def commit(f: h5py.File, books: Mapping[str, StreamBook], fields: list[int], marker: int) -> None:
+def commit(
+    f: h5py.File,
+    books: Mapping[str, StreamBook],
+    fields: list[int],
+    marker: int,
+    handles: Handles | None = None,
+) -> None:
     """After the data is flushed: the books in the slot of `marker`, flush; the marker
     (`fields`: its first six values), the views and end_time, flush."""
-    resume_group = f[RESUME]
+    get = handles or Handles()
     for b in books.values():
-        resume_group[b.group][marker % 2] = [*b.values(), marker]
+        _put(get(f, f"{RESUME}/{b.group}"), [*b.values(), marker], row=marker % 2)
     f.flush()
-    f[PROGRESS][...] = [*fields, marker]
+    _put(get(f, PROGRESS), [*fields, marker])
     for b in books.values():
-        f[STREAMS][b.group][...] = b.values()
-    f["measurements/end_time"][()] = iso_now().encode()
+        _put(get(f, f"{STREAMS}/{b.group}"), b.values())
+    end = get(f, "measurements/end_time")
+    now = np.array(iso_now().encode(), dtype=end.dtype)
+    end.id.write(h5py.h5s.ALL, h5py.h5s.ALL, now)
     f.flush()

@@ -214,6 +214,7 @@ class HDF5Writer:
         # ring's schema table holds earlier runs' streams (and their schemas, which need not
         # be this run's), so only `schemas` are made at its open.
         self._at_boundary = at is not None or self._start == "now"
+        self._handles = progress.Handles()  # the file's own entries, opened once per handle
         self._out = OutputFile(
             self.path, self.layout, str(self._ring.session_id), swmr=self._swmr and self._layout.swmr
         )
@@ -392,7 +393,7 @@ class HDF5Writer:
     def _flush(self, copy: bool = False) -> int:
         written = 0
         quarantined = 0
-        committed_seq = last_seq = progress.last_seq(self._out.file)
+        committed_seq = last_seq = progress.last_seq(self._out.file, self._handles)
         limit = 64  # records per read until their size is known
         budget, code = self._space.available()
         full = False  # the disk holds no more this pass: the rest stays in the ring
@@ -486,6 +487,7 @@ class HDF5Writer:
                 self.records_skipped,
             ],
             marker,
+            self._handles,
         )
         self._marker = marker
         self._commits += 1
