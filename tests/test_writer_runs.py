@@ -224,9 +224,11 @@ def test_rotate_puts_each_run_in_its_own_file(ring_path: str, tmp_path: Path) ->
     assert metadata_json(two) == {"run": 2}
     assert metadata_json(two, "final_json") == {"exit_status": "abort"}
     assert metadata_json(three) == {"run": 3}
-    # on_flush: each file's rows, the closing flush of each included (the third file made
-    # the datasets of every stream the ring knows, "late" too, empty).
-    assert seen == [{"v": 30}, {"v": 40}, {"v": 20, "late": 2}, {"v": 30, "late": 0}]
+    # on_flush: each file's rows, the closing flush of each included (a rotated file makes
+    # no datasets of the streams of earlier runs: "late" is not in the third).
+    assert seen == [{"v": 30}, {"v": 40}, {"v": 20, "late": 2}, {"v": 30}]
+    with h5py.File(three, "r") as f:
+        assert "late" not in f["measurements"]
 
 
 def test_rotate_at_a_boundary_already_flushed_is_refused(ring_path: str, tmp_path: Path) -> None:
@@ -301,3 +303,24 @@ def test_rotate_process_says_when_the_writer_is_gone(ring_path: str, tmp_path: P
         with pytest.raises(RustDaqError, match="has exited .*exit status -9"):
             rotate_process(p, tmp_path / "k2.h5", timeout=30)
         p.communicate(timeout=30)
+
+
+def test_a_rotated_file_holds_only_its_run(ring_path: str, tmp_path: Path) -> None:
+    """What another producer writes between two runs (rotate(None), then rotate(path, at=...))
+    is no file's; a stream whose current schema in the ring is an earlier run's (a column the
+    next run does not have) gets no datasets of that schema in the next file."""
+    with_motor = pa.schema([pa.field("index", pa.int64()), pa.field("motor", pa.float64())])
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        w = HDF5Writer(one, ring, start="now")
+        ring.write_arrow_batch(pa.record_batch([[0, 1], [0.5, 1.5]], schema=with_motor), "v")
+        w.rotate(None, at=ring.records_written, final_metadata={"exit_status": "success"})
+        ring.write_arrow_batch(batch(99, 1), "between")  # between the runs
+        w.rotate(two, {"run": 2}, at=ring.records_written)
+        ring.write_arrow_batch(batch(10, 3), "v")
+        w.close()
+    np.testing.assert_array_equal(indices(one), [0, 1])
+    with h5py.File(two, "r") as f:
+        assert sorted(f["measurements"]) == ["end_time", "metadata", "start_time", "v"]
+        assert "motor" not in f["measurements/v"]
+        np.testing.assert_array_equal(f["measurements/v/index"][:], [10, 11, 12])

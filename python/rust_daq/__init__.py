@@ -12,6 +12,7 @@ from ._errors import (
     AccessError,
     ConfigError,
     DaemonConfigError,
+    DocumentError,
     IncompatibleFileError,
     ProducerActiveError,
     ReadOnlyRingError,
@@ -29,6 +30,7 @@ from ._errors import (
     SignalTypeError,
     UnknownStreamError,
     UnsupportedTypeError,
+    WriterProcessError,
 )
 from ._live import LiveView
 from ._native import FORMAT_VERSION, Record, __version__
@@ -64,6 +66,7 @@ __all__ = [
     "Acquisition",
     "ConfigError",
     "DaemonConfigError",
+    "DocumentError",
     "FORMAT_VERSION",
     "HDF5Writer",
     "IncompatibleFileError",
@@ -87,6 +90,7 @@ __all__ = [
     "StreamInfo",
     "UnknownStreamError",
     "UnsupportedTypeError",
+    "WriterProcessError",
     "__version__",
     "resolve_ring_path",
 ]

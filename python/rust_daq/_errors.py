@@ -14,6 +14,7 @@ __all__ = [
     "RecordingNameError",
     "ConfigError",
     "DaemonConfigError",
+    "DocumentError",
     "IncompatibleFileError",
     "RemoteError",
     "ProducerActiveError",
@@ -30,6 +31,7 @@ __all__ = [
     "RustDaqError",
     "UnknownStreamError",
     "UnsupportedTypeError",
+    "WriterProcessError",
 ]
 
 
@@ -134,3 +136,16 @@ class AccessError(RustDaqError, OSError):
 class RecordingNameError(RustDaqError, ValueError):
     """A recording name or metadata from the wire that the daemon refuses; the message
     says what was wrong."""
+
+
+class DocumentError(RustDaqError, ValueError):
+    """A bluesky document that ``rust_daq.bluesky`` cannot write as it stands: an event value
+    that contradicts its data key (another shape, a type that does not convert without
+    loss), a data key with no Arrow type, an event of a descriptor (or a descriptor of a
+    run) the callback has not seen, a file name template the start document cannot fill.
+    The message names the document, the key and what was wrong."""
+
+
+class WriterProcessError(RustDaqError, RuntimeError):
+    """A writer process (``python -m rust_daq.writer``) that a caller relies on died, refused
+    a command or did not answer in time; the message says which, with the end of its log."""

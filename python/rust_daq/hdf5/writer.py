@@ -210,6 +210,10 @@ class HDF5Writer:
         self._until: int | None = None  # rotating: records from this seq on go to the next file
         self._floor = 0  # records before this seq belong to no file of ours (start, rotation)
         self._marker = 0  # the number of the last progress marker written
+        # A file that starts at a given record (start="now", a rotation) is a new run's: the
+        # ring's schema table holds earlier runs' streams (and their schemas, which need not
+        # be this run's), so only `schemas` are made at its open.
+        self._at_boundary = at is not None or self._start == "now"
         self._handles = progress.Handles()  # the file's own entries, opened once per handle
         self._out = OutputFile(
             self.path, self.layout, str(self._ring.session_id), swmr=self._swmr and self._layout.swmr
@@ -289,12 +293,14 @@ class HDF5Writer:
 
     def _precreate(self) -> None:
         """Groups and datasets for the streams the ring's schema table holds now, before SWMR
-        starts: SWMR forbids new objects, and leaving it takes every reader's file away."""
+        starts: SWMR forbids new objects, and leaving it takes every reader's file away. (A
+        file that starts at a boundary: only those of ``schemas``.)"""
+        streams: dict[str, StreamInfo] = {}
         try:
-            streams = dict(self._decoder.schemas.streams())
+            if not self._at_boundary:
+                streams = dict(self._decoder.schemas.streams())
         except DECODE_ERRORS + (RustDaqError,) as e:
             log.error("the ring's schema table does not decode: %s", e)
-            streams = {}
         for name, schema in self._schemas.items():  # (given: the ring's own comes first)
             streams.setdefault(name, StreamInfo(name, 0, 0, schema))
         for name, info in streams.items():
@@ -683,7 +689,8 @@ class HDF5Writer:
         takes the rest; one the file has already flushed past is a ValueError, and nothing
         changes.) With
         ``path=None`` the writer holds no file until the next ``rotate``: the ring keeps what
-        is written meanwhile, and the next file takes it. Blocking (a final flush and a file
+        is written meanwhile, and the next file takes it, unless that ``rotate`` gives `at`
+        (then the next file starts there). Blocking (a final flush and a file
         open; in async code ``await anyio.to_thread.run_sync(writer.rotate, ...)``); the
         flushes of ``run()`` wait for it. Raises what the constructor raises for `path`: the
         old file is closed by then, and the writer holds no file."""
@@ -708,6 +715,8 @@ class HDF5Writer:
                     self._floor = self._end_seq
             else:
                 self.last_file_records = 0  # (no file was open: none was closed)
+                if at is not None:  # (what came meanwhile is no file's)
+                    self._floor = max(self._floor, boundary)
                 if final_metadata:
                     log.warning("rotate(): no file is open to take final_metadata %s", final_metadata)
             if path is not None:
