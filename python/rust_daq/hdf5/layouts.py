@@ -15,6 +15,9 @@ per row of the stream, in order. A column's dataset has one HDF5 type and row sh
 value of its own (the column was null, absent from that batch, added later, or in another
 generation there) has a validity dataset, ``<column>__valid`` (uint8, 1 where the row holds
 a value), named by its ``validity`` attribute; float datasets also hold NaN there.
+
+(Over 500 lines: the append layout's write path, with the dataset handles it keeps open and
+the low-level writes that make a one-row flush cheap, reads best beside what it writes.)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Case 9: rust-daq inside bluesky: a step scan's time per point, and the RunEngine loop's
 wake-up lag, beside ophyd-async's own simulated detector, in one run.
 
-    python -m benchmarks --cases bluesky        (or: python -m benchmarks.bluesky [--points N])
+    python -m benchmarks --cases bluesky        (or: python -m benchmarks.bluesky_run [--points N])
 
 ``bp.count(num=N)`` of three detectors, one RunEngine, the runs interleaved:
 
