@@ -4,7 +4,8 @@
 
 Cases: limits (copy bandwidth, native call, file write), rate (1: 64 B messages), frames
 (2: 1 and 4 MiB), latency (3), arrow (4: Arrow batches), storage (5: ring to HDF5, 6: the
-1 kHz loop's jitter), scaling (7: payload size and reader count; the plot). Every case runs
+1 kHz loop's jitter), scaling (7: payload size and reader count; the plot), flight (8), bluesky (9: a step scan's
+time per point in a RunEngine beside ophyd-async's sim detector). Every case runs
 ours and the peers in the same run, several times, and reports medians. Results go to
 DIR/<date>.json and DIR/<date>.md (with ``-quick`` in the name for a quick run); the plot to
 DIR/<date>.png unless --plot says where. Install the peers with ``pip install '.[bench]'``.
@@ -20,10 +21,10 @@ import sys
 import time
 from typing import Any
 
-from . import arrow_batches, flight, ipc, limits, storage
+from . import arrow_batches, bluesky_run, flight, ipc, limits, storage
 from ._common import Goal, Table, machine, storage_dir
 
-CASES = ["limits", "rate", "frames", "latency", "arrow", "storage", "scaling", "flight"]
+CASES = ["limits", "rate", "frames", "latency", "arrow", "storage", "scaling", "flight", "bluesky"]
 
 
 def plot(scaling: dict[str, Any], path: str, title: str) -> None:
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         elif case == "flight":
             res[case] = flight.run(quick, reps)
             show(flight.tables(res[case]))
+        elif case == "bluesky":
+            res[case] = bluesky_run.run(quick, reps)
+            show(bluesky_run.tables(res[case]))
+            goals += bluesky_run.goals(res[case])
         res.setdefault("seconds", {})[case] = round(time.monotonic() - t0, 1)
     goals = ipc.goals(res.get("rate"), res.get("frames"), res.get("latency"), res.get("limits")) + goals
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import Table, median_of, shm_path
+from ._common import Goal, Table, median_of, shm_path
 
 DETECTORS = {
     "rust_daq": "`RustDaqDetector`, 1 kHz voltmeter, one durable flush per point",
@@ -141,6 +141,20 @@ def tables(res: dict[str, Any]) -> list[Table]:
                 f"({'met' if ours <= blob else 'not met'}). Loop lag: how late a 1 ms sleep on the "
                 "RunEngine's loop wakes during the count."
             ],
+        )
+    ]
+
+
+def goals(res: dict[str, Any]) -> list[Goal]:
+    d = res["detectors"]
+    return [
+        Goal(
+            "9",
+            "bp.count: RustDaqDetector's time per point <= ophyd-async's SimBlobDetector's (ms)",
+            d["rust_daq"]["per_point_ms"],
+            d["blob"]["per_point_ms"],
+            " ms",
+            higher_is_better=False,
         )
     ]
 
