@@ -276,3 +276,54 @@ def test_several_instruments_name_their_keys(ring: RingBuffer, tmp_path: Path) -
     (path,) = files_of(docs)
     np.testing.assert_array_equal(column(path, "a"), [1, 2, 3, 4])
     np.testing.assert_array_equal(column(path, "b"), [1, 2, 3, 4])
+
+
+def test_a_failing_instrument_fails_the_trigger_with_its_error(ring: RingBuffer, tmp_path: Path) -> None:
+    RE, docs = engine()  # noqa: N806
+    n = itertools.count()
+
+    def read() -> float:
+        k = next(n)
+        if k == 3:
+            raise OSError("the voltmeter stopped answering")
+        return float(k)
+
+    det = detector(ring, tmp_path, CallableInstrument(read, "flaky", rate_hz=1000))
+    with pytest.raises(Exception) as info:
+        RE(bp.count([det], num=5))
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    # The trigger failed with the instrument's error, not after waiting out its timeout.
+    assert any("the acquisition failed: OSError: the voltmeter stopped answering" in m for m in chain), chain
+    assert not any("TimeoutError" in m for m in chain)
+    (path,) = files_of(docs)
+    np.testing.assert_array_equal(column(path, "flaky"), [1.0, 2.0])  # the points before it
+
+
+def test_streaming_instruments_are_refused(ring: RingBuffer, tmp_path: Path) -> None:
+    from ophyd_async.core import soft_signal_rw
+
+    monitored = SignalInstrument(soft_signal_rw(float, 1.0, name="sp"), "monitor")
+    with pytest.raises(ValueError, match=r"\['sp'\] push their data .* poll them instead"):
+        RustDaqDetector([monitored], ring, StaticPathProvider(UUIDFilenameProvider(), tmp_path), name="det")
+
+
+def test_a_scan_stopped_before_its_acquisition_began_ends_at_once(ring: RingBuffer, tmp_path: Path) -> None:
+    RE, docs = engine()  # noqa: N806
+    c = Counter()
+    det = detector(ring, tmp_path, c.instrument)
+
+    def interrupt() -> Any:
+        raise RuntimeError("stopped at once")
+        yield  # (a plan)
+
+    # 10**7 reads at 1 kHz: without the stop reaching the acquisition this would run for hours
+    # (pytest's timeout fails it).
+    with pytest.raises(RuntimeError, match="stopped at once"):
+        RE(fly(det, 10**7, interrupt))
+    assert det.file_path is None
+    (uid,) = RE(bp.count([det], num=2))
+    (second,) = files_of([d for d in docs if d[0] == "stream_resource" and d[1]["run_start"] == uid])
+    assert len(column(second)) == 2

@@ -324,3 +324,70 @@ def test_a_rotated_file_holds_only_its_run(ring_path: str, tmp_path: Path) -> No
         assert sorted(f["measurements"]) == ["end_time", "metadata", "start_time", "v"]
         assert "motor" not in f["measurements/v"]
         np.testing.assert_array_equal(f["measurements/v/index"][:], [10, 11, 12])
+
+
+def test_a_file_started_now_keeps_its_start_across_a_crash(ring_path: str, tmp_path: Path) -> None:
+    out = tmp_path / "now.h5"
+    options = WriterOptions(ring=ring_path, output=str(out), start="now", flush_interval=3600)
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        for k in range(3):  # an earlier run's records, never drained: read_tail stays at 0
+            ring.write_arrow_batch(batch(k * 10), "v")
+        p = start_process(options)
+        ring.write_arrow_batch(batch(1000), "v")
+        p.send_signal(signal.SIGKILL)  # before its first commit
+        p.communicate(timeout=30)
+        ring.write_arrow_batch(batch(1010), "v")
+        p = start_process(options)  # resumed: it starts where the file started, not at the tail
+        code, err = stop_process(p)
+        assert code == 0, err
+    np.testing.assert_array_equal(indices(out), np.arange(1000, 1020))
+
+
+def test_a_failed_rotation_does_not_make_the_next_file_take_the_last_ones_records(
+    ring_path: str, tmp_path: Path
+) -> None:
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        w = HDF5Writer(tmp_path / "a.h5", ring)
+        ring.write_arrow_batch(batch(0), "v")
+        ring.write_arrow_batch(batch(10), "v")  # the next run's, already in the ring
+        with pytest.raises(FileNotFoundError):
+            w.rotate(tmp_path / "missing" / "b.h5", at=1)
+        w.rotate(tmp_path / "c.h5")
+        w.close()
+    np.testing.assert_array_equal(indices(tmp_path / "a.h5"), np.arange(10))
+    np.testing.assert_array_equal(indices(tmp_path / "c.h5"), np.arange(10, 20))
+
+
+def test_flush_calls_on_flush_on_the_callers_loop(ring_path: str, tmp_path: Path) -> None:
+    import threading
+
+    calls: list[tuple[str, dict[str, int]]] = []
+
+    async def on_flush(rows: dict[str, int]) -> None:
+        await anyio.lowlevel.checkpoint()
+        calls.append((threading.current_thread().name, rows))
+
+    async def main() -> None:
+        with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+            w = HDF5Writer(tmp_path / "f.h5", ring, on_flush=on_flush)
+            ring.write_arrow_batch(batch(0, 3), "v")
+            assert await w.flush() == 1  # in a worker thread; on_flush awaited here
+            ring.write_arrow_batch(batch(3, 2), "v")
+            assert await w.flush(in_thread=False) == 1
+            await w.stop()
+
+    anyio.run(main)
+    me = threading.current_thread().name
+    assert calls[:2] == [(me, {"v": 3}), (me, {"v": 5})]
+
+
+def test_records_pending_of_a_file_started_now_counts_only_its_own(ring_path: str, tmp_path: Path) -> None:
+    with RingBuffer.create(ring_path, capacity_mb=4) as ring:
+        for k in range(5):
+            ring.write_arrow_batch(batch(k * 10), "v")
+        w = HDF5Writer(tmp_path / "p.h5", ring, start="now")
+        assert w.records_pending == 0
+        ring.write_arrow_batch(batch(50), "v")
+        assert w.records_pending == 1
+        w.close()
+        assert w.records_pending == 0

@@ -270,6 +270,12 @@ class Acquisition:
                 else:
                     await self._stop.wait()
                 tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One instrument failed: its own error, not a group of one (the caller sees what
+            # went wrong, e.g. a detector's trigger fails with the instrument's OSError).
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
         finally:
             self._elapsed += time.perf_counter() - started
             self._run_started = None
@@ -278,7 +284,9 @@ class Acquisition:
             self._lost_at_end = self.ring.records_lost
 
     def stop(self) -> None:
-        """Ends `run()` (from a task in the same event loop)."""
+        """Ends the `run()` in progress (from a task in the same event loop); one that has not
+        begun yet is not affected (cancel its task instead: a cancelled run writes its pending
+        rows too)."""
         if self._stop is not None:
             self._stop.set()
 

@@ -12,9 +12,9 @@ or in-process, from async code (asyncio or trio, through anyio)::
     async with HDF5Writer("run.h5", ring) as writer:
         await writer.run()          # until cancelled, or `await writer.stop()`
 
-Durability: a pass writes the data and flushes; writes every stream's book (rows, records,
-lost, next stream_seq, unwritable) into the slot of the next marker (``rust_daq/resume``) and
-flushes; writes the progress marker naming that slot (``rust_daq/progress``) with the readable
+Durability: a pass writes the data and every stream's book (rows, records, lost, next
+stream_seq, unwritable) into the slot of the next marker (``rust_daq/resume``; no marker
+names that slot yet) and flushes; writes the progress marker naming that slot (``rust_daq/progress``) with the readable
 views (``rust_daq/streams``) and flushes; only then commits the ring's ``read_tail``. A writer
 killed at any moment and started again on the same ring and file trims every dataset to the
 marker's slot and skips what the file already holds: every record ends up in the file exactly
@@ -95,6 +95,7 @@ OnFlush = Callable[[dict[str, int]], None | Awaitable[None]]
 _READ_CHUNK = 4096  # at most this many records decoded and written per step...
 _READ_BYTES = 64 << 20  # ...and about this many bytes: the writer's memory stays flat
 _ATTEMPTS = 256  # passes a flush may abandon (each torn, or finding a record HDF5 refuses)
+FIRST_SEQ = "rust_daq_first_seq"  # file attribute: the first ring record the file may hold
 
 
 #: The writer's compression option parser (the supervisor checks options with it).
@@ -180,13 +181,16 @@ class HDF5Writer:
         self._in_run = False  # run() delivers on_flush on its event loop
         self._commits = 0  # progress markers written, all files
         self._notified = 0  # ...of which on_flush has been told
-        self._committed_rows: dict[str, int] = {}  # rows per stream at the last marker
+        # (markers written, rows per stream at the last one): one value, replaced whole, so
+        # that the loop never pairs a new count with old rows
+        self._committed: tuple[int, dict[str, int]] = (0, {})
         self._wake: anyio.Event | None = None
         self._warned: set[str] = set()
         self._left_in_ring = 0
         self.last_file_records = 0  #: records the last file closed (by rotate or close) holds
         self._end_seq = 0  # the record after the last one the last closed file covers
         self._idle = False  # rotated to no file
+        self._floor = 0  # records before this seq belong to no file of ours (set by _open)
         self._begin(output_path, metadata, at=None)
 
     def _begin(
@@ -208,12 +212,13 @@ class HDF5Writer:
         self._space = SpaceBudget(self.path)
         self._unfinished = False  # the last flush stopped early: records still to quarantine
         self._until: int | None = None  # rotating: records from this seq on go to the next file
-        self._floor = 0  # records before this seq belong to no file of ours (start, rotation)
         self._marker = 0  # the number of the last progress marker written
-        # A file that starts at a given record (start="now", a rotation) is a new run's: the
-        # ring's schema table holds earlier runs' streams (and their schemas, which need not
-        # be this run's), so only `schemas` are made at its open.
-        self._at_boundary = at is not None or self._start == "now"
+        # Where a new file starts: at `at` (a rotation), at the ring's head (start="now"), or
+        # at its tail. Stored in the file (rust_daq_first_seq), so that a writer restarted
+        # on it after a crash starts there too; `_floor` is set from the file by _open() (a
+        # failed open keeps the previous one, which the next file then starts from).
+        latest = self._ring.reader("latest") if at is None and self._start == "now" else None
+        self._first = at if at is not None else (latest.next_seq if latest is not None else None)
         self._handles = progress.Handles()  # the file's own entries, opened once per handle
         self._out = OutputFile(
             self.path, self.layout, str(self._ring.session_id), swmr=self._swmr and self._layout.swmr
@@ -223,12 +228,9 @@ class HDF5Writer:
         except BaseException:
             self._out.release()
             raise
-        if fresh and at is not None:
-            self._floor = at
-        elif fresh and self._start == "now":
+        if fresh and latest is not None:
             # From now on: what the ring holds already is an earlier run's, not this file's.
-            self._reader = self._ring.reader("latest")
-            self._floor = self._reader_from = self._reader.next_seq
+            self._reader, self._reader_from = latest, self._floor
             return
         self._new_reader()
 
@@ -252,8 +254,17 @@ class HDF5Writer:
         fresh = self._out.open(self._ring.path, self._metadata)
         if fresh:
             self._marker = 0
+            if self._first is not None:  # (an attribute: made before SWMR)
+                self._out.file.attrs[FIRST_SEQ] = self._first
         else:
             self._resume()
+        first = self._out.file.attrs.get(FIRST_SEQ)
+        # Records before this seq belong to no file of ours (an earlier run's, another file's).
+        self._floor = 0 if first is None else int(first)
+        # A file that starts at a given record (start="now", a rotation) is a new run's: the
+        # ring's schema table holds earlier runs' streams (and their schemas, which need not
+        # be this run's), so only `schemas` are made at its open.
+        self._at_boundary = first is not None
         self._losses = LossAccount()
         self._losses.streams.update({b.name: b.loss for b in self._books.values()})
         f = self._out.file
@@ -326,13 +337,16 @@ class HDF5Writer:
         refuses its data) is quarantined: its Arrow bytes go to ``rust_daq/quarantine`` and it
         is counted as ``unwritable`` for its stream, and the pass goes on. Raises OSError when
         the disk fails (nothing is committed; the next call retries)."""
-        with self._lock:
-            if self._closed:
-                raise ValueError("flush_to_disk() on a closed HDF5Writer")
-            written = self._flush_retrying()
+        written = self._flush_locked()
         if not self._in_run:
             self._notify_here()
         return written
+
+    def _flush_locked(self) -> int:
+        with self._lock:
+            if self._closed:
+                raise ValueError("flush_to_disk() on a closed HDF5Writer")
+            return self._flush_retrying()
 
     def _flush_retrying(self) -> int:
         if self._idle:  # (rotated to no file: the ring keeps what comes, for the next)
@@ -495,7 +509,7 @@ class HDF5Writer:
         self._marker = marker
         self._held = last_seq
         self._commits += 1
-        self._committed_rows = {b.name: b.rows for b in self._books.values()}
+        self._committed = (self._commits, {b.name: b.rows for b in self._books.values()})
         self._out.enter_swmr()
         if reached:
             # Our cursor read records of the next file: read_tail stays where it is, and the
@@ -633,7 +647,7 @@ class HDF5Writer:
             last = None
         if last is None:  # the ring's own count: after what was committed
             return max(self._ring.records_written - self._ring.read_tail_seq, 0)
-        return max(self._ring.records_written - 1 - last, 0)
+        return max(self._ring.records_written - max(last + 1, self._floor), 0)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -763,10 +777,11 @@ class HDF5Writer:
 
     def _news(self) -> dict[str, int] | None:
         """The rows per stream of the last marker, if on_flush has not been told of it."""
-        if self._on_flush is None or self._notified == self._commits:
+        commits, rows = self._committed
+        if self._on_flush is None or self._notified == commits:
             return None
-        self._notified = self._commits
-        return dict(self._committed_rows)
+        self._notified = commits
+        return dict(rows)
 
     def _notify_here(self) -> None:
         """on_flush, from a synchronous call (flush_to_disk, close, rotate outside run())."""
@@ -795,10 +810,11 @@ class HDF5Writer:
         In a worker thread by default; ``in_thread=False`` runs it in the calling thread: a
         millisecond or two on the event loop, less than the thread handoff costs (a step
         scan's point, which waits for its flush anyway)."""
+        # (the flush itself tells no one: on_flush is called here, on the caller's loop)
         if in_thread:
-            written = await anyio.to_thread.run_sync(self.flush_to_disk)
+            written = await anyio.to_thread.run_sync(self._flush_locked)
         else:
-            written = self.flush_to_disk()
+            written = self._flush_locked()
         await self._notify()
         return written
 

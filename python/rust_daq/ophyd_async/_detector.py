@@ -7,8 +7,10 @@ as ``StreamResource`` documents (and Tiled reads back, live).
         det = RustDaqDetector([SimulatedVoltmeter(rate_hz=1000)], ring, path_provider, name="det")
     RE(bp.count([det], num=10))
 
-One exposure is one read of every instrument (a polled instrument's ``read()``, a streaming
-instrument's next batch), so one collection is one row of each of the detector's streams.
+One exposure is one read of every instrument (its ``read()``: streaming instruments, whose
+batches hold whatever came since the last, are refused), so one collection is one row of
+each of the detector's streams. An exposure that fails (an instrument's read raises) fails
+the trigger or complete that waits for it, at once, with its error.
 The main data key (named after the detector) is the main column (``main=``, or the first
 numeric column of the first instrument that is not a timestamp); every other column of
 every stream is ``<det>-<column>`` (``<det>-<stream>-<column>`` for the streams after the
@@ -47,12 +49,13 @@ from ophyd_async.core import (
     StreamResourceDataProvider,
     StreamResourceInfo,
     TriggerInfo,
+    WatchableAsyncStatus,
     soft_signal_r_and_setter,
 )
 
 from .._ring import RingBuffer
 from ..acquisition import Acquisition
-from ..adapters import Instrument
+from ..adapters import Instrument, PolledInstrument
 from ..hdf5 import HDF5Writer
 from ..hdf5.writer import DatasetInfo
 
@@ -77,6 +80,15 @@ class _Session:
     ) -> None:
         if not instruments:
             raise ValueError("a RustDaqDetector needs at least one instrument")
+        streaming = [i.name for i in instruments if not isinstance(i, PolledInstrument)]
+        if streaming:
+            # A pushed batch is not an exposure: it holds whatever came since the last one,
+            # so the streams' rows would not line up with the scan's points.
+            raise ValueError(
+                f"{name or 'RustDaqDetector'}: {streaming} push their data (streaming instruments); "
+                "a detector's exposure is one read of each instrument: poll them instead "
+                "(SignalInstrument(signal, 'poll', rate_hz=...))"
+            )
         self.name = name
         self.instruments = list(instruments)
         self.ring = ring
@@ -87,6 +99,7 @@ class _Session:
         self.connected = False
         self.reads = 1  # exposures per start_acquiring
         self.task: asyncio.Task[None] | None = None
+        self.guarded: list[WatchableAsyncStatus[Any]] = []  # trigger/complete statuses waiting on rows
         self.writer: HDF5Writer | None = None
         self.writer_task: asyncio.Task[None] | None = None
         self.written, self._set_written = soft_signal_r_and_setter(int, 0)
@@ -105,11 +118,29 @@ class _Session:
         self.task = asyncio.get_running_loop().create_task(self._expose(self.reads))
 
     async def _expose(self, reads: int) -> None:
-        await self.acquisition.run(reads=reads)
-        if self.writer is not None:
-            # The rows are in the ring and the point waits for them: flushed now, on the
-            # loop (a one-row flush costs less than a handoff to the writer's thread).
-            await self.writer.flush(in_thread=False)
+        try:
+            await self.acquisition.run(reads=reads)
+            if self.writer is not None:
+                # The rows are in the ring and the point waits for them: flushed now, on the
+                # loop (a one-row flush costs less than a handoff to the writer's thread).
+                await self.writer.flush(in_thread=False)
+        except Exception as e:
+            self.fail(e)
+            raise
+
+    def guard(self, status: WatchableAsyncStatus[Any]) -> None:
+        """`status` waits for rows that a failed exposure will never write: fail it then (with
+        the exposure's error), instead of letting it wait out its timeout."""
+        self.guarded = [s for s in self.guarded if not s.done] + [status]
+        task = self.task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            self.fail(task.exception())  # (it failed before this status began to wait)
+
+    def fail(self, error: BaseException | None) -> None:
+        for status in self.guarded:
+            if not status.done:
+                status.task.cancel(f"{self.name}: the acquisition failed: {type(error).__name__}: {error}")
+        self.guarded = []
 
     async def wait(self) -> None:
         if self.task is not None:
@@ -119,13 +150,15 @@ class _Session:
         task, self.task = self.task, None
         if task is None:
             return
-        self.acquisition.stop()
+        # Cancelled, not just stop(): a stop() before the run has begun would be lost. The
+        # acquisition writes its pending rows to the ring when cancelled.
+        task.cancel()
         try:
             await task
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise
-        # (its error, if any, was the status of the trigger or kickoff that started it)
+        # (its error, if any, failed the trigger or complete that waited for it)
         except Exception as e:
             log.warning("%s: the acquisition ended with %s: %s", self.name, type(e).__name__, e)
 
@@ -358,6 +391,16 @@ class RustDaqDetector(StandardDetector):
         await super().connect(mock=mock, timeout=timeout, force_reconnect=force_reconnect)
         if not mock:
             await self._session.connect()
+
+    def trigger(self) -> WatchableAsyncStatus[int]:
+        status = super().trigger()
+        self._session.guard(status)
+        return status
+
+    def complete(self) -> WatchableAsyncStatus[int]:
+        status = super().complete()
+        self._session.guard(status)
+        return status
 
     @property
     def file_path(self) -> str | None:
