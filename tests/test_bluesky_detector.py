@@ -327,3 +327,24 @@ def test_a_scan_stopped_before_its_acquisition_began_ends_at_once(ring: RingBuff
     (uid,) = RE(bp.count([det], num=2))
     (second,) = files_of([d for d in docs if d[0] == "stream_resource" and d[1]["run_start"] == uid])
     assert len(column(second)) == 2
+
+
+def test_a_grid_scan_of_the_sim_pattern_as_a_source(ring: RingBuffer, tmp_path: Path) -> None:
+    from ophyd_async.sim import PatternGenerator, SimStage
+    from ophyd_async.sim._pattern_generator import generate_interesting_pattern
+
+    RE, docs = engine()  # noqa: N806
+    pattern = PatternGenerator()
+    with init_devices():
+        stage = SimStage(pattern, name="stage")
+    RE(bps.mv(stage.x.velocity, 0, stage.y.velocity, 0))  # (instant moves)
+    source = CallableInstrument(lambda: pattern.generate_point(channel=1), "pattern", rate_hz=1000)
+    det = detector(ring, tmp_path, source)
+    RE(bp.grid_scan([det, stage], stage.x, -2.0, 2.0, 3, stage.y, -1.0, 1.0, 3))
+    validate(docs)
+    events = [d["data"] for n, d in docs if n == "event"]
+    assert len(events) == 9
+    expected = [generate_interesting_pattern(e["stage-x"], e["stage-y"], 1, 10) for e in events]
+    (path,) = files_of(docs)
+    np.testing.assert_allclose(column(path, "pattern"), expected)
+    assert len(set(np.round(expected, 9))) > 3  # (the pattern does vary over the grid)
