@@ -201,13 +201,15 @@ def _timelike(col: pa.Array, t: pa.DataType, attrs: dict[str, Any]) -> np.ndarra
     else:  # time32 / time64
         target = pa.time64("ns")
     unit = "ns"
-    try:
-        col = col.cast(target)  # safe cast: raises on overflow instead of wrapping
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        unit = t.unit
+    if t != target:  # (already in ns: nothing to convert, the common case)
+        try:
+            col = col.cast(target)  # safe cast: raises on overflow instead of wrapping
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            unit = t.unit
     attrs["units"] = unit
-    ints = col.cast(pa.int64()) if not pa.types.is_time32(col.type) else col.cast(pa.int32()).cast(pa.int64())
-    return _to_numpy(ints)
+    if pa.types.is_time32(col.type):
+        return _to_numpy(col.cast(pa.int32()).cast(pa.int64()))
+    return _to_numpy(col.view(pa.int64()))  # (the same 64-bit values: a view, no cast)
 
 
 def _leaf(f: pa.Field, col: pa.Array, path: tuple[str, ...]) -> list[Piece]:

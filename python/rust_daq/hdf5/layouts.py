@@ -421,7 +421,7 @@ class AppendLayout:
     ) -> int:
         start = book.rows
         total = sum(it.rows for it in items)
-        if book.group not in f["measurements"] and book.time_key is None:
+        if book.time_key is None and book.group_in(f) is None:
             book.time_key = next(
                 (k for k, p in zip(piece_keys(items[0].pieces), items[0].pieces, strict=True) if _is_time(p)),
                 None,

@@ -137,9 +137,9 @@ class _Session:
             self.fail(task.exception())  # (it failed before this status began to wait)
 
     def fail(self, error: BaseException | None) -> None:
+        message = f"{self.name}: the acquisition failed: {type(error).__name__}: {error}"
         for status in self.guarded:
-            if not status.done:
-                status.task.cancel(f"{self.name}: the acquisition failed: {type(error).__name__}: {error}")
+            _cancel(status, message)
         self.guarded = []
 
     async def wait(self) -> None:
@@ -199,6 +199,16 @@ class _Session:
         await writer.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def _cancel(status: WatchableAsyncStatus[Any], message: str, tries: int = 100) -> None:
+    """Cancels `status` until it is done: Python 3.11's asyncio.wait_for swallows a
+    cancellation that arrives as the awaited value does (ophyd-async waits for rows so), so
+    one cancel() may be lost; it is repeated on the next turns of the loop."""
+    if status.done or tries == 0:
+        return
+    status.task.cancel(message)
+    asyncio.get_running_loop().call_later(0.001, _cancel, status, message, tries - 1)
 
 
 def _data_keys(
