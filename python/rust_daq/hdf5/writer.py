@@ -809,9 +809,12 @@ class HDF5Writer:
         """A flush now, awaited, then ``on_flush`` (awaited too); returns the records written.
         In a worker thread by default; ``in_thread=False`` runs it in the calling thread: a
         millisecond or two on the event loop, less than the thread handoff costs (a step
-        scan's point, which waits for its flush anyway)."""
-        # (the flush itself tells no one: on_flush is called here, on the caller's loop)
-        if in_thread:
+        scan's point, which waits for its flush anyway), unless another flush is under way
+        (then it waits for that one in a worker thread, not on the loop)."""
+        # (the flush itself tells no one: on_flush is called here, on the caller's loop; a
+        # flush already under way in run()'s thread would make the loop wait for it: then in
+        # a worker thread too)
+        if in_thread or self._lock.locked():
             written = await anyio.to_thread.run_sync(self._flush_locked)
         else:
             written = self._flush_locked()
