@@ -157,6 +157,33 @@ def reading(readings: dict[str, Any]) -> tuple[Any, int]:
     return (v.tolist() if isinstance(v, np.ndarray) else v, ns(r["timestamp"]))
 
 
+async def poll_through(
+    ring: RingBuffer,
+    sigs: dict[str, Any],
+    values: dict[str, list[Any]],
+    expected: dict[str, list[tuple[Any, int]]],
+    *,
+    rate_hz: float,
+) -> Acquisition:
+    """Polls every signal while it is set to each of its `values` in turn; `expected` gets
+    each signal's readings (value, timestamp), the initial one first."""
+    for s in sigs.values():
+        await s.connect()
+    instruments = [SignalInstrument(s, "poll", rate_hz=rate_hz) for s in sigs.values()]
+
+    async def drive(acq: Acquisition) -> None:
+        for n, s in sigs.items():
+            expected[n].append(reading(await s.read()))
+        await polled(acq, list(sigs))
+        for k in range(len(next(iter(values.values())))):
+            for n, s in sigs.items():
+                await s.set(values[n][k])
+                expected[n].append(reading(await s.read()))
+            await polled(acq, list(sigs))
+
+    return await acquire(ring, instruments, drive)
+
+
 # -- poll mode ---------------------------------------------------------------------------------
 
 
@@ -183,21 +210,7 @@ def test_polled_scalars_strings_enums_with_reading_timestamps(ring_path: str, tm
             "e": soft_signal_rw(Color, Color.RED, name="e"),
             "lim": SignalRW(backend=limited, name="lim"),
         }
-        for s in sigs.values():
-            await s.connect()
-        instruments = [SignalInstrument(s, "poll", rate_hz=200) for s in sigs.values()]
-
-        async def drive(acq: Acquisition) -> None:
-            for n, s in sigs.items():
-                expected[n].append(reading(await s.read()))
-            await polled(acq, list(sigs))
-            for k in range(3):
-                for n, s in sigs.items():
-                    await s.set(sets[n][k])
-                    expected[n].append(reading(await s.read()))
-                await polled(acq, list(sigs))
-
-        return await acquire(ring, instruments, drive)
+        return await poll_through(ring, sigs, sets, expected, rate_hz=200)
 
     with RingBuffer.create(ring_path, capacity_mb=16) as ring:
         acq = asyncio.run(main(ring))
@@ -246,21 +259,7 @@ def test_polled_arrays_are_one_row_per_read(ring_path: str, tmp_path: Path) -> N
             "mask": soft_signal_rw(Array1D[np.bool_], np.zeros(5, bool), name="mask"),
             "small": soft_signal_rw(np.ndarray, np.zeros((2, 2), np.int16), name="small"),
         }
-        for s in sigs.values():
-            await s.connect()
-        instruments = [SignalInstrument(s, "poll", rate_hz=100) for s in sigs.values()]
-
-        async def drive(acq: Acquisition) -> None:
-            for n, s in sigs.items():
-                expected[n].append(reading(await s.read()))
-            await polled(acq, list(sigs))
-            for k in range(3):
-                for n, s in sigs.items():
-                    await s.set(frames[n][k])
-                    expected[n].append(reading(await s.read()))
-                await polled(acq, list(sigs))
-
-        return await acquire(ring, instruments, drive)
+        return await poll_through(ring, sigs, frames, expected, rate_hz=100)
 
     with RingBuffer.create(ring_path, capacity_mb=16) as ring:
         acq = asyncio.run(main(ring))

@@ -391,3 +391,29 @@ def test_records_pending_of_a_file_started_now_counts_only_its_own(ring_path: st
         assert w.records_pending == 1
         w.close()
         assert w.records_pending == 0
+
+
+def test_a_file_started_now_survives_kills_at_random_moments(ring_path: str, tmp_path: Path) -> None:
+    import random
+    import time
+
+    rng = random.Random(17)
+    out = tmp_path / "now.h5"
+    options = WriterOptions(ring=ring_path, output=str(out), start="now", flush_interval=0.02)
+    with RingBuffer.create(ring_path, capacity_mb=32) as ring:
+        for k in range(20):  # an earlier run's, never drained
+            ring.write_arrow_batch(batch(-1000 + k * 10), "v")
+        n = 0
+        for _round in range(5):
+            p = start_process(options)
+            deadline = time.monotonic() + rng.uniform(0.1, 0.4)
+            while time.monotonic() < deadline:
+                ring.write_arrow_batch(batch(n * 10), "v")
+                n += 1
+                time.sleep(0.001)
+            p.send_signal(signal.SIGKILL)
+            p.communicate(timeout=30)
+        code, err = stop_process(start_process(options))
+        assert code == 0, err
+    # Every record of this run exactly once, in order; none of the earlier run's.
+    np.testing.assert_array_equal(indices(out), np.arange(n * 10))

@@ -281,7 +281,7 @@ class _DataLogic(DetectorDataLogic):
             resources=resources,
             mimetype="application/x-hdf5",
             collections_written_signal=self.session.written,
-            units=_units(self.session),
+            units=_units(self.session, datasets),
         )
 
     def get_hinted_fields(self, datakey_name: str) -> Sequence[str]:
@@ -308,15 +308,12 @@ class _Provider(StreamResourceDataProvider):
         return keys
 
 
-def _units(session: _Session) -> dict[str, str]:
+def _units(session: _Session, datasets: dict[str, list[DatasetInfo]]) -> dict[str, str]:
     """Units of each column's dataset path, from the instruments' schemas (timestamps: ns)."""
     out: dict[str, str] = {}
-    writer = session.writer
-    if writer is None:
-        return out
     for inst in session.instruments:
         fields = {f.name: f for f in inst.schema}
-        for d in writer.datasets(inst.name):
+        for d in datasets[inst.name]:
             f = fields.get(d.column)
             md = (f.metadata or {}) if f is not None else {}
             if b"units" in md:
