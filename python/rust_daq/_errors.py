@@ -16,6 +16,7 @@ __all__ = [
     "DaemonConfigError",
     "DocumentError",
     "IncompatibleFileError",
+    "JetStreamError",
     "RemoteError",
     "ProducerActiveError",
     "ReadOnlyRingError",
@@ -149,3 +150,9 @@ class DocumentError(RustDaqError, ValueError):
 class WriterProcessError(RustDaqError, RuntimeError):
     """A writer process (``python -m rust_daq.writer``) that a caller relies on died, refused
     a command or did not answer in time; the message says which, with the end of its log."""
+
+
+class JetStreamError(RustDaqError, ConnectionError):
+    """A NATS JetStream server that ``rust_daq.nats`` cannot use as asked: the URL does not
+    parse or holds credentials, the server cannot be reached, refuses the credentials, has
+    no JetStream, or has no stream for the prefix; the message says which and what to do."""

@@ -63,7 +63,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import anyio
 import h5py
@@ -83,7 +83,7 @@ from .open import OutputFile
 from .quarantine import Bad, Quarantine, _Unwritable
 from .space import MARGIN, SpaceBudget, _NoSpace, disk_trouble, errno_of, io_error
 
-__all__ = ["DatasetInfo", "HDF5Writer", "IncompatibleFileError", "repair"]
+__all__ = ["DatasetInfo", "HDF5Writer", "IncompatibleFileError", "RecordSource", "repair"]
 
 log = logging.getLogger("rust_daq.writer")
 
@@ -108,6 +108,26 @@ def repair(path: str | os.PathLike[str]) -> bool:
     on the file does this itself, and SWMR readers (``swmr=True``) need no repair. Returns True
     if the file needed it."""
     return clear_consistency_flags(os.fspath(path))
+
+
+class RecordSource(Protocol):
+    """What the writer drains instead of a ring: ``rust_daq.nats.source.JetStreamSource``
+    (JetStream). Readers at its last commit (``reader("tail")``, with ``read()`` and
+    ``commit()``), records as a ring's, its own schema table; ``dense`` False: gaps in its
+    sequence numbers are other messages, not losses (those show in each stream's numbering);
+    ``seek(held)`` is told the file's last record before the first reader is made."""
+
+    path: str
+    session_id: Any
+    dense: bool
+
+    def reader(self, start: str = ...) -> Any: ...
+    def schema_table(self) -> Any: ...
+    def seek(self, held: int) -> None: ...
+    @property
+    def read_tail_seq(self) -> int: ...
+    @property
+    def records_written(self) -> int: ...
 
 
 class _TornRead(Exception):
@@ -137,7 +157,7 @@ class HDF5Writer:
     def __init__(
         self,
         output_path: str | os.PathLike[str],
-        ring_buffer: RingBuffer | str | os.PathLike[str],
+        ring_buffer: RingBuffer | str | os.PathLike[str] | RecordSource,
         *,
         flush_interval: float = 1.0,
         layout: Layout = "append",
@@ -170,9 +190,15 @@ class HDF5Writer:
         self._on_flush = on_flush
         self._schemas = dict(schemas or {})
         self._only = set(streams) if streams is not None else None
-        self._ring = ring_buffer if isinstance(ring_buffer, RingBuffer) else RingBuffer.open(ring_buffer)
-        self._owns_ring = not isinstance(ring_buffer, RingBuffer)
-        self._decoder = RecordDecoder(SchemaTable(self._ring))
+        # A ring, or what reads like one (rust_daq.nats.source: JetStream), which gives its own
+        # schema table and whose sequence numbers have gaps that are not losses (``dense``).
+        opened = isinstance(ring_buffer, str | os.PathLike)
+        ring: Any = ring_buffer
+        self._ring: Any = RingBuffer.open(os.fspath(ring)) if opened else ring
+        self._owns_ring = opened
+        table = getattr(self._ring, "schema_table", None)
+        self._decoder = RecordDecoder(table() if table is not None else SchemaTable(self._ring))
+        self._dense = bool(getattr(self._ring, "dense", True))
         only = self._only
         self._wanted = None if only is None else (lambda info: info.name in only)
         self._losses = LossAccount()  # the books' StreamLoss objects, by stream name
@@ -402,6 +428,9 @@ class HDF5Writer:
         """A cursor at the ring's read_tail. Losses are counted from sequence gaps after the
         file's last record and this starting point, not from the reader's own count: a new
         reader at the tail would count again what was lost (or written) before."""
+        seek = getattr(self._ring, "seek", None)
+        if seek is not None:  # (a source that delivers from where the file ends)
+            seek(self._held)
         self._reader = self._ring.reader("tail")
         self._reader_from = self._ring.read_tail_seq
 
@@ -442,11 +471,13 @@ class HDF5Writer:
                         full = True  # whole records only, in ring order: the marker stays exact
                         break
                     budget -= cost
-                if rec.seq > expected:  # overwritten in the ring before the writer read them
+                if rec.seq > expected and self._dense:  # overwritten before the writer read them
                     lost += rec.seq - expected
                 expected = rec.seq + 1
                 taken += 1
-                self._take(rec, sorted_, pending, bad, pass_rows)
+                gap = self._take(rec, sorted_, pending, bad, pass_rows)
+                if not self._dense:  # (a source's losses: its streams' sequence gaps)
+                    lost += gap
             records = records[:taken]
             if full and not pending and not bad and written == 0 and quarantined == 0:
                 self._new_reader()  # (our cursor read past what it wrote)
@@ -572,23 +603,24 @@ class HDF5Writer:
         pending: dict[str, list[Item]],
         bad: list[Bad],
         pass_rows: dict[str, int],
-    ) -> None:
+    ) -> int:
         """Takes a sorted record into this pass: counted as skipped, to be written, or to be
-        quarantined; its stream's sequence accounted."""
+        quarantined; its stream's sequence accounted. Returns the stream's records lost
+        just before it."""
         if sorted_ is None:
             self.records_skipped += 1
             if rec.schema_id == 0:
                 self._warn_once("plain", "plain (non-Arrow) records are counted as skipped, not written")
-            return
+            return 0
         info = sorted_.info if isinstance(sorted_, Item) else sorted_[0]
-        if info is not None:
-            self._count(self._book(info.name), rec.stream_seq)
+        gap = self._count(self._book(info.name), rec.stream_seq) if info is not None else 0
         if isinstance(sorted_, Item):
             name = sorted_.info.name
             pending.setdefault(name, []).append(sorted_)
             pass_rows[name] = pass_rows.get(name, 0) + sorted_.rows
         else:
             bad.append((rec, info, sorted_[1]))
+        return gap
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -608,11 +640,15 @@ class HDF5Writer:
         book.records += len(items)
         return len(items)
 
-    def _count(self, book: StreamBook, stream_seq: int | None) -> None:
+    def _count(self, book: StreamBook, stream_seq: int | None) -> int:
         """Per-stream accounting: a gap in the stream's sequence numbers is its records lost."""
         if stream_seq is None:
-            return
-        if book.loss.next_seq is None and self._reader.lost > 0 and self._floor == 0:
+            return 0
+        if book.loss.next_seq is None and not self._dense:
+            # A source's stream numbering starts at 0 at its publisher (rust_daq.nats): what
+            # came before the stream's first record here never reached the source, lost.
+            book.loss.next_seq = 0
+        elif book.loss.next_seq is None and self._reader.lost > 0 and self._floor == 0:
             # First record of this stream in this file. If the reader lost nothing so far, the
             # stream's earlier records went to another file: this one is the baseline (the
             # account's own rule for a first record). If it did (the ring lapped the tail
@@ -622,6 +658,7 @@ class HDF5Writer:
         gap = self._losses.observe(book.name, stream_seq)
         if gap:
             log.warning("stream %r: %d record(s) lost to ring overwrite", book.name, gap)
+        return gap
 
     def stream_stats(self) -> dict[str, dict[str, int]]:
         """Per stream: records written, records lost (overwritten in the ring before the writer
@@ -640,14 +677,14 @@ class HDF5Writer:
         if self._closed:
             return self._left_in_ring
         if self._idle:
-            return max(self._ring.records_written - self._floor, 0)
+            return max(int(self._ring.records_written) - self._floor, 0)
         try:
             last = progress.last_seq(self._out.file) if self._out.ok else None
         except (OSError, ValueError, KeyError):
             last = None
         if last is None:  # the ring's own count: after what was committed
-            return max(self._ring.records_written - self._ring.read_tail_seq, 0)
-        return max(self._ring.records_written - max(last + 1, self._floor), 0)
+            return max(int(self._ring.records_written) - int(self._ring.read_tail_seq), 0)
+        return max(int(self._ring.records_written) - max(last + 1, self._floor), 0)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

@@ -1,0 +1,393 @@
+"""JetStream as the HDF5 writer's input (``rust-daq write --from nats://HOST:4222/<prefix>``):
+:class:`JetStreamSource` gives :class:`~rust_daq.hdf5.writer.HDF5Writer` what a ring gives it
+(a reader at the last commit, records with sequence numbers, a schema table, ``commit()``),
+so the file has the local writer's layouts, books and guarantees.
+
+Exactly once into the file: a record's ``seq`` is its JetStream stream sequence, the number
+the writer stores as its progress marker's ``last_seq`` with each flush. A writer started
+on a file makes its durable pull consumer deliver from that marker on (the consumer is made
+again at each start: the file, not the server, says what is written), skips what the file
+holds, and acknowledges messages only after the flush that wrote them. Streams in the file
+are named ``<host>.<stream>``; losses upstream (a publisher the ring lapped, messages the
+stream's limits removed) show as gaps in each stream's ``Rdaq-Stream-Seq`` and are counted
+in the file's books like a ring's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+from collections import deque
+from typing import Any
+
+import pyarrow as pa
+
+from .._arrow import StreamInfo, variable_length
+from .._errors import JetStreamError, UnknownStreamError
+from .._records import names_decode
+from . import protocol
+from .connection import Credentials, NatsUrl, connect_js, parse_url, stream_of
+
+__all__ = ["JetStreamSource"]
+
+log = logging.getLogger("rust_daq.nats")
+
+_FETCH = 256  # messages per pull request
+_BUFFER_BYTES = 256 << 20  # fetched, not yet committed: at most about this much in memory
+
+
+class _Record:
+    """A JetStream message as the writer reads a ring record."""
+
+    __slots__ = (
+        "data",
+        "position",
+        "rows_before",
+        "schema_id",
+        "seq",
+        "stream",
+        "stream_seq",
+        "timestamp_ns",
+    )
+    zero_copy = False
+    flags = 0
+
+    def __init__(self, seq: int, info: protocol.MessageInfo, schema_id: int, data: bytes) -> None:
+        self.seq = seq
+        self.position = seq
+        self.stream = 0
+        self.stream_seq = info.stream_seq
+        self.timestamp_ns = info.timestamp_ns
+        self.rows_before = info.rows_before
+        self.schema_id = schema_id
+        self.data = data
+
+    def valid(self) -> bool:
+        return True  # (a private copy: nothing can overwrite it)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class _Schemas:
+    """The schema table the writer's decoder reads: one id per (file stream, schema key),
+    schemas from the bucket ``rdaq-schemas``."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, StreamInfo] = {}
+        self.bad_ids: set[int] = set()
+        self._ids: dict[tuple[str, str], int] = {}
+        self._latest: dict[str, StreamInfo] = {}
+
+    def id_for(self, name: str, key: str, schema: pa.Schema | None) -> int:
+        sid = self._ids.get((name, key))
+        if sid is None:
+            sid = self._ids[(name, key)] = len(self._ids) + 1
+            if schema is None or not names_decode(schema):
+                self.bad_ids.add(sid)
+            else:
+                full = any(variable_length(f.type) for f in schema)
+                self.by_id[sid] = StreamInfo(name, 0, sid, schema, full)
+        info = self.by_id.get(sid)
+        if info is not None:
+            self._latest[name] = info
+        return sid
+
+    def refresh(self) -> dict[int, int]:
+        return {}
+
+    def info(self, schema_id: int) -> StreamInfo | None:
+        return self.by_id.get(schema_id)
+
+    def streams(self) -> dict[str, StreamInfo]:
+        return dict(self._latest)
+
+    def stream(self, name: str) -> StreamInfo:
+        if name not in self._latest:
+            raise UnknownStreamError(
+                f"unknown stream {name!r}; streams so far: {', '.join(self._latest) or 'none'}"
+            )
+        return self._latest[name]
+
+
+class _Reader:
+    """A cursor over what the source fetched and the writer has not committed."""
+
+    lost = 0
+
+    def __init__(self, source: JetStreamSource, at_end: bool) -> None:
+        self.source = source
+        with source._lock:
+            self._index = len(source._buffer) if at_end else 0
+            self._base = source._dropped  # entries committed (dropped) before our index 0
+
+    @property
+    def next_seq(self) -> int:
+        return self.source.records_written
+
+    def read(self, max_records: int | None = None, timeout: float = 0.0, copy: bool = True) -> list[Any]:
+        s = self.source
+        s.raise_error()
+        with s._lock:
+            start = self._index - (s._dropped - self._base)
+            start = max(start, 0)
+            out: list[Any] = []
+            i = start
+            while i < len(s._buffer) and (max_records is None or len(out) < max_records):
+                rec = s._buffer[i][0]
+                if rec is not None:
+                    out.append(rec)
+                i += 1
+            self._index, self._base = i, s._dropped
+        return out
+
+    def commit(self) -> None:
+        """Acknowledges what this reader read (after the writer's flush)."""
+        s = self.source
+        with s._lock:
+            n = self._index - (s._dropped - self._base)
+            done = [s._buffer.popleft() for _ in range(max(n, 0))]
+            s._dropped += len(done)
+            self._index, self._base = 0, s._dropped
+            s._bytes -= sum(len(r.data) for r, _ in done if r is not None)
+        s.ack([m for _, m in done])
+
+
+class JetStreamSource:
+    """The messages of a prefix's JetStream stream, as an HDF5 writer's ring. Connects at
+    construction (JetStreamError if the server, the credentials, JetStream or the stream are
+    not there); :meth:`close` ends it. `durable`: the consumer's name (default: from the
+    output file's path), one per output file."""
+
+    dense = False  # sequence gaps are other messages (markers, other subjects), not losses
+
+    def __init__(
+        self,
+        url: str | NatsUrl,
+        *,
+        output: str,
+        prefix: str | None = None,
+        credentials: Credentials | None = None,
+        durable: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.url = parse_url(url) if isinstance(url, str) else url
+        self.prefix = protocol.check_prefix(prefix or self.url.prefix or protocol.DEFAULT_PREFIX)
+        self.stream = protocol.stream_name(self.prefix)
+        self.path = f"{','.join(self.url.servers)}/{self.prefix}"
+        digest = hashlib.sha256(os.path.abspath(output).encode()).hexdigest()[:16]
+        self.durable = durable or f"rdaq-writer-{digest}"
+        self._credentials = credentials or Credentials.from_env()
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._buffer: deque[tuple[_Record | None, Any]] = deque()
+        self._dropped = 0
+        self._bytes = 0
+        self._high = 0  # the highest stream sequence fetched
+        self._start: int | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._schemas = _Schemas()
+        self._schema_cache: dict[str, pa.Schema | None] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rust-daq-jetstream", daemon=True)
+        self._thread.start()
+        self._seek_event = asyncio.Event()
+        try:
+            self.session_id = self._call(self._connect())
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what the writer asks of a ring ----------------------------------------------------
+
+    def schema_table(self) -> _Schemas:
+        return self._schemas
+
+    def reader(self, start: str = "tail") -> _Reader:
+        return _Reader(self, at_end=start == "latest")
+
+    @property
+    def read_tail_seq(self) -> int:
+        with self._lock:
+            first = next((m.metadata.sequence.stream for _, m in self._buffer), None)
+        return int(first) if first is not None else self._high + 1
+
+    @property
+    def records_written(self) -> int:
+        return self._high + 1
+
+    def seek(self, held: int) -> None:
+        """Delivery from the record after `held` (the file's last), once per source: the
+        durable consumer is made again there."""
+        if self._start is None:
+            self._start = max(held + 1, 1)
+            self._call(self._subscribe(self._start))
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def ack(self, msgs: list[Any]) -> None:
+        if msgs and not self._closed:
+            asyncio.run_coroutine_threadsafe(self._ack(msgs), self._loop)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+            except Exception as e:
+                log.debug("closing the JetStream connection: %s", e)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+
+    # -- the fetch loop (on the source's own event loop) -----------------------------------
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _connect(self) -> str:
+        self._nc, self._js = await connect_js(
+            self.url, self._credentials, timeout=self._timeout, name="rust-daq write"
+        )
+        info = await stream_of(self._js, self.prefix, self.url)
+        import nats.js.errors
+
+        try:
+            self._kv = await self._js.key_value(protocol.SCHEMAS_BUCKET)
+        except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+            raise JetStreamError(
+                f"the bucket {protocol.SCHEMAS_BUCKET} is missing: no publisher ran on this server"
+            ) from None
+        self._objects: Any = None
+        created = info.created if getattr(info, "created", None) else ""
+        return f"jetstream:{self.stream}:{created}"
+
+    async def _subscribe(self, start: int) -> None:
+        import nats.js.api as api
+        import nats.js.errors
+
+        try:
+            await self._js.delete_consumer(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            pass
+        config = api.ConsumerConfig(
+            durable_name=self.durable,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=300.0,
+            max_ack_pending=-1,
+            filter_subject=f"{self.prefix}.>",
+        )
+        self._sub = await self._js.pull_subscribe(
+            f"{self.prefix}.>", durable=self.durable, stream=self.stream, config=config
+        )
+        self._high = start - 1
+        self._fetcher = asyncio.get_running_loop().create_task(self._fetch_loop())
+
+    async def _fetch_loop(self) -> None:
+        import nats.errors
+
+        while not self._closed:
+            if self._bytes > _BUFFER_BYTES:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                msgs = await self._sub.fetch(_FETCH, timeout=0.5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
+                return
+            except Exception as e:  # the server away: the client reconnects, fetch again
+                log.warning("JetStream fetch: %s: %s", type(e).__name__, e)
+                await asyncio.sleep(0.25)
+                continue
+            for m in msgs:
+                try:
+                    await self._add(m)
+                except Exception as e:  # (a bug of ours, not a bad message: stop the writer)
+                    self._error = e
+                    return
+
+    async def _add(self, m: Any) -> None:
+        seq = int(m.metadata.sequence.stream)
+        if seq <= self._high:
+            return  # a redelivery of what is buffered, or committed
+        self._high = seq
+        try:
+            info = protocol.parse(m.headers)
+        except ValueError as e:
+            log.warning("message %d on %s: %s; skipped", seq, m.subject, e)
+            info = None
+        rec: _Record | None = None
+        if info is not None and info.kind == "batch":
+            name = f"{info.host}.{info.stream}"
+            key = info.schema or ""
+            if key not in self._schema_cache:
+                self._schema_cache[key] = await self._schema(key)
+            sid = self._schemas.id_for(name, key, self._schema_cache[key])
+            data: bytes | None = bytes(m.data)
+            if info.object is not None:
+                data = await self._object(info.object, seq)
+            if data is not None:
+                rec = _Record(seq, info, sid, data)
+        with self._lock:
+            self._buffer.append((rec, m))
+            if rec is not None:
+                self._bytes += len(rec.data)
+
+    async def _schema(self, key: str) -> pa.Schema | None:
+        import nats.js.errors
+
+        try:
+            entry = await self._kv.get(key)
+            return pa.ipc.read_schema(pa.py_buffer(entry.value or b""))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            log.error("schema %s is not in %s: its records are quarantined", key, protocol.SCHEMAS_BUCKET)
+        except (pa.ArrowInvalid, ValueError) as e:
+            log.error("schema %s does not decode: %s", key, e)
+        return None
+
+    async def _object(self, name: str, seq: int) -> bytes | None:
+        import nats.js.errors
+
+        try:
+            if self._objects is None:
+                self._objects = await self._js.object_store(protocol.object_bucket(self.prefix))
+            return bytes((await self._objects.get(name)).data or b"")
+        except (
+            nats.js.errors.NotFoundError,
+            nats.js.errors.ObjectNotFoundError,
+            nats.js.errors.BucketNotFoundError,
+        ) as e:
+            log.error("message %d: its object %s is gone (%s): counted as lost", seq, name, type(e).__name__)
+            return None
+
+    async def _ack(self, msgs: list[Any]) -> None:
+        for m in msgs:
+            try:
+                await m.ack()
+            except Exception as e:  # (redelivered later, and skipped: the file says it has it)
+                log.debug("ack: %s", e)
+                return
+
+    async def _shutdown(self) -> None:
+        fetcher = getattr(self, "_fetcher", None)
+        if fetcher is not None:
+            fetcher.cancel()
+        nc = getattr(self, "_nc", None)
+        if nc is not None:
+            try:
+                await nc.flush(1)
+            except Exception:
+                pass
+            await nc.close()
