@@ -32,6 +32,8 @@ class Session:
     own_ring: bool = False
     #: ``[daemon] data_dir``: where the daemon creates recordings asked for over the wire.
     data_dir: str | None = None
+    #: ``[nats]``: publish the ring to JetStream while the run lasts (its keys, validated).
+    nats: dict[str, Any] | None = None
 
 
 def default_ring_name(kind: str) -> str:

@@ -92,8 +92,21 @@ def _summary(stats: dict[str, Any]) -> bool:
     out.print(
         f"ring write latency: p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, p99.9 {lat['p99.9']:.1f} µs; records lost: {stats['records_lost']}"
     )
+    published_ok = True
+    if "published" in stats:
+        pub = stats["published"] or {"records": 0, "lost_records": 0, "outages": 0}
+        out.print(
+            f"published to JetStream: {pub['records']:,} records; {pub['lost_records']} lost in the ring "
+            f"before publishing; {pub['outages']} outage(s)",
+            markup=False,
+        )
+        if stats.get("published_error"):
+            out.print(
+                f"\nRUN FAILED: the JetStream publisher stopped: {stats['published_error']}", markup=False
+            )
+            published_ok = False
     if not stats.get("output"):
-        return True
+        return published_ok
     writer = stats.get("writer") or {"state": "failed", "restarts": 0, "reason": "not started"}
     out.print(f"writer: {writer['restarts']} restart(s)", markup=False)
     output = stats["output"]
@@ -134,7 +147,7 @@ def _summary(stats: dict[str, Any]) -> bool:
     if first is not None:
         column = "voltage" if first == "voltmeter" else "frame"
         out.print(f"    f['measurements/{first}/{column}'][:]", markup=False)
-    return True
+    return published_ok
 
 
 def _fail(e: BaseException) -> typer.Exit:
@@ -216,7 +229,11 @@ def write(
     ring: Annotated[str | None, typer.Option(help="ring path (a bare name lives in /dev/shm)")] = None,
     from_url: Annotated[
         str | None,
-        typer.Option("--from", help="a daemon's URL (grpc://host:port): write its streams here"),
+        typer.Option(
+            "--from",
+            help="a daemon's URL (grpc://host:port), or JetStream's (nats://host:4222/PREFIX; credentials "
+            "from RUST_DAQ_NATS_*): write its streams here",
+        ),
     ] = None,
     token: Annotated[str | None, typer.Option(envvar="RUST_DAQ_TOKEN", help="the daemon's token")] = None,
     tls_root_cert: Annotated[
@@ -236,6 +253,8 @@ def write(
 
     if (ring is None) == (from_url is None):
         raise _fail(RustDaqError("give exactly one of --ring (a local ring) and --from (a daemon's URL)"))
+    if from_url is not None and from_url.startswith(("nats://", "tls://")):
+        ring, from_url = from_url, None  # JetStream: the writer process reads it as its input
     if from_url is not None:
         raise typer.Exit(
             _write_remote(from_url, str(output), token, tls_root_cert, layout, compression, flush_interval)
@@ -291,6 +310,64 @@ def _write_remote(
             f"{'an unknown number of' if st.get('lost_rows', 0) is None else st.get('lost_rows', 0)} rows"
         )
     return 0
+
+
+@app.command()
+def publish(
+    ring: Annotated[str, typer.Option(help="ring path (a bare name lives in /dev/shm)")],
+    nats_url: Annotated[
+        str, typer.Option("--nats", help="JetStream server(s): nats://host:4222[,nats://host2:4222]")
+    ],
+    prefix: Annotated[str, typer.Option(help="subject prefix: subjects are PREFIX.HOST.STREAM")] = "rdaq",
+    host_name: Annotated[
+        str | None, typer.Option(help="this host's name in the subjects (default: the machine's)")
+    ] = None,
+    replicas: Annotated[
+        int, typer.Option(help="replicas of the stream it creates (a cluster: 3)", min=1)
+    ] = 1,
+    start: Annotated[
+        str, typer.Option(help="with no stored position: oldest (what the ring holds) or latest")
+    ] = "oldest",
+) -> None:
+    """Publish every record of a ring to NATS JetStream, durably (SIGINT/SIGTERM: what was
+    sent is acknowledged, the position stored, exit 0). Credentials come from the
+    environment (RUST_DAQ_NATS_USER/_PASSWORD, _TOKEN, _CREDS, _TLS_CA/_CERT/_KEY), never
+    from the command line."""
+    import asyncio
+
+    from .nats.publisher import Publisher
+
+    if start not in ("oldest", "latest"):
+        raise _fail(RustDaqError(f"--start must be oldest or latest, got {start!r}"))
+    try:
+        publisher = Publisher(
+            ring,
+            nats_url,
+            prefix=prefix,
+            host=host_name,
+            replicas=replicas,
+            start=start,  # type: ignore[arg-type]
+            on_ready=lambda: print("ready", flush=True),
+        )
+    except (RustDaqError, OSError, ValueError) as e:
+        raise _fail(e) from e
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await publisher.run(stop)
+
+    try:
+        asyncio.run(main())
+    except (RustDaqError, OSError, ValueError) as e:
+        raise _fail(e) from e
+    st = publisher.stats
+    console.print(
+        f"published {st.records:,} records ({st.bytes / 1e6:,.1f} MB, {st.objects} through the object "
+        f"store); {st.lost_records} lost in the ring before publishing; {st.outages} outage(s)"
+    )
 
 
 @app.command()

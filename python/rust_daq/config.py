@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
 
 from ._errors import ConfigError
 from ._ring import resolve_ring_path
@@ -70,6 +70,43 @@ class DaemonTable(Table):
     data_dir: str | None = None
 
 
+def _nats_url(value: str) -> str:
+    from ._errors import JetStreamError
+    from .nats.connection import parse_url
+
+    try:
+        parse_url(value)
+    except JetStreamError as e:
+        raise said(str(e)) from None
+    return value
+
+
+def _prefix(value: str) -> str:
+    from .nats.protocol import check_prefix
+
+    try:
+        return check_prefix(value)
+    except ValueError as e:
+        raise said(str(e)) from None
+
+
+class NatsTable(Table):
+    """``[nats]``: publish the run's ring to JetStream while it runs (rust_daq.nats). The
+    credentials may be here or in the environment (RUST_DAQ_NATS_*), never on a command line."""
+
+    url: Annotated[str, AfterValidator(_nats_url)]
+    prefix: Annotated[str, AfterValidator(_prefix)] = "rdaq"
+    host_name: str | None = None
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
 Duration = Annotated[Finite, _positive("seconds (omit it to run until Ctrl-C)")]
 
 
@@ -80,6 +117,7 @@ class RunTable(Table):
     ring: RingTable = RingTable()
     writer: WriterTable = WriterTable()
     daemon: DaemonTable = DaemonTable()
+    nats: NatsTable | None = None
     metadata: dict[str, Any] = {}
     #: Checked one by one against the registry (:func:`_instrument`).
     instruments: list[Any] = []
@@ -145,6 +183,7 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
         metadata=run.metadata,
         own_ring=not run.ring.keep,
         data_dir=run.daemon.data_dir,
+        nats=run.nats.model_dump() if run.nats is not None else None,
     )
 
 

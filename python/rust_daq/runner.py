@@ -13,6 +13,7 @@ through the shutdown (no summary, coroutines never awaited).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -76,13 +77,19 @@ class Runner:
             capacity_mb=session.capacity_mb,
             policy=session.policy,  # type: ignore[arg-type]
         )
+        self.publisher: Any = None
+        self.writer: WriterSupervisor | None = None
+        self._closed = False
         try:
-            self.row_index = RowIndex(self.ring) if row_index else None
+            # A publisher in the run knows each record's rows: lost rows are exact downstream.
+            self.row_index = RowIndex(self.ring) if row_index or session.nats else None
             self.acq = (
                 Acquisition(self.ring, session.instruments, row_index=self.row_index)
                 if session.instruments
                 else None
             )
+            if session.nats is not None:
+                self.publisher = _publisher(self.ring, session.nats, self.row_index)
         except BaseException:
             self.close()
             raise
@@ -185,6 +192,11 @@ class Runner:
         self._closed = True
         end: dict[str, Any] = {}
         try:
+            if self.publisher is not None:  # (first: it publishes what the ring holds)
+                stats = self.publisher.stop()
+                end["published"] = None if stats is None else dataclasses.asdict(stats)
+                if self.publisher.error is not None:
+                    end["published_error"] = str(self.publisher.error)
             sup = self.stop_writer()
             if sup is not None:
                 end["writer"] = {"state": sup.state, "restarts": sup.restarts, "reason": sup.reason}
@@ -208,6 +220,26 @@ class Runner:
             if "ring_left" in end:
                 end["ring_left"]["removed"] = removed
         return end
+
+
+def _publisher(ring: RingBuffer, nats: dict[str, Any], rows: RowIndex | None) -> Any:
+    """The ``[nats]`` section's publisher, started (connected): JetStreamError if it cannot be."""
+    from .nats.connection import Credentials
+    from .nats.publisher import PublisherThread
+
+    keys = ("user", "password", "token", "creds", "tls_ca", "tls_cert", "tls_key")
+    credentials = Credentials.from_env(**{k: nats.get(k) for k in keys})
+    p = PublisherThread(
+        ring,
+        nats["url"],
+        prefix=nats.get("prefix"),
+        host=nats.get("host_name"),
+        replicas=int(nats.get("replicas", 1)),
+        credentials=credentials,
+        rows=rows,
+    )
+    p.start()
+    return p
 
 
 def run_session(

@@ -363,10 +363,12 @@ def run(options: WriterOptions) -> int:
         threading.Thread(
             target=_watch_parent, args=(stop, orphaned, commands, wake), name="parent-watch", daemon=True
         ).start()
+    source: Any = None
     try:
+        source = _source(options)
         writer = HDF5Writer(
             options.output,
-            options.ring,
+            source if source is not None else options.ring,
             flush_interval=options.flush_interval,
             layout=options.layout,  # type: ignore[arg-type]
             compression=options.compression,
@@ -376,8 +378,34 @@ def run(options: WriterOptions) -> int:
             start=options.start,  # type: ignore[arg-type]
         )
     except (OSError, ValueError, RustDaqError) as e:
+        if source is not None:
+            source.close()
         print(f"rust_daq.writer: {e}", file=sys.stderr)
         return 2
+    try:
+        return _write(writer, options, stop, wake, orphaned, commands)
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _source(options: WriterOptions) -> Any:
+    """The writer's input when it is not a ring: a JetStream URL (``nats://``, ``tls://``)."""
+    if not options.ring.startswith(("nats://", "tls://")):
+        return None
+    from ..nats.source import JetStreamSource
+
+    return JetStreamSource(options.ring, output=options.output)
+
+
+def _write(
+    writer: HDF5Writer,
+    options: WriterOptions,
+    stop: threading.Event,
+    wake: threading.Event,
+    orphaned: threading.Event,
+    commands: queue.SimpleQueue[dict[str, Any] | str],
+) -> int:
     log.info("writing %s -> %s (layout %s)", options.ring, options.output, options.layout)
     warm_up()  # (pyarrow's lazy imports: before "ready", not in the first flush)
     try:
@@ -419,7 +447,11 @@ def run(options: WriterOptions) -> int:
                 options.output,
                 options.ring,
             )
-    if orphaned.is_set() and options.remove_ring_if_orphaned:
+    if (
+        orphaned.is_set()
+        and options.remove_ring_if_orphaned
+        and not options.ring.startswith(("nats://", "tls://"))
+    ):
         left = writer.records_pending
         try:
             os.unlink(resolve_ring_path(options.ring))

@@ -213,11 +213,10 @@ async def ensure_stream(js: Any, prefix: str, *, replicas: int = 1, max_bytes: i
     import nats.js.api as api
     import nats.js.errors
 
+    found = await find_stream(js, prefix)
+    if found is not None:
+        return found
     name = protocol.stream_name(prefix)
-    try:
-        return await js.stream_info(name)
-    except nats.js.errors.NotFoundError:
-        pass
     config = api.StreamConfig(
         name=name,
         subjects=[f"{prefix}.>"],
@@ -236,19 +235,29 @@ async def ensure_stream(js: Any, prefix: str, *, replicas: int = 1, max_bytes: i
         raise JetStreamError(f"JetStream refused the stream {name}: {e.description or e}") from None
 
 
-async def stream_of(js: Any, prefix: str, url: NatsUrl) -> Any:
-    """The info of an existing prefix's stream; JetStreamError naming the streams there if none."""
+async def find_stream(js: Any, prefix: str) -> Any:
+    """The info of the stream that holds the prefix's subjects (``RDAQ_<prefix>``, or one an
+    operator made, or that of a shorter prefix: ``rdaq.>`` holds ``rdaq.cam1.>``); None."""
     import nats.js.errors
 
-    name = protocol.stream_name(prefix)
     try:
-        return await js.stream_info(name)
+        name = await js.find_stream_name_by_subject(f"{prefix}.>")
     except nats.js.errors.NotFoundError:
-        names = [s.config.name for s in await js.streams_info()]
-        raise JetStreamError(
-            f"no JetStream stream {name} (prefix {prefix!r}) at {','.join(url.servers)}: nothing was "
-            f"published there yet; the server's streams: {', '.join(names) or 'none'}"
-        ) from None
+        return None
+    return await js.stream_info(name)
+
+
+async def stream_of(js: Any, prefix: str, url: NatsUrl) -> Any:
+    """The info of the stream holding the prefix's subjects; JetStreamError naming the streams
+    there if none."""
+    found = await find_stream(js, prefix)
+    if found is not None:
+        return found
+    names = [s.config.name for s in await js.streams_info()]
+    raise JetStreamError(
+        f"no JetStream stream holds the subjects {prefix}.> (prefix {prefix!r}) at {','.join(url.servers)}: "
+        f"nothing was published there yet; the server's streams: {', '.join(names) or 'none'}"
+    )
 
 
 async def buckets(js: Any, *, replicas: int = 1, create: bool = True) -> tuple[Any, Any]:

@@ -2,8 +2,9 @@
 the object store for large records. A consumer in another language follows these; they are
 documented in docs/distributed.md ("JetStream: subjects and headers").
 
-- One JetStream stream per prefix, ``RDAQ_<prefix>`` (dots become ``_``), file storage, on
-  the subjects ``<prefix>.>``; each record of a ring goes to ``<prefix>.<host>.<stream>``
+- The records of a prefix go to the JetStream stream that holds the subjects ``<prefix>.>``:
+  one an operator made, or (made by the first publisher) ``RDAQ_<prefix>`` (dots become
+  ``_``), file storage; each record of a ring goes to ``<prefix>.<host>.<stream>``
   (host and stream percent-encoded into one NATS token each: :func:`token`).
 - Payload: the ring record's Arrow IPC message (a record batch, without its schema: the
   ring's own payload, sent as it is). The schema is stored once in the key-value bucket

@@ -259,6 +259,7 @@ class JetStreamSource:
             self.url, self._credentials, timeout=self._timeout, name="rust-daq write"
         )
         info = await stream_of(self._js, self.prefix, self.url)
+        self.stream = info.config.name
         import nats.js.errors
 
         try:
