@@ -97,7 +97,7 @@ class Runner:
         #: The signals received (their names), first first: :func:`noting_signals` fills it.
         self.stopped_by: list[str] = [] if stopped_by is None else stopped_by
         #: The writer process of the recording in progress, if any.
-        self.writer: WriterSupervisor | None = None
+        self.writer = None
         self._stop_on_writer_failure = False
         self._closed = False
 
