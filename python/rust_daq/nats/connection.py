@@ -3,6 +3,7 @@ user can act on, and the stream and buckets of a prefix (protocol.py says what t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -177,20 +178,14 @@ async def connect_js(
         if on_reconnect is not None:
             on_reconnect()
 
+    # (An unbounded reconnect also retries the first connect for ever: bounded here, and the
+    # errors seen meanwhile say why it failed.)
     try:
-        nc = await nats.connect(
-            servers=list(url.servers),
-            name=name,
-            connect_timeout=timeout,
-            allow_reconnect=reconnect,
-            max_reconnect_attempts=-1 if reconnect else 0,
-            reconnect_time_wait=0.25,
-            error_cb=error_cb,
-            disconnected_cb=disconnected,
-            reconnected_cb=reconnected,
-            **creds.options(url.tls),
+        nc = await asyncio.wait_for(
+            _connect(nats, url, creds, timeout, reconnect, name, error_cb, disconnected, reconnected),
+            timeout + 1,
         )
-    except (TimeoutError, nats.errors.Error, OSError, ssl.SSLError) as e:
+    except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as e:
         raise _explain(url, errors, e) from None
     js = nc.jetstream(timeout=timeout)
     try:
@@ -205,6 +200,24 @@ async def connect_js(
         await nc.close()
         raise JetStreamError(f"JetStream at {','.join(url.servers)} does not answer: {e!r}") from None
     return nc, js
+
+
+async def _connect(
+    nats: Any, url: NatsUrl, creds: Credentials, wait: float, reconnect: bool, name: str, *callbacks: Any
+) -> Any:
+    error_cb, disconnected, reconnected = callbacks
+    return await nats.connect(
+        servers=list(url.servers),
+        name=name,
+        connect_timeout=min(wait, 2.0),
+        allow_reconnect=reconnect,
+        max_reconnect_attempts=-1 if reconnect else 0,
+        reconnect_time_wait=0.25,
+        error_cb=error_cb,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        **creds.options(url.tls),
+    )
 
 
 async def ensure_stream(js: Any, prefix: str, *, replicas: int = 1, max_bytes: int = -1) -> Any:

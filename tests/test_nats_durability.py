@@ -1,0 +1,252 @@
+"""JetStream's promise, tried for real: a producer at 1,000 rows/s plus a camera, the publisher
+(``rust-daq publish``) and the writer (``rust-daq write --from nats://``) as processes, real
+nats-servers (one node, and a 3-node cluster with replicas 3). Every row must be in the file
+exactly once after SIGKILLs of both at random moments, a server restart, the loss of a
+cluster node, and a 10 s outage; the file must hold what a local writer writes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from processes import HELPERS
+
+from rust_daq import RingBuffer
+from rust_daq.hdf5.progress import read_progress
+
+CLI = [sys.executable, "-m", "rust_daq.cli"]
+
+
+@pytest.fixture
+def ring() -> Iterator[str]:
+    path = f"/dev/shm/rdaq-nats-{uuid.uuid4().hex[:10]}"
+    RingBuffer.create(path, capacity_mb=128).close()
+    yield path
+    Path(path).unlink(missing_ok=True)
+
+
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """A CLI process (stdout to `log`, appended), once it printed "ready"."""
+    out = open(log, "a")  # noqa: SIM115 (the process's, closed with it)
+    p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=out, text=True, env=env)
+    assert p.stdout is not None
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        p.kill()
+        rest = p.communicate()[0]
+        out.close()
+        raise AssertionError(f"{args[0]} did not start ({line!r} {rest!r}): {log.read_text()[-2000:]}")
+    return p
+
+
+def publisher(ring: str, url: str, log: Path, *extra: str) -> subprocess.Popen[str]:
+    return start(["publish", "--ring", ring, "--nats", url, "--host-name", "h1", *extra], log)
+
+
+def writer(url: str, output: Path, log: Path) -> subprocess.Popen[str]:
+    return start(["write", "--from", url, "--output", str(output), "--flush-interval", "0.2"], log)
+
+
+def stop(p: subprocess.Popen[str]) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p.stdout is not None:
+        p.stdout.close()
+
+
+def producer(ring: str, seconds: float, fps: float = 5.0) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        [sys.executable, str(HELPERS / "nats_producer.py"), ring, str(seconds), "1000", str(fps)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "started"
+    return p
+
+
+def produced(p: subprocess.Popen[str]) -> tuple[int, int]:
+    out, _ = p.communicate(timeout=120)
+    _, rows, frames = out.split()
+    return int(rows), int(frames)
+
+
+def wait_rows(output: Path, want: dict[str, int], timeout: float = 90) -> None:
+    """Until the file's committed books hold `want` rows per stream."""
+    deadline = time.monotonic() + timeout
+    have: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        try:
+            have = {n: s.rows for n, s in read_progress(output).streams.items()}
+        except (OSError, ValueError):
+            pass
+        if all(have.get(n, 0) >= r for n, r in want.items()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the file holds {have}, expected {want}")
+
+
+def check_file(output: Path, rows: int, frames: int, host: str = "h1") -> None:
+    """Every row exactly once, in order, with its values; every frame whole."""
+    with h5py.File(output, "r", libver="latest", swmr=True) as f:
+        volt = f[f"measurements/{host}.volt"]
+        i = volt["i"][()]
+        np.testing.assert_array_equal(i, np.arange(rows, dtype=np.int64))
+        v, valid = volt["v"][()], volt["v__valid"][()].astype(bool)
+        np.testing.assert_array_equal(valid, np.arange(rows) % 13 != 0)
+        np.testing.assert_allclose(v[valid], np.sin(np.arange(rows)[valid] * 1e-3))
+        cam = f[f"measurements/{host}.cam"]
+        np.testing.assert_array_equal(cam["k"][()], np.arange(frames))
+        assert cam["frame"].shape == (frames, 256, 256) and cam["frame"].dtype == np.uint16
+        for k in range(frames):
+            assert (cam["frame"][k] == k).all(), f"frame {k} is not whole"
+    books = read_progress(output).streams
+    assert books[f"{host}.volt"].lost == 0 and books[f"{host}.cam"].lost == 0
+
+
+def kill_at_random(
+    rng: random.Random,
+    procs: dict[str, subprocess.Popen[str]],
+    restart: dict[str, Any],
+    kills: dict[str, int],
+) -> None:
+    """SIGKILLs one of the processes that still has kills to take, and starts it again."""
+    name = rng.choice([n for n, k in kills.items() if k > 0])
+    kills[name] -= 1
+    procs[name].kill()
+    procs[name].wait()
+    if procs[name].stdout is not None:
+        procs[name].stdout.close()  # type: ignore[union-attr]
+    procs[name] = restart[name]()
+
+
+@pytest.mark.timeout(240)
+def test_every_row_once_through_kills_and_a_server_restart(
+    nats_server: Any, ring: str, tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("RDAQ_NATS_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed} (RDAQ_NATS_SEED reproduces the kill moments)")
+    rng = random.Random(seed)
+    url, out, log = nats_server.url, tmp_path / "run.h5", tmp_path / "procs.log"
+    prod = producer(ring, 16)
+    restart = {
+        "publisher": lambda: publisher(ring, url, log),
+        "writer": lambda: writer(url + "/rdaq", out, log),
+    }
+    procs = {"publisher": restart["publisher"](), "writer": restart["writer"]()}
+    kills = {"publisher": 5, "writer": 5}
+    try:
+        restarted = False
+        while any(kills.values()):
+            time.sleep(rng.uniform(0.3, 1.5))
+            kill_at_random(rng, procs, restart, kills)
+            if not restarted and sum(kills.values()) == 5:
+                nats_server.restart()  # one server restart, with both clients connected
+                restarted = True
+        rows, frames = produced(prod)
+        wait_rows(out, {"h1.volt": rows, "h1.cam": frames})
+    finally:
+        for p in procs.values():
+            stop(p)
+        if prod.poll() is None:
+            prod.kill()
+    assert rows >= 10_000 and frames >= 50
+    check_file(out, rows, frames)
+
+
+@pytest.mark.timeout(240)
+def test_every_row_once_when_a_cluster_node_dies(nats_cluster: Any, ring: str, tmp_path: Path) -> None:
+    url, out, log = nats_cluster.url, tmp_path / "run.h5", tmp_path / "procs.log"
+    prod = producer(ring, 10)
+    pub = publisher(ring, url, log, "--replicas", "3")
+    w = writer(url + "/rdaq", out, log)
+    try:
+        time.sleep(3)
+        # The stream's leader if it is known, else the first node: the harder case.
+        nats_cluster.kill(0)
+        time.sleep(2)
+        w.kill()  # and the writer, so that it starts again on the two nodes left
+        w.wait()
+        w = writer(url + "/rdaq", out, log)
+        rows, frames = produced(prod)
+        wait_rows(out, {"h1.volt": rows, "h1.cam": frames}, timeout=120)
+    finally:
+        stop(pub)
+        stop(w)
+        if prod.poll() is None:
+            prod.kill()
+    check_file(out, rows, frames)
+
+
+@pytest.mark.timeout(240)
+def test_an_outage_of_10_s_loses_nothing_the_ring_holds(nats_server: Any, ring: str, tmp_path: Path) -> None:
+    url, out, log = nats_server.url, tmp_path / "run.h5", tmp_path / "procs.log"
+    prod = producer(ring, 16)
+    pub = publisher(ring, url, log)
+    w = writer(url + "/rdaq", out, log)
+    try:
+        time.sleep(2)
+        nats_server.stop()
+        time.sleep(10)  # the producer goes on; the publisher keeps its place in the ring
+        nats_server.start()
+        rows, frames = produced(prod)
+        wait_rows(out, {"h1.volt": rows, "h1.cam": frames}, timeout=120)
+    finally:
+        stop(pub)
+        stop(w)
+        if prod.poll() is None:
+            prod.kill()
+    check_file(out, rows, frames)
+    assert "outage" in log.read_text() or "does not answer" in log.read_text()
+
+
+@pytest.mark.timeout(180)
+def test_three_publishers_into_one_file(nats_server: Any, tmp_path: Path) -> None:
+    url, out, log = nats_server.url, tmp_path / "run.h5", tmp_path / "procs.log"
+    rings = [f"/dev/shm/rdaq-nats-{uuid.uuid4().hex[:10]}" for _ in range(3)]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for r in rings:
+            RingBuffer.create(r, capacity_mb=32).close()
+        prods = [producer(r, 4, fps=2) for r in rings]
+        procs += [
+            start(["publish", "--ring", r, "--nats", url, "--host-name", f"acq{i}"], log)
+            for i, r in enumerate(rings)
+        ]
+        procs.append(writer(url + "/rdaq", out, log))
+        done = [produced(p) for p in prods]
+        wait_rows(
+            out,
+            {
+                f"acq{i}.{s}": n
+                for i, (rows, frames) in enumerate(done)
+                for s, n in (("volt", rows), ("cam", frames))
+            },
+        )
+    finally:
+        for p in procs:
+            stop(p)
+        for r in rings:
+            Path(r).unlink(missing_ok=True)
+    for i, (rows, frames) in enumerate(done):
+        check_file(out, rows, frames, host=f"acq{i}")
+    with h5py.File(out, "r", libver="latest", swmr=True) as f:
+        assert sorted(f["measurements"]) == sorted(
+            [f"acq{i}.{s}" for i in range(3) for s in ("volt", "cam")]
+            + ["end_time", "metadata", "start_time"]
+        )

@@ -1,0 +1,321 @@
+"""The writer from JetStream writes what a local writer writes (the same datasets for the
+same data: every Arrow type with nulls, odd stream names, a schema change, 8 MiB frames
+through the object store), resumes exactly once, and every way of getting the server wrong
+gives a clear error, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pytest
+from h5stream import columns, stream_group
+
+from rust_daq import JetStreamError, RingBuffer
+from rust_daq.hdf5.progress import read_progress
+from rust_daq.hdf5.writer import HDF5Writer
+from rust_daq.nats.connection import Credentials, parse_url
+from rust_daq.nats.publisher import Publisher
+from rust_daq.nats.source import JetStreamSource
+
+CLI = [sys.executable, "-m", "rust_daq.cli"]
+
+
+@pytest.fixture
+def ring() -> Iterator[RingBuffer]:
+    path = f"/dev/shm/rdaq-natsw-{uuid.uuid4().hex[:10]}"
+    r = RingBuffer.create(path, capacity_mb=64)
+    yield r
+    r.close()
+    Path(path).unlink(missing_ok=True)
+
+
+def publish_all(ring: RingBuffer, url: str, **kw: Any) -> Publisher:
+    """Publishes everything the ring holds now, until acknowledged."""
+
+    async def main() -> Publisher:
+        stop = asyncio.Event()
+        p = Publisher(ring, url, host=kw.pop("host", "h1"), **kw)
+        task = asyncio.create_task(p.run(stop))
+        while p.stats.next_seq < ring.records_written and not task.done():
+            await asyncio.sleep(0.02)
+        stop.set()
+        await task
+        return p
+
+    return asyncio.run(main())
+
+
+def write_all(url: str, output: Path, records: int, **kw: Any) -> HDF5Writer:
+    source = JetStreamSource(url, output=str(output))
+    w = HDF5Writer(output, source, **kw)
+    try:
+        deadline = time.monotonic() + 60
+        while w.records_written + w.records_unwritable < records and time.monotonic() < deadline:
+            w.flush_to_disk()
+            time.sleep(0.05)
+    finally:
+        w.close()
+        source.close()
+    return w
+
+
+def every_type(k: int) -> pa.RecordBatch:
+    cols = {
+        "f64": pa.array([1.5 + k, None, -0.0]),
+        "i8": pa.array([-1, None, k % 100], pa.int8()),
+        "u64": pa.array([2**64 - 1, None, k], pa.uint64()),
+        "bool": pa.array([True, None, False]),
+        "str": pa.array(["a", None, f"ünï{k}"]),
+        "bin": pa.array([b"\x00\x01", None, b""]),
+        "dec": pa.array([decimal.Decimal("1.50"), None, decimal.Decimal("-2.25")], pa.decimal128(6, 2)),
+        "ts": pa.array([1, None, 3], pa.timestamp("s", tz="Europe/Berlin")),
+        "fsl": pa.array([[1.0, 2.0], None, [7.0, 8.0]], pa.list_(pa.float64(), 2)),
+        "list": pa.array([[1.0], None, []], pa.list_(pa.float64())),
+        "list_str": pa.array([["a"], None, []], pa.list_(pa.string())),
+        "struct": pa.array(
+            [{"x": 1.0, "y": "a"}, None, {"x": None, "y": "c"}],
+            pa.struct([("x", pa.float64()), ("y", pa.string())]),
+        ),
+        "tensor": pa.FixedShapeTensorArray.from_numpy_ndarray(
+            np.arange(12, dtype=np.uint16).reshape(3, 2, 2) + k
+        ),
+    }
+    return pa.record_batch(list(cols.values()), names=list(cols))
+
+
+ODD = ["all types", "x/a", "cam.roi*1>", "ünï", "%2E", "."]
+
+
+def fill(ring: RingBuffer) -> int:
+    for k in range(20):
+        for name in ODD:
+            ring.write_arrow_batch(every_type(k), name)
+    # A schema change mid-stream: a new dataset generation in both files.
+    ring.write_arrow_batch(pa.record_batch({"f64": pa.array(["now a string", None, "x"])}), "all types")
+    # A frame larger than the server's max_payload (1 MiB): through the object store, whole.
+    big = np.arange(2048 * 2048, dtype=np.uint16).reshape(1, 2048, 2048)
+    ring.write_arrow_batch(
+        pa.record_batch({"frame": pa.FixedShapeTensorArray.from_numpy_ndarray(big)}), "cam"
+    )
+    ring.write_arrow_batch(
+        pa.record_batch(
+            {"frame": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(big[:, ::-1]))}
+        ),
+        "cam",
+    )
+    return int(ring.records_written)
+
+
+def datasets(f: h5py.File, group: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    f[group].visititems(lambda n, obj: out.setdefault(n, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_the_file_holds_what_a_local_writer_writes(
+    nats_server: Any, ring: RingBuffer, tmp_path: Path
+) -> None:
+    records = fill(ring)
+    local, remote = tmp_path / "local.h5", tmp_path / "remote.h5"
+    with HDF5Writer(local, ring) as w:
+        w.flush_to_disk()
+    p = publish_all(ring, nats_server.url)
+    assert p.stats.records == records and p.stats.objects == 2 and p.stats.lost_records == 0
+    w2 = write_all(nats_server.url, remote, records)
+    assert w2.records_written == records and w2.records_unwritable == 0 and w2.records_lost == 0
+    with h5py.File(local) as a, h5py.File(remote) as b:
+        for name in [*ODD, "cam"]:
+            ga, gb = stream_group(a, name), stream_group(b, f"h1.{name}")
+            assert columns(ga) == columns(gb), name
+            da, db = datasets(a, ga.name), datasets(b, gb.name)
+            assert sorted(da) == sorted(db), name
+            for key in da:
+                if key == "time":  # seconds since the file's start_time: another file, another start
+                    continue
+                if key == "arrow_schema":
+                    # The schema the group was made with: the local writer, opened on a ring that
+                    # already holds everything, makes it from the schema table's current entry;
+                    # the JetStream writer from the stream's first record. Both are the stream's.
+                    schemas = {pa.ipc.read_schema(pa.py_buffer(d[key].tobytes())) for d in (da, db)}
+                    assert all(s.names for s in schemas)
+                    continue
+                np.testing.assert_array_equal(da[key], db[key], err_msg=f"{name}/{key}")
+                assert da[key].dtype == db[key].dtype
+            if "time" in da:
+                assert da["time"].shape == db["time"].shape
+        frame = stream_group(b, "h1.cam")["frame"]
+        assert frame.shape == (2, 2048, 2048)
+        np.testing.assert_array_equal(
+            frame[1], np.arange(2048 * 2048, dtype=np.uint16).reshape(2048, 2048)[::-1]
+        )
+    books_a, books_b = read_progress(local).streams, read_progress(remote).streams
+    for name in [*ODD, "cam"]:
+        assert books_a[name].rows == books_b[f"h1.{name}"].rows
+        assert books_a[name].records == books_b[f"h1.{name}"].records
+
+
+@pytest.mark.timeout(120)
+def test_a_restarted_writer_adds_only_what_is_new(nats_server: Any, ring: RingBuffer, tmp_path: Path) -> None:
+    for k in range(10):
+        ring.write_arrow_batch(pa.record_batch({"i": np.arange(k * 100, k * 100 + 100)}), "v")
+    publish_all(ring, nats_server.url)
+    out = tmp_path / "run.h5"
+    assert write_all(nats_server.url, out, 10).records_written == 10
+    # Again on the same file: nothing new, nothing twice.
+    again = write_all(nats_server.url, out, 0)
+    assert again.records_written == 10
+    for k in range(10, 15):
+        ring.write_arrow_batch(pa.record_batch({"i": np.arange(k * 100, k * 100 + 100)}), "v")
+    publish_all(ring, nats_server.url)  # the stored position: only the five new ones
+    assert write_all(nats_server.url, out, 15).records_written == 15
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["measurements/h1.v/i"][()], np.arange(1500))
+    assert read_progress(out).streams["h1.v"].lost == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_publisher_killed_mid_run_resends_nothing_twice(
+    nats_server: Any, ring: RingBuffer, tmp_path: Path
+) -> None:
+    """Publishers that stop without storing their position (a SIGKILL) are the server's
+    dedup window's job: the same Nats-Msg-Id twice is stored once."""
+    for k in range(50):
+        ring.write_arrow_batch(pa.record_batch({"i": np.arange(k * 10, k * 10 + 10)}), "v")
+    publish_all(ring, nats_server.url)
+    # A publisher with no stored position (as if killed before its first save): all again.
+    p = publish_all(ring, nats_server.url, host="h1", save_interval=3600)
+    assert p.stats.records == 0 or p.stats.records == 50  # (acknowledged as duplicates, or skipped)
+    out = tmp_path / "run.h5"
+    w = write_all(nats_server.url, out, 50)
+    assert w.records_written == 50
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["measurements/h1.v/i"][()], np.arange(500))
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def no_traceback(r: subprocess.CompletedProcess[str]) -> str:
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, text
+    assert r.returncode != 0
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://127.0.0.1:4222", "scheme must be nats:// or tls://"),
+        ("nats://user:secret@127.0.0.1:4222", "holds credentials"),
+        ("nats://127.0.0.1:notaport", "bad NATS URL"),
+        ("nats://", "no host"),
+    ],
+)
+def test_bad_urls_are_said(url: str, said: str, tmp_path: Path) -> None:
+    with pytest.raises(JetStreamError, match=said):
+        parse_url(url)
+    r = cli("write", "--from", url, "--output", str(tmp_path / "x.h5"))
+    # (not nats:// or tls://: the CLI takes it for a daemon's URL, and says what those look like)
+    assert (said if url.startswith("nats") else "a daemon URL looks like") in no_traceback(r)
+    assert "secret" not in r.stdout + r.stderr
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_no_server_there(ring: RingBuffer, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    r = cli("publish", "--ring", ring.path, "--nats", f"nats://127.0.0.1:{port}")
+    assert "cannot reach a NATS server" in no_traceback(r) and time.monotonic() - t0 < 30
+
+
+def test_wrong_credentials(nats_server_factory: Any, ring: RingBuffer, tmp_path: Path) -> None:
+    server = nats_server_factory(user="daq", password="right")
+    ring.write_arrow_batch(pa.record_batch({"i": [1, 2]}), "v")
+    env = {**os.environ, "RUST_DAQ_NATS_USER": "daq", "RUST_DAQ_NATS_PASSWORD": "wrong"}
+    r = cli("publish", "--ring", ring.path, "--nats", server.url, env=env)
+    assert "refused the credentials" in no_traceback(r)
+    assert "wrong" not in r.stdout + r.stderr  # (no secret in what is printed)
+    with pytest.raises(JetStreamError, match="refused the credentials"):
+        publish_all(ring, server.url, credentials=Credentials(user="daq", password="wrong"))
+    # The right ones, from the environment: published, and written.
+    p = publish_all(
+        ring,
+        server.url,
+        credentials=Credentials.from_env({"RUST_DAQ_NATS_USER": "daq", "RUST_DAQ_NATS_PASSWORD": "right"}),
+    )
+    assert p.stats.records == 1
+
+
+def test_token_and_tls(nats_server_factory: Any, ring: RingBuffer, tmp_path: Path) -> None:
+    from nats_servers import make_tls
+
+    ca, cert, key = make_tls(tmp_path)
+    server = nats_server_factory(token="s3cret", tls=(ca, cert, key))
+    ring.write_arrow_batch(pa.record_batch({"i": [1, 2, 3]}), "v")
+    good = Credentials(token="s3cret", tls_ca=str(ca))
+    url = server.url.replace("nats://", "tls://")
+    assert publish_all(ring, url, credentials=good).stats.records == 1
+    with pytest.raises(JetStreamError):  # TLS without trusting its CA
+        publish_all(ring, url, credentials=Credentials(token="s3cret"))
+    with pytest.raises(JetStreamError, match="refused the credentials"):
+        publish_all(ring, url, credentials=Credentials(token="nope", tls_ca=str(ca)))
+    out = tmp_path / "t.h5"
+    env = {**os.environ, "RUST_DAQ_NATS_TOKEN": "s3cret", "RUST_DAQ_NATS_TLS_CA": str(ca)}
+    p = subprocess.Popen(
+        [*CLI, "write", "--from", url + "/rdaq", "--output", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready", (
+        p.stderr.read() if p.stderr else ""
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if read_progress(out).records == 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    p.terminate()
+    p.communicate(timeout=30)
+    assert read_progress(out).streams["h1.v"].rows == 3
+
+
+def test_a_server_without_jetstream(nats_server_factory: Any, ring: RingBuffer, tmp_path: Path) -> None:
+    server = nats_server_factory(jetstream=False)
+    r = cli("publish", "--ring", ring.path, "--nats", server.url)
+    assert "has no JetStream" in no_traceback(r)
+    r = cli("write", "--from", server.url + "/rdaq", "--output", str(tmp_path / "x.h5"))
+    assert "has no JetStream" in no_traceback(r)
+
+
+def test_a_stream_that_does_not_exist(nats_server: Any, tmp_path: Path) -> None:
+    r = cli("write", "--from", nats_server.url + "/nothing.here", "--output", str(tmp_path / "x.h5"))
+    assert "no JetStream stream holds the subjects nothing.here.>" in no_traceback(r)
+    assert not (tmp_path / "x.h5").exists()
