@@ -20,10 +20,11 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from processes import HELPERS
 
 from rust_daq import RingBuffer
 from rust_daq.hdf5.progress import read_progress
+
+from processes import HELPERS
 
 CLI = [sys.executable, "-m", "rust_daq.cli"]
 
