@@ -363,6 +363,10 @@ def publish(
         asyncio.run(main())
     except (RustDaqError, OSError, ValueError) as e:
         raise _fail(e) from e
+    except Exception as e:  # nats-py's own errors: said, not a traceback
+        if not type(e).__module__.startswith("nats"):
+            raise
+        raise _fail(RustDaqError(f"JetStream failed the publisher: {type(e).__name__}: {e}")) from e
     st = publisher.stats
     console.print(
         f"published {st.records:,} records ({st.bytes / 1e6:,.1f} MB, {st.objects} through the object "

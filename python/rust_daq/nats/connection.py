@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from .._errors import JetStreamError
 from . import protocol
 
-__all__ = ["Credentials", "NatsUrl", "connect_js", "ensure_stream", "parse_url"]
+__all__ = ["Credentials", "NatsUrl", "connect_js", "ensure_stream", "parse_url", "patiently", "transient"]
 
 log = logging.getLogger("rust_daq.nats")
 
@@ -189,7 +189,7 @@ async def connect_js(
         raise _explain(url, errors, e) from None
     js = nc.jetstream(timeout=timeout)
     try:
-        await js.account_info()
+        await _jetstream_answers(js, nats, max(3 * timeout, 15.0))
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
         await nc.close()
         raise JetStreamError(
@@ -200,6 +200,23 @@ async def connect_js(
         await nc.close()
         raise JetStreamError(f"JetStream at {','.join(url.servers)} does not answer: {e!r}") from None
     return nc, js
+
+
+async def _jetstream_answers(js: Any, nats: Any, patience: float) -> None:
+    """JetStream's account info. A server without JetStream says so at once (no responders);
+    a cluster that lost a node answers again once it elected a new leader: timeouts and 503s
+    with a description are retried for `patience` seconds."""
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        try:
+            await js.account_info()
+            return
+        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.APIError) as e:
+            retry = not isinstance(e, nats.js.errors.APIError) or (e.code == 503 and e.description)
+            if not retry or asyncio.get_running_loop().time() > deadline:
+                raise
+            log.info("JetStream does not answer yet (%r); retrying", e)
+            await asyncio.sleep(0.5)
 
 
 async def _connect(
@@ -308,3 +325,40 @@ async def object_store(js: Any, prefix: str, *, replicas: int = 1, create: bool 
         return await js.create_object_store(
             bucket, config=api.ObjectStoreConfig(storage=api.StorageType.FILE, replicas=replicas)
         )
+
+
+def transient(e: BaseException) -> bool:
+    """A failure the server's return cures: connection lost, timeouts, no responders (a
+    JetStream leader being elected), a 503."""
+    import nats.errors
+    import nats.js.errors
+
+    return isinstance(
+        e,
+        asyncio.TimeoutError
+        | TimeoutError
+        | ConnectionError
+        | nats.errors.TimeoutError
+        | nats.errors.NoRespondersError
+        | nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.OutboundBufferLimitError
+        | nats.errors.StaleConnectionError
+        | nats.js.errors.ServiceUnavailableError
+        | nats.js.errors.NoStreamResponseError,
+    ) or (isinstance(e, nats.js.errors.APIError) and getattr(e, "code", None) in (503, 408))
+
+
+async def patiently(call: Any, patience: float = 30.0) -> Any:
+    """``await call()``, retried for `patience` seconds while the failure is :func:`transient`
+    (a cluster electing a leader after losing a node answers again within seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        try:
+            return await call()
+        except Exception as e:
+            if not transient(e) or loop.time() > deadline:
+                raise
+            log.info("JetStream is not ready (%s: %s); retrying", type(e).__name__, e)
+            await asyncio.sleep(0.5)

@@ -34,7 +34,19 @@ from .._records import SchemaTable
 from .._ring import RingBuffer
 from ..acquisition import RowIndex
 from . import protocol
-from .connection import Credentials, NatsUrl, buckets, connect_js, ensure_stream, object_store, parse_url
+from .connection import (
+    Credentials,
+    NatsUrl,
+    buckets,
+    connect_js,
+    ensure_stream,
+    object_store,
+    parse_url,
+    patiently,
+)
+from .connection import (
+    transient as _transient,
+)
 from .protocol import Header
 
 __all__ = ["Publisher", "PublisherStats", "PublisherThread"]
@@ -280,8 +292,8 @@ class Publisher:
         self._connected.set()
         self._js = js
         try:
-            await ensure_stream(js, self.prefix, replicas=self.replicas)
-            schemas_kv, positions_kv = await buckets(js, replicas=self.replicas)
+            await patiently(lambda: ensure_stream(js, self.prefix, replicas=self.replicas))
+            schemas_kv, positions_kv = await patiently(lambda: buckets(js, replicas=self.replicas))
             store: list[Any] = []
 
             async def objects() -> Any:
@@ -289,7 +301,7 @@ class Publisher:
                     store.append(await object_store(js, self.prefix, replicas=self.replicas))
                 return store[0]
 
-            next_seq = await self._load(positions_kv)
+            next_seq = await patiently(lambda: self._load(positions_kv))
             self.stats.next_seq = next_seq
             reader = self.ring.reader("oldest")
             if self.on_ready is not None:
@@ -342,7 +354,7 @@ class Publisher:
                 if stopping or stop.is_set():
                     acked = max(acked, next_seq)
                     self.stats.next_seq = acked
-                    await self._save(positions_kv, acked)
+                    await self._save_retrying(positions_kv, acked)
                     return
                 if not inflight:
                     acked = next_seq
@@ -356,6 +368,21 @@ class Publisher:
                     if not _transient(e):
                         raise
                 last_save = now
+
+    async def _save_retrying(self, kv: Any, next_seq: int, patience: float = 30.0) -> None:
+        """The final save: retried while the server is away (a restart re-sends otherwise,
+        and the dedup window drops it, but only for two minutes)."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return await self._save(kv, next_seq)
+            except Exception as e:
+                if not _transient(e) or time.monotonic() > deadline:
+                    log.error(
+                        "the position could not be stored (%s); a restart re-sends from the last one", e
+                    )
+                    return
+                await asyncio.sleep(_RESEND_PAUSE)
 
     async def _messages_retrying(
         self, rec: Any, schemas_kv: Any, objects: Callable[[], Any], limit: int
@@ -451,27 +478,6 @@ async def _wait_for_ring(reader: Any, stop: asyncio.Event) -> None:
         if stop.is_set() or ring.records_written > reader.next_seq:
             return
         await asyncio.sleep(0.001)
-
-
-def _transient(e: BaseException) -> bool:
-    """A failure the server's return cures: connection lost, timeouts, no responders (a
-    JetStream leader being elected), a 503."""
-    import nats.errors
-    import nats.js.errors
-
-    return isinstance(
-        e,
-        asyncio.TimeoutError
-        | TimeoutError
-        | ConnectionError
-        | nats.errors.TimeoutError
-        | nats.errors.NoRespondersError
-        | nats.errors.ConnectionClosedError
-        | nats.errors.ConnectionReconnectingError
-        | nats.errors.OutboundBufferLimitError
-        | nats.errors.StaleConnectionError
-        | nats.js.errors.ServiceUnavailableError,
-    ) or (isinstance(e, nats.js.errors.APIError) and getattr(e, "code", None) in (503, 408))
 
 
 class PublisherThread:

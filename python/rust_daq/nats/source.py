@@ -29,7 +29,7 @@ from .._arrow import StreamInfo, variable_length
 from .._errors import JetStreamError, UnknownStreamError
 from .._records import names_decode
 from . import protocol
-from .connection import Credentials, NatsUrl, connect_js, parse_url, stream_of
+from .connection import Credentials, NatsUrl, connect_js, parse_url, patiently, stream_of
 
 __all__ = ["JetStreamSource"]
 
@@ -198,9 +198,14 @@ class JetStreamSource:
         self._seek_event = asyncio.Event()
         try:
             self.session_id = self._call(self._connect())
-        except BaseException:
+        except JetStreamError:
             self.close()
             raise
+        except Exception as e:
+            self.close()
+            if not type(e).__module__.startswith("nats"):
+                raise
+            raise JetStreamError(f"JetStream at {self.path} failed: {type(e).__name__}: {e}") from None
 
     # -- what the writer asks of a ring ----------------------------------------------------
 
@@ -258,12 +263,12 @@ class JetStreamSource:
         self._nc, self._js = await connect_js(
             self.url, self._credentials, timeout=self._timeout, name="rust-daq write"
         )
-        info = await stream_of(self._js, self.prefix, self.url)
+        info = await patiently(lambda: stream_of(self._js, self.prefix, self.url))
         self.stream = info.config.name
         import nats.js.errors
 
         try:
-            self._kv = await self._js.key_value(protocol.SCHEMAS_BUCKET)
+            self._kv = await patiently(lambda: self._js.key_value(protocol.SCHEMAS_BUCKET))
         except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
             raise JetStreamError(
                 f"the bucket {protocol.SCHEMAS_BUCKET} is missing: no publisher ran on this server"
@@ -273,6 +278,11 @@ class JetStreamSource:
         return f"jetstream:{self.stream}:{created}"
 
     async def _subscribe(self, start: int) -> None:
+        await patiently(lambda: self._consumer(start))
+        self._high = start - 1
+        self._fetcher = asyncio.get_running_loop().create_task(self._fetch_loop())
+
+    async def _consumer(self, start: int) -> None:
         import nats.js.api as api
         import nats.js.errors
 
@@ -292,8 +302,6 @@ class JetStreamSource:
         self._sub = await self._js.pull_subscribe(
             f"{self.prefix}.>", durable=self.durable, stream=self.stream, config=config
         )
-        self._high = start - 1
-        self._fetcher = asyncio.get_running_loop().create_task(self._fetch_loop())
 
     async def _fetch_loop(self) -> None:
         import nats.errors
