@@ -183,7 +183,9 @@ async def connect_js(
             name=name,
             connect_timeout=timeout,
             allow_reconnect=reconnect,
-            max_reconnect_attempts=-1 if reconnect else 0,
+            # Each server twice, then NoServersError: nats-py retries the first connection
+            # for ever when this is <= 0 (then an unreachable server hung us, not raised).
+            max_reconnect_attempts=1,
             reconnect_time_wait=0.25,
             error_cb=error_cb,
             disconnected_cb=disconnected,
@@ -192,6 +194,8 @@ async def connect_js(
         )
     except (TimeoutError, nats.errors.Error, OSError, ssl.SSLError) as e:
         raise _explain(url, errors, e) from None
+    if reconnect:
+        nc.options["max_reconnect_attempts"] = -1  # once connected: for ever (read at each outage)
     js = nc.jetstream(timeout=timeout)
     try:
         await js.account_info()
