@@ -8,5 +8,14 @@ from __future__ import annotations
 
 from .connection import Credentials, parse_url
 from .protocol import DEFAULT_PREFIX
+from .reader import JetStreamBatch, JetStreamDaq, JetStreamReader, connect
 
-__all__ = ["DEFAULT_PREFIX", "Credentials", "parse_url"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "Credentials",
+    "JetStreamBatch",
+    "JetStreamDaq",
+    "JetStreamReader",
+    "connect",
+    "parse_url",
+]

@@ -187,6 +187,8 @@ async def connect_js(
         )
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as e:
         raise _explain(url, errors, e) from None
+    if reconnect:
+        nc.options["max_reconnect_attempts"] = -1  # once connected: for ever (read at each outage)
     js = nc.jetstream(timeout=timeout)
     try:
         await _jetstream_answers(js, nats, max(3 * timeout, 15.0))
@@ -228,7 +230,9 @@ async def _connect(
         name=name,
         connect_timeout=min(wait, 2.0),
         allow_reconnect=reconnect,
-        max_reconnect_attempts=-1 if reconnect else 0,
+        # Each server twice, then NoServersError: nats-py retries the first connection for
+        # ever when this is <= 0 (connect_js sets it to -1 once connected).
+        max_reconnect_attempts=1,
         reconnect_time_wait=0.25,
         error_cb=error_cb,
         disconnected_cb=disconnected,

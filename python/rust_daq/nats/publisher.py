@@ -329,10 +329,13 @@ class Publisher:
         acked = next_seq  # every record below this one is acknowledged
         last_save = time.monotonic()
         limit = int(nc.max_payload)
+        stop_at: int | None = None  # once stopped: the ring's records then, published first
         while True:
-            stopping = stop.is_set()
+            if stop_at is None and stop.is_set():
+                stop_at = int(reader.ring.records_written)
+            stopping = stop_at is not None and next_seq >= stop_at
             records = [] if stopping else reader.read(max_records=self.window, timeout=0.0, copy=True)
-            records = [r for r in records if r.seq >= next_seq]
+            records = [r for r in records if r.seq >= next_seq and (stop_at is None or r.seq < stop_at)]
             for rec in records:
                 try:
                     msgs = await self._messages(rec, schemas_kv, objects, limit)
@@ -351,7 +354,7 @@ class Publisher:
             if not records:
                 while inflight:
                     acked = await self._settle(js, inflight, acked)
-                if stopping or stop.is_set():
+                if stop_at is not None:
                     acked = max(acked, next_seq)
                     self.stats.next_seq = acked
                     await self._save_retrying(positions_kv, acked)
