@@ -1,4 +1,7 @@
-"""The ``rust-daq`` command: run acquisitions, write, inspect and follow rings and files."""
+"""The ``rust-daq`` command: run acquisitions, write, publish, inspect and follow rings and
+files. (Over 500 lines: one function per command with its options and help, and the run's
+summary; the work of each command lives in its module: runner, hdf5.process, flight.relay,
+nats.publisher, _inspect.)"""
 
 from __future__ import annotations
 

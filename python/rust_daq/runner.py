@@ -225,7 +225,7 @@ class Runner:
 def _publisher(ring: RingBuffer, nats: dict[str, Any], rows: RowIndex | None) -> Any:
     """The ``[nats]`` section's publisher, started (connected): JetStreamError if it cannot be."""
     from .nats.connection import Credentials
-    from .nats.publisher import PublisherThread
+    from .nats.thread import PublisherThread
 
     keys = ("user", "password", "token", "creds", "tls_ca", "tls_cert", "tls_key")
     credentials = Credentials.from_env(**{k: nats.get(k) for k in keys})
