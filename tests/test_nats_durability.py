@@ -257,3 +257,85 @@ def test_three_publishers_into_one_file(nats_server: Any, tmp_path: Path) -> Non
             [f"acq{i}.{s}" for i in range(3) for s in ("volt", "cam")]
             + ["end_time", "metadata", "start_time"]
         )
+
+
+@pytest.mark.timeout(180)
+def test_a_run_whose_publisher_the_ring_laps_counts_exactly_what_was_lost(
+    nats_server: Any, tmp_path: Path
+) -> None:
+    """A run's [nats] publisher (with the run's RowIndex), a 2 MiB ring, the server away for
+    4 s: the ring overwrites what the publisher had not sent. Downstream, every reader and
+    the JetStream writer's file count the records lost exactly, and the rows too: what they
+    hold plus what they lost is what the run acquired, stream by stream."""
+    import threading
+
+    from rust_daq.config import load_config
+    from rust_daq.nats import connect
+    from rust_daq.runner import run_session
+
+    local = tmp_path / "local.h5"
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f"""
+duration = 7
+[ring]
+capacity_mb = 2
+[writer]
+output = "{local}"
+flush_interval = 0.05
+[nats]
+url = "{nats_server.url}"
+prefix = "lapped"
+host_name = "acq"
+[[instruments]]
+type = "voltmeter"
+name = "volt"
+rate_hz = 2000
+[[instruments]]
+type = "camera"
+name = "cam"
+fps = 20
+shape = [128, 256]
+"""
+    )
+    outage = threading.Timer(1.5, nats_server.stop)
+    back = threading.Timer(5.5, nats_server.start)
+    outage.start()
+    back.start()
+    try:
+        stats = run_session(load_config(config))
+    finally:
+        outage.cancel()
+        back.join()
+    acquired = {name: s["rows"] for name, s in stats["streams"].items()}
+    assert stats["published"]["lost_records"] > 0, (
+        "the ring did not lap the publisher: the test proves nothing"
+    )
+    with connect(nats_server.url + "/lapped") as daq, daq.reader(start="oldest") as reader:
+        got: dict[str, int] = {}
+        seen: dict[str, list[int]] = {}
+        while batches := reader.read(timeout=2.0):
+            for b in batches:
+                got[b.stream] = got.get(b.stream, 0) + b.batch.num_rows
+                seen.setdefault(b.stream, []).append(b.stream_seq)
+        lost = reader.lost_by_stream()
+    for name, rows in acquired.items():
+        records, lost_rows = lost.get(f"acq.{name}", (0, 0))
+        assert lost_rows is not None, f"{name}: the run's publisher knows the rows it lost"
+        assert got[f"acq.{name}"] + lost_rows == rows, (name, got, lost, acquired)
+        seqs = seen[f"acq.{name}"]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert len(seqs) + records == seqs[-1] + 1, "records received plus lost are all the stream's"
+    total_lost = sum(r for r, _ in lost.values())
+    assert total_lost == stats["published"]["lost_records"]
+    # The writer from JetStream: the same rows, the same records lost, in its books.
+    out = tmp_path / "remote.h5"
+    w = start(["write", "--from", nats_server.url + "/lapped", "--output", str(out)], tmp_path / "writer.log")
+    try:
+        wait_rows(out, {f"acq.{n}": got[f"acq.{n}"] for n in acquired})
+    finally:
+        stop(w)
+    books = read_progress(out).streams
+    for name in acquired:
+        assert books[f"acq.{name}"].rows == got[f"acq.{name}"]
+        assert books[f"acq.{name}"].lost == lost[f"acq.{name}"][0]
