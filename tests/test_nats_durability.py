@@ -339,3 +339,45 @@ shape = [128, 256]
     for name in acquired:
         assert books[f"acq.{name}"].rows == got[f"acq.{name}"]
         assert books[f"acq.{name}"].lost == lost[f"acq.{name}"][0]
+
+
+@pytest.mark.timeout(180)
+def test_store_and_forward_through_a_leaf_node(nats_server_factory: Any, ring: str, tmp_path: Path) -> None:
+    """The topology of docs/distributed.md: the acquisition host runs its own nats-server, a
+    leaf node of the central server with a JetStream domain of its own; the publisher writes
+    to it (always reachable), the storage host's writer reads it through the central server
+    (``?domain=acq1``). The central server away for 5 s: nothing lost, nothing twice."""
+    hub = nats_server_factory(
+        jetstream=False, leafnodes=True, extra_config=f"jetstream {{ store_dir: '{tmp_path / 'hub'}', domain: hub }}"
+    )
+    leaf = nats_server_factory(
+        jetstream=False,
+        leafnode_remotes=[hub.leafnode_url],
+        extra_config=f"jetstream {{ store_dir: '{tmp_path / 'leaf'}', domain: acq1 }}",
+    )
+    log, out = tmp_path / "procs.log", tmp_path / "run.h5"
+    prod = producer(ring, 12)
+    pub = publisher(ring, leaf.url, log)
+    w = None
+    try:
+        deadline = time.monotonic() + 30  # (the leaf link comes up within a second or two)
+        while w is None:
+            try:
+                w = writer(hub.url + "/rdaq?domain=acq1", out, log)
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        time.sleep(2)
+        hub.stop()  # the storage host's side of the network goes away
+        time.sleep(5)
+        hub.start()
+        rows, frames = produced(prod)
+        wait_rows(out, {"h1.volt": rows, "h1.cam": frames}, timeout=120)
+    finally:
+        stop(pub)
+        if w is not None:
+            stop(w)
+        if prod.poll() is None:
+            prod.kill()
+    check_file(out, rows, frames)

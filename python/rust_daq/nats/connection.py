@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from .._errors import JetStreamError
 from . import protocol
@@ -40,18 +41,21 @@ class NatsUrl:
     servers: tuple[str, ...]
     prefix: str | None
     tls: bool
+    #: ``?domain=acq1``: the JetStream domain to use (a leaf node's, reached through its hub).
+    domain: str | None = None
 
     def __str__(self) -> str:
-        return ",".join(self.servers) + (f"/{self.prefix}" if self.prefix else "")
+        path = f"/{self.prefix}" if self.prefix else ""
+        return ",".join(self.servers) + path + (f"?domain={self.domain}" if self.domain else "")
 
 
 def parse_url(url: str) -> NatsUrl:
     """Parses a NATS URL (several servers comma-separated; the last may carry a path, the
-    prefix). Raises JetStreamError for another scheme, a missing host or port, or
+    prefix, and ``?domain=NAME``, a JetStream domain). Raises JetStreamError for another scheme, a missing host or port, or
     credentials in the URL (they would show in ``ps`` and in logs)."""
     if not isinstance(url, str) or not url.strip():
         raise JetStreamError(f"bad NATS URL {url!r}: expected nats://HOST:PORT")
-    servers, prefix, tls = [], None, False
+    servers, prefix, tls, domain = [], None, False, None
     for part in url.split(","):
         try:
             u = urlsplit(part.strip())
@@ -76,9 +80,16 @@ def parse_url(url: str) -> NatsUrl:
                 prefix = protocol.check_prefix(path)
             except ValueError as e:
                 raise JetStreamError(str(e)) from None
+        if u.query:
+            query = parse_qs(u.query, keep_blank_values=True)
+            if set(query) != {"domain"} or not re.fullmatch(r"[A-Za-z0-9_-]+", query["domain"][-1]):
+                raise JetStreamError(
+                    f"bad NATS URL {part!r}: the only query is ?domain=NAME (letters, digits, _ -)"
+                )
+            domain = query["domain"][-1]
         tls = tls or u.scheme == "tls"
         servers.append(f"{u.scheme}://{u.hostname}:{port or 4222}")
-    return NatsUrl(tuple(servers), prefix, tls)
+    return NatsUrl(tuple(servers), prefix, tls, domain)
 
 
 @dataclass(frozen=True)
@@ -189,7 +200,7 @@ async def connect_js(
         raise _explain(url, errors, e) from None
     if reconnect:
         nc.options["max_reconnect_attempts"] = -1  # once connected: for ever (read at each outage)
-    js = nc.jetstream(timeout=timeout)
+    js = nc.jetstream(timeout=timeout, domain=url.domain)
     try:
         await _jetstream_answers(js, nats, max(3 * timeout, 15.0))
     except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
