@@ -348,7 +348,9 @@ def test_store_and_forward_through_a_leaf_node(nats_server_factory: Any, ring: s
     to it (always reachable), the storage host's writer reads it through the central server
     (``?domain=acq1``). The central server away for 5 s: nothing lost, nothing twice."""
     hub = nats_server_factory(
-        jetstream=False, leafnodes=True, extra_config=f"jetstream {{ store_dir: '{tmp_path / 'hub'}', domain: hub }}"
+        jetstream=False,
+        leafnodes=True,
+        extra_config=f"jetstream {{ store_dir: '{tmp_path / 'hub'}', domain: hub }}",
     )
     leaf = nats_server_factory(
         jetstream=False,

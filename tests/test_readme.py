@@ -10,8 +10,9 @@ import pytest
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 ALL_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
-BLOCKS = [b for b in ALL_BLOCKS if "rust_daq.remote" not in b]
+BLOCKS = [b for b in ALL_BLOCKS if "rust_daq.remote" not in b and "rust_daq.nats" not in b]
 (REMOTE,) = [b for b in ALL_BLOCKS if "rust_daq.remote" in b]
+(JETSTREAM,) = [b for b in ALL_BLOCKS if "rust_daq.nats" in b]
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
@@ -93,3 +94,44 @@ def test_readme_remote_example_runs_against_a_daemon(tmp_path: Path) -> None:
             p.terminate()
             p.communicate(timeout=60)
     assert p.returncode == 0
+
+
+def test_readme_jetstream_example_runs(nats_server: object, tmp_path: Path) -> None:
+    """The JetStream block, against a real nats-server on loopback instead of nats-host, after
+    a publisher (host acq1) sent a voltmeter's batches."""
+    import asyncio
+    import contextlib
+    import io
+    import uuid
+
+    import numpy as np
+    import pyarrow as pa
+
+    from rust_daq import RingBuffer
+    from rust_daq.nats.publisher import Publisher
+
+    url = nats_server.url  # type: ignore[attr-defined]
+    path = f"/dev/shm/rdaq-readme-{uuid.uuid4().hex[:8]}"
+    try:
+        with RingBuffer.create(path, capacity_mb=8) as ring:
+            for k in range(5):
+                ring.write_arrow_batch(pa.record_batch({"voltage": np.full(100, float(k))}), "voltmeter")
+
+            async def publish() -> None:
+                stop = asyncio.Event()
+                p = Publisher(ring, url, host="acq1")
+                task = asyncio.create_task(p.run(stop))
+                while p.stats.next_seq < 5:  # noqa: ASYNC110 (a counter)
+                    await asyncio.sleep(0.02)
+                stop.set()
+                await task
+
+            asyncio.run(publish())
+    finally:
+        os.unlink(path)
+    env: dict[str, object] = {}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(JETSTREAM.replace("nats://nats-host:4222", url), "README.md", "exec"), env)
+    assert env["table"].num_rows == 500  # type: ignore[attr-defined]
+    assert "500 0 0" in printed.getvalue()
