@@ -78,6 +78,11 @@ def _depends_on(path: Path, module: str) -> bool:
         ("_ring.py", ["rust_daq._live", "rust_daq.hdf5", "rust_daq.flight"]),
         # The client speaks the protocol, it does not borrow the server's code.
         ("flight/client.py", ["rust_daq.flight.server"]),
+        # The HDF5 writer knows no transport: JetStream reaches it as a RecordSource.
+        ("hdf5/writer.py", ["rust_daq.nats", "rust_daq.flight"]),
+        # JetStream's consumers speak its protocol; none borrows the publisher's code.
+        ("nats/source.py", ["rust_daq.nats.publisher", "rust_daq.nats.reader"]),
+        ("nats/reader.py", ["rust_daq.nats.publisher", "rust_daq.nats.source"]),
     ],
 )
 def test_layering(module: str, forbidden: list[str]) -> None:
@@ -88,7 +93,8 @@ def test_layering(module: str, forbidden: list[str]) -> None:
 
 def test_h5py_and_flight_stay_in_their_subpackages() -> None:
     """h5py is imported only under rust_daq/hdf5/ (and by the CLI's `inspect`), pyarrow.flight
-    only under rust_daq/flight/: a user of the ring does not pay for either."""
+    only under rust_daq/flight/, nats-py only under rust_daq/nats/: a user of the ring pays for
+    none of them."""
     for path in _modules():
         text = path.read_text()
         rel = path.relative_to(PACKAGE).as_posix()
@@ -96,6 +102,8 @@ def test_h5py_and_flight_stay_in_their_subpackages() -> None:
             assert rel.startswith("hdf5/") or rel in ("cli.py", "_inspect.py"), rel
         if re.search(r"^\s*import pyarrow\.flight", text, re.M):
             assert rel.startswith("flight/"), rel
+        if re.search(r"^\s*(import|from) nats\b", text, re.M):
+            assert rel.startswith("nats/"), rel
 
 
 def test_every_exception_is_defined_in_errors_and_exported() -> None:
