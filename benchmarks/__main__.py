@@ -5,7 +5,9 @@
 Cases: limits (copy bandwidth, native call, file write), rate (1: 64 B messages), frames
 (2: 1 and 4 MiB), latency (3), arrow (4: Arrow batches), storage (5: ring to HDF5, 6: the
 1 kHz loop's jitter), scaling (7: payload size and reader count; the plot), flight (8), bluesky (9: a step scan's
-time per point in a RunEngine beside ophyd-async's sim detector). Every case runs
+time per point in a RunEngine beside ophyd-async's sim detector), nats (10: a ring to JetStream
+and on into HDF5 beside a plain nats-py loop, Flight and the ring reader; it starts its own
+nats-server, and is skipped, saying why, without one). Every case runs
 ours and the peers in the same run, several times, and reports medians. Results go to
 DIR/<date>.json and DIR/<date>.md (with ``-quick`` in the name for a quick run); the plot to
 DIR/<date>.png unless --plot says where. Install the peers with ``pip install '.[bench]'``.
@@ -21,10 +23,10 @@ import sys
 import time
 from typing import Any
 
-from . import arrow_batches, bluesky_run, flight, ipc, limits, storage
+from . import arrow_batches, bluesky_run, flight, ipc, limits, nats_stream, storage
 from ._common import Goal, Table, machine, storage_dir
 
-CASES = ["limits", "rate", "frames", "latency", "arrow", "storage", "scaling", "flight", "bluesky"]
+CASES = ["limits", "rate", "frames", "latency", "arrow", "storage", "scaling", "flight", "bluesky", "nats"]
 
 
 def plot(scaling: dict[str, Any], path: str, title: str) -> None:
@@ -144,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             res[case] = bluesky_run.run(quick, reps)
             show(bluesky_run.tables(res[case]))
             goals += bluesky_run.goals(res[case])
+        elif case == "nats":
+            res[case] = nats_stream.run(quick, reps)
+            if res[case].get("skipped"):
+                print(f"case 10 skipped: {res[case]['skipped']}", flush=True)
+            show(nats_stream.tables(res[case]))
+            goals += nats_stream.goals(res[case])
         res.setdefault("seconds", {})[case] = round(time.monotonic() - t0, 1)
     goals = ipc.goals(res.get("rate"), res.get("frames"), res.get("latency"), res.get("limits")) + goals
 

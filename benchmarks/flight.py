@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,9 +70,18 @@ def _frame(k: int, pool: list[np.ndarray[Any, Any]]) -> pa.RecordBatch:
     return pa.record_batch([pa.array([k], pa.int64()), tensor], names=["frame_id", "frame"])
 
 
-def _serve(ring_path: str, counts: dict[str, int], ready: Any, done: Any) -> None:
-    """The daemon process: fill its ring, report its URL, serve until `done`."""
-    capacity = counts["voltmeter"] * VOLT_ROWS * 16 + counts["camera"] * (2 * FRAME[0] * FRAME[1] + 512)
+def _serve(
+    ring_path: str,
+    counts: dict[str, int],
+    ready: Any,
+    done: Any,
+    volt: Callable[[int], pa.RecordBatch] = _volt,
+) -> None:
+    """The daemon process: fill its ring (the voltmeter's batches from `volt`), report its
+    URL, serve until `done`."""
+    capacity = counts["voltmeter"] * (volt(0).nbytes + 512) + counts["camera"] * (
+        2 * FRAME[0] * FRAME[1] + 512
+    )
     session = Session(
         instruments=[],  # a daemon fed by remote instruments (do_put) alone
         ring_path=ring_path,
@@ -89,7 +99,7 @@ def _serve(ring_path: str, counts: dict[str, int], ready: Any, done: Any) -> Non
         per_frame = max(counts["voltmeter"] // max(counts["camera"], 1), 1)
         f = 0
         for k in range(counts["voltmeter"]):
-            d.put("voltmeter", _volt(k))
+            d.put("voltmeter", volt(k))
             if k % per_frame == 0 and f < counts["camera"]:
                 d.put("camera", _frame(f, pool))
                 f += 1

@@ -4,6 +4,7 @@ not a figure; goals say met or by how much they are missed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,25 @@ def test_bad_arguments_are_refused_before_measuring(args: list[str], message: st
     )
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "[rate]" not in r.stdout and not list(tmp_path.iterdir())
+
+
+def test_the_nats_case_without_a_server_says_so_and_goes_on(tmp_path: Path) -> None:
+    """Case 10 starts its own nats-server; where there is none it is skipped, saying why, and
+    the suite still writes its results (no figure, no goal)."""
+    from benchmarks import nats_stream
+
+    env = {**os.environ, "PATH": str(tmp_path)}  # (no nats-server on it)
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--cases", "nats", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "case 10 skipped: nats-server is not installed" in r.stdout
+    (js,) = tmp_path.glob("*-quick.json")
+    data = json.loads(js.read_text())
+    assert data["results"]["nats"]["skipped"] and data["goals"] == []
+    assert nats_stream.tables({"skipped": "x"}) == [] and nats_stream.goals({"skipped": "x"}) == []

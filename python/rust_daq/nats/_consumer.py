@@ -103,6 +103,7 @@ class Consumer:
         self.last: int | None = None  # the last JetStream sequence received (or before the start)
         self.name = ""
         self.sub: Any = None
+        self._delivered = 0
         self.task: asyncio.Task[None] | None = None
         self._infos: dict[tuple[str, str], StreamInfo] = {}  # by (stream, schema key)
 
@@ -121,6 +122,7 @@ class Consumer:
         else:
             seq = int(start)
         self.name = f"rdaq-reader-{uuid.uuid4().hex[:16]}"
+        self._delivered = 0  # the consumer's own delivery count: a gap is deliveries lost
         config = api.ConsumerConfig(
             name=self.name,
             deliver_policy=policy,
@@ -147,6 +149,9 @@ class Consumer:
         except transient() as e:  # (the server away: once it is back)
             log.debug("consumer info: %s: %s", type(e).__name__, e)
             return
+        await self._reopen()
+
+    async def _reopen(self) -> None:
         try:
             await self.sub.unsubscribe()
         except transient():
@@ -176,6 +181,15 @@ class Consumer:
                         checked = time.monotonic()
                     continue
                 for m in msgs:
+                    delivered = int(m.metadata.sequence.consumer)
+                    if delivered > self._delivered + 1:
+                        # Deliveries lost on the way (a dropped connection mid-fetch): with no
+                        # acks they would never come again. A consumer from after the last
+                        # message received delivers them, in order.
+                        log.warning("reader of %s: deliveries lost on the way; fetching again", self.subject)
+                        await self._reopen()
+                        break
+                    self._delivered = delivered
                     await self._add(m)
                 checked = time.monotonic()
         except asyncio.CancelledError:

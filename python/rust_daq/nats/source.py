@@ -35,7 +35,11 @@ __all__ = ["JetStreamSource"]
 
 log = logging.getLogger("rust_daq.nats")
 
-_FETCH = 256  # messages per pull request
+_FETCH = 256  # messages per pull request, at most
+#: Bytes one pull request may ask for, at most (by the largest message seen so far): the
+#: server cuts off a client that has more than its max_pending (64 MB by default) unread,
+#: and the messages of that fetch come back only after ack_wait.
+_FETCH_BYTES = 32 << 20
 _BUFFER_BYTES = 256 << 20  # fetched, not yet committed: at most about this much in memory
 
 
@@ -187,6 +191,7 @@ class JetStreamSource:
         self._dropped = 0
         self._bytes = 0
         self._high = 0  # the highest stream sequence fetched
+        self._largest = 0  # the largest message fetched (0: none yet, fetch one)
         self._start: int | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -283,6 +288,13 @@ class JetStreamSource:
         self._fetcher = asyncio.get_running_loop().create_task(self._fetch_loop())
 
     async def _consumer(self, start: int) -> None:
+        self._delivered = 0  # the consumer's own delivery count: a gap is deliveries lost
+        old = getattr(self, "_sub", None)
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception as e:  # (its connection is being replaced)
+                log.debug("unsubscribing the previous consumer: %s", e)
         import nats.js.api as api
         import nats.js.errors
 
@@ -311,7 +323,8 @@ class JetStreamSource:
                 await asyncio.sleep(0.01)
                 continue
             try:
-                msgs = await self._sub.fetch(_FETCH, timeout=0.5)
+                batch = min(_FETCH, _FETCH_BYTES // self._largest) if self._largest else 1
+                msgs = await self._sub.fetch(max(batch, 1), timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
@@ -320,7 +333,23 @@ class JetStreamSource:
                 log.warning("JetStream fetch: %s: %s", type(e).__name__, e)
                 await asyncio.sleep(0.25)
                 continue
+            self._largest = max([self._largest, *(len(m.data) for m in msgs)])
             for m in msgs:
+                delivered = int(m.metadata.sequence.consumer)
+                if delivered > self._delivered + 1:
+                    # Deliveries lost on the way (a connection dropped during a fetch, a
+                    # slow-consumer disconnect): the server would send them again only after
+                    # ack_wait, out of order. Deliver again from the message after the last
+                    # one we have, at once and in order.
+                    log.warning(
+                        "JetStream deliveries %d..%d did not arrive; delivering again from message %d",
+                        self._delivered + 1,
+                        delivered - 1,
+                        self._high + 1,
+                    )
+                    await patiently(lambda: self._consumer(self._high + 1))
+                    break
+                self._delivered = delivered
                 try:
                     await self._add(m)
                 except Exception as e:  # (a bug of ours, not a bad message: stop the writer)
