@@ -27,7 +27,8 @@ from rust_daq import JetStreamError, RingBuffer, UnknownStreamError  # noqa: E40
 from rust_daq.acquisition import RowIndex  # noqa: E402
 from rust_daq.nats import Credentials, JetStreamBatch, JetStreamReader, _consumer, connect  # noqa: E402
 from rust_daq.nats._consumer import Losses  # noqa: E402
-from rust_daq.nats.publisher import PublisherStats, PublisherThread  # noqa: E402
+from rust_daq.nats.publisher import PublisherStats  # noqa: E402
+from rust_daq.nats.thread import PublisherThread  # noqa: E402
 
 # -- a nats-server per test (until a shared fixture lands in tests/helpers) ---------------------
 

@@ -319,3 +319,30 @@ def test_a_stream_that_does_not_exist(nats_server: Any, tmp_path: Path) -> None:
     r = cli("write", "--from", nats_server.url + "/nothing.here", "--output", str(tmp_path / "x.h5"))
     assert "no JetStream stream holds the subjects nothing.here.>" in no_traceback(r)
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.timeout(180)
+def test_deliveries_lost_on_the_way_are_delivered_again(
+    nats_server_factory: Any, ring: RingBuffer, tmp_path: Path
+) -> None:
+    """A server that disconnects slow consumers early (max_pending 6 MiB) and takes 2 MiB
+    frames inline: fetches of several frames overflow it, the connection drops mid-fetch,
+    and the deliveries on the way are gone until the consumer's ack_wait. The writer sees
+    the gap in the consumer's sequence and delivers again from its last message: every frame
+    in the file once, none counted as lost."""
+    server = nats_server_factory(max_payload=3 << 20, extra_config="max_pending: 6291456")
+    frames = 24  # (all in the ring: 64 MiB)
+    for k in range(frames):
+        frame = np.full((1, 1024, 1024), k, np.uint16)
+        ring.write_arrow_batch(
+            pa.record_batch({"frame": pa.FixedShapeTensorArray.from_numpy_ndarray(frame)}), "cam"
+        )
+    assert publish_all(ring, server.url).stats.objects == 0  # (inline: max_payload 3 MiB)
+    out = tmp_path / "run.h5"
+    w = write_all(server.url, out, frames)
+    assert w.records_written == frames and w.records_lost == 0
+    with h5py.File(out) as f:
+        got = f["measurements/h1.cam/frame"]
+        assert got.shape == (frames, 1024, 1024)
+        assert [int(got[k, 0, 0]) for k in range(frames)] == list(range(frames))
+    assert read_progress(out).streams["h1.cam"].lost == 0

@@ -192,6 +192,7 @@ class JetStreamSource:
         self._bytes = 0
         self._high = 0  # the highest stream sequence fetched
         self._largest = 0  # the largest message fetched (0: none yet, fetch one)
+        self._fetch_bytes = _FETCH_BYTES  # what one pull asks for at most (halved after losses)
         self._start: int | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -323,7 +324,7 @@ class JetStreamSource:
                 await asyncio.sleep(0.01)
                 continue
             try:
-                batch = min(_FETCH, _FETCH_BYTES // self._largest) if self._largest else 1
+                batch = min(_FETCH, self._fetch_bytes // self._largest) if self._largest else 1
                 msgs = await self._sub.fetch(max(batch, 1), timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
@@ -347,6 +348,8 @@ class JetStreamSource:
                         delivered - 1,
                         self._high + 1,
                     )
+                    # (and ask for half as much at a time: the server's max_pending is lower)
+                    self._fetch_bytes = max(self._fetch_bytes // 2, 1)
                     await patiently(lambda: self._consumer(self._high + 1))
                     break
                 self._delivered = delivered
