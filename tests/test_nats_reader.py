@@ -7,19 +7,15 @@ anything; each way of failing to connect says what is wrong."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
+
+from nats_servers import NatsServer, free_port
 
 pytest.importorskip("nats", reason="pip install 'rust-daq[nats]'")
 
@@ -30,60 +26,14 @@ from rust_daq.nats._consumer import Losses  # noqa: E402
 from rust_daq.nats.publisher import PublisherStats  # noqa: E402
 from rust_daq.nats.thread import PublisherThread  # noqa: E402
 
-# -- a nats-server per test (until a shared fixture lands in tests/helpers) ---------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _nats_server(tmp_path: Path, *args: str, js: bool = True, port: int | None = None) -> Iterator[str]:
-    exe = shutil.which("nats-server") or (
-        "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None
-    )
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nats-server is not installed (apt-get install nats-server)")
-        pytest.skip("nats-server is not installed (apt-get install nats-server)")
-    fixed = port
-    for _ in range(3):  # (a port found free can be taken before the server binds it)
-        port = fixed or _free_port()
-        store = ["-js", "-sd", str(tmp_path / f"js-{port}")] if js else []
-        log = open(tmp_path / f"nats-{port}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [exe, "-a", "127.0.0.1", "-p", str(port), *store, *args], stdout=log, stderr=log
-        )
-        deadline, up = time.monotonic() + 10, False
-        while not up and proc.poll() is None and time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                up = True
-            except OSError:
-                time.sleep(0.05)
-        if up:
-            break
-        proc.kill()
-        proc.wait()
-        log.close()
-    else:
-        pytest.fail(f"nats-server did not start: {(tmp_path / f'nats-{port}.log').read_text()[-2000:]}")
-    try:
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(10)
-        log.close()
+# -- servers: tests/helpers/nats_servers.py through conftest's fixtures -----------------------
 
 
 @pytest.fixture
-def nats_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def nats_url(nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     for var in ("USER", "PASSWORD", "TOKEN", "CREDS", "TLS_CA", "TLS_CERT", "TLS_KEY"):
         monkeypatch.delenv(f"RUST_DAQ_NATS_{var}", raising=False)
-    with _nats_server(tmp_path) as url:
-        yield url
+    yield nats_server.url
 
 
 @pytest.fixture
@@ -473,27 +423,26 @@ def test_streams_and_the_streams_filter(nats_url: str, ring: RingBuffer) -> None
 
 
 @pytest.mark.timeout(120)
-def test_a_reader_carries_on_through_a_server_restart(tmp_path: Path, ring: RingBuffer) -> None:
+def test_a_reader_carries_on_through_a_server_restart(nats_server: NatsServer, ring: RingBuffer) -> None:
     sent = [volt(i, rows=100) for i in range(40)]
-    port = _free_port()
-    with _nats_server(tmp_path, port=port) as url:
-        for b in sent[:20]:
-            ring.write_arrow_batch(b, "volt")
-        publish(ring, url)
-        daq = connect(url)
+    url = nats_server.url
+    for b in sent[:20]:
+        ring.write_arrow_batch(b, "volt")
+    publish(ring, url)
+    daq = connect(url)
+    try:
         reader = daq.reader()
         got = read_n(reader, 20)
         assert daq.connected
-    time.sleep(1.5)  # (the client has tried to reconnect several times meanwhile)
-    assert not daq.connected and reader.read(timeout=0.2) == []
-    try:
-        with _nats_server(tmp_path, port=port) as url:  # the same port and store
-            for b in sent[20:]:
-                ring.write_arrow_batch(b, "volt")
-            assert publish(ring, url).records == 20  # (resumed at its stored position)
-            got += read_n(reader, 20)
-            assert reader.lost_records == 0 and daq.connected
-            daq.close()
+        nats_server.stop()
+        time.sleep(1.5)  # (the client has tried to reconnect several times meanwhile)
+        assert not daq.connected and reader.read(timeout=0.2) == []
+        nats_server.start()  # the same port and store
+        for b in sent[20:]:
+            ring.write_arrow_batch(b, "volt")
+        assert publish(ring, url).records == 20  # (resumed at its stored position)
+        got += read_n(reader, 20)
+        assert reader.lost_records == 0 and daq.connected
     finally:
         daq.close()
     check_equal(got, sent)
@@ -547,10 +496,12 @@ def test_a_slow_reader_pauses_and_loses_nothing(
 
 
 @pytest.mark.timeout(120)
-def test_connect_errors_say_what_is_wrong(nats_url: str, tmp_path: Path) -> None:
+def test_connect_errors_say_what_is_wrong(
+    nats_url: str, nats_server_factory: Callable[..., NatsServer]
+) -> None:
     t = time.monotonic()
     with pytest.raises(JetStreamError, match="cannot reach a NATS server"):
-        connect(f"nats://127.0.0.1:{_free_port()}")
+        connect(f"nats://127.0.0.1:{free_port()}")
     assert time.monotonic() - t < 3.0
     with pytest.raises(JetStreamError, match="scheme"):
         connect("http://127.0.0.1:4222")
@@ -560,15 +511,16 @@ def test_connect_errors_say_what_is_wrong(nats_url: str, tmp_path: Path) -> None
         connect(f"{nats_url}/nope")
     with pytest.raises(JetStreamError, match=r"prefix 'run\.cam1'"):
         connect(nats_url, prefix="run.cam1")
-    with _nats_server(tmp_path, js=False) as plain, pytest.raises(JetStreamError, match="has no JetStream"):
+    plain = nats_server_factory(jetstream=False).url
+    with pytest.raises(JetStreamError, match="has no JetStream"):
         connect(plain)
-    with _nats_server(tmp_path, "--user", "rdaq", "--pass", "s3cret") as locked:
-        t = time.monotonic()
-        with pytest.raises(JetStreamError, match="refused the credentials"):
-            connect(locked, credentials=Credentials(user="rdaq", password="wrong"))
-        assert time.monotonic() - t < 5.0
-        with pytest.raises(JetStreamError, match="no JetStream stream"):  # (let in: no stream yet)
-            connect(locked, credentials=Credentials(user="rdaq", password="s3cret"))
+    locked = nats_server_factory(user="rdaq", password="s3cret").url
+    t = time.monotonic()
+    with pytest.raises(JetStreamError, match="refused the credentials"):
+        connect(locked, credentials=Credentials(user="rdaq", password="wrong"))
+    assert time.monotonic() - t < 5.0
+    with pytest.raises(JetStreamError, match="no JetStream stream"):  # (let in: no stream yet)
+        connect(locked, credentials=Credentials(user="rdaq", password="s3cret"))
 
 
 @pytest.mark.timeout(120)

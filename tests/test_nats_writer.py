@@ -20,7 +20,6 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import pytest
-from h5stream import columns, stream_group
 
 from rust_daq import JetStreamError, RingBuffer
 from rust_daq.hdf5.progress import read_progress
@@ -28,6 +27,8 @@ from rust_daq.hdf5.writer import HDF5Writer
 from rust_daq.nats.connection import Credentials, parse_url
 from rust_daq.nats.publisher import Publisher
 from rust_daq.nats.source import JetStreamSource
+
+from h5stream import columns, stream_group
 
 CLI = [sys.executable, "-m", "rust_daq.cli"]
 

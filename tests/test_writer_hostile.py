@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from h5stream import book, columns, stream_group
 
 from rust_daq import HDF5Writer, IncompatibleFileError, RingBuffer
 from rust_daq.hdf5.layouts import AppendLayout
 
+from h5stream import book, columns, stream_group
 from processes import writer_process
 
 

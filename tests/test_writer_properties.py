@@ -21,12 +21,12 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import pytest
-from h5stream import book, columns, stream_group
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rust_daq import RingBuffer
 
+from h5stream import book, columns, stream_group
 from processes import writer_process
 
 _RUNS = itertools.count()

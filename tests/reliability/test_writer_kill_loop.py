@@ -15,11 +15,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pyarrow as pa
-from h5stream import book, columns, stream_group
 
 from rust_daq import RingBuffer
 from rust_daq.writer import repair
 
+from h5stream import book, columns, stream_group
 from processes import writer_process
 
 KILLS = 20
