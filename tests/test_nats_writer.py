@@ -347,3 +347,45 @@ def test_deliveries_lost_on_the_way_are_delivered_again(
         assert got.shape == (frames, 1024, 1024)
         assert [int(got[k, 0, 0]) for k in range(frames)] == list(range(frames))
     assert read_progress(out).streams["h1.cam"].lost == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_full_jetstream_store_holds_the_publisher_in_place(
+    nats_server_factory: Any, ring: RingBuffer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's storage full (max_file_store 4 MiB, 8 MiB to publish): the publisher says
+    so, keeps its place in the ring and goes on once there is room (here: an operator purges
+    the stream); every record after the purge point arrives once."""
+    import nats
+
+    server = nats_server_factory(max_file_store=4 << 20)
+    for k in range(16):
+        ring.write_arrow_batch(pa.record_batch({"k": np.full(64 << 10, k, np.int64)}), "v")  # 512 KiB each
+
+    async def main() -> tuple[Publisher, list[int]]:
+        stop = asyncio.Event()
+        p = Publisher(ring, server.url, host="h1", ack_timeout=1.0)
+        task = asyncio.create_task(p.run(stop))
+        while p.stats.storage_full == 0 and not task.done():  # noqa: ASYNC110 (a counter)
+            await asyncio.sleep(0.05)
+        assert not task.done(), "the publisher gave up"
+        held = p.stats.records
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.purge_stream("RDAQ_rdaq")  # room again (what it held is gone: the operator's choice)
+        while p.stats.next_seq < 16 and not task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        sub = await js.pull_subscribe("rdaq.>", stream="RDAQ_rdaq")
+        msgs = await sub.fetch(16, timeout=5)
+        await nc.close()
+        assert held < 16
+        return p, [int(m.headers["Rdaq-Seq"]) for m in msgs]  # type: ignore[index]
+
+    with caplog.at_level("ERROR", logger="rust_daq.nats"):
+        p, seqs = asyncio.run(main())
+    assert "storage is full" in caplog.text
+    assert p.stats.storage_full >= 1
+    assert seqs == list(range(seqs[0], 16)), "after the purge: the rest, in order, once"
+    assert seqs[0] > 0

@@ -63,7 +63,8 @@ class PublisherStats:
     bytes: int = 0
     objects: int = 0  #: of which went through the object store (larger than max_payload)
     lost_records: int = 0  #: overwritten in the ring before the publisher read them
-    outages: int = 0  #: times the server stopped answering
+    outages: int = 0  #: times the server stopped answering (or refused for want of room)
+    storage_full: int = 0  #: ...of which because its storage was full
     next_seq: int = 0  #: the next ring record to publish (acknowledged below it)
     by_stream: dict[str, int] = field(default_factory=dict)
 
@@ -459,9 +460,7 @@ class Publisher:
         """The server stopped answering: wait until it is back, then resend what was not
         acknowledged (the server drops what it already had, by Nats-Msg-Id)."""
         self.stats.outages += 1
-        log.warning(
-            "JetStream does not answer (%s: %s); keeping our place in the ring", type(error).__name__, error
-        )
+        said = self._say(error, None)
         for out in inflight:
             if out.future is not None and not out.future.done():
                 out.future.cancel()
@@ -482,6 +481,28 @@ class Publisher:
             except Exception as e:
                 if not _transient(e):
                     raise
+                said = self._say(e, said)
+
+    def _say(self, error: BaseException, said: str | None) -> str:
+        """Logs why the server does not take our messages, once per kind; returns the kind."""
+        full = "insufficient resources" in str(getattr(error, "description", "") or error)
+        kind = "full" if full else "away"
+        if kind == said:
+            return kind
+        if full:
+            self.stats.storage_full += 1
+            log.error(
+                "JetStream's storage is full (insufficient resources: the server's max_file_store, or "
+                "its disk); keeping our place in the ring and retrying until it has room (what the "
+                "ring overwrites meanwhile is counted as lost)"
+            )
+        else:
+            log.warning(
+                "JetStream does not answer (%s: %s); keeping our place in the ring",
+                type(error).__name__,
+                error,
+            )
+        return kind
 
 
 def _rows_of(payload: bytes, info: StreamInfo) -> int:
