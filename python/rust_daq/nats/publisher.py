@@ -13,6 +13,9 @@ Guarantees (docs/distributed.md; tests/test_nats_*.py try to break each):
   is published as loss markers (records exactly; rows exactly where a :class:`RowIndex`
   says them, i.e. a publisher inside the run, else as unknown).
 - The acquisition never waits for it: it is a ring reader like any other.
+
+(Over 500 lines: the send, settle and outage paths share the in-flight window and the
+acknowledged position, and their order rules read best in one place.)
 """
 
 from __future__ import annotations
