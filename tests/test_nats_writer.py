@@ -193,17 +193,62 @@ def test_a_publisher_killed_mid_run_resends_nothing_twice(
 ) -> None:
     """Publishers that stop without storing their position (a SIGKILL) are the server's
     dedup window's job: the same Nats-Msg-Id twice is stored once."""
+    import nats
+
+    from rust_daq.nats import protocol
+
     for k in range(50):
         ring.write_arrow_batch(pa.record_batch({"i": np.arange(k * 10, k * 10 + 10)}), "v")
     publish_all(ring, nats_server.url)
-    # A publisher with no stored position (as if killed before its first save): all again.
-    p = publish_all(ring, nats_server.url, host="h1", save_interval=3600)
-    assert p.stats.records == 0 or p.stats.records == 50  # (acknowledged as duplicates, or skipped)
+
+    async def forget_and_count() -> int:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        kv = await js.key_value(protocol.POSITIONS_BUCKET)
+        await kv.delete(protocol.position_key("rdaq", "h1"))  # as if killed before its first save
+        n = (await js.stream_info("RDAQ_rdaq")).state.messages
+        await nc.close()
+        return int(n)
+
+    assert asyncio.run(forget_and_count()) == 50
+    p = publish_all(ring, nats_server.url, host="h1")
+    assert p.stats.records == 50  # all sent again, and acknowledged...
+    assert asyncio.run(forget_and_count()) == 50  # ...as duplicates: the stream holds each once
     out = tmp_path / "run.h5"
     w = write_all(nats_server.url, out, 50)
     assert w.records_written == 50
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["measurements/h1.v/i"][()], np.arange(500))
+
+
+@pytest.mark.timeout(120)
+def test_names_never_collide_and_a_prefix_holds_only_its_own(nats_server: Any, tmp_path: Path) -> None:
+    """Host ``a.b`` with stream ``c`` and host ``a`` with stream ``b.c`` are two streams in the
+    file (the host's dots are encoded: ``a%2Eb.c``, ``a.b.c``); a writer of prefix ``rdaq``
+    does not take the records of prefix ``rdaq.run1``, which its stream also holds."""
+    rings = []
+    try:
+        for i, (host, stream, prefix) in enumerate(
+            [("a.b", "c", "rdaq"), ("a", "b.c", "rdaq"), ("h1", "v", "rdaq.run1")]
+        ):
+            r = RingBuffer.create(f"/dev/shm/rdaq-natsn-{uuid.uuid4().hex[:8]}", capacity_mb=4)
+            rings.append(r)
+            r.write_arrow_batch(pa.record_batch({"i": np.arange(5) + 100 * i}), stream)
+            publish_all(r, nats_server.url, host=host, prefix=prefix)
+        out, sub = tmp_path / "rdaq.h5", tmp_path / "run1.h5"
+        assert write_all(nats_server.url + "/rdaq", out, 2).records_written == 2
+        assert write_all(nats_server.url + "/rdaq.run1", sub, 1).records_written == 1
+    finally:
+        for r in rings:
+            r.close()
+            Path(r.path).unlink(missing_ok=True)
+    with h5py.File(out) as f:
+        assert columns(stream_group(f, "a%2Eb.c"))[(("i",), 0)] == [0, 1, 2, 3, 4]
+        assert columns(stream_group(f, "a.b.c"))[(("i",), 0)] == [100, 101, 102, 103, 104]
+    assert set(read_progress(out).streams) == {"a%2Eb.c", "a.b.c"}
+    assert set(read_progress(sub).streams) == {"h1.v"}
+    with h5py.File(sub) as f:
+        np.testing.assert_array_equal(f["measurements/h1.v/i"][()], np.arange(200, 205))
 
 
 # -- errors ---------------------------------------------------------------------------------

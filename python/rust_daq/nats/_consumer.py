@@ -77,15 +77,12 @@ class Losses(LossAccount):
 
 
 def subjects_of(prefix: str, names: Iterable[str]) -> list[str]:
-    """The subjects a stream name can be published on: ``<host>.<stream>`` split at each dot
-    (a host or stream name may hold dots; its subject token does not)."""
+    """The subject of each stream name (``<host>.<stream>``: :func:`~.protocol.stream_key`)."""
     out: list[str] = []
     for name in names:
-        for i in range(1, len(name)):
-            if name[i] == ".":
-                s = protocol.subject(prefix, name[:i], name[i + 1 :])
-                if s not in out:
-                    out.append(s)
+        s = protocol.subject(prefix, *protocol.split_key(name))
+        if s not in out:
+            out.append(s)
     return out
 
 
@@ -209,7 +206,7 @@ class Consumer:
         except ValueError as e:
             log.warning("message %d on %s: %s; skipped", seq, m.subject, e)
         else:
-            name = f"{info.host}.{info.stream}"
+            name = protocol.stream_key(info.host, info.stream)
             while (r._want is None or name in r._want) and not r._closed:
                 if r._room():
                     try:

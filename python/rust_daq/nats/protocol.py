@@ -39,7 +39,10 @@ __all__ = [
     "object_bucket",
     "parse",
     "position_key",
+    "records_filter",
     "schema_key",
+    "split_key",
+    "stream_key",
     "stream_name",
     "subject",
     "token",
@@ -108,6 +111,26 @@ def object_bucket(prefix: str) -> str:
 
 def subject(prefix: str, host: str, stream: str) -> str:
     return f"{prefix}.{token(host)}.{token(stream)}"
+
+
+def stream_key(host: str, stream: str) -> str:
+    """The name a consumer gives a host's stream (HDF5 file, live readers): ``<host>.<stream>``
+    with the host as its subject token (``acq1.cam``; a host ``a.b`` is ``a%2Eb``), so that no
+    two (host, stream) pairs share a name: the first dot ends the host."""
+    return f"{token(host)}.{stream}"
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """(host, stream) of a :func:`stream_key`; ValueError if it has no dot."""
+    host, dot, stream = name.partition(".")
+    if not dot or not host:
+        raise ValueError(f"{name!r} is not <host>.<stream>")
+    return untoken(host), stream
+
+
+def records_filter(prefix: str) -> str:
+    """The subjects of a prefix's records, and of no longer prefix's: ``<prefix>.*.*``."""
+    return f"{prefix}.*.*"
 
 
 def position_key(prefix: str, host: str) -> str:

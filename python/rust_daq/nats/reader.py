@@ -165,10 +165,14 @@ class JetStreamDaq:
         """The stream name (``<host>.<stream>``) of a record subject; None for another subject."""
         head = self.prefix + "."
         parts = subject[len(head) :].split(".") if subject.startswith(head) else []
-        return f"{protocol.untoken(parts[0])}.{protocol.untoken(parts[1])}" if len(parts) == 2 else None
+        return (
+            protocol.stream_key(protocol.untoken(parts[0]), protocol.untoken(parts[1]))
+            if len(parts) == 2
+            else None
+        )
 
     async def _streams(self) -> dict[str, pa.Schema]:
-        info = await self._js.stream_info(self.stream, subjects_filter=f"{self.prefix}.>")
+        info = await self._js.stream_info(self.stream, subjects_filter=protocol.records_filter(self.prefix))
         found: dict[str, tuple[int, pa.Schema]] = {}
         for subject in info.state.subjects or {}:
             name = self.name_of(subject)
@@ -327,7 +331,7 @@ class JetStreamReader:
         self._schemas: dict[str, pa.Schema] = {}  # the latest received per stream
         subjects = subjects_of(daq.prefix, names) if names is not None else []
         if names is None or len(subjects) > _MAX_SUBJECTS:
-            subjects = [f"{daq.prefix}.>"]
+            subjects = [protocol.records_filter(daq.prefix)]
         self._consumers = [Consumer(self, s) for s in subjects]
         daq._readers.append(self)
         try:

@@ -8,7 +8,8 @@ the writer stores as its progress marker's ``last_seq`` with each flush. A write
 on a file makes its durable pull consumer deliver from that marker on (the consumer is made
 again at each start: the file, not the server, says what is written), skips what the file
 holds, and acknowledges messages only after the flush that wrote them. Streams in the file
-are named ``<host>.<stream>``; losses upstream (a publisher the ring lapped, messages the
+are named ``<host>.<stream>`` (:func:`~.protocol.stream_key`: a host with dots in its name
+has them encoded); losses upstream (a publisher the ring lapped, messages the
 stream's limits removed) show as gaps in each stream's ``Rdaq-Stream-Seq`` and are counted
 in the file's books like a ring's.
 """
@@ -310,10 +311,10 @@ class JetStreamSource:
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=300.0,
             max_ack_pending=-1,
-            filter_subject=f"{self.prefix}.>",
+            filter_subject=protocol.records_filter(self.prefix),
         )
         self._sub = await self._js.pull_subscribe(
-            f"{self.prefix}.>", durable=self.durable, stream=self.stream, config=config
+            protocol.records_filter(self.prefix), durable=self.durable, stream=self.stream, config=config
         )
 
     async def _fetch_loop(self) -> None:
@@ -371,7 +372,7 @@ class JetStreamSource:
             info = None
         rec: _Record | None = None
         if info is not None and info.kind == "batch":
-            name = f"{info.host}.{info.stream}"
+            name = protocol.stream_key(info.host, info.stream)
             key = info.schema or ""
             if key not in self._schema_cache:
                 self._schema_cache[key] = await self._schema(key)
