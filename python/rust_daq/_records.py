@@ -19,6 +19,7 @@ Depends on ``_native`` and ``_arrow`` only.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -319,3 +320,28 @@ class LossAccount:
     def rows(self, key: Hashable) -> int | None:
         loss = self.streams.get(key)
         return 0 if loss is None else loss.rows
+
+
+class LossTotals:
+    """``lost_records``, ``lost_rows`` and ``lost_by_stream()`` of a live reader that keeps a
+    :class:`LossAccount` (``_loss``, by stream name) under a lock (``_cond``): the remote
+    readers of Flight and JetStream."""
+
+    _loss: LossAccount
+    _cond: threading.Condition
+
+    @property
+    def lost_records(self) -> int:
+        """Records lost upstream, all streams, up to what was received."""
+        return sum(lost for lost, _ in self.lost_by_stream().values())
+
+    @property
+    def lost_rows(self) -> int | None:
+        """Rows in those records; None if unknown for some of them."""
+        rows = [r for _, r in self.lost_by_stream().values()]
+        return None if any(r is None for r in rows) else sum(r for r in rows if r is not None)
+
+    def lost_by_stream(self) -> dict[str, tuple[int, int | None]]:
+        """Per stream: (records lost, rows lost or None)."""
+        with self._cond:
+            return {str(name): (loss.records, loss.rows) for name, loss in self._loss.streams.items()}

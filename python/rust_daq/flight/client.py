@@ -34,7 +34,7 @@ import pyarrow.flight as fl
 from .._access import local_token
 from .._arrow import _to_numpy
 from .._errors import RemoteError, RustDaqError, UnknownStreamError
-from .._records import LossAccount
+from .._records import LossAccount, LossTotals
 from . import protocol
 from .protocol import BatchMeta, error_info, ticket
 
@@ -282,7 +282,7 @@ class RemotePut:
         self.close()
 
 
-class RemoteReader:
+class RemoteReader(LossTotals):
     """A live subscription to a daemon's streams, with the API of ``RingReader``:
     :meth:`read` (records with their sequence numbers), :meth:`read_batches`,
     :meth:`read_table`. One thread per stream receives batches into a buffer of at most
@@ -416,22 +416,6 @@ class RemoteReader:
         everything received was read."""
         with self._cond:
             return not self._buf and len(self._ended) == len(self._threads) and bool(self._threads)
-
-    @property
-    def lost_records(self) -> int:
-        """Records this subscriber lost (lapped in the daemon's ring), all streams."""
-        return sum(lost for lost, _ in self.lost_by_stream().values())
-
-    @property
-    def lost_rows(self) -> int | None:
-        """Rows in those records; None if the daemon no longer knew for some of them."""
-        rows = [r for _, r in self.lost_by_stream().values()]
-        return None if any(r is None for r in rows) else sum(r for r in rows if r is not None)
-
-    def lost_by_stream(self) -> dict[str, tuple[int, int | None]]:
-        """Per stream: (records lost, rows lost or None)."""
-        with self._cond:
-            return {str(name): (loss.records, loss.rows) for name, loss in self._loss.streams.items()}
 
     def read(self, max_records: int | None = None, timeout: float = 0.0) -> list[RemoteBatch]:
         """The batches received so far (waiting up to `timeout` s for one), with their

@@ -38,9 +38,10 @@ import pyarrow as pa
 
 from .._arrow import empty_batch
 from .._errors import JetStreamError, UnknownStreamError
-from .._records import names_decode
+from .._records import LossTotals, names_decode
 from . import protocol
 from ._consumer import Consumer, Losses, subjects_of, transient
+from ._loop import LoopThread
 from .connection import Credentials, NatsUrl, connect_js, parse_url, stream_of
 
 __all__ = ["JetStreamBatch", "JetStreamDaq", "JetStreamReader", "connect"]
@@ -107,9 +108,7 @@ class JetStreamDaq:
         self._objects: Any = None
         self._nc: Any = None
         self._closed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rust-daq-nats-read", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("rust-daq-nats-read")
         try:
             self._call(self._connect())
         except BaseException:
@@ -121,7 +120,7 @@ class JetStreamDaq:
             coro.close()
             raise JetStreamError(f"{self!r} is closed")
         try:
-            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+            return self._loop.call(coro)
         except JetStreamError:
             raise
         except transient() as e:
@@ -258,15 +257,7 @@ class JetStreamDaq:
         self._closed = True
         for r in list(self._readers):
             r.close()
-        if self._loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-            except Exception as e:
-                log.debug("closing the NATS connection: %s", e)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._loop.close(self._shutdown)
 
     async def _shutdown(self) -> None:
         try:
@@ -292,10 +283,12 @@ class JetStreamDaq:
         return f"<JetStreamDaq {self.url} stream {self.stream}{' closed' if self._closed else ''}>"
 
 
-class JetStreamReader:
+class JetStreamReader(LossTotals):
     """A live reader of a prefix's streams (see :meth:`JetStreamDaq.reader`), with the API of
     ``RingReader`` and ``RemoteReader``: :meth:`read` (batches with their sequence numbers),
     :meth:`read_batches`, :meth:`read_table`, the loss counters, iteration."""
+
+    _loss: Losses  # (the JetStream account: markers as well as gaps)
 
     def __init__(
         self,
@@ -386,23 +379,6 @@ class JetStreamReader:
 
     # -- the reader API ----------------------------------------------------------------------
 
-    @property
-    def lost_records(self) -> int:
-        """Records lost upstream (before they reached JetStream, or removed from it before
-        this reader fetched them), all streams, up to what was received."""
-        return sum(lost for lost, _ in self.lost_by_stream().values())
-
-    @property
-    def lost_rows(self) -> int | None:
-        """Rows in those records; None if unknown for some of them."""
-        rows = [r for _, r in self.lost_by_stream().values()]
-        return None if any(r is None for r in rows) else sum(r for r in rows if r is not None)
-
-    def lost_by_stream(self) -> dict[str, tuple[int, int | None]]:
-        """Per stream: (records lost, rows lost or None)."""
-        with self._cond:
-            return {str(name): (loss.records, loss.rows) for name, loss in self._loss.streams.items()}
-
     def read(self, max_records: int | None = None, timeout: float = 0.0) -> list[JetStreamBatch]:
         """The batches received so far (waiting up to `timeout` s for one), in JetStream order
         per stream, with their sequence numbers and loss counters."""
@@ -462,9 +438,9 @@ class JetStreamReader:
             self._cond.notify_all()
         if self in self.daq._readers:
             self.daq._readers.remove(self)
-        if self.daq._loop.is_running():
+        if self.daq._loop.running:
             try:
-                asyncio.run_coroutine_threadsafe(self._stop(), self.daq._loop).result(10)
+                self.daq._loop.call(self._stop(), 10)
             except Exception as e:
                 log.debug("closing a reader: %s", e)
 

@@ -30,6 +30,7 @@ from .._arrow import StreamInfo, variable_length
 from .._errors import JetStreamError, UnknownStreamError
 from .._records import names_decode
 from . import protocol
+from ._loop import LoopThread
 from .connection import Credentials, NatsUrl, connect_js, parse_url, patiently, stream_of
 
 __all__ = ["JetStreamSource"]
@@ -199,9 +200,7 @@ class JetStreamSource:
         self._closed = False
         self._schemas = _Schemas()
         self._schema_cache: dict[str, pa.Schema | None] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rust-daq-jetstream", daemon=True)
-        self._thread.start()
+        self._loop = LoopThread("rust-daq-jetstream")
         self._seek_event = asyncio.Event()
         try:
             self.session_id = self._call(self._connect())
@@ -246,25 +245,18 @@ class JetStreamSource:
 
     def ack(self, msgs: list[Any]) -> None:
         if msgs and not self._closed:
-            asyncio.run_coroutine_threadsafe(self._ack(msgs), self._loop)
+            self._loop.submit(self._ack(msgs))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-            except Exception as e:
-                log.debug("closing the JetStream connection: %s", e)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-        self._loop.close()
+        self._loop.close(self._shutdown)
 
     # -- the fetch loop (on the source's own event loop) -----------------------------------
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._loop.call(coro)
 
     async def _connect(self) -> str:
         self._nc, self._js = await connect_js(
