@@ -60,7 +60,11 @@ def publish_all(ring: RingBuffer, url: str, **kw: Any) -> Publisher:
 
 def write_all(url: str, output: Path, records: int, **kw: Any) -> HDF5Writer:
     source = JetStreamSource(url, output=str(output))
-    w = HDF5Writer(output, source, **kw)
+    try:
+        w = HDF5Writer(output, source, **kw)
+    except BaseException:
+        source.close()
+        raise
     try:
         deadline = time.monotonic() + 60
         while w.records_written + w.records_unwritable < records and time.monotonic() < deadline:
@@ -434,3 +438,28 @@ def test_a_full_jetstream_store_holds_the_publisher_in_place(
     assert p.stats.storage_full >= 1
     assert seqs == list(range(seqs[0], 16)), "after the purge: the rest, in order, once"
     assert seqs[0] > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_file_of_one_prefix_is_refused_to_another(
+    nats_server: Any, ring: RingBuffer, tmp_path: Path
+) -> None:
+    """Prefixes rdaq and rdaq.run1 share one JetStream stream; a file written from one is
+    another run's for the other (IncompatibleFileError), and nothing in it changes."""
+    from rust_daq import IncompatibleFileError
+
+    ring.write_arrow_batch(pa.record_batch({"i": np.arange(3)}), "v")
+    publish_all(ring, nats_server.url)
+    publish_all(ring, nats_server.url, prefix="rdaq.run1", host="h2")
+    out = tmp_path / "run.h5"
+    assert write_all(nats_server.url + "/rdaq", out, 1).records_written == 1
+    before = out.read_bytes()
+    with pytest.raises(IncompatibleFileError, match="ring session"):
+        write_all(nats_server.url + "/rdaq.run1", out, 1)
+    assert out.read_bytes() == before
+    source = JetStreamSource(nats_server.url, output=str(out))
+    try:
+        with pytest.raises(ValueError, match="start='now' needs a ring"):
+            HDF5Writer(tmp_path / "now.h5", source, start="now")
+    finally:
+        source.close()

@@ -199,6 +199,11 @@ class HDF5Writer:
         table = getattr(self._ring, "schema_table", None)
         self._decoder = RecordDecoder(table() if table is not None else SchemaTable(self._ring))
         self._dense = bool(getattr(self._ring, "dense", True))
+        if start == "now" and not self._dense:
+            raise ValueError(
+                "start='now' needs a ring: a writer of a source (JetStream) starts where its file "
+                "ends, or at the source's first record for a new file"
+            )
         only = self._only
         self._wanted = None if only is None else (lambda info: info.name in only)
         self._losses = LossAccount()  # the books' StreamLoss objects, by stream name

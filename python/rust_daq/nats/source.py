@@ -274,7 +274,8 @@ class JetStreamSource:
             ) from None
         self._objects: Any = None
         created = info.created if getattr(info, "created", None) else ""
-        return f"jetstream:{self.stream}:{created}"
+        # (the prefix too: one stream may hold several prefixes, and a file is one prefix's)
+        return f"jetstream:{self.stream}:{created}:{self.prefix}"
 
     async def _subscribe(self, start: int) -> None:
         await patiently(lambda: self._consumer(start))
