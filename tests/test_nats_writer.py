@@ -463,3 +463,44 @@ def test_a_file_of_one_prefix_is_refused_to_another(
             HDF5Writer(tmp_path / "now.h5", source, start="now")
     finally:
         source.close()
+
+
+@pytest.mark.timeout(120)
+def test_stopping_a_publisher_while_the_server_is_away(nats_server: Any, ring: RingBuffer) -> None:
+    """SIGTERM (stop) during an outage: the publisher gives up after its grace period with an
+    error saying what is not acknowledged, instead of hanging; a publisher started again once
+    the server is back sends the rest, each record once."""
+    import nats
+
+    for k in range(5):
+        ring.write_arrow_batch(pa.record_batch({"i": [k]}), "v")
+    publish_all(ring, nats_server.url)
+
+    async def stopped_in_outage() -> float:
+        stop = asyncio.Event()
+        p = Publisher(ring, nats_server.url, host="h1", ack_timeout=0.5)
+        p.stop_grace = 2.0
+        task = asyncio.create_task(p.run(stop))
+        await asyncio.sleep(0.5)
+        nats_server.stop()
+        for k in range(5, 10):
+            ring.write_arrow_batch(pa.record_batch({"i": [k]}), "v")
+        await asyncio.sleep(2.0)  # (it tries, and fails)
+        t = time.monotonic()
+        stop.set()
+        with pytest.raises(JetStreamError, match="not acknowledged"):
+            await task
+        return time.monotonic() - t
+
+    assert asyncio.run(stopped_in_outage()) < 15
+    nats_server.start()
+    assert publish_all(ring, nats_server.url).stats.next_seq == 10
+
+    async def stored() -> list[int]:
+        nc = await nats.connect(nats_server.url)
+        sub = await nc.jetstream().pull_subscribe("rdaq.>", stream="RDAQ_rdaq")
+        msgs = await sub.fetch(20, timeout=3)
+        await nc.close()
+        return [int(m.headers["Rdaq-Seq"]) for m in msgs]  # type: ignore[index]
+
+    assert sorted(asyncio.run(stored())) == list(range(10))

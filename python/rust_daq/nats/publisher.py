@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .._arrow import StreamInfo
+from .._errors import JetStreamError
 from .._records import SchemaTable
 from .._ring import RingBuffer
 from ..acquisition import RowIndex
@@ -158,6 +159,9 @@ class Publisher:
         self._key = protocol.position_key(self.prefix, self.host)
         self._saved = -1
         self._connected = asyncio.Event()
+        self._stop = asyncio.Event()
+        #: Seconds a stopped publisher waits for a server that is away before giving up.
+        self.stop_grace = 10.0
         self._js: Any = None
         self._inflight_bytes = 0
 
@@ -291,6 +295,7 @@ class Publisher:
         """Publishes until `stop` is set; then waits for the acknowledgements of what it sent,
         stores the position and returns the stats."""
         stop = stop or asyncio.Event()
+        self._stop = stop
 
         def lost_connection() -> None:
             self._connected.clear()
@@ -324,7 +329,10 @@ class Publisher:
             try:
                 await nc.drain()
             except Exception:  # (closing a connection to a server that is gone)
-                await nc.close()
+                try:
+                    await nc.close()
+                except Exception as e:  # (...whose socket is gone too: nothing left to close)
+                    log.debug("closing the NATS connection: %s", e)
         return self.stats
 
     async def _loop(
@@ -467,8 +475,19 @@ class Publisher:
         for out in inflight:
             if out.future is not None and not out.future.done():
                 out.future.cancel()
+        stopped_at: float | None = None
         while True:
             await asyncio.sleep(_RESEND_PAUSE)
+            if self._stop.is_set():
+                # Stopped while the server is away: wait a little, then give up; what was not
+                # acknowledged stays after the stored position, and a restart resends it.
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at > self.stop_grace:
+                    raise JetStreamError(
+                        f"stopped while JetStream did not take our messages: {len(inflight)} message(s) "
+                        f"not acknowledged after {self.stop_grace:g} s; the stored position is before "
+                        "them, and a publisher started again resends them"
+                    )
             if not self._connected.is_set():
                 continue
             try:
