@@ -135,19 +135,20 @@ def test_a_forked_child_cannot_write_or_release_the_parents_lock(ring_path: str)
     ring.close()
 
 
+@pytest.mark.parametrize("wait", ["adaptive", "busy", "park"])
 @pytest.mark.parametrize("blocked_in", ["read", "write"])
-def test_ctrl_c_interrupts_a_blocked_call(ring_path: str, blocked_in: str) -> None:
+def test_ctrl_c_interrupts_a_blocked_call(ring_path: str, blocked_in: str, wait: str) -> None:
     code = f"""
 import sys
 from rust_daq import RingBuffer
-ring = RingBuffer.create({ring_path!r}, capacity_bytes=4096, policy="block")
+ring = RingBuffer.create({ring_path!r}, capacity_bytes=4096, policy="block", wait={wait!r})
 if {blocked_in!r} == "write":
     ring.write(b"x" * 4000)
     print("ready", flush=True)
     ring.write(b"y" * 4000, timeout=60)
 else:
     print("ready", flush=True)
-    ring.reader().read(timeout=60)
+    ring.reader(wait={wait!r}).read(timeout=60)
 """
     p = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -35,7 +35,7 @@ from ._errors import (
 )
 from ._live import LiveView
 from ._native import FORMAT_VERSION, Record, __version__
-from ._ring import RingBuffer, RingReader, resolve_ring_path
+from ._ring import RecordArrays, RingBuffer, RingReader, resolve_ring_path
 from .acquisition import Acquisition
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ __all__ = [
     "RingFormatError",
     "RingFullError",
     "RingPermissionError",
+    "RecordArrays",
     "RingReader",
     "RingUsageError",
     "RustDaqError",

@@ -43,8 +43,10 @@ class RingBuffer:
         writable: bool = False,
         replace: bool = False,
         block_timeout: float = 10.0,
+        wait: str = "adaptive",
     ) -> Self:
-        """Opens (or with ``create=True`` creates) the ring at ``path``.
+        """Opens (or with ``create=True`` creates) the ring at ``path``. ``wait``: how a
+        blocked write waits ("adaptive", "busy", "park").
 
         Raises RingConfigError, RingFormatError, ProducerActiveError, FileNotFoundError,
         PermissionError, OSError.
@@ -132,6 +134,11 @@ class RingBuffer:
     def block_timeout(self) -> float: ...
     @block_timeout.setter
     def block_timeout(self, seconds: float) -> None: ...
+    @property
+    def wait(self) -> str:
+        """How a write blocked for room waits: "adaptive", "busy" or "park"."""
+    @wait.setter
+    def wait(self, wait: str) -> None: ...
     def reserve(
         self,
         nbytes: int,
@@ -196,13 +203,33 @@ class Reservation:
 class RingReader:
     """A cursor over a ring with its own position and loss count."""
 
-    def __new__(cls, ring: RingBuffer, start: str = "oldest") -> Self:
-        """Raises RingConfigError (unknown start), RingClosedError, RingCorruptError."""
+    def __new__(cls, ring: RingBuffer, start: str = "oldest", wait: str = "adaptive") -> Self:
+        """Raises RingConfigError (unknown start or wait), RingClosedError, RingCorruptError."""
 
     def read(self, max_records: int | None = None, timeout: float = 0.0, copy: bool = True) -> list[Record]:
         """Records available now (waits up to ``timeout`` s for one). Raises RingCorruptError,
         ValueError (bad timeout), KeyboardInterrupt while waiting."""
 
+    def read_into(
+        self,
+        out: Buffer,
+        /,
+        *,
+        seq: Buffer | None = None,
+        timestamp_ns: Buffer | None = None,
+        streams: Buffer | None = None,
+        stream: int | None = None,
+        timeout: float = 0.0,
+    ) -> int:
+        """Bulk read into a writable C-contiguous buffer: one record per row (its first
+        dimension), each exactly a row long; seq (uint64), timestamp_ns (int64) and streams
+        (uint32) get one item per row. Returns the rows filled. Stops at a record of another
+        size or stream; raises ValueError (nothing consumed) if the next record's size is not
+        a row's, BufferError for a read-only or non-contiguous buffer."""
+
+    def _read_array(
+        self, max_records: int, stream: int | None, item: int, timeout: float
+    ) -> tuple[bytearray, bytearray, bytearray, bytearray, int]: ...
     def commit(self) -> None:
         """Stores this reader's position as the ring's read_tail: the producer (policy "block")
         may then reuse everything before it. A reader past the committed position (it skipped
@@ -210,6 +237,11 @@ class RingReader:
         position instead; its next commit moves on. Raises RingUsageError (header read-only
         for this user)."""
 
+    @property
+    def wait(self) -> str:
+        """How a read with a timeout waits for data: "adaptive", "busy" or "park"."""
+    @wait.setter
+    def wait(self, wait: str) -> None: ...
     @property
     def lost(self) -> int: ...
     @property

@@ -7,7 +7,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self, TypeVar, cast
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +21,14 @@ from ._window import RowWindow
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["RingBuffer", "RingReader", "resolve_ring_path"]
+__all__ = ["RecordArrays", "RingBuffer", "RingReader", "resolve_ring_path"]
 
 Policy = Literal["overwrite", "block"]
 StartAt = Literal["oldest", "latest", "tail"]
+Wait = Literal["adaptive", "busy", "park"]
+"""How a side waits for the other: ``"adaptive"`` spins about 50 µs, yields until 100 µs, then
+sleeps on the ring's futex; ``"busy"`` spins (a core busy while waiting, the lowest latency);
+``"park"`` sleeps at once (no CPU, a system call and a wake-up per hand-over)."""
 
 _MB = 1024 * 1024
 
@@ -71,9 +75,11 @@ class RingBuffer(_native.RingBuffer):
         policy: Policy = "overwrite",
         replace: bool = False,
         block_timeout: float = 10.0,
+        wait: Wait = "adaptive",
     ) -> Self:
         """Create a ring of ``capacity_mb`` MiB (or exactly ``capacity_bytes``) and attach as its
-        producer. An existing ring of the same capacity and policy is reopened with its data
+        producer. ``wait`` is how a write blocked for room waits (policy ``"block"``; see
+        :data:`Wait`, settable later as :attr:`wait`). An existing ring of the same capacity and policy is reopened with its data
         (a restarted producer continues the sequence); one of another capacity or policy is
         an error unless ``replace=True``.
 
@@ -103,21 +109,24 @@ class RingBuffer(_native.RingBuffer):
             policy=policy,
             replace=replace,
             block_timeout=block_timeout,
+            wait=wait,
         )
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], writable: bool = False) -> Self:
-        """Attach to an existing ring: read-only, or as its producer with ``writable=True``.
+    def open(cls, path: str | os.PathLike[str], writable: bool = False, *, wait: Wait = "adaptive") -> Self:
+        """Attach to an existing ring: read-only, or as its producer with ``writable=True``
+        (``wait``: how a blocked write waits, as for :meth:`create`).
 
         Raises FileNotFoundError, PermissionError, RingFormatError (not a ring, unsupported
         version, truncated), ProducerActiveError (``writable=True`` while a producer lives).
         """
-        return cls(resolve_ring_path(path), writable=writable)
+        return cls(resolve_ring_path(path), writable=writable, wait=wait)
 
-    def reader(self, start: StartAt = "oldest") -> RingReader:
+    def reader(self, start: StartAt = "oldest", *, wait: Wait = "adaptive") -> RingReader:
         """A new reader with its own cursor: from the ``"oldest"`` record still in the ring, the
-        ``"latest"`` (only records committed from now on), or the primary consumer's ``"tail"``."""
-        return RingReader(self, start)
+        ``"latest"`` (only records committed from now on), or the primary consumer's ``"tail"``.
+        ``wait`` is how its reads with a timeout wait for data (:data:`Wait`)."""
+        return RingReader(self, start, wait)
 
     def data_view(self) -> npt.NDArray[np.uint8]:
         """A read-only numpy ``uint8`` array over the whole data region, zero-copy. It keeps the
@@ -199,6 +208,20 @@ class RingBuffer(_native.RingBuffer):
         return f"<RingBuffer {self.path!r} {self.capacity} bytes policy={self.policy!r} {state}>"
 
 
+class RecordArrays(NamedTuple):
+    """What :meth:`RingReader.read_array` returns: ``n`` records of one size, as arrays."""
+
+    data: npt.NDArray[Any]
+    """``(n, size)`` uint8 (or ``(n, size // itemsize)`` of the dtype asked for; ``(n,)`` when
+    the dtype's item is a whole record, as a structured dtype's is)."""
+    seq: npt.NDArray[np.uint64]
+    timestamp_ns: npt.NDArray[np.int64]
+    stream: npt.NDArray[np.uint32]
+
+    def __len__(self) -> int:  # the number of records, not of fields
+        return len(self.seq)
+
+
 class RingReader(_native.RingReader):
     """A cursor over a ring with its own position and loss count (:attr:`lost`).
 
@@ -206,12 +229,47 @@ class RingReader(_native.RingReader):
     every record carries ``seq``, ``timestamp_ns``, ``stream`` and ``data``.
     """
 
-    def __init__(self, ring: _native.RingBuffer, start: StartAt = "oldest") -> None:
-        # (the native __new__ placed the cursor; this reader's Arrow decoding)
+    def __init__(self, ring: _native.RingBuffer, start: StartAt = "oldest", wait: Wait = "adaptive") -> None:
+        # (the native __new__ placed the cursor and set its wait; this reader's Arrow decoding)
         self._decoder = RecordDecoder(SchemaTable(ring))
         self._loss = LossAccount()  # per stream, from the gaps in stream_seq
         # Zero-copy batches handed out, by id: (a weak reference, the record's ring position).
         self._views: dict[int, tuple[weakref.ref[pa.RecordBatch], int]] = {}
+
+    def read_array(
+        self,
+        max_records: int = 65536,
+        *,
+        stream: int | None = None,
+        timeout: float = 0.0,
+        dtype: npt.DTypeLike = np.uint8,
+    ) -> RecordArrays:
+        """Up to ``max_records`` records of one size in one call, as arrays (copied out, then
+        validated, as :meth:`read` is): for small messages, one Python call per batch instead
+        of one :class:`Record` per message.
+
+        The batch stops at the first record of another size, or of another stream than
+        ``stream``; such a record is left for the next call (:meth:`read` takes any record). A
+        next record whose size is not a multiple of ``dtype``'s item raises ValueError and is
+        not consumed. ``timeout > 0`` waits (GIL released) for at least one record. To reuse
+        one buffer, see :meth:`read_into`.
+        """
+        dt = np.dtype(dtype)
+        if max_records < 0:
+            raise ValueError(f"max_records must be >= 0, got {max_records}")
+        data, seq, ts, streams, size = self._read_array(max_records, stream, dt.itemsize, timeout)
+        n = len(seq) // 8
+        raw: npt.NDArray[Any] = np.frombuffer(data, np.uint8).reshape(n, size)
+        arr: npt.NDArray[Any]
+        if dt == np.uint8:
+            arr = raw
+        elif dt.itemsize == size:
+            arr = raw.view(dt).reshape(n)
+        else:
+            arr = raw.view(dt)
+        return RecordArrays(
+            arr, np.frombuffer(seq, np.uint64), np.frombuffer(ts, np.int64), np.frombuffer(streams, np.uint32)
+        )
 
     def read_batches(
         self, max_records: int | None = None, timeout: float = 0.0, copy: bool = True

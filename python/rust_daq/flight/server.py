@@ -262,7 +262,10 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         self, context: fl.ServerCallContext, t: Ticket, state: SchemaTable, stream_id: int, schema: pa.Schema
     ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
         ring, rows = self.daemon.ring, self.daemon.row_index
-        reader = ring.reader("oldest" if t.start == "oldest" or t.after_seq is not None else "latest")
+        # Parked, not spinning, while it waits: many subscribers share the acquisition's cores.
+        reader = ring.reader(
+            "oldest" if t.start == "oldest" or t.after_seq is not None else "latest", wait="park"
+        )
         # Our own copies: gRPC sends a batch after this generator moves on. A copy torn by the
         # producer is lost (a gap before the next record); an undecodable record, counted by
         # the writer, is skipped.

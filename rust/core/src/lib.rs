@@ -34,3 +34,4 @@ pub use reader::{Next, Reader, RecordRef};
 pub use region::{Geometry, Region};
 pub use ring::{Policy, Ring, Start, Status};
 pub use schema::SchemaEntry;
+pub use wait::WaitStrategy;

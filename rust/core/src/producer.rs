@@ -17,7 +17,7 @@ use crate::lock;
 use crate::region::now_ns;
 use crate::ring::{Policy, Ring};
 use crate::schema::{SchemaEntry, StreamIds};
-use crate::wait::{sleep_on, wake_sleepers};
+use crate::wait::{wake_sleepers, WaitStrategy};
 
 /// A claimed record: header written (busy), payload space reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +49,8 @@ pub struct Producer {
     /// Which stream ids Arrow streams own and which schema id belongs to which stream,
     /// loaded from the schema table on first need (only this producer adds to it).
     arrow: Option<StreamIds>,
+    /// How a blocked write waits for room.
+    wait: WaitStrategy,
 }
 
 /// Outcome of `Producer::try_claim`.
@@ -76,6 +78,7 @@ impl Producer {
             lock_word: mine,
             fork_gen,
             arrow: None,
+            wait: WaitStrategy::default(),
             pending: None,
             took_over_from: match acquired {
                 lock::Acquired::TookOver(pid) => Some(pid),
@@ -501,15 +504,21 @@ impl Producer {
         wake_sleepers(self.ring.h32(off::DATA_NOTIFY));
     }
 
-    /// Policy "block": sleeps until `read_tail` reaches `needed_tail` or `timeout` passes.
+    /// Policy "block": waits until `read_tail` reaches `needed_tail` or `timeout` passes, as
+    /// the producer's wait strategy says (adaptive unless set). May return false early.
     pub fn wait_for_room(&self, needed_tail: u64, timeout: Duration) -> bool {
         let tail = self.ring.h64(off::READ_TAIL);
         let ready = || tail.load(Ordering::SeqCst) >= needed_tail;
-        if ready() {
-            return true;
-        }
-        sleep_on(self.ring.h32(off::TAIL_NOTIFY), timeout, ready);
-        ready()
+        self.wait
+            .wait(Some(self.ring.h32(off::TAIL_NOTIFY)), timeout, ready)
+    }
+
+    /// How `wait_for_room` spends its time.
+    pub fn set_wait(&mut self, wait: WaitStrategy) {
+        self.wait = wait;
+    }
+    pub fn wait_strategy(&self) -> WaitStrategy {
+        self.wait
     }
 
     /// Writes one record, waiting up to `timeout` for room under policy "block" (in

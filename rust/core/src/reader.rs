@@ -4,13 +4,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::copy;
 use crate::error::{Error, Result};
 use crate::format::{self, off, COMMITTED, TYPE_PADDING};
 use crate::ring::{Ring, Start, LOOK_ATTEMPTS};
-use crate::wait::sleep_on;
+use crate::wait::WaitStrategy;
 
 /// A record found by `Reader::peek`: where it is and what its header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +46,7 @@ pub struct Reader {
     expected: u64,
     lost: u64,
     delivered: u64,
+    wait: WaitStrategy,
 }
 
 impl Reader {
@@ -72,6 +73,7 @@ impl Reader {
             expected: 0,
             lost: 0,
             delivered: 0,
+            wait: WaitStrategy::default(),
         }
     }
 
@@ -207,6 +209,59 @@ impl Reader {
         true
     }
 
+    /// Collects into `out` (cleared first) up to `max` committed records that follow each
+    /// other from the reader's position with the same payload length (and, if given, from
+    /// `stream`), for a bulk read: copy them all, then `confirm_run`. Stops at the first
+    /// record that differs, at a claim not yet committed, or at the end of what is written.
+    /// The reader's position is unchanged (only padding and a jump to the oldest record, as
+    /// `peek` makes them, move it).
+    pub fn peek_run(
+        &mut self,
+        max: usize,
+        stream: Option<u32>,
+        out: &mut Vec<RecordRef>,
+    ) -> Result<()> {
+        out.clear();
+        let mut first: Option<RecordRef> = None;
+        while out.len() < max {
+            let rec = match self.peek()? {
+                Next::Record(r) => r,
+                Next::Busy { .. } | Next::Empty => break,
+            };
+            let f = *first.get_or_insert(rec);
+            if rec.payload_len != f.payload_len || stream.is_some_and(|s| s != rec.stream) {
+                break;
+            }
+            out.push(rec);
+            self.pos = rec.pos + rec.size;
+        }
+        // Back to the first record of the run (peek may have moved past padding or to the
+        // oldest record before it: that move stands).
+        if let Some(f) = first {
+            self.pos = f.pos;
+        }
+        Ok(())
+    }
+
+    /// After copying the records `peek_run` found: confirms them in order and returns the
+    /// index of the first one still intact (every one before it was reclaimed by the producer
+    /// while it was copied; their copies must be discarded). Records are reclaimed in order,
+    /// so the intact ones are a suffix. Returns `run.len()` if none is.
+    pub fn confirm_run(&mut self, run: &[RecordRef]) -> usize {
+        // Usually the first is intact, and so is everything after it: one check.
+        let first_intact = run
+            .iter()
+            .position(|rec| self.ring.still_valid(rec.pos))
+            .unwrap_or(run.len());
+        for rec in &run[first_intact..] {
+            self.lost += rec.seq.saturating_sub(self.expected);
+            self.expected = rec.seq + 1;
+            self.pos = rec.pos + rec.size;
+            self.delivered += 1;
+        }
+        first_intact
+    }
+
     /// Reads the next record into a new `Vec` (copy, then validate; torn copies are
     /// retried from the new oldest record). `None` if nothing is committed yet.
     pub fn next_copy(&mut self) -> Result<Option<(RecordRef, Vec<u8>)>> {
@@ -241,27 +296,23 @@ impl Reader {
             || r.h64(off::OLDEST_POS).load(Ordering::SeqCst) > self.pos
     }
 
-    /// Waits up to `timeout` for the producer to commit something past our position:
-    /// spins briefly, then sleeps on the ring's futex. May return early.
+    /// How `wait` spends its time (adaptive unless set).
+    pub fn set_wait(&mut self, wait: WaitStrategy) {
+        self.wait = wait;
+    }
+    pub fn wait_strategy(&self) -> WaitStrategy {
+        self.wait
+    }
+
+    /// Waits up to `timeout` for the producer to commit something past our position, as
+    /// the reader's wait strategy says. May return early.
     pub fn wait(&self, timeout: Duration) {
-        let spin_until = Instant::now() + timeout.min(Duration::from_micros(20));
-        while Instant::now() < spin_until {
-            if self.may_have_data() {
-                return;
-            }
-            std::hint::spin_loop();
-        }
-        let left = timeout.saturating_sub(Duration::from_micros(20));
-        if left.is_zero() {
-            return;
-        }
-        if !self.ring.region.header_writable() {
-            std::thread::sleep(left.min(Duration::from_micros(200)));
-            return;
-        }
-        sleep_on(self.ring.h32(off::DATA_NOTIFY), left, || {
-            self.may_have_data()
-        });
+        let word = self
+            .ring
+            .region
+            .header_writable()
+            .then(|| self.ring.h32(off::DATA_NOTIFY));
+        self.wait.wait(word, timeout, || self.may_have_data());
     }
 
     /// Stores this reader's position as the ring's `read_tail` (primary consumer only).

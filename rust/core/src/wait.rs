@@ -1,12 +1,101 @@
-//! Sleeping until another process changes a word in the shared header. On Linux this is
-//! a shared (not PRIVATE) futex on the mapped word; elsewhere a short sleep. `sleep_on` and
-//! `wake_sleepers` add the `WAITERS` flag protocol of docs/ring-format.md on top, so a
-//! producer that nobody waits for never makes a syscall.
+//! Waiting for another process: how a reader waits for data and a blocked producer for
+//! room. [`WaitStrategy`] says how the time is spent (spin, yield, park), in the manner of
+//! Aeron's idle strategies and the Disruptor's wait strategies. Parking is a shared (not
+//! PRIVATE) futex on a word of the mapped header on Linux, elsewhere a short sleep;
+//! `sleep_on` and `wake_sleepers` add the `WAITERS` flag protocol of docs/ring-format.md on
+//! top, so a producer that nobody waits for never makes a syscall.
 
 use std::sync::atomic::{fence, AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::error::{Error, Result};
 use crate::format::WAITERS;
+
+/// How a waiting side spends its time until the other side acts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WaitStrategy {
+    /// Spin for [`SPIN`], then yield the CPU until [`YIELD_UNTIL`], then park on the futex:
+    /// a hand-over within tens of microseconds costs no system call on either side, and a
+    /// long wait costs no CPU.
+    #[default]
+    Adaptive,
+    /// Spin until ready or the timeout: the lowest latency, one core kept busy while waiting.
+    Busy,
+    /// Park on the futex at once: no CPU while waiting; each hand-over costs the waker a
+    /// system call and the sleeper a wake-up (tens of microseconds).
+    Park,
+}
+
+/// How long an adaptive wait spins before it starts yielding.
+pub const SPIN: Duration = Duration::from_micros(50);
+/// How long (from the start) an adaptive wait yields before it parks.
+pub const YIELD_UNTIL: Duration = Duration::from_micros(100);
+
+impl WaitStrategy {
+    pub fn parse(s: &str) -> Result<WaitStrategy> {
+        match s {
+            "adaptive" => Ok(WaitStrategy::Adaptive),
+            "busy" => Ok(WaitStrategy::Busy),
+            "park" => Ok(WaitStrategy::Park),
+            other => Err(Error::config(format!(
+                "unknown wait {other:?}; use \"adaptive\", \"busy\" or \"park\""
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WaitStrategy::Adaptive => "adaptive",
+            WaitStrategy::Busy => "busy",
+            WaitStrategy::Park => "park",
+        }
+    }
+
+    /// Waits up to `timeout` for `ready()`, spending the time as the strategy says; parks on
+    /// `word` (None: the header is read-only here, so a short sleep instead). Returns
+    /// `ready()`; may return false before the timeout (callers loop).
+    pub(crate) fn wait(
+        self,
+        word: Option<&AtomicU32>,
+        timeout: Duration,
+        ready: impl Fn() -> bool,
+    ) -> bool {
+        if ready() {
+            return true;
+        }
+        let (spin, yield_until) = match self {
+            WaitStrategy::Adaptive => (SPIN, YIELD_UNTIL),
+            WaitStrategy::Busy => (timeout, timeout),
+            WaitStrategy::Park => (Duration::ZERO, Duration::ZERO),
+        };
+        let start = Instant::now();
+        let spin = spin.min(timeout);
+        while start.elapsed() < spin {
+            for _ in 0..32 {
+                if ready() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let yield_until = yield_until.min(timeout);
+        while start.elapsed() < yield_until {
+            if ready() {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return ready();
+        }
+        match word {
+            Some(w) => sleep_on(w, left, &ready),
+            None => std::thread::sleep(left.min(Duration::from_micros(200))),
+        }
+        ready()
+    }
+}
 
 /// Sleeps while `*word == expected`, at most `timeout`. May return early (spuriously);
 /// callers re-check their condition.

@@ -2,6 +2,7 @@
 //! the GIL; the ring logic lives in the core crate.
 
 mod buffer;
+mod bulk;
 mod errors;
 mod reader;
 mod reserve;

@@ -5,10 +5,11 @@ use std::time::Instant;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyMemoryView};
-use rust_daq_core::{Next, Reader, RecordRef, Ring, Start};
+use pyo3::types::{PyByteArray, PyList, PyMemoryView};
+use rust_daq_core::{Next, Reader, RecordRef, Ring, Start, WaitStrategy};
 
 use crate::buffer::{MapView, SendPtr};
+use crate::bulk::{copy_run, wait_run, Columns, Dest, Want};
 use crate::errors::IntoPy;
 use crate::ring::RingBuffer;
 use crate::wait::{copy_maybe_detached, duration, lock_detached, sleep_slice};
@@ -87,7 +88,29 @@ pub struct RingReader {
     /// A Mutex because the frozen object may be shared between Python threads; `read`
     /// holds it for one call (and releases the GIL while it waits).
     inner: Mutex<Reader>,
+    /// The records of a bulk read's run (kept between calls: no allocation per batch).
+    scratch: Mutex<Vec<RecordRef>>,
     ring_obj: Py<RingBuffer>,
+}
+
+/// A new `bytearray` of `len` bytes, uninitialised (the caller fills it).
+fn new_bytearray(py: Python<'_>, len: usize) -> PyResult<Bound<'_, PyByteArray>> {
+    // SAFETY: a NULL source asks CPython for an uninitialised bytearray of `len` bytes.
+    let obj = unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len as ffi::Py_ssize_t),
+        )?
+    };
+    Ok(obj.cast_into::<PyByteArray>()?)
+}
+
+fn shrink(b: &Bound<'_, PyByteArray>, len: usize) -> PyResult<()> {
+    // SAFETY: b is a bytearray we own; shrinking keeps its first `len` bytes.
+    if unsafe { ffi::PyByteArray_Resize(b.as_ptr(), len as ffi::Py_ssize_t) } != 0 {
+        return Err(PyErr::fetch(b.py()));
+    }
+    Ok(())
 }
 
 fn make_record(
@@ -132,13 +155,16 @@ fn copy_record(py: Python<'_>, rd: &mut Reader, rec: &RecordRef) -> PyResult<Opt
 #[pymethods]
 impl RingReader {
     #[new]
-    #[pyo3(signature = (ring, start="oldest"))]
-    fn new(py: Python<'_>, ring: Py<RingBuffer>, start: &str) -> PyResult<Self> {
+    #[pyo3(signature = (ring, start="oldest", wait="adaptive"))]
+    fn new(py: Python<'_>, ring: Py<RingBuffer>, start: &str, wait: &str) -> PyResult<Self> {
         let start = Start::parse(start).py_err(py)?;
+        let wait = WaitStrategy::parse(wait).py_err(py)?;
         let shared = ring.get().ring()?.clone();
-        let reader = Reader::new(shared, start).py_err(py)?;
+        let mut reader = Reader::new(shared, start).py_err(py)?;
+        reader.set_wait(wait);
         Ok(RingReader {
             inner: Mutex::new(reader),
+            scratch: Mutex::new(Vec::new()),
             ring_obj: ring,
         })
     }
@@ -203,10 +229,127 @@ impl RingReader {
         }
     }
 
+    /// Bulk read into a caller's buffer: up to `len(out)` records (its first dimension), one
+    /// per row, each exactly a row's bytes long, with their sequence numbers, timestamps and
+    /// streams in the optional 1-D arrays (uint64, int64, uint32). Returns how many rows were
+    /// filled. Stops at the first record of another length, or of another stream than
+    /// `stream`; a first record of another length raises ValueError and is not consumed.
+    #[pyo3(signature = (out, /, *, seq=None, timestamp_ns=None, streams=None, stream=None, timeout=0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn read_into(
+        &self,
+        py: Python<'_>,
+        out: &Bound<'_, PyAny>,
+        seq: Option<&Bound<'_, PyAny>>,
+        timestamp_ns: Option<&Bound<'_, PyAny>>,
+        streams: Option<&Bound<'_, PyAny>>,
+        stream: Option<u32>,
+        timeout: f64,
+    ) -> PyResult<usize> {
+        let timeout = duration(timeout, "timeout")?;
+        let dest = Dest::new(out, "out")?;
+        let rows = dest.rows;
+        let column = |obj: Option<&Bound<'_, PyAny>>, what: &str, item: usize| {
+            obj.map(|o| {
+                let d = Dest::new(o, what)?;
+                d.check_items(what, rows, item)?;
+                Ok::<Dest, PyErr>(d)
+            })
+            .transpose()
+        };
+        let (s, t, st) = (
+            column(seq, "seq", 8)?,
+            column(timestamp_ns, "timestamp_ns", 8)?,
+            column(streams, "streams", 4)?,
+        );
+        let want = Want {
+            max: rows,
+            stream,
+            size: Some(dest.row_bytes() as u64),
+            item: 1,
+            timeout,
+        };
+        let (mut rd, run) = wait_run(py, &self.inner, &self.scratch, &want)?;
+        let cols = Columns {
+            data: SendPtr(dest.ptr),
+            size: dest.row_bytes(),
+            seq: s.as_ref().map(|d| d.ptr.cast::<u64>()),
+            timestamp_ns: t.as_ref().map(|d| d.ptr.cast::<i64>()),
+            stream: st.as_ref().map(|d| d.ptr.cast::<u32>()),
+        };
+        // SAFETY: run.len() <= rows; every buffer holds `rows` rows or items (checked) and
+        // stays exported until the end of this call.
+        Ok(unsafe { copy_run(py, &mut rd, &run, &cols) })
+    }
+
+    /// Bulk read into new arrays (the Python `read_array` wraps it): (data, seq,
+    /// timestamp_ns, streams, record size), the first four as bytearrays.
+    #[pyo3(signature = (max_records, stream, item, timeout))]
+    #[allow(clippy::type_complexity)]
+    fn _read_array<'py>(
+        &self,
+        py: Python<'py>,
+        max_records: usize,
+        stream: Option<u32>,
+        item: u64,
+        timeout: f64,
+    ) -> PyResult<(
+        Bound<'py, PyByteArray>,
+        Bound<'py, PyByteArray>,
+        Bound<'py, PyByteArray>,
+        Bound<'py, PyByteArray>,
+        usize,
+    )> {
+        let want = Want {
+            max: max_records,
+            stream,
+            size: None,
+            item: item.max(1),
+            timeout: duration(timeout, "timeout")?,
+        };
+        let (mut rd, run) = wait_run(py, &self.inner, &self.scratch, &want)?;
+        let (n, size) = (run.len(), run.first().map_or(0, |r| r.payload_len as usize));
+        let data = new_bytearray(py, n * size)?;
+        let (s, t, st) = (
+            new_bytearray(py, n * 8)?,
+            new_bytearray(py, n * 8)?,
+            new_bytearray(py, n * 4)?,
+        );
+        let cols = Columns {
+            data: SendPtr(data.data()),
+            size,
+            seq: Some(s.data().cast::<u64>()),
+            timestamp_ns: Some(t.data().cast::<i64>()),
+            stream: Some(st.data().cast::<u32>()),
+        };
+        // SAFETY: the bytearrays were made for n rows/items and nobody else has them yet.
+        let got = unsafe { copy_run(py, &mut rd, &run, &cols) };
+        if got < n {
+            shrink(&data, got * size)?;
+            shrink(&s, got * 8)?;
+            shrink(&t, got * 8)?;
+            shrink(&st, got * 4)?;
+        }
+        Ok((data, s, t, st, size))
+    }
+
     /// Stores this reader's position as the ring's `read_tail` (the primary consumer does
     /// this after it has persisted what it read; `policy="block"` producers wait on it).
     fn commit(&self, py: Python<'_>) -> PyResult<()> {
         lock_detached(py, &self.inner).commit().py_err(py)
+    }
+
+    /// How a read with a timeout waits for data: "adaptive" (spin, yield, then sleep),
+    /// "busy" (spin) or "park" (sleep on the futex at once).
+    #[getter]
+    fn get_wait(&self, py: Python<'_>) -> &'static str {
+        lock_detached(py, &self.inner).wait_strategy().name()
+    }
+    #[setter]
+    fn set_wait(&self, py: Python<'_>, wait: &str) -> PyResult<()> {
+        let w = WaitStrategy::parse(wait).py_err(py)?;
+        lock_detached(py, &self.inner).set_wait(w);
+        Ok(())
     }
 
     /// Records lost so far: overwritten before this reader got to them, or torn copies.

@@ -1,13 +1,13 @@
 //! `RingBuffer`: a handle on a ring file, the producer's when writable.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use rust_daq_core::{Claim, ClaimResult, Error, Guard, Policy, Producer, Ring};
+use rust_daq_core::{Claim, ClaimResult, Error, Guard, Policy, Producer, Ring, WaitStrategy};
 
 use crate::buffer::{MapView, SendPtr, Source};
 use crate::errors::{to_py, IntoPy};
@@ -30,6 +30,24 @@ pub struct RingBuffer {
     closed: AtomicBool,
     /// Default wait of a blocked write, in seconds, as f64 bits (settable from Python).
     block_timeout: AtomicU64,
+    /// How a blocked write waits for room (a `WaitStrategy`, as `wait_code`).
+    wait: AtomicU8,
+}
+
+fn wait_code(w: WaitStrategy) -> u8 {
+    match w {
+        WaitStrategy::Adaptive => 0,
+        WaitStrategy::Busy => 1,
+        WaitStrategy::Park => 2,
+    }
+}
+
+fn wait_of(code: u8) -> WaitStrategy {
+    match code {
+        1 => WaitStrategy::Busy,
+        2 => WaitStrategy::Park,
+        _ => WaitStrategy::Adaptive,
+    }
 }
 
 impl RingBuffer {
@@ -60,8 +78,10 @@ impl RingBuffer {
     }
 
     /// How long a write may wait for room: the caller's `timeout`, else `block_timeout`;
-    /// zero under policy "overwrite", which never waits.
-    fn wait_limit(&self, p: &Producer, timeout: Option<f64>) -> PyResult<Duration> {
+    /// zero under policy "overwrite", which never waits. Gives the producer this handle's
+    /// wait strategy.
+    fn wait_limit(&self, p: &mut Producer, timeout: Option<f64>) -> PyResult<Duration> {
+        p.set_wait(wait_of(self.wait.load(Ordering::Relaxed)));
         if p.ring().policy() != Policy::Block {
             return Ok(Duration::ZERO);
         }
@@ -126,7 +146,7 @@ impl RingBuffer {
     // Mirrors the keyword arguments of the Python classmethods that call it.
     #[allow(clippy::too_many_arguments)]
     #[new]
-    #[pyo3(signature = (path, *, create=false, capacity_bytes=0, policy="overwrite", writable=false, replace=false, block_timeout=10.0))]
+    #[pyo3(signature = (path, *, create=false, capacity_bytes=0, policy="overwrite", writable=false, replace=false, block_timeout=10.0, wait="adaptive"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -136,8 +156,10 @@ impl RingBuffer {
         writable: bool,
         replace: bool,
         block_timeout: f64,
+        wait: &str,
     ) -> PyResult<Self> {
         let policy = Policy::parse(policy).py_err(py)?;
+        let wait = WaitStrategy::parse(wait).py_err(py)?;
         duration(block_timeout, "block_timeout")?;
         let opened = py.detach(|| {
             if create {
@@ -153,6 +175,7 @@ impl RingBuffer {
             producer: Arc::new(Mutex::new(producer)),
             closed: AtomicBool::new(false),
             block_timeout: AtomicU64::new(block_timeout.to_bits()),
+            wait: AtomicU8::new(wait_code(wait)),
         })
     }
 
@@ -379,6 +402,19 @@ impl RingBuffer {
         duration(seconds, "block_timeout")?;
         self.block_timeout
             .store(seconds.to_bits(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How a write blocked for room waits: "adaptive" (spin, yield, then sleep), "busy"
+    /// (spin) or "park" (sleep on the futex at once).
+    #[getter]
+    fn get_wait(&self) -> &'static str {
+        wait_of(self.wait.load(Ordering::Relaxed)).name()
+    }
+    #[setter]
+    fn set_wait(&self, py: Python<'_>, wait: &str) -> PyResult<()> {
+        let w = WaitStrategy::parse(wait).py_err(py)?;
+        self.wait.store(wait_code(w), Ordering::Relaxed);
         Ok(())
     }
 
