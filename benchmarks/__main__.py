@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             show(limits.tables(res[case]))
         elif case == "rate":
             res[case] = ipc.case_rate(quick, reps)
-            show([ipc.table_rate(res[case])])
+            show([ipc.table_rate(res[case], res.get("limits"))])
         elif case == "frames":
             res[case] = ipc.case_frames(quick, reps)
             if "limits" not in res:

@@ -5,7 +5,9 @@ in-process write path beside them.
   (in cache), and 1 MiB or 4 MiB blocks cycling through as much memory as every transport of
   the cross-process cases buffers for them (``transports.depth``: 16 and 32 MiB);
 - a no-op call into the extension (``ring._noop()``), the floor of any native call from
-  Python, beside ``ring.write`` of 64 B (what a message costs the producer);
+  Python, beside ``ring.write`` of 64 B (what a message costs the producer) and the reads of
+  64 B records, one ``Record`` each (``read``) or in bulk (``read_into``: what a message costs
+  the consumer);
 - sequential file write bandwidth to the filesystem the storage cases write to, 4 MiB
   ``os.write`` calls, both into the page cache (what h5py and the writer see) and with an
   ``fsync`` at the end (what the disk sustains).
@@ -71,8 +73,27 @@ def call_rates(n: int, reps: int) -> dict[str, float]:
                 for _ in range(k):
                     write(frame)
 
+            # The consumer's side alone: one lap of 64 B records (write_many), read back.
+            per_lap = ring.capacity // 128
+
+            def reads_alone(bulk: bool, k: int) -> float:
+                # Timed without the writes that fill the ring.
+                rows = np.empty((4096, 64), np.uint8)
+                total = 0.0
+                for _ in range(max(k // per_lap, 1)):
+                    ring.write_many([payload] * per_lap)
+                    rd, got = ring.reader("oldest"), 0
+                    t0 = time.perf_counter()
+                    while got < per_lap:
+                        got += rd.read_into(rows) if bulk else len(rd.read(4096))
+                    total += time.perf_counter() - t0
+                return max(k // per_lap, 1) * per_lap / total
+
             do_frames(ring.capacity // MiB + 1)  # one lap: every page of the ring touched
+            read_n = max(n // 4, per_lap)
             return {
+                "ring_read_64B": median_of([reads_alone(False, read_n) for _ in range(reps)]),
+                "ring_read_into_64B": median_of([reads_alone(True, read_n) for _ in range(reps)]),
                 "ring_write_64B": median_rate(do_write, n, reps),
                 "ring_write_many_64B": median_rate(do_write_many, n, reps),
                 "noop_call": median_rate(do_noop, n, reps),
@@ -139,6 +160,8 @@ def tables(res: dict[str, Any]) -> list[Table]:
                 ("no-op native call `ring._noop()` (limit)", "noop_call"),
                 ("`ring.write(64 B)`", "ring_write_64B"),
                 ("`ring.write_many([64 B] * 10000)`, per record", "ring_write_many_64B"),
+                ("`reader.read(4096)` of 64 B records, per record", "ring_read_64B"),
+                ("`reader.read_into((4096, 64) array)`, per record", "ring_read_into_64B"),
             ]
         ],
     )

@@ -52,6 +52,10 @@ class Sender:
     def send(self, msg: np.ndarray) -> None:
         raise NotImplementedError
 
+    def send_block(self, block: np.ndarray) -> None:
+        """Each row of `block` as one message, in one call (transports with ``bulk = True``)."""
+        raise NotImplementedError
+
     def connect(self) -> None:
         """Once every receiver exists (after the start barrier), before the first send."""
 
@@ -65,6 +69,11 @@ class Receiver:
     lost = 0
 
     def poll(self, blocking: bool) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def poll_array(self, blocking: bool) -> np.ndarray:
+        """The (index, send_ns) of each message received, as an (n, 2) int64 array
+        (transports with ``bulk = True``)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -83,6 +92,11 @@ class Transport:
     busy_poll = True
     blocking = True
     requires: str | None = None
+    bulk = False  # sends blocks of messages and receives them as arrays
+
+    @classmethod
+    def wait_label(cls, blocking: bool) -> str:
+        return "blocking" if blocking else "busy-poll"
 
     def __init__(self, size: int, readers: int, ctx: Any) -> None:
         self.size = size
@@ -105,7 +119,15 @@ class Transport:
 
 
 class RingTransport(Transport):
+    """The ring under policy "block", both sides waiting as `wait` says when they wait with a
+    timeout ("blocking"; the producer waits for room, the reader for data); "busy-poll" is
+    the consumer calling read(timeout=0) in a Python loop."""
+
     label = "rust-daq ring"
+    wait = "adaptive"
+    # Frames: commit every second frame. A frame slot freed at once is rewritten by the
+    # producer while its lines are still in the consumer's L2 (RingCommitEachTransport).
+    commit_every = 2
 
     def __init__(self, size: int, readers: int, ctx: Any) -> None:
         super().__init__(size, readers, ctx)
@@ -115,13 +137,18 @@ class RingTransport(Transport):
         self.capacity = depth(size) * (size + 64)
         RingBuffer.create(self.path, capacity_bytes=self.capacity, policy="block", block_timeout=60).close()
 
+    @classmethod
+    def wait_label(cls, blocking: bool) -> str:
+        return f"wait={cls.wait}" if blocking else "busy-poll (Python loop)"
+
     def sender(self) -> Sender:
         from rust_daq import RingBuffer
 
-        ring = RingBuffer.open(self.path, writable=True)
+        ring = RingBuffer.open(self.path, writable=True, wait=self.wait)
 
         class S(Sender):
             send = ring.write  # type: ignore[assignment]
+            send_block = ring.write_many  # type: ignore[assignment]
 
             def close(self) -> None:
                 ring.close()
@@ -132,10 +159,12 @@ class RingTransport(Transport):
         from rust_daq import RingBuffer
 
         ring = RingBuffer.open(self.path)
-        reader = ring.reader("oldest")
+        reader = ring.reader("oldest", wait=self.wait)
         commit = i == 0
+        commit_every = self.commit_every
         large = self.size >= LARGE
         dest = np.empty(self.size, np.uint8)
+        rows = np.empty((4096, self.size), np.uint8) if not large else dest[None, :]
 
         class R(Receiver):
             def poll(self, blocking: bool) -> list[tuple[int, int]]:
@@ -148,12 +177,20 @@ class RingTransport(Transport):
                 self.lost = reader.lost
                 return out
 
+            def poll_array(self, blocking: bool) -> np.ndarray:
+                n = reader.read_into(rows, timeout=1.0 if blocking else 0.0)
+                if n and commit:
+                    reader.commit()
+                self.lost = reader.lost
+                return np.ascontiguousarray(rows[:n, :16]).view(np.int64)
+
             def poll_frames(self, blocking: bool) -> list[tuple[int, int]]:
-                """Large frames one at a time, read in place and copied out; committing each
-                at once frees its space for the producer while the next is copied."""
+                """Large frames one at a time, read in place and copied out, committed every
+                `commit_every` frames and before a wait: the space is freed for the producer
+                while the next frames are copied."""
                 out = []
                 timeout = 1.0 if blocking else 0.0
-                for _ in range(64):
+                for k in range(1, 65):
                     recs = reader.read(max_records=1, timeout=timeout, copy=False)
                     if not recs:
                         break
@@ -161,8 +198,10 @@ class RingTransport(Transport):
                     np.copyto(dest, np.frombuffer(recs[0].data, np.uint8))
                     if recs[0].valid():  # False only for a lapped non-committing reader
                         out.append(_header(dest))
-                    if commit:
+                    if commit and k % commit_every == 0:
                         reader.commit()
+                if commit:
+                    reader.commit()
                 self.lost = reader.lost
                 return out
 
@@ -171,6 +210,31 @@ class RingTransport(Transport):
     def cleanup(self) -> None:
         if os.path.exists(self.path):
             os.unlink(self.path)
+
+
+class RingBusyTransport(RingTransport):
+    label = "rust-daq ring"
+    wait = "busy"
+    busy_poll = False
+
+
+class RingParkTransport(RingTransport):
+    label = "rust-daq ring"
+    wait = "park"
+    busy_poll = False
+
+
+class RingCommitEachTransport(RingTransport):
+    label = "rust-daq ring, commit each frame"
+    commit_every = 1
+
+
+class RingBulkTransport(RingTransport):
+    """Blocks of 64 messages per write_many, arrays of up to 4,096 per read_into."""
+
+    label = "rust-daq ring, bulk: write_many + read_into"
+    bulk = True
+    busy_poll = False
 
 
 # -- multiprocessing.Queue and faster-fifo ------------------------------------------------------
@@ -501,13 +565,19 @@ class ArrowPipeTransport(Transport):
 
 TRANSPORTS: dict[str, type[Transport]] = {
     "ring": RingTransport,
+    "ring_bulk": RingBulkTransport,
+    "ring_busy": RingBusyTransport,
+    "ring_park": RingParkTransport,
+    "ring_commit_each": RingCommitEachTransport,
     "faster_fifo": FasterFifoTransport,
     "iceoryx2": Iceoryx2Transport,
     "shared_memory": SharedMemoryTransport,
     "arrow_pipe": ArrowPipeTransport,
     "mp_queue": MpQueueTransport,
 }
-ALL = list(TRANSPORTS)
+# Every case compares these; the ring's variants (bulk, wait modes) join the cases they answer.
+ALL = [n for n in TRANSPORTS if not n.startswith("ring_")]
+RING_WAITS = ["ring_busy", "ring_park"]
 
 
 def make(name: str, size: int, readers: int, ctx: Any) -> Transport:

@@ -86,10 +86,13 @@ def test_the_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
     (js,) = tmp_path.glob("*-quick.json")
     data = json.loads(js.read_text())
     rows = {row["transport"]: row for row in data["results"]["rate"]["rows"]}
-    assert rows["ring"]["rate"] > 0 and rows["mp_queue"]["rate"] > 0
-    assert data["results"]["limits"]["noop_call"] > data["results"]["limits"]["ring_write_64B"]
-    assert any(g.startswith("case 1: ring vs multiprocessing.Queue") for g in data["goals"])
-    assert "| rust-daq ring | blocking |" in (tmp_path / js.name.replace(".json", ".md")).read_text()
+    assert rows["ring"]["rate"] > 0 and rows["ring_bulk"]["rate"] > 0 and rows["mp_queue"]["rate"] > 0
+    limits = data["results"]["limits"]
+    assert limits["noop_call"] > limits["ring_write_64B"] and limits["ring_read_into_64B"] > 0
+    assert any(g.startswith("case 1: ring (bulk) vs multiprocessing.Queue") for g in data["goals"])
+    md = (tmp_path / js.name.replace(".json", ".md")).read_text()
+    assert "| rust-daq ring | wait=adaptive |" in md
+    assert "| rust-daq ring, bulk: write_many + read_into | wait=adaptive |" in md
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,22 @@ def test_commit_after_a_bulk_read_makes_room_for_a_blocking_producer(ring_path: 
         assert index_of(rd.read_array().data).tolist() == list(range(n, n + 8))
 
 
+def test_write_many_of_an_array_writes_one_record_per_row(ring_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_bytes=1 << 20) as ring:
+        block = np.stack([stamped(i, 48) for i in range(10)])
+        assert ring.write_many(block, stream=4) == 9
+        cube = np.arange(3 * 2 * 8, dtype=np.uint8).reshape(3, 2, 8)  # rows of 16 bytes
+        assert ring.write_many(cube) == 12
+        assert ring.write_many(np.zeros((0, 8), np.uint8)) == -1
+        with pytest.raises(BufferError, match="C-contiguous"):
+            ring.write_many(np.zeros((4, 16), np.uint8)[:, ::2])  # rows iterated: not contiguous
+        rd = ring.reader()
+        got = rd.read_array()
+        assert index_of(got.data).tolist() == list(range(10)) and got.stream.tolist() == [4] * 10
+        rows = rd.read_array()
+        assert rows.data.tolist() == cube.reshape(3, 16).tolist() and rows.seq.tolist() == [10, 11, 12]
+
+
 PRODUCER = textwrap.dedent(
     """
     import sys, numpy as np

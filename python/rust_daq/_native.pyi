@@ -68,9 +68,12 @@ class RingBuffer:
         BufferError (not C-contiguous).
         """
 
-    def write_many(self, items: Iterable[Buffer], /, *, stream: int = 0, timeout: float | None = None) -> int:
-        """Writes each item as one record; returns the last sequence number (-1 if none).
-        Records written before an error stay written. Raises as ``write``."""
+    def write_many(
+        self, items: Iterable[Buffer] | Buffer, /, *, stream: int = 0, timeout: float | None = None
+    ) -> int:
+        """Writes each item as one record (a C-contiguous array of ndim >= 2: one record per
+        row); returns the last sequence number (-1 if none). Records written before an error
+        stay written. Raises as ``write``."""
 
     def close(self) -> None:
         """Releases the producer lock. Readers and views made earlier keep working."""

@@ -26,8 +26,8 @@ __all__ = ["RecordArrays", "RingBuffer", "RingReader", "resolve_ring_path"]
 Policy = Literal["overwrite", "block"]
 StartAt = Literal["oldest", "latest", "tail"]
 Wait = Literal["adaptive", "busy", "park"]
-"""How a side waits for the other: ``"adaptive"`` spins about 50 µs, yields until 100 µs, then
-sleeps on the ring's futex; ``"busy"`` spins (a core busy while waiting, the lowest latency);
+"""How a side waits for the other: ``"adaptive"`` spins about 50 µs, then sleeps on the ring's
+futex; ``"busy"`` spins (a core busy while waiting, the lowest latency);
 ``"park"`` sleeps at once (no CPU, a system call and a wake-up per hand-over)."""
 
 _MB = 1024 * 1024

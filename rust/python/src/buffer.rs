@@ -73,6 +73,17 @@ impl Source {
     }
 }
 
+impl Source {
+    /// Bytes the caller keeps alive and unchanged for as long as this Source lives.
+    pub fn raw(ptr: *const u8, len: usize) -> Source {
+        Source {
+            ptr,
+            len,
+            view: None,
+        }
+    }
+}
+
 impl Drop for Source {
     fn drop(&mut self) {
         if let Some(view) = self.view.as_mut() {
@@ -81,6 +92,55 @@ impl Drop for Source {
             // (it is !Send through its raw pointer).
             unsafe { ffi::PyBuffer_Release(&mut **view) };
         }
+    }
+}
+
+/// A C-contiguous buffer of two or more dimensions, borrowed for a write: `rows` rows (its
+/// first dimension) of `row` bytes each, one record per row (`write_many(array)`).
+pub struct Rows {
+    pub ptr: *const u8,
+    pub rows: usize,
+    pub row: usize,
+    view: Box<ffi::Py_buffer>,
+}
+
+impl Rows {
+    /// `Some` if `obj` exports a C-contiguous buffer of ndim >= 2 (else None, no error:
+    /// the caller iterates `obj` instead).
+    pub fn of(obj: &Bound<'_, PyAny>) -> Option<Rows> {
+        // SAFETY: obj is a live object; PyObject_CheckBuffer only inspects its type.
+        if obj.is_instance_of::<PyBytes>()
+            || unsafe { ffi::PyObject_CheckBuffer(obj.as_ptr()) } == 0
+        {
+            return None;
+        }
+        let mut view: Box<ffi::Py_buffer> = Box::new(ffi::Py_buffer::new());
+        let flags = ffi::PyBUF_ND | ffi::PyBUF_C_CONTIGUOUS;
+        // SAFETY: view is a valid, owned Py_buffer; on success it is released in Drop.
+        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
+            let _ = PyErr::take(obj.py()); // not a contiguous array: iterate it instead
+            return None;
+        }
+        let mut rows = Rows {
+            ptr: view.buf as *const u8,
+            rows: 0,
+            row: 0,
+            view,
+        };
+        if rows.view.ndim < 2 || rows.view.shape.is_null() {
+            return None; // dropped: the export is released
+        }
+        // SAFETY: PyBUF_ND gave a shape of ndim >= 2 entries.
+        rows.rows = unsafe { *rows.view.shape } as usize;
+        rows.row = (rows.view.len as usize).checked_div(rows.rows).unwrap_or(0);
+        Some(rows)
+    }
+}
+
+impl Drop for Rows {
+    fn drop(&mut self) {
+        // SAFETY: filled by a successful PyObject_GetBuffer, released once, GIL held.
+        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
     }
 }
 

@@ -339,7 +339,7 @@ impl RingReader {
         lock_detached(py, &self.inner).commit().py_err(py)
     }
 
-    /// How a read with a timeout waits for data: "adaptive" (spin, yield, then sleep),
+    /// How a read with a timeout waits for data: "adaptive" (spin 50 µs, then sleep),
     /// "busy" (spin) or "park" (sleep on the futex at once).
     #[getter]
     fn get_wait(&self, py: Python<'_>) -> &'static str {
