@@ -178,3 +178,26 @@ def test_bad_acquisition_arguments(ring_path: str) -> None:
         SimulatedVoltmeter(rate_hz=0)
     with pytest.raises(ValueError, match="shape"):
         SimulatedCamera(shape=(0, 5))
+
+
+def test_the_simulated_camera_hands_out_a_precomputed_cycle() -> None:
+    """Rendered once at connect (a read computes nothing, so it cannot hold the GIL beside the
+    loop): frame k is frame k + cycle, the spot moves between frames, frames are read-only."""
+    cam = SimulatedCamera(shape=(64, 96), fps=10, seed=3)
+    assert cam.cycle == 100
+
+    async def main() -> list[pa.RecordBatch]:
+        await cam.connect()
+        return [await cam.read() for _ in range(102)]
+
+    batches = anyio.run(main)
+    frames = [np.asarray(b.column("frame").to_numpy_ndarray())[0] for b in batches]
+    assert [b.column("frame_id")[0].as_py() for b in batches] == list(range(102))
+    assert frames[0].shape == (64, 96) and frames[0].dtype == np.uint16
+    assert np.array_equal(frames[0], frames[100]) and np.array_equal(frames[1], frames[101])
+    peaks = [np.unravel_index(np.argmax(f), f.shape) for f in frames[:50:10]]
+    assert len(set(peaks)) == 5, f"the spot does not move: {peaks}"
+    assert 2500 < int(frames[0].max()) < 65535 and 50 < int(np.median(frames[0])) < 200
+    assert not cam.frame(0).flags.writeable
+    big = SimulatedCamera(shape=(2048, 2048))
+    assert big.cycle == SimulatedCamera.CYCLE_BYTES // (2048 * 2048 * 2) == 8

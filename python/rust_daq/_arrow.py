@@ -187,6 +187,13 @@ class ArrowWriter:
         # Serialises Arrow writes: the writers share one file position.
         self.lock = threading.Lock()
 
+    def prepare(self, ring: _native.RingBuffer) -> None:
+        """Maps the ring file for Arrow writes now (its pages faulted in: a few ms for 100 MiB),
+        so that the first write of a run does not pay for it."""
+        with self.lock:
+            if self.file is None:
+                self.file = map_ring_file(ring)
+
     def close(self) -> None:
         """Drops the writers and closes their memory map of the ring file."""
         with self.lock:

@@ -142,6 +142,11 @@ class RingBuffer(_native.RingBuffer):
         # ring unmaps it at once, without waiting for the garbage collector).
         self._schema_table = SchemaTable(cast("RingBuffer", weakref.proxy(self)))
 
+    def _prepare_arrow(self) -> None:
+        """Sets up what the first :meth:`write_arrow_batch` would (the map of the ring file it
+        writes through), for a loop that must not pay for it in its first write."""
+        self._arrow_writer.prepare(self)
+
     def write_arrow_batch(
         self,
         batch: object,

@@ -98,10 +98,16 @@ class _Samples:
 
     def summary(self, scale: float = 1e6) -> dict[str, float]:
         if self.n == 0:
-            return {"p50": 0.0, "p99": 0.0, "p99.9": 0.0, "max": 0.0}
+            return {"p50": 0.0, "p99": 0.0, "p99.9": 0.0, "max": 0.0, "n": 0}
         v = self.values[: min(self.n, _SAMPLES)] * scale
         p50, p99, p999 = np.percentile(v, [50, 99, 99.9])
-        return {"p50": float(p50), "p99": float(p99), "p99.9": float(p999), "max": float(v.max())}
+        return {
+            "p50": float(p50),
+            "p99": float(p99),
+            "p99.9": float(p999),
+            "max": float(v.max()),
+            "n": self.n,
+        }
 
 
 class RowIndex:
@@ -212,6 +218,7 @@ class Acquisition:
 
     async def __aenter__(self) -> Self:
         warm_up()  # (pyarrow's lazy imports: here, not in the first read of the run)
+        self.ring._prepare_arrow()  # (and the map Arrow writes go through)
         for inst in self.instruments:
             await inst.connect()
         return self

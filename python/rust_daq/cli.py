@@ -93,7 +93,8 @@ def _summary(stats: dict[str, Any]) -> bool:
     out.print(table)
     lat = stats["write_latency_us"]
     out.print(
-        f"ring write latency: p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, p99.9 {lat['p99.9']:.1f} µs; records lost: {stats['records_lost']}"
+        f"ring write latency ({lat['n']:,} writes): p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, "
+        f"p99.9 {lat['p99.9']:.1f} µs, max {lat['max']:.0f} µs; records lost: {stats['records_lost']}"
     )
     published_ok = True
     if "published" in stats:
@@ -166,7 +167,7 @@ def _fail(e: BaseException) -> typer.Exit:
 def demo(
     duration: Annotated[float, typer.Option(help="seconds to acquire", min=0.1)] = 10.0,
     output: Annotated[Path, typer.Option(help="HDF5 file to write")] = Path("experiment_data.h5"),
-    rate: Annotated[float, typer.Option(help="voltmeter readings per second", min=0.1, max=100_000)] = 100.0,
+    rate: Annotated[float, typer.Option(help="voltmeter readings per second", min=0.1, max=100_000)] = 1000.0,
     fps: Annotated[float, typer.Option(help="camera frames per second", min=0.1, max=1000)] = 10.0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:

@@ -58,7 +58,16 @@ class SimulatedVoltmeter:
 
 class SimulatedCamera:
     """A camera producing uint16 frames with a moving Gaussian spot over a noisy background,
-    ``fps`` frames a second, as Arrow ``fixed_shape_tensor`` rows (``(N, H, W)`` in HDF5)."""
+    ``fps`` frames a second, as Arrow ``fixed_shape_tensor`` rows (``(N, H, W)`` in HDF5).
+
+    The frames are rendered once, at :meth:`connect` (in a worker thread), as a cycle in which
+    the spot circles the centre: 100 frames, fewer for frames so large that 100 would exceed
+    64 MiB. A read then hands out the next frame of the cycle without computing anything:
+    rendering a frame per read held the GIL for milliseconds in a thread beside the event loop,
+    which delayed the other instruments' reads and writes by up to the GIL's switch interval
+    (5 ms), so the demo's figures measured the simulation, not the ring."""
+
+    CYCLE_BYTES = 64 << 20
 
     def __init__(
         self,
@@ -76,11 +85,12 @@ class SimulatedCamera:
         self.name = name
         self.rate_hz = float(fps)
         self.shape = (int(shape[0]), int(shape[1]))
-        self._rng = np.random.default_rng(seed)
+        self._seed = seed
         self._clock = clock
         self._frame = 0
         h, w = self.shape
-        self._yy, self._xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        self.cycle = int(max(1, min(100, self.CYCLE_BYTES // (h * w * 2))))
+        self._frames: npt.NDArray[np.uint16] | None = None
         self._tensor = pa.fixed_shape_tensor(pa.uint16(), self.shape)
         self.schema = pa.schema(
             [
@@ -91,27 +101,36 @@ class SimulatedCamera:
             metadata={"instrument": "simulated camera"},
         )
 
+    def _render(self) -> npt.NDArray[np.uint16]:
+        h, w = self.shape
+        rng = np.random.default_rng(self._seed)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        out = np.empty((self.cycle, h, w), np.uint16)
+        for k in range(self.cycle):
+            cy = h / 2 + h / 4 * np.sin(2 * np.pi * k / self.cycle)
+            cx = w / 2 + w / 4 * np.cos(2 * np.pi * k / self.cycle)
+            spot = 3000 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (min(h, w) / 16) ** 2))
+            out[k] = spot + rng.poisson(100, self.shape)
+        out.flags.writeable = False
+        return out
+
+    def frame(self, k: int) -> npt.NDArray[np.uint16]:
+        """Frame `k` (read-only): frame ``k % cycle`` of the cycle."""
+        if self._frames is None:
+            self._frames = self._render()
+        return self._frames[k % self.cycle]
+
     async def connect(self) -> None:
-        return None
+        if self._frames is None:
+            self._frames = await anyio.to_thread.run_sync(self._render)
 
     async def close(self) -> None:
         return None
-
-    def frame(self, k: int) -> npt.NDArray[np.uint16]:
-        """Frame `k`: the spot circles the centre once every 100 frames."""
-        h, w = self.shape
-        cy = h / 2 + h / 4 * np.sin(2 * np.pi * k / 100)
-        cx = w / 2 + w / 4 * np.cos(2 * np.pi * k / 100)
-        spot = 3000 * np.exp(-((self._yy - cy) ** 2 + (self._xx - cx) ** 2) / (2 * (min(h, w) / 16) ** 2))
-        noise = self._rng.poisson(100, self.shape)
-        out: npt.NDArray[np.uint16] = (spot + noise).astype(np.uint16)
-        return out
 
     async def read(self) -> pa.RecordBatch:
         t = self._clock()
         k = self._frame
         self._frame += 1
-        # A few ms of numpy: off the event loop, so other instruments keep their schedule.
-        frame = await anyio.to_thread.run_sync(self.frame, k)
+        frame = self.frame(k)
         tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(frame.reshape((1, *frame.shape)))
         return pa.record_batch([timestamps(t), pa.array([k]), tensor], schema=self.schema)

@@ -302,8 +302,10 @@ impl RingBuffer {
 
     /// Registers another mapping of this ring's file (pyarrow's, which fills reservations in
     /// place) with the SIGBUS guard, so that a file truncated under it gives RingCorruptError
-    /// instead of killing the process. Keep the returned object for as long as that mapping
-    /// is mapped, and drop it before unmapping.
+    /// instead of killing the process, and maps all of its pages writable now (as the ring's
+    /// own mapping is, MAP_POPULATE): pyarrow maps without it, and its first lap took a page
+    /// fault per 4 KiB, 95 µs for a 256 KiB record instead of 15. Keep the returned object for
+    /// as long as that mapping is mapped, and drop it before unmapping.
     fn _guard_mapping(
         &self,
         py: Python<'_>,
@@ -312,6 +314,19 @@ impl RingBuffer {
     ) -> PyResult<MappingGuard> {
         drop(self.producer(py, "guarding a mapping of the ring file")?);
         let guard = Guard::register(address as *const u8, length, true).py_err(py)?;
+        #[cfg(target_os = "linux")]
+        py.detach(|| {
+            // SAFETY: MADV_POPULATE_WRITE only faults pages in (their contents are unchanged);
+            // on a range that is not a writable mapping it fails with an error, which is
+            // ignored: the pages then fault on first touch, as without it (kernels < 5.14).
+            unsafe {
+                libc::madvise(
+                    address as *mut libc::c_void,
+                    length,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        });
         Ok(MappingGuard { _guard: guard })
     }
 
