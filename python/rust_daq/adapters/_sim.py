@@ -118,7 +118,8 @@ class SimulatedCamera:
         """Frame `k` (read-only): frame ``k % cycle`` of the cycle."""
         if self._frames is None:
             self._frames = self._render()
-        return self._frames[k % self.cycle]
+        out: npt.NDArray[np.uint16] = self._frames[k % self.cycle]
+        return out
 
     async def connect(self) -> None:
         if self._frames is None:
