@@ -44,6 +44,7 @@ class RingBuffer:
         replace: bool = False,
         block_timeout: float = 10.0,
         wait: str = "adaptive",
+        schema_bytes: int | None = None,
     ) -> Self:
         """Opens (or with ``create=True`` creates) the ring at ``path``. ``wait``: how a
         blocked write waits ("adaptive", "busy", "park").
@@ -134,6 +135,9 @@ class RingBuffer:
     @property
     def heartbeat_ns(self) -> int: ...
     @property
+    def schema_capacity(self) -> int:
+        """Bytes of the schema region (the stream table), fixed at creation."""
+    @property
     def block_timeout(self) -> float: ...
     @block_timeout.setter
     def block_timeout(self, seconds: float) -> None: ...
@@ -163,10 +167,12 @@ class RingBuffer:
         """Registers an Arrow IPC schema for a stream: (stream_id, schema_id). Raises
         RingConfigError (schema region full), RingUsageError (bad name), ReadOnlyRingError."""
 
-    def _schemas(self) -> list[tuple[int, int, str, bytes, int]]:
-        """(schema_id, stream_id, name, schema bytes, activation) of every registered schema; a
-        stream's current schema is its entry with the highest activation.
-        Raises RingCorruptError, RingClosedError."""
+    def _schemas(self, first_id: int = 1) -> list[tuple[int, int, str, bytes, int]]:
+        """(schema_id, stream_id, name, schema bytes, activation) of every registered schema
+        from ``first_id`` on; a stream's current schema is its entry with the highest
+        activation. Raises RingCorruptError, RingClosedError."""
+    def _schema_activations(self) -> list[int]:
+        """Every schema's activation, by schema_id - 1. Raises RingCorruptError."""
 
     def _noop(self) -> None: ...
 

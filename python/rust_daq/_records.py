@@ -70,14 +70,15 @@ class SchemaTable:
         self.ring = ring
         self.by_id: dict[int, StreamInfo] = {}
         self.bad_ids: set[int] = set()  # entries that do not decode (a corrupt ring file)
+        self.next_id = 1  # the first schema id not loaded yet
 
-    def refresh(self) -> dict[int, int]:
-        """Reloads the table; returns each schema id's activation. An entry that does not
-        decode (bytes, names that are not UTF-8, types pyarrow cannot hold) goes to
-        ``bad_ids``: it must not hide the others."""
-        activations = {}
-        for schema_id, stream_id, name, raw, activation in self.ring._schemas():
-            activations[schema_id] = activation
+    def refresh(self) -> None:
+        """Loads the entries not seen yet (the table only grows: a ring of 10,000 streams
+        is not read 10,000 times over). An entry that does not decode (bytes, names that are
+        not UTF-8, types pyarrow cannot hold) goes to ``bad_ids``: it must not hide the others."""
+        first = self.next_id
+        for schema_id, stream_id, name, raw, _activation in self.ring._schemas(first):
+            self.next_id = max(self.next_id, schema_id + 1)
             if schema_id not in self.by_id and schema_id not in self.bad_ids:
                 try:
                     schema = pa.ipc.read_schema(pa.py_buffer(raw))
@@ -90,11 +91,10 @@ class SchemaTable:
                     continue
                 full = any(variable_length(f.type) for f in schema)
                 self.by_id[schema_id] = StreamInfo(name, stream_id, schema_id, schema, full)
-        return activations
 
     def info(self, schema_id: int) -> StreamInfo | None:
         """The entry of `schema_id`; None if the table has none that decodes."""
-        if schema_id not in self.by_id:
+        if schema_id not in self.by_id and schema_id >= self.next_id:
             self.refresh()
         return self.by_id.get(schema_id)
 
@@ -102,14 +102,20 @@ class SchemaTable:
         """The current schema of every stream (the one the producer switched to last).
         Raises RingCorruptError when an entry does not decode (which stream's current schema
         it held cannot be known)."""
-        activations = self.refresh()
+        self.refresh()
         if self.bad_ids:
             raise RingCorruptError(
                 f"{self.ring.path}: the ring's schema table entries {sorted(self.bad_ids)} do not decode "
                 "(corrupt ring file)"
             )
+        activations = self.ring._schema_activations()
+
+        def activation(info: StreamInfo) -> int:
+            i = info.schema_id - 1
+            return activations[i] if 0 <= i < len(activations) else 0
+
         latest: dict[str, StreamInfo] = {}
-        for info in sorted(self.by_id.values(), key=lambda i: activations.get(i.schema_id, 0)):
+        for info in sorted(self.by_id.values(), key=activation):
             latest[info.name] = info
         return latest
 

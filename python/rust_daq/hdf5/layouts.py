@@ -166,16 +166,40 @@ def base_name(p: Piece) -> str:
     return ".".join(hdf5_name(part) for part in p.path)
 
 
-def _chunks(p: Piece) -> tuple[int, ...]:
+#: Chunk size of a dataset made before any of its rows are seen (SWMR's precreated streams).
+UNKNOWN_RATE_CHUNK = 16 << 10
+#: Smallest and largest chunk of a dataset made from rows: HDF5 allocates a chunk whole at its
+#: first write, so a slow stream (a process variable logged 10 rows a second) with 1 MiB
+#: chunks made a 1,000-stream file of 3 GB for 0.64 MB of data; 16 passes' worth of rows,
+#: within these bounds, keeps a slow stream's file small and a fast stream's chunks large.
+MIN_CHUNK, MAX_CHUNK = 4 << 10, 1 << 20
+
+
+def chunk_target(row_bytes: int, rows_hint: int | None) -> int:
+    """Bytes per chunk for a column of `row_bytes` rows that gets about `rows_hint` rows a
+    pass (None: not known yet)."""
+    if not rows_hint or rows_hint <= 0:
+        return UNKNOWN_RATE_CHUNK
+    want = min(max(rows_hint * max(row_bytes, 1) * 16, MIN_CHUNK), MAX_CHUNK)
+    return 1 << (int(want) - 1).bit_length()  # a power of two (MAX_CHUNK is one)
+
+
+def _chunks(p: Piece, rows_hint: int | None = None) -> tuple[int, ...]:
     tail = tuple(max(d, 1) for d in p.data.shape[1:])  # (a chunk has no zero-size dimension)
     if len(tail) >= 2:  # frames: one per chunk (readers take whole frames)
         return (1, *tail)
     row_bytes = (64 if p.dtype.kind == "O" else p.dtype.itemsize) * int(np.prod(tail, dtype=np.int64))
-    return (chunk_rows(row_bytes), *tail)
+    return (chunk_rows(row_bytes, chunk_target(row_bytes, rows_hint)), *tail)
 
 
 def _create(
-    g: h5py.Group, name: str, p: Piece, rows: int, filters: dict[str, Any], **attrs: Any
+    g: h5py.Group,
+    name: str,
+    p: Piece,
+    rows: int,
+    filters: dict[str, Any],
+    rows_hint: int | None = None,
+    **attrs: Any,
 ) -> h5py.Dataset:
     tail = p.data.shape[1:]
     extra: dict[str, Any] = {}
@@ -187,7 +211,7 @@ def _create(
         # A zero-size row dimension (fixed_size_list[0]) may not be smaller than its chunk's.
         maxshape=(None, *(d if d else None for d in tail)),
         dtype=p.dtype,
-        chunks=_chunks(p),
+        chunks=_chunks(p, rows_hint),
         **extra,
         **filters,
     )
@@ -206,7 +230,8 @@ def set_attrs(ds: h5py.Dataset, p: Piece, **attrs: Any) -> None:
 
 def create_mask(g: h5py.Group, of: str, rows: int) -> str:
     name = allocate(f"{of}__valid", set(g.keys()) | GROUP_NAMES)
-    m = g.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=np.uint8, chunks=(chunk_rows(1),))
+    per = max((g[of].chunks or (chunk_rows(1),))[0], MIN_CHUNK)  # the rows of its column's chunks
+    m = g.create_dataset(name, shape=(rows,), maxshape=(None,), dtype=np.uint8, chunks=(per,))
     m.attrs["validity_of"] = of
     m.attrs["long_name"] = f"1 where {of} holds a value, 0 where the row has none (null or absent)"
     g[of].attrs["validity"] = name
@@ -406,14 +431,15 @@ class AppendLayout:
         for key, p in zip(piece_keys(item.pieces), item.pieces, strict=True):
             t = book.targets.get((key, p.signature))
             if t is None:
-                chunks = _chunks(p)
+                chunks = _chunks(p, rows_hint=1 << 40)  # (an upper bound: the largest chunk)
                 item_bytes = 16 if p.dtype.kind == "O" else p.dtype.itemsize
                 per, size = chunks[0], item_bytes * int(np.prod(chunks, dtype=np.int64))
                 total += (_new_chunks(rows, item.rows, per) + 1) * size + (1 << 20)  # and a mask
             else:
                 total += _new_chunks(rows, item.rows, t.chunk_rows) * t.chunk_bytes
                 if t.mask is not None:
-                    total += _new_chunks(rows, item.rows, chunk_rows(1)) * chunk_rows(1)
+                    per = max(t.chunk_rows, MIN_CHUNK)
+                    total += _new_chunks(rows, item.rows, per) * per
         return total
 
     def write(
@@ -463,7 +489,15 @@ class AppendLayout:
                 if generation > 1:
                     extra["generation"] = generation
                 _create(
-                    g, name, p, start, self.filters, rust_daq_key=ks[0], rust_daq_signature=ks[1], **extra
+                    g,
+                    name,
+                    p,
+                    start,
+                    self.filters,
+                    rows_hint=total,  # (this pass's rows of the stream: its rate)
+                    rust_daq_key=ks[0],
+                    rust_daq_signature=ks[1],
+                    **extra,
                 )
                 if ks[0] == AXIS_KEY:
                     del g[name].attrs["arrow_name"]  # (no Arrow column: derived from one)

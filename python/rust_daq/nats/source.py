@@ -102,8 +102,8 @@ class _Schemas:
             self._latest[name] = info
         return sid
 
-    def refresh(self) -> dict[int, int]:
-        return {}
+    def refresh(self) -> None:
+        return None
 
     def info(self, schema_id: int) -> StreamInfo | None:
         return self.by_id.get(schema_id)

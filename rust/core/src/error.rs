@@ -140,7 +140,8 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "the ring's schema region is full ({size} bytes, {schemas} schemas): cannot register a \
-                 {schema_len}-byte schema for stream {stream:?}; recreate the ring to start a new table"
+                 {schema_len}-byte schema for stream {stream:?}; recreate the ring with a larger schema \
+                 region (RingBuffer.create(..., schema_mb=..., replace=True); [ring] schema_mb)"
             ),
             Error::StreamIdTaken { stream, name } => write!(
                 f,

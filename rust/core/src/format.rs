@@ -13,8 +13,27 @@ pub const MAGIC: [u8; 8] = *b"RDAQRING";
 pub const VERSION: u32 = 1;
 /// Size of the file header (one page): fixed fields, then zeros.
 pub const HEADER_SIZE: u64 = 4096;
-/// Default size of the schema region that follows the header.
+/// Smallest default size of the schema region that follows the header (rings of up to 4 MiB).
 pub const DEFAULT_SCHEMA_SIZE: u64 = 256 * 1024;
+/// Largest default size of the schema region (rings of 1 GiB and more); larger on request.
+pub const MAX_DEFAULT_SCHEMA_SIZE: u64 = 64 << 20;
+/// Largest schema region a ring may have.
+pub const MAX_SCHEMA_SIZE: u64 = 1 << 30;
+
+/// The schema region a ring of `capacity` data bytes gets unless told otherwise: a sixteenth
+/// of the capacity, from 256 KiB to 64 MiB, in pages. A schema of a timestamp and a value
+/// with units takes about 450 bytes of it, so a 100 MiB ring holds about 14,000 streams.
+pub const fn default_schema_size(capacity: u64) -> u64 {
+    let s = capacity / 16;
+    let s = if s < DEFAULT_SCHEMA_SIZE {
+        DEFAULT_SCHEMA_SIZE
+    } else if s > MAX_DEFAULT_SCHEMA_SIZE {
+        MAX_DEFAULT_SCHEMA_SIZE
+    } else {
+        s
+    };
+    s.div_ceil(HEADER_SIZE) * HEADER_SIZE
+}
 /// Every record starts on this boundary and its size is a multiple of it, so every
 /// payload is 64-byte aligned (Arrow's recommended alignment; enough for any numpy dtype).
 pub const RECORD_ALIGN: u64 = 64;

@@ -402,9 +402,9 @@ impl Producer {
                         .load(Ordering::Relaxed)
                         != 0)
         };
-        let e = crate::schema::register(&self.ring.region, name, schema, taken)?;
-        self.arrow_ids()?.add(&e);
-        Ok(e)
+        self.arrow_ids()?;
+        let table = self.arrow.as_mut().expect("loaded by arrow_ids");
+        crate::schema::register(&self.ring.region, table, name, schema, taken)
     }
 
     /// Copies `len` bytes from `src` into the claimed payload.

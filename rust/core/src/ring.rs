@@ -152,11 +152,34 @@ impl Ring {
         policy: Policy,
         replace: bool,
     ) -> Result<(Arc<Ring>, Producer)> {
+        Ring::create_with(path, capacity, policy, replace, None)
+    }
+
+    /// `create` with a schema region of `schema_size` bytes (rounded up to a page; None:
+    /// `format::default_schema_size(capacity)`). An existing ring is reused only if its
+    /// schema region is at least as large as one asked for.
+    pub fn create_with(
+        path: &Path,
+        capacity: u64,
+        policy: Policy,
+        replace: bool,
+        schema_size: Option<u64>,
+    ) -> Result<(Arc<Ring>, Producer)> {
         let capacity = validate_capacity(capacity)?;
         file::check_file_name(path)?;
+        let asked_schema = match schema_size {
+            None => None,
+            Some(s) if s == 0 || s > format::MAX_SCHEMA_SIZE => {
+                return Err(Error::config(format!(
+                    "schema region size must be from 1 byte to {} bytes, got {s}",
+                    format::MAX_SCHEMA_SIZE
+                )))
+            }
+            Some(s) => Some(s.div_ceil(format::HEADER_SIZE) * format::HEADER_SIZE),
+        };
         let opts = CreateOptions {
             capacity,
-            schema_size: format::DEFAULT_SCHEMA_SIZE,
+            schema_size: asked_schema.unwrap_or(format::default_schema_size(capacity)),
             policy: policy.code(),
             replace: false,
         };
@@ -181,9 +204,19 @@ impl Ring {
             };
             if let Some(r) = &existing {
                 let g = r.geometry();
-                if g.capacity == capacity && g.policy == policy.code() {
+                let schema_ok = asked_schema.is_none_or(|s| g.schema_size >= s);
+                if g.capacity == capacity && g.policy == policy.code() && schema_ok {
                     drop(existing);
                     return Ring::attach_producer(path);
+                }
+                if !replace && !schema_ok && g.capacity == capacity && g.policy == policy.code() {
+                    return Err(Error::config(format!(
+                        "ring at {} has a schema region of {} bytes, less than the {} asked for; \
+                         recreate it (replace=True) to get the larger one",
+                        path.display(),
+                        g.schema_size,
+                        opts.schema_size
+                    )));
                 }
                 if !replace {
                     return Err(Error::Mismatch {
@@ -332,6 +365,18 @@ impl Ring {
     /// Every schema registered in the ring's schema table, in registration order.
     pub fn schemas(&self) -> Result<Vec<crate::schema::SchemaEntry>> {
         crate::schema::list(&self.region)
+    }
+
+    /// The schemas registered from `first_id` on (the table only grows: a reader asks for
+    /// the entries it has not seen).
+    pub fn schemas_from(&self, first_id: u32) -> Result<Vec<crate::schema::SchemaEntry>> {
+        crate::schema::list_from(&self.region, first_id)
+    }
+
+    /// Every schema's activation, by `schema_id - 1` (a stream's current schema is its entry
+    /// with the highest).
+    pub fn schema_activations(&self) -> Result<Vec<u64>> {
+        crate::schema::activations(&self.region)
     }
 
     /// Whether the record that started at `pos` is still intact (not reclaimed). Call it

@@ -40,16 +40,39 @@ fn pad(n: u64) -> u64 {
 
 /// Reads every published entry. Entries below `used` are immutable once published.
 pub fn list(region: &Region) -> Result<Vec<SchemaEntry>> {
-    let out = list_inner(region);
+    list_from(region, 1)
+}
+
+/// Reads the published entries from `first_id` on (a reader's new ones: the table only
+/// grows; earlier entries are stepped over by their headers, not copied). Each entry's
+/// activation is read now.
+pub fn list_from(region: &Region, first_id: u32) -> Result<Vec<SchemaEntry>> {
+    let out = list_inner(region, first_id);
     // Read from zero pages (the file was truncated under the mapping): say so instead.
     region.check_tripped()?;
     out
 }
 
-fn list_inner(region: &Region) -> Result<Vec<SchemaEntry>> {
+/// The activation of every published entry, by `schema_id - 1` (which schema is each
+/// stream's current one), without copying names or schemas.
+pub fn activations(region: &Region) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    walk(region, |at, _| {
+        out.push(region.a64_schema(at + 24).load(Ordering::Acquire));
+        Ok(())
+    })?;
+    region.check_tripped()?;
+    Ok(out)
+}
+
+/// Calls `f(offset, header)` for every published entry, in order, after checking its header.
+fn walk(
+    region: &Region,
+    mut f: impl FnMut(u64, &[u8; ENTRY_HEADER as usize]) -> Result<()>,
+) -> Result<()> {
     let size = region.geometry().schema_size;
     if size < TABLE_HEADER {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let base = region.schema_ptr();
     let used = region.h64_schema(0).load(Ordering::Acquire);
@@ -58,7 +81,6 @@ fn list_inner(region: &Region) -> Result<Vec<SchemaEntry>> {
             "schema table claims {used} bytes, the region has {size}"
         )));
     }
-    let mut out = Vec::new();
     let mut at = TABLE_HEADER;
     while at < TABLE_HEADER + used {
         let mut hdr = [0u8; ENTRY_HEADER as usize];
@@ -66,13 +88,7 @@ fn list_inner(region: &Region) -> Result<Vec<SchemaEntry>> {
         unsafe { copy::from_ring(hdr.as_mut_ptr(), base.add(at as usize), hdr.len()) };
         let u32_at = |o: usize| u32::from_le_bytes(hdr[o..o + 4].try_into().expect("4"));
         let u64_at = |o: usize| u64::from_le_bytes(hdr[o..o + 8].try_into().expect("8"));
-        let (entry, schema_id, stream_id, name_len, schema_len) = (
-            u32_at(0) as u64,
-            u32_at(4),
-            u32_at(8),
-            u32_at(12) as u64,
-            u64_at(16),
-        );
+        let (entry, name_len, schema_len) = (u32_at(0) as u64, u32_at(12) as u64, u64_at(16));
         let fits = name_len <= 4096
             && schema_len <= size
             && entry == ENTRY_HEADER + pad(name_len) + pad(schema_len)
@@ -82,9 +98,26 @@ fn list_inner(region: &Region) -> Result<Vec<SchemaEntry>> {
                 "schema table entry at {at} is invalid (size {entry}, name {name_len} bytes, schema {schema_len} bytes)"
             )));
         }
+        f(at, &hdr)?;
+        at += entry;
+    }
+    Ok(())
+}
+
+fn list_inner(region: &Region, first_id: u32) -> Result<Vec<SchemaEntry>> {
+    let base = region.schema_ptr();
+    let mut out = Vec::new();
+    walk(region, |at, hdr| {
+        let u32_at = |o: usize| u32::from_le_bytes(hdr[o..o + 4].try_into().expect("4"));
+        let u64_at = |o: usize| u64::from_le_bytes(hdr[o..o + 8].try_into().expect("8"));
+        let (schema_id, stream_id, name_len, schema_len) =
+            (u32_at(4), u32_at(8), u32_at(12) as u64, u64_at(16));
+        if schema_id < first_id {
+            return Ok(());
+        }
         let mut name = vec![0u8; name_len as usize];
         let mut schema = vec![0u8; schema_len as usize];
-        // SAFETY: both ranges lie inside the entry, checked above; the source is 64-aligned.
+        // SAFETY: both ranges lie inside the entry, checked by walk; the source is 64-aligned.
         unsafe {
             copy::from_ring(
                 name.as_mut_ptr(),
@@ -110,19 +143,23 @@ fn list_inner(region: &Region) -> Result<Vec<SchemaEntry>> {
             activation,
             registered_ns: u64_at(32) as i64,
         });
-        at += entry;
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
 /// Registers `schema` for stream `name` (producer only) and returns its entry: an identical
 /// (name, schema) pair already in the table is reused; a new schema for a known stream gets
-/// a new `schema_id` and keeps the stream's id.
+/// a new `schema_id` and keeps the stream's id. `table` is the producer's copy of the table
+/// (`StreamIds`, loaded once: only the producer writes the table), so a registration costs
+/// the same with 10 streams as with 10,000; it was a walk over every entry, and a ring's
+/// first 10,000 streams took minutes.
 ///
 /// `taken(id)`: whether stream id `id` is already used by plain records; a new stream skips
 /// such ids.
-pub fn register(
+pub(crate) fn register(
     region: &Region,
+    table: &mut StreamIds,
     name: &str,
     schema: &[u8],
     taken: impl Fn(u32) -> bool,
@@ -133,49 +170,55 @@ pub fn register(
             name.len()
         )));
     }
-    let existing = list(region)?;
     let activation = region.h64_schema(8).load(Ordering::Relaxed) + 1;
-    let mut at = TABLE_HEADER;
-    for e in &existing {
-        if e.name == name && e.schema == schema {
-            let current = existing
+    if let Some(ids) = table.by_name.get(name) {
+        if let Some(&i) = ids.iter().find(|&&i| table.entries[i].schema == schema) {
+            let e = &table.entries[i];
+            let current = ids
                 .iter()
-                .filter(|o| o.name == name)
-                .max_by_key(|o| o.activation);
+                .map(|&j| &table.entries[j])
+                .max_by_key(|o| region.a64_schema(o.offset + 24).load(Ordering::Acquire));
+            let entry = SchemaEntry {
+                schema_id: e.schema_id,
+                stream_id: e.stream_id,
+                name: name.to_string(),
+                schema: schema.to_vec(),
+                activation: region.a64_schema(e.offset + 24).load(Ordering::Acquire),
+                registered_ns: e.registered_ns,
+            };
             if current.map(|c| c.schema_id) != Some(e.schema_id) {
                 region.h64_schema(8).store(activation, Ordering::Relaxed);
                 region
-                    .a64_schema(at + 24)
+                    .a64_schema(e.offset + 24)
                     .store(activation, Ordering::Release);
                 return Ok(SchemaEntry {
                     activation,
-                    ..e.clone()
+                    ..entry
                 });
             }
-            return Ok(e.clone());
+            return Ok(entry);
         }
-        at += ENTRY_HEADER + pad(e.name.len() as u64) + pad(e.schema.len() as u64);
     }
-    let stream_id = existing
-        .iter()
-        .find(|e| e.name == name)
-        .map(|e| e.stream_id)
+    let stream_id = table
+        .by_name
+        .get(name)
+        .map(|ids| table.entries[ids[0]].stream_id)
         .unwrap_or_else(|| {
-            let mut id = existing.iter().map(|e| e.stream_id).max().unwrap_or(0) + 1;
+            let mut id = table.max_stream + 1;
             // Bounded: ids only grow, and `taken` is false from MAX_TRACKED_STREAMS on.
             while id < u32::MAX && taken(id) {
                 id += 1;
             }
             id
         });
-    let schema_id = existing.len() as u32 + 1;
+    let schema_id = table.entries.len() as u32 + 1;
     let size = region.geometry().schema_size;
     let used = region.h64_schema(0).load(Ordering::Acquire);
     let entry = ENTRY_HEADER + pad(name.len() as u64) + pad(schema.len() as u64);
     if TABLE_HEADER + used + entry > size {
         return Err(Error::SchemaFull {
             size,
-            schemas: existing.len(),
+            schemas: table.entries.len(),
             schema_len: schema.len(),
             stream: name.to_string(),
         });
@@ -208,14 +251,16 @@ pub fn register(
     }
     region.h64_schema(8).store(activation, Ordering::Relaxed);
     region.h64_schema(0).store(used + entry, Ordering::Release);
-    Ok(SchemaEntry {
+    let e = SchemaEntry {
         schema_id,
         stream_id,
         name: name.to_string(),
         schema: schema.to_vec(),
         activation,
         registered_ns: now,
-    })
+    };
+    table.add_at(&e, at);
+    Ok(e)
 }
 
 /// The schema table's stream ids, as the producer needs them to keep plain records out of
@@ -226,24 +271,53 @@ pub(crate) struct StreamIds {
     stream_of: Vec<u32>,
     /// Stream id -> stream name, for every Arrow stream.
     names: std::collections::BTreeMap<u32, String>,
+    /// Every entry, by `schema_id - 1`, with its offset in the region.
+    entries: Vec<Cached>,
+    /// Stream name -> indices into `entries`.
+    by_name: std::collections::HashMap<String, Vec<usize>>,
+    max_stream: u32,
+}
+
+/// The producer's copy of one entry (the activation word is read from the region: it is the
+/// one field that changes).
+struct Cached {
+    schema_id: u32,
+    stream_id: u32,
+    schema: Vec<u8>,
+    registered_ns: i64,
+    offset: u64,
 }
 
 impl StreamIds {
     pub(crate) fn load(region: &Region) -> Result<StreamIds> {
         let mut ids = StreamIds::default();
+        let mut at = TABLE_HEADER;
         for e in list(region)? {
-            ids.add(&e);
+            ids.add_at(&e, at);
+            at += ENTRY_HEADER + pad(e.name.len() as u64) + pad(e.schema.len() as u64);
         }
         Ok(ids)
     }
 
-    pub(crate) fn add(&mut self, e: &SchemaEntry) {
+    fn add_at(&mut self, e: &SchemaEntry, offset: u64) {
         let i = e.schema_id as usize;
         if self.stream_of.len() <= i {
             self.stream_of.resize(i + 1, 0);
         }
         self.stream_of[i] = e.stream_id;
         self.names.insert(e.stream_id, e.name.clone());
+        self.by_name
+            .entry(e.name.clone())
+            .or_default()
+            .push(self.entries.len());
+        self.entries.push(Cached {
+            schema_id: e.schema_id,
+            stream_id: e.stream_id,
+            schema: e.schema.clone(),
+            registered_ns: e.registered_ns,
+            offset,
+        });
+        self.max_stream = self.max_stream.max(e.stream_id);
     }
 
     /// Refuses a plain record (`schema_id` 0) on an Arrow stream's id, and an Arrow record

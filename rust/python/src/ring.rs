@@ -146,7 +146,7 @@ impl RingBuffer {
     // Mirrors the keyword arguments of the Python classmethods that call it.
     #[allow(clippy::too_many_arguments)]
     #[new]
-    #[pyo3(signature = (path, *, create=false, capacity_bytes=0, policy="overwrite", writable=false, replace=false, block_timeout=10.0, wait="adaptive"))]
+    #[pyo3(signature = (path, *, create=false, capacity_bytes=0, policy="overwrite", writable=false, replace=false, block_timeout=10.0, wait="adaptive", schema_bytes=None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -157,13 +157,15 @@ impl RingBuffer {
         replace: bool,
         block_timeout: f64,
         wait: &str,
+        schema_bytes: Option<u64>,
     ) -> PyResult<Self> {
         let policy = Policy::parse(policy).py_err(py)?;
         let wait = WaitStrategy::parse(wait).py_err(py)?;
         duration(block_timeout, "block_timeout")?;
         let opened = py.detach(|| {
             if create {
-                Ring::create(&path, capacity_bytes, policy, replace).map(|(r, p)| (r, Some(p)))
+                Ring::create_with(&path, capacity_bytes, policy, replace, schema_bytes)
+                    .map(|(r, p)| (r, Some(p)))
             } else {
                 Ring::open(&path, writable)
             }
@@ -421,6 +423,12 @@ impl RingBuffer {
     fn heartbeat_ns(&self) -> PyResult<i64> {
         Ok(self.ring()?.status().heartbeat_ns)
     }
+    /// Bytes of the schema region (the stream table; fixed at creation).
+    #[getter]
+    fn schema_capacity(&self) -> PyResult<u64> {
+        Ok(self.ring()?.region().geometry().schema_size)
+    }
+
     /// Default seconds a write waits for room under policy "block".
     #[getter]
     fn get_block_timeout(&self) -> f64 {
@@ -495,10 +503,11 @@ impl RingBuffer {
         Ok((e.stream_id, e.schema_id))
     }
 
-    /// Every registered schema: (schema_id, stream_id, name, schema bytes, activation); a
-    /// stream's current schema is its entry with the highest activation.
-    fn _schemas<'py>(&self, py: Python<'py>) -> PyResult<Vec<SchemaRow<'py>>> {
-        let entries = self.ring()?.schemas().py_err(py)?;
+    /// The registered schemas from `first_id` on: (schema_id, stream_id, name, schema bytes,
+    /// activation); a stream's current schema is its entry with the highest activation.
+    #[pyo3(signature = (first_id=1))]
+    fn _schemas<'py>(&self, py: Python<'py>, first_id: u32) -> PyResult<Vec<SchemaRow<'py>>> {
+        let entries = self.ring()?.schemas_from(first_id).py_err(py)?;
         Ok(entries
             .into_iter()
             .map(|e| {
@@ -511,6 +520,11 @@ impl RingBuffer {
                 )
             })
             .collect())
+    }
+
+    /// Every schema's activation, by schema_id - 1.
+    fn _schema_activations(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        self.ring()?.schema_activations().py_err(py)
     }
 
     /// The no-op native call: what calling into the extension costs (for benchmarks).
