@@ -558,9 +558,10 @@ def test_a_read_only_ring_is_refused(ring_path: str, ring: RingBuffer) -> None:
         RingCallback(ring, schema_metadata="all")  # type: ignore[arg-type]
 
 
-def test_a_full_schema_table_is_a_clear_error(ring: RingBuffer) -> None:
+def test_a_full_schema_table_is_a_clear_error(ring_path: str) -> None:
     """Every run registers its schemas; "documents" fills the ring's table soonest, "minimal"
     with per_run=False reuses one schema for runs of the same keys."""
+    ring = RingBuffer.create(ring_path, capacity_mb=16, schema_mb=0.25)
     keys = {"x": {"source": "t", "dtype": "number", "shape": []}}
 
     def one_run(cb: RingCallback) -> None:
@@ -580,6 +581,7 @@ def test_a_full_schema_table_is_a_clear_error(ring: RingBuffer) -> None:
         for _ in range(200):
             one_run(cb)
     assert 40 < len(ring._schemas()) < 200
+    ring.close()
 
 
 # -- RunFileWriter ----------------------------------------------------------------------------------

@@ -47,10 +47,11 @@ def refused(tmp_path: Path, toml: str) -> list[str]:
             " [writer]: compression 'gzip:99': a gzip level is 0 (none) to 9 (smallest), got '99'",
         ),
         ("[ring]\ncapacity_mb = nan\n" + _V, " [ring]: capacity_mb must be a finite number, got nan"),
+        ("[ring]\nschema_mb = 0\n" + _V, " [ring]: schema_mb must be a positive number of MiB, got 0"),
         ("[ring]\ncapacity_mb = true\n" + _V, " [ring]: capacity_mb must be a number, got True"),
         (
             "[ring]\nsize = 5\n" + _V,
-            " [ring]: unknown key 'size'; allowed: capacity_mb, keep, path, policy",
+            " [ring]: unknown key 'size'; allowed: capacity_mb, keep, path, policy, schema_mb",
         ),
         (
             '[writer]\nformat = "h5"\n' + _V,
@@ -94,13 +95,14 @@ def test_every_problem_is_said_at_once_one_line_each(tmp_path: Path) -> None:
 def test_a_good_config_makes_the_session_it_says(tmp_path: Path) -> None:
     cfg = tmp_path / "good.toml"
     cfg.write_text(
-        'duration = 2\n[ring]\npath = "lab-x"\ncapacity_mb = 8\npolicy = "block"\nkeep = true\n'
+        'duration = 2\n[ring]\npath = "lab-x"\ncapacity_mb = 8\nschema_mb = 3\npolicy = "block"\nkeep = true\n'
         '[writer]\noutput = "o.h5"\nlayout = "batches"\ncompression = "gzip:3"\nflush_interval = 2\n'
         '[metadata]\nsample = "Si"\n' + _V + 'name = "dmm"\nrate_hz = 50\n'
         '[[instruments]]\ntype = "camera"\nshape = [4, 6]\n'
     )
     s = load_config(cfg)
     assert (s.ring_path, s.capacity_mb, s.policy, s.own_ring) == ("/dev/shm/lab-x", 8, "block", False)
+    assert s.schema_mb == 3
     assert (s.output, s.layout, s.compression, s.flush_interval) == ("o.h5", "batches", "gzip:3", 2.0)
     assert s.duration == 2 and s.metadata == {"sample": "Si"}
     dmm, camera = s.instruments

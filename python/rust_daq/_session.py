@@ -20,6 +20,8 @@ class Session:
     instruments: list[Instrument]
     ring_path: str
     capacity_mb: float = 256
+    #: ``[ring] schema_mb``: the stream table's size (None: the ring's default).
+    schema_mb: float | None = None
     policy: str = "overwrite"
     #: The HDF5 file the run writes (None: no writer).
     output: str | None = "experiment_data.h5"

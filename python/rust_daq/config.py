@@ -40,6 +40,9 @@ def _positive(what: str) -> AfterValidator:
 class RingTable(Table):
     path: str | None = None
     capacity_mb: Annotated[Finite, _positive("MiB")] = 256
+    #: The stream table's size (default: a sixteenth of the capacity, 0.25 to 64 MiB; a
+    #: stream's schema takes about 450 bytes).
+    schema_mb: Annotated[Finite, _positive("MiB")] | None = None
     policy: Literal["overwrite", "block"] = "overwrite"
     keep: bool = False
 
@@ -174,6 +177,7 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
         instruments=instruments,
         ring_path=resolve_ring_path(run.ring.path or default_ring_name("")),
         capacity_mb=run.ring.capacity_mb,
+        schema_mb=run.ring.schema_mb,
         policy=run.ring.policy,
         output=run.writer.output if run.writer.enabled else None,
         layout=run.writer.layout,

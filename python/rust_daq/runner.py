@@ -76,6 +76,7 @@ class Runner:
             session.ring_path,
             capacity_mb=session.capacity_mb,
             policy=session.policy,  # type: ignore[arg-type]
+            schema_mb=session.schema_mb,
         )
         self.publisher: Any = None
         self.writer: WriterSupervisor | None = None
