@@ -7,7 +7,8 @@ Cases: limits (copy bandwidth, native call, file write), rate (1: 64 B messages)
 1 kHz loop's jitter), scaling (7: payload size and reader count; the plot), flight (8), bluesky (9: a step scan's
 time per point in a RunEngine beside ophyd-async's sim detector), nats (10: a ring to JetStream
 and on into HDF5 beside a plain nats-py loop, Flight and the ring reader; it starts its own
-nats-server, and is skipped, saying why, without one). Every case runs
+nats-server, and is skipped, saying why, without one), streams (11: 1,000 streams of 10-row
+batches into HDF5 beside a plain h5py loop; 10,000 streams in one ring). Every case runs
 ours and the peers in the same run, several times, and reports medians. Results go to
 DIR/<date>.json and DIR/<date>.md (with ``-quick`` in the name for a quick run); the plot to
 DIR/<date>.png unless --plot says where. Install the peers with ``pip install '.[bench]'``.
@@ -23,10 +24,22 @@ import sys
 import time
 from typing import Any
 
-from . import arrow_batches, bluesky_run, flight, ipc, limits, nats_stream, storage
+from . import arrow_batches, bluesky_run, flight, ipc, limits, many_streams, nats_stream, storage
 from ._common import Goal, Table, machine, storage_dir
 
-CASES = ["limits", "rate", "frames", "latency", "arrow", "storage", "scaling", "flight", "bluesky", "nats"]
+CASES = [
+    "limits",
+    "rate",
+    "frames",
+    "latency",
+    "arrow",
+    "storage",
+    "streams",
+    "scaling",
+    "flight",
+    "bluesky",
+    "nats",
+]
 
 
 def plot(scaling: dict[str, Any], path: str, title: str) -> None:
@@ -136,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             res[case] = storage.run(quick, reps, where)
             show(storage.tables(res[case]))
             goals += storage.goals(res[case])
+        elif case == "streams":
+            res[case] = many_streams.run(quick, reps, where)
+            show(many_streams.tables(res[case]))
+            goals += many_streams.goals(res[case])
         elif case == "scaling":
             res[case] = ipc.case_scaling(quick, reps)
             show(ipc.tables_scaling(res[case]))

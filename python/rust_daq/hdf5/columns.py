@@ -84,13 +84,15 @@ class Piece:
 _DESCRIPTIVE = ("source", "precision", "limits", "choices")
 
 
-def _descriptive(f: pa.Field) -> dict[str, str]:
-    md = f.metadata or {}
-    return {k: md[k.encode()].decode("utf-8", "replace") for k in _DESCRIPTIVE if k.encode() in md}
+_DESCRIPTIVE_KEYS = tuple((k, k.encode()) for k in _DESCRIPTIVE)
 
 
-def _units(f: pa.Field) -> str | None:
-    md = f.metadata or {}
+def _descriptive(md: dict[bytes, bytes]) -> dict[str, str]:
+    """`md`: a field's metadata (``f.metadata`` builds a new dict at every call: fetched once)."""
+    return {k: md[b].decode("utf-8", "replace") for k, b in _DESCRIPTIVE_KEYS if b in md}
+
+
+def _units(md: dict[bytes, bytes]) -> str | None:
     for key in (b"units", b"unit"):
         if key in md:
             return str(md[key].decode("utf-8", "replace"))
@@ -216,7 +218,8 @@ def _leaf(f: pa.Field, col: pa.Array, path: tuple[str, ...]) -> list[Piece]:
     """The pieces of one column (recursing into structs)."""
     t = col.type
     attrs: dict[str, Any] = {"arrow_type": str(t)}
-    units = _units(f)
+    md = f.metadata or {}
+    units = _units(md)
     valid = _valid(col)
     sig_shape = "()"
     if isinstance(t, pa.BaseExtensionType):
@@ -320,7 +323,7 @@ def _leaf(f: pa.Field, col: pa.Array, path: tuple[str, ...]) -> list[Piece]:
         sig_shape = str(tuple(data.shape[1:]))
     if units is not None:
         attrs["units"] = units
-    attrs.update(_descriptive(f))
+    attrs.update(_descriptive(md))
     if valid is not None and valid.all():
         valid = None
     if valid is not None and data.dtype.kind in "fiub":

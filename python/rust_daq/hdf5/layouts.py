@@ -23,6 +23,7 @@ the low-level writes that make a one-row flush cheap, reads best beside what it 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, MutableMapping
@@ -114,7 +115,7 @@ class StreamBook:
         self.time_key: str | None = None
         #: The stream's group and datasets, opened in the file handle they belong to (an
         #: h5py lookup costs ~65 µs: a flush of one row would spend most of its time there).
-        self.open: tuple[h5py.File, h5py.Group, dict[str, h5py.Dataset]] | None = None
+        self.open: tuple[h5py.File, h5py.Group, dict[str, Appender]] | None = None
 
     def group_in(self, f: h5py.File) -> h5py.Group | None:
         """The stream's group in `f` (None: not made yet)."""
@@ -129,12 +130,16 @@ class StreamBook:
 
     def dataset(self, f: h5py.File, name: str) -> h5py.Dataset:
         """One dataset of the stream's group in `f` (which exists)."""
+        return self.appender(f, name).ds
+
+    def appender(self, f: h5py.File, name: str) -> Appender:
+        """One dataset of the stream's group in `f` (which exists), to append to."""
         g = self.group_in(f)
         assert g is not None and self.open is not None
-        ds = self.open[2].get(name)
-        if ds is None:
-            ds = self.open[2][name] = g[name]
-        return ds
+        a = self.open[2].get(name)
+        if a is None:
+            a = self.open[2][name] = Appender(g[name])
+        return a
 
     @property
     def lost(self) -> int:
@@ -150,12 +155,18 @@ class StreamBook:
 
 def piece_keys(items: Iterable[Piece]) -> list[str]:
     """Identity of each piece's column: its field path, and which of equal names it is."""
+    return list(_keys(tuple(p.path for p in items)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _keys(paths: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+    # (once per schema: a logger of 1,000 streams asked for them 8,000 times a pass)
     seen: Counter[tuple[str, ...]] = Counter()
     keys = []
-    for p in items:
-        keys.append(json.dumps([list(p.path), seen[p.path]]))
-        seen[p.path] += 1
-    return keys
+    for path in paths:
+        keys.append(json.dumps([list(path), seen[path]]))
+        seen[path] += 1
+    return tuple(keys)
 
 
 def _is_time(p: Piece) -> bool:
@@ -236,6 +247,63 @@ def create_mask(g: h5py.Group, of: str, rows: int) -> str:
     m.attrs["long_name"] = f"1 where {of} holds a value, 0 where the row has none (null or absent)"
     g[of].attrs["validity"] = name
     return name
+
+
+class Appender:
+    """Appends to one extendable dataset through HDF5's low-level calls, keeping what h5py
+    would fetch again for every call: the extent (``ds.id.shape`` makes a dataspace object
+    each time), the dtype, a file dataspace whose extent is updated in place, and memory
+    dataspaces by shape. A 10-row append of a slow stream's column cost 50 µs through
+    ``grow`` and ``write_rows``, most of it in h5py's object bookkeeping; a logger of 1,000
+    such streams spent most of its pass there."""
+
+    __slots__ = ("ds", "id", "rows", "tail", "dtype", "_space", "_max")
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self.ds, self.id = ds, ds.id
+        shape = ds.id.shape
+        self.rows, self.tail = int(shape[0]), tuple(shape[1:])
+        self.dtype = ds.dtype
+        self._space: Any = None
+        self._max = tuple(h5py.h5s.UNLIMITED if m is None else m for m in (ds.maxshape or shape))
+
+    def grow(self, rows: int) -> None:
+        if rows != self.rows:
+            self.id.set_extent((rows, *self.tail))
+            self.rows = rows
+            if self._space is not None:
+                self._space.set_extent_simple((rows, *self.tail), self._max)
+
+    def write(self, start: int, data: np.ndarray[Any, Any]) -> None:
+        """``write_rows(ds, start, data)``, the fixed-size case without new objects."""
+        kind = self.dtype.kind
+        if (
+            kind == "O"
+            or kind == "V"
+            or data.dtype != self.dtype
+            or data.shape[1:] != self.tail
+            or 0 in data.shape
+        ):
+            write_rows(self.ds, start, data)
+            return
+        if self._space is None:
+            self._space = self.id.get_space()
+        self._space.select_hyperslab((start,) + (0,) * (data.ndim - 1), data.shape)
+        self.id.write(_memory_space(data.shape), self._space, np.ascontiguousarray(data))
+
+
+_MEMORY_SPACES: dict[tuple[int, ...], Any] = {}
+
+
+def _memory_space(shape: tuple[int, ...]) -> Any:
+    """A simple dataspace of `shape` (selection: all of it), made once per shape. Never
+    modified, so writes may share it."""
+    space = _MEMORY_SPACES.get(shape)
+    if space is None:
+        if len(_MEMORY_SPACES) > 4096:
+            _MEMORY_SPACES.clear()
+        space = _MEMORY_SPACES[shape] = h5py.h5s.create_simple(shape)
+    return space
 
 
 def grow(ds: h5py.Dataset, rows: int) -> None:
@@ -478,17 +546,17 @@ class AppendLayout:
             f = structural()
             m = f["measurements"]
             g = m[book.group] if book.group in m else self._create_group(f, book, items[0])
+            names = set(g.keys()) | GROUP_NAMES  # (listed once: an h5py listing is slow)
             for ks in new:
                 row, p = writes[ks][0]
                 generation = 1 + sum(1 for k, _ in book.targets if k == ks[0])
                 base = base_name(p)
-                name = allocate(
-                    base if generation == 1 else f"{base}__{generation}", set(g.keys()) | GROUP_NAMES
-                )
+                name = allocate(base if generation == 1 else f"{base}__{generation}", names)
+                names.add(name)
                 extra = {"first_row": row} if row else {}
                 if generation > 1:
                     extra["generation"] = generation
-                _create(
+                ds = _create(
                     g,
                     name,
                     p,
@@ -500,8 +568,8 @@ class AppendLayout:
                     **extra,
                 )
                 if ks[0] == AXIS_KEY:
-                    del g[name].attrs["arrow_name"]  # (no Arrow column: derived from one)
-                book.targets[ks] = Target(name, row, None, *_chunk_of(g[name]))
+                    del ds.attrs["arrow_name"]  # (no Arrow column: derived from one)
+                book.targets[ks] = Target(name, row, None, *_chunk_of(ds))
             for ks in masks:
                 t = book.targets[ks]
                 t.mask = create_mask(g, t.name, start)
@@ -514,22 +582,25 @@ class AppendLayout:
             return 0
         end = start + total
         for t in book.targets.values():
-            grow(book.dataset(f, t.name), end)
+            book.appender(f, t.name).grow(end)
             if t.mask is not None:
-                grow(book.dataset(f, t.mask), end)
+                book.appender(f, t.mask).grow(end)
         for ks, parts in writes.items():
             t = book.targets[ks]
-            ds = book.dataset(f, t.name)
-            for row, data in _runs([(row, p.data) for row, p in parts]):
-                write_rows(ds, row, data)
+            a = book.appender(f, t.name)
+            if len(parts) == 1:
+                a.write(parts[0][0], parts[0][1].data)
+            else:
+                for row, data in _runs([(row, p.data) for row, p in parts]):
+                    a.write(row, data)
             if t.mask is not None:
                 present = np.zeros(total, dtype=np.uint8)
                 for row, p in parts:
                     present[row - start : row - start + len(p.data)] = 1 if p.valid is None else p.valid
-                write_rows(book.dataset(f, t.mask), start, present)
+                book.appender(f, t.mask).write(start, present)
         # Datasets of no target (an older writer's, without a signature) keep the rows aligned.
         for name in book.untracked:
-            grow(book.dataset(f, name), end)
+            book.appender(f, name).grow(end)
         book.rows = end
         return total
 
