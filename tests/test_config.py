@@ -102,7 +102,7 @@ def test_a_good_config_makes_the_session_it_says(tmp_path: Path) -> None:
     )
     s = load_config(cfg)
     assert (s.ring_path, s.capacity_mb, s.policy, s.own_ring) == ("/dev/shm/lab-x", 8, "block", False)
-    assert s.schema_mb == 3
+    assert s.schema_mb == 3 and s.realtime is None
     assert (s.output, s.layout, s.compression, s.flush_interval) == ("o.h5", "batches", "gzip:3", 2.0)
     assert s.duration == 2 and s.metadata == {"sample": "Si"}
     dmm, camera = s.instruments
@@ -231,3 +231,12 @@ def test_the_writer_command_says_what_is_wrong_with_exit_status_2(capsys: pytest
     assert "--ring and --output are required" in capsys.readouterr().err
     assert process.main(["--help"]) == 0
     assert "--remove-ring-if-orphaned" in capsys.readouterr().out
+
+
+def test_the_acquisition_table_asks_for_realtime(tmp_path: Path) -> None:
+    cfg = tmp_path / "rt.toml"
+    cfg.write_text("[acquisition]\nrealtime = true\npriority = 20\ncpu = 0\n" + _V)
+    assert load_config(cfg).realtime == {"priority": 20, "cpu": 0}
+    cfg.write_text("[acquisition]\nrealtime = true\npriority = 0\n" + _V)
+    with pytest.raises(ConfigError, match=r"\[acquisition\]: priority"):
+        load_config(cfg)

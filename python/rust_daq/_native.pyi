@@ -21,6 +21,7 @@ __all__ = [
     "RingBuffer",
     "RingReader",
     "__version__",
+    "sleep_until",
 ]
 
 __version__: str
@@ -207,6 +208,11 @@ class Reservation:
         tb: TracebackType | None,
     ) -> bool: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
+
+def sleep_until(deadline_ns: int, spin_ns: int = 50000) -> int:
+    """Sleeps (GIL released) until ``deadline_ns`` of CLOCK_MONOTONIC (``time.perf_counter_ns``):
+    in the kernel until ``spin_ns`` before it, then spinning. Returns how late it returned
+    (ns, >= 0). Raises ValueError (negative spin), KeyboardInterrupt."""
 
 @disjoint_base
 class RingReader:

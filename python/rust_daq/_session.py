@@ -22,6 +22,8 @@ class Session:
     capacity_mb: float = 256
     #: ``[ring] schema_mb``: the stream table's size (None: the ring's default).
     schema_mb: float | None = None
+    #: ``[acquisition] realtime``: the loop's real-time settings (priority, cpu), or None.
+    realtime: dict[str, Any] | None = None
     policy: str = "overwrite"
     #: The HDF5 file the run writes (None: no writer).
     output: str | None = "experiment_data.h5"

@@ -96,6 +96,8 @@ def _summary(stats: dict[str, Any]) -> bool:
         f"ring write latency ({lat['n']:,} writes): p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, "
         f"p99.9 {lat['p99.9']:.1f} µs, max {lat['max']:.0f} µs; records lost: {stats['records_lost']}"
     )
+    if stats.get("realtime"):
+        out.print("realtime: " + "; ".join(f"{k} {v}" for k, v in stats["realtime"].items()))
     published_ok = True
     if "published" in stats:
         pub = stats["published"] or {"records": 0, "lost_records": 0, "outages": 0}

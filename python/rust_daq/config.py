@@ -110,6 +110,16 @@ class NatsTable(Table):
     tls_key: str | None = None
 
 
+class AcquisitionTable(Table):
+    """``[acquisition]``: how the loop runs. ``realtime``: SCHED_FIFO at ``priority``, pinned
+    to ``cpu`` (default: the last), memory locked; each applied if permitted, reported in the
+    run's summary either way."""
+
+    realtime: bool = False
+    priority: Annotated[int, Field(ge=1, le=99)] = 50
+    cpu: Annotated[int, Field(ge=0)] | None = None
+
+
 Duration = Annotated[Finite, _positive("seconds (omit it to run until Ctrl-C)")]
 
 
@@ -118,6 +128,7 @@ class RunTable(Table):
 
     duration: Duration | None = None
     ring: RingTable = RingTable()
+    acquisition: AcquisitionTable = AcquisitionTable()
     writer: WriterTable = WriterTable()
     daemon: DaemonTable = DaemonTable()
     nats: NatsTable | None = None
@@ -178,6 +189,11 @@ def load_config(path: Path, *, need_instruments: bool = True) -> Session:
         ring_path=resolve_ring_path(run.ring.path or default_ring_name("")),
         capacity_mb=run.ring.capacity_mb,
         schema_mb=run.ring.schema_mb,
+        realtime=(
+            {"priority": run.acquisition.priority, "cpu": run.acquisition.cpu}
+            if run.acquisition.realtime
+            else None
+        ),
         policy=run.ring.policy,
         output=run.writer.output if run.writer.enabled else None,
         layout=run.writer.layout,

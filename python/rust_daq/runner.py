@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 
 from ._errors import RustDaqError
+from ._realtime import RealtimeSettings
 from ._ring import RingBuffer
 from ._session import Session
 from ._supervisor import WriterSupervisor, file_progress
@@ -85,7 +86,12 @@ class Runner:
             # A publisher in the run knows each record's rows: lost rows are exact downstream.
             self.row_index = RowIndex(self.ring) if row_index or session.nats else None
             self.acq = (
-                Acquisition(self.ring, session.instruments, row_index=self.row_index)
+                Acquisition(
+                    self.ring,
+                    session.instruments,
+                    row_index=self.row_index,
+                    realtime=False if session.realtime is None else RealtimeSettings(**session.realtime),
+                )
                 if session.instruments
                 else None
             )

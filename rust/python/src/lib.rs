@@ -19,6 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<buffer::MapView>()?;
     m.add_class::<ring::MappingGuard>()?;
     m.add_class::<reserve::Reservation>()?;
+    m.add_function(wrap_pyfunction!(wait::sleep_until, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "RECORD_HEADER_SIZE",

@@ -1,4 +1,8 @@
 //! `RingBuffer`: a handle on a ring file, the producer's when writable.
+//!
+//! (Over 500 lines: it is the Python class's whole surface, one `#[pymethods]` block, as
+//! PyO3 wants it without its `multiple-pymethods` feature; what is not surface is in
+//! `buffer.rs`, `wait.rs` and `reserve.rs`.)
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};

@@ -70,3 +70,68 @@ struct SendGuard<'a, T>(MutexGuard<'a, T>);
 // SAFETY: the guard is created in the detached closure on this same thread and handed back
 // to it: it never changes threads (py.detach runs the closure on the calling thread).
 unsafe impl<T> Send for SendGuard<'_, T> {}
+
+/// Sleeps until `deadline_ns` on CLOCK_MONOTONIC (what `time.perf_counter_ns()` reads on
+/// Linux), with the GIL released: in the kernel until `spin_ns` before it (an absolute
+/// `clock_nanosleep`, which a late wake-up does not push further), then spinning to it.
+/// Returns how late it returned, in ns (0 if the deadline had passed already: never
+/// negative). For a loop's deadlines under SCHED_FIFO, where a spinning thread would be
+/// throttled by the kernel (at most 95 % of a second for real-time tasks) and a sleeping one
+/// wakes within microseconds. Raises what a signal handler raised (Ctrl-C) after the sleep.
+#[pyfunction]
+#[pyo3(signature = (deadline_ns, spin_ns=50_000))]
+pub fn sleep_until(py: Python<'_>, deadline_ns: i64, spin_ns: i64) -> PyResult<i64> {
+    if spin_ns < 0 {
+        return Err(PyValueError::new_err(format!(
+            "spin_ns must be >= 0, got {spin_ns}"
+        )));
+    }
+    loop {
+        // Ok(lateness), or Err(()) when a signal interrupted the sleep: its handler runs
+        // (check_signals) and the sleep goes on to the same deadline.
+        let r = py.detach(move || {
+            if deadline_ns > monotonic_ns() + spin_ns && !sleep_to(deadline_ns - spin_ns) {
+                return Err(());
+            }
+            loop {
+                let now = monotonic_ns();
+                if now >= deadline_ns {
+                    return Ok(now - deadline_ns);
+                }
+                std::hint::spin_loop();
+            }
+        });
+        py.check_signals()?;
+        if let Ok(late) = r {
+            return Ok(late);
+        }
+    }
+}
+
+fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// An absolute sleep to `at_ns` (CLOCK_MONOTONIC). False if a signal interrupted it.
+fn sleep_to(at_ns: i64) -> bool {
+    let ts = libc::timespec {
+        tv_sec: (at_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (at_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: ts is a valid timespec; the remain argument is unused with TIMER_ABSTIME.
+    let rc = unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
+    rc != libc::EINTR
+}

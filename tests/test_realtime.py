@@ -1,0 +1,141 @@
+"""Real-time settings of the acquisition loop and the precise sleep under them: applied where
+permitted and reported, refused with the reason where not (another user, without privileges),
+undone when the run ends; the data is the same either way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import anyio
+import pytest
+
+from rust_daq import Acquisition, RingBuffer
+from rust_daq._native import sleep_until
+from rust_daq._realtime import RealtimeSettings, apply, restore
+from rust_daq.adapters import SimulatedVoltmeter
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux scheduling")
+
+
+def test_sleep_until_never_returns_early_and_says_how_late() -> None:
+    for spin in (0, 20_000, 200_000):
+        for ahead in (-1_000_000, 0, 300_000, 2_000_000):
+            deadline = time.perf_counter_ns() + ahead
+            late = sleep_until(deadline, spin)
+            now = time.perf_counter_ns()
+            assert now >= deadline and late >= 0
+            assert late <= now - deadline + 1  # what it says is what it was (or less)
+            if ahead < 0:
+                assert late < 1_000_000_000  # a deadline already past: back at once
+    with pytest.raises(ValueError, match="spin_ns must be >= 0"):
+        sleep_until(time.perf_counter_ns(), -1)
+
+
+def test_ctrl_c_interrupts_a_long_sleep() -> None:
+    code = textwrap.dedent(
+        """
+        import time
+        from rust_daq._native import sleep_until
+        print("ready", flush=True)
+        sleep_until(time.perf_counter_ns() + 60_000_000_000, 0)
+        """
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    assert time.monotonic() - t0 < 10 and "KeyboardInterrupt" in err
+
+
+@linux
+def test_settings_are_applied_reported_and_undone() -> None:
+    before = (os.sched_getscheduler(0), os.sched_getaffinity(0))
+    s = apply(RealtimeSettings(priority=7, cpu=min(os.sched_getaffinity(0))))
+    try:
+        assert set(s.report) == {"sched_fifo", "timer_slack", "affinity", "mlockall"}
+        for key, value in s.report.items():
+            assert value.startswith(("applied", "refused: ")), (key, value)
+        if s.fifo:
+            assert s.report["sched_fifo"] == "applied (priority 7)"
+            assert os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+            assert os.sched_getparam(0).sched_priority == 7
+        if s.report["affinity"].startswith("applied"):
+            assert os.sched_getaffinity(0) == {min(before[1])}
+    finally:
+        restore(s)
+    assert (os.sched_getscheduler(0), os.sched_getaffinity(0)) == before
+    bad = apply(RealtimeSettings(cpu=10_000, lock_memory=False))
+    restore(bad)
+    assert bad.report["affinity"].startswith("refused: CPU 10000 is not one this process may use")
+    assert bad.report["mlockall"] == "not asked for"
+
+
+@linux
+def test_a_realtime_run_acquires_the_same_and_restores_the_thread(ring_path: str) -> None:
+    before = (os.sched_getscheduler(0), os.sched_getaffinity(0))
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring:
+        acq = Acquisition(ring, [SimulatedVoltmeter(rate_hz=1000, seed=1)], batch_rows=50, realtime=True)
+
+        async def main() -> None:
+            async with acq:
+                await acq.run(reads=500)
+
+        anyio.run(main)
+        stats = acq.stats()
+        assert stats["streams"]["voltmeter"]["rows"] == 500
+        assert set(stats["realtime"]) == {"sched_fifo", "timer_slack", "affinity", "mlockall"}
+        table = ring.reader().read_table("voltmeter")
+        assert table.num_rows == 500
+        ts = table.column("timestamp").cast("int64").to_pylist()
+        assert ts == sorted(ts)
+    assert (os.sched_getscheduler(0), os.sched_getaffinity(0)) == before
+
+
+@linux
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_without_privileges_is_refused_and_still_acquires(ring_path: str) -> None:
+    """As nobody (no CAP_SYS_NICE, RLIMIT_RTPRIO 0): SCHED_FIFO and the memory lock are
+    refused, each with the reason; the run acquires every read all the same."""
+    code = textwrap.dedent(
+        f"""
+        import os, resource, anyio, json
+        from rust_daq import Acquisition, RingBuffer
+        from rust_daq.adapters import SimulatedVoltmeter
+        ring = RingBuffer.create({ring_path + "-nobody"!r}, capacity_mb=4)
+        os.chmod(ring.path, 0o666)
+        warm = Acquisition(ring, [SimulatedVoltmeter(rate_hz=500, name="warm")])
+        acq = Acquisition(ring, [SimulatedVoltmeter(rate_hz=500)], realtime=True)
+        async def main(a, reads):
+            async with a:
+                await a.run(reads=reads)
+        anyio.run(main, warm, 3)  # (every module the run needs imported: nobody cannot read them)
+        resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (0, 0))
+        os.setgid(65534); os.setuid(65534)
+        anyio.run(main, acq, 100)
+        print(json.dumps({{"rows": acq.stats()["streams"]["voltmeter"]["rows"], **acq.stats()["realtime"]}}))
+        ring.close()
+        """
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        if os.path.exists(ring_path + "-nobody"):
+            os.unlink(ring_path + "-nobody")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["rows"] == 100
+    assert got["sched_fifo"].startswith("refused: Operation not permitted"), got
+    assert got["mlockall"].startswith("refused: "), got
+    assert got["affinity"].startswith("applied")  # (pinning within its own CPUs needs no privilege)
