@@ -22,6 +22,7 @@ frame_id of each), and reports rows/s and MB/s of Arrow payload.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -233,7 +234,11 @@ def run(quick: bool, reps: int) -> dict[str, Any]:
         server.join(timeout=60)
         if server.is_alive():
             server.kill()
+    seconds = 3.0 if quick else 10.0
+    loops = [loop_with_subscribers(n, seconds) for n in (0, 50)]
     return {
+        "loop_with_subscribers": loops,
+        "loop_seconds": seconds,
         "counts": counts,
         "rates": {
             s: {
@@ -271,5 +276,73 @@ def tables(res: dict[str, Any]) -> list[Table]:
                 "client share this machine's cores: on loopback the network costs CPU on both "
                 "ends, not bandwidth."
             ],
-        )
+        ),
+        Table(
+            f"Case 8 and 6: the daemon's 1 kHz loop for {res['loop_seconds']:.0f} s with live Flight subscribers",
+            ["subscribers", "reads", "missed deadlines", "read jitter p99", "p99.9", "max"],
+            [
+                [
+                    str(x["subscribers"]),
+                    f"{x['reads']:,}",
+                    f"{x['missed']:,}",
+                    *[f"{x[k]:.1f} µs" for k in ("p99", "p99.9", "max")],
+                ]
+                for x in res.get("loop_with_subscribers", [])
+            ],
+            notes=[
+                "Each subscriber a `rust_daq.remote` reader of the voltmeter stream in another process. The "
+                "daemon serves Flight from the acquisition's own process: its subscriptions' Python threads "
+                "take the GIL from the loop. Serving them from a process of their own is not built yet."
+            ],
+        ),
     ]
+
+
+# -- the loop's deadlines with subscribers (case 6) ------------------------------------------------
+
+
+def _daemon_loop(ring_path: str, seconds: float, ready: Any, result: Any) -> None:
+    """A daemon acquiring a 1 kHz voltmeter for `seconds`, every read written at once; reports
+    its URL when serving, then the loop's missed deadlines and read jitter."""
+    from rust_daq.adapters import SimulatedVoltmeter
+
+    session = Session(
+        instruments=[SimulatedVoltmeter(rate_hz=1000)], ring_path=ring_path, capacity_mb=64, output=None
+    )
+    session = dataclasses.replace(session, duration=seconds)
+    d = Daemon(session, host="127.0.0.1", port=0, own_ring=True)
+    assert d.acq is not None
+    d.acq.batch_rows = 1
+    stats = d.run(on_ready=lambda dm: ready.put(dm.url))
+    v = stats["streams"]["voltmeter"]
+    result.put({"missed": v["deadlines_missed"], "reads": v["reads"], **v["jitter_us"]})
+
+
+def loop_with_subscribers(subscribers: int, seconds: float) -> dict[str, Any]:
+    """Case 6 beside Flight: the daemon's loop with `subscribers` live subscriptions (each a
+    ``rust_daq.remote`` reader of the voltmeter, receiving every record)."""
+    ring_path = shm_path("subs")
+    ready, result = CTX.Queue(), CTX.Queue()
+    server = CTX.Process(target=_daemon_loop, args=(ring_path, seconds, ready, result), daemon=True)
+    server.start()
+    received = [0] * subscribers
+    try:
+        url = _wait_for(ready, server, 120)
+        daq = rust_daq.remote.connect(url)
+        readers = [daq.reader("voltmeter", "latest") for _ in range(subscribers)]
+        deadline = time.monotonic() + seconds + 60
+        while any(not r.ended for r in readers) and time.monotonic() < deadline:
+            for i, r in enumerate(readers):
+                received[i] += sum(b.num_rows for _, b in r.read_batches(timeout=0.0))
+            time.sleep(0.01)
+        for r in readers:
+            r.close()
+        daq.close()
+        out: dict[str, Any] = result.get(timeout=60)
+    finally:
+        server.join(timeout=60)
+        if server.is_alive():
+            server.kill()
+    out["subscribers"] = subscribers
+    out["rows_received_min"] = min(received) if received else 0
+    return out
