@@ -22,6 +22,8 @@ class Session:
     capacity_mb: float = 256
     #: ``[ring] schema_mb``: the stream table's size (None: the ring's default).
     schema_mb: float | None = None
+    #: Rows per ring record at most (the demo: 1, every reading written at once, as case 6).
+    batch_rows: int = 1000
     #: ``[acquisition] realtime``: the loop's real-time settings (priority, cpu), or None.
     realtime: dict[str, Any] | None = None
     policy: str = "overwrite"

@@ -184,6 +184,7 @@ def demo(
         duration=duration,
         metadata={"run": "rust-daq demo", "instruments": "simulated voltmeter and camera"},
         own_ring=True,
+        batch_rows=1,  # every reading written at once: the write latency it prints is case 6's
     )
     _run(s, progress)
 

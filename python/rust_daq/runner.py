@@ -90,6 +90,7 @@ class Runner:
                     self.ring,
                     session.instruments,
                     row_index=self.row_index,
+                    batch_rows=session.batch_rows,
                     realtime=False if session.realtime is None else RealtimeSettings(**session.realtime),
                 )
                 if session.instruments
