@@ -289,3 +289,55 @@ def test_a_lapped_bulk_reader_returns_only_intact_records_and_counts_the_rest(ri
     assert rd.next_seq == total and rd.delivered == checked
     assert rd.delivered + rd.lost == total and rd.lost > 0
     ring.close()
+
+
+def test_review_fixes_dtypes_scalars_unaligned_arrays(ring_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_bytes=1 << 20) as ring:
+        for i in range(3):
+            ring.write(stamped(i, 8))
+        rd = ring.reader()
+        for bad in ("S0", object, "U0"):
+            with pytest.raises(ValueError, match="cannot view a record"):
+                rd.read_array(dtype=bad)
+        assert rd.delivered == 0  # refused before anything was read
+        one = np.zeros((), np.dtype([("i", "<i8")]))  # a 0-d array: one row of 8 bytes
+        assert rd.read_into(one) == 1 and int(one["i"]) == 0
+        raw = np.zeros(8 * 2 + 1, np.uint8)
+        seq = np.frombuffer(raw.data, np.uint64, count=2, offset=1)  # unaligned, writable
+        assert not seq.flags.aligned
+        assert rd.read_into(np.zeros((2, 8), np.uint8), seq=seq) == 2
+        assert seq.tolist() == [1, 2]
+
+
+def test_a_bulk_read_that_loses_its_run_waits_on_to_its_timeout(ring_path: str) -> None:
+    """A producer that reclaims a whole run while it is copied: the call goes on waiting for
+    the next, it does not return 0 before its timeout."""
+    big = 256 * 1024
+    with RingBuffer.create(ring_path, capacity_bytes=4 * (big + 64), policy="overwrite") as ring:
+        stop = threading.Event()
+
+        def produce() -> None:
+            msg = np.zeros(big, np.uint8)
+            i = 0
+            while not stop.is_set():
+                msg[:8] = np.frombuffer(np.int64(i).tobytes(), np.uint8)
+                ring.write(msg)
+                i += 1
+
+        t = threading.Thread(target=produce)
+        t.start()
+        try:
+            rd = ring.reader()
+            out = np.empty((4, big), np.uint8)
+            seq = np.empty(4, np.uint64)
+            for _ in range(300):
+                t0 = time.monotonic()
+                n = rd.read_into(out, seq=seq, timeout=0.5)
+                if n == 0:
+                    assert time.monotonic() - t0 >= 0.45, "returned 0 before its timeout"
+                else:
+                    assert (index_of(out[:n]) == seq[:n].astype(np.int64)).all()
+        finally:
+            stop.set()
+            t.join()
+        assert rd.delivered + rd.lost <= ring.records_written

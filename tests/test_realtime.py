@@ -139,3 +139,21 @@ def test_another_user_without_privileges_is_refused_and_still_acquires(ring_path
     assert got["sched_fifo"].startswith("refused: Operation not permitted"), got
     assert got["mlockall"].startswith("refused: "), got
     assert got["affinity"].startswith("applied")  # (pinning within its own CPUs needs no privilege)
+
+
+@linux
+def test_memory_locked_before_is_left_to_whoever_locked_it() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(1) != 0:
+        pytest.skip("mlockall is not permitted here")
+    try:
+        s = apply(RealtimeSettings(lock_memory=True))
+        restore(s)
+        assert s.report["mlockall"] == "not applied: this process has locked memory already"
+        with open("/proc/self/status") as f:
+            locked = next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+        assert locked > 0  # still ours: restore did not unlock it
+    finally:
+        libc.munlockall()

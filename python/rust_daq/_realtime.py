@@ -13,6 +13,8 @@ either way, and undone when the acquisition's run ends:
   allocation faults all its pages in at once, and the 1 kHz loop missed 243 deadlines in 5 s
   (2 to 9 without).
 
+What a run's thread starts inherits its CPU (threads, and processes forked from it; the
+writer, started before the run, does not): start worker threads before a realtime run.
 Under SCHED_FIFO the precise schedule sleeps in the kernel (``_native.sleep_until``) instead
 of spinning: the kernel throttles real-time tasks to 95 % of each second, and a thread
 spinning towards every 1 ms deadline lost 50 ms a second to it (900 missed deadlines in 20 s
@@ -50,6 +52,18 @@ class RealtimeSettings:
     def fifo(self) -> bool:
         """Whether the thread runs under SCHED_FIFO now."""
         return self.report.get("sched_fifo", "").startswith("applied")
+
+
+def _locked_kb() -> int:
+    """Memory this process has locked (VmLck, KiB; 0 if unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -97,6 +111,10 @@ def apply(s: RealtimeSettings) -> RealtimeSettings:
         s.report["affinity"] = f"refused: {e.strerror or e}"
     if not s.lock_memory:
         s.report["mlockall"] = "not asked for"
+    elif _locked_kb() > 0:
+        # (somebody locked memory already: this process, or another realtime acquisition in
+        # it; leave it to them, and do not unlock theirs at the end)
+        s.report["mlockall"] = "not applied: this process has locked memory already"
     elif libc is None:
         s.report["mlockall"] = "refused: libc not found"
     elif libc.mlockall(_MCL_CURRENT) == 0:
@@ -114,16 +132,21 @@ def restore(s: RealtimeSettings) -> None:
     if "sched" in prev:
         policy, prio = cast("tuple[int, int]", prev.pop("sched"))
         try:
-            os.sched_setscheduler(0, policy, os.sched_param(prio))
-        except OSError:
-            pass
+            try:
+                os.sched_setscheduler(0, policy, os.sched_param(prio))
+            except PermissionError:
+                # A user allowed SCHED_FIFO by RLIMIT_RTPRIO alone may not clear the
+                # RESET_ON_FORK flag: keep it, or the thread would stay real-time.
+                os.sched_setscheduler(0, policy | os.SCHED_RESET_ON_FORK, os.sched_param(prio))
+        except OSError as e:
+            s.report["sched_fifo"] += f"; not undone: {e.strerror or e}"
     libc = _libc()
     if "slack" in prev and libc is not None:
         libc.prctl(_PR_SET_TIMERSLACK, cast(int, prev.pop("slack")), 0, 0, 0)
     if "affinity" in prev:
         try:
             os.sched_setaffinity(0, cast("set[int]", prev.pop("affinity")))
-        except OSError:
-            pass
+        except OSError as e:
+            s.report["affinity"] += f"; not undone: {e.strerror or e}"
     if prev.pop("mlock", False) and libc is not None:
         libc.munlockall()

@@ -275,6 +275,9 @@ class RingReader(_native.RingReader):
         dt = np.dtype(dtype)
         if max_records < 0:
             raise ValueError(f"max_records must be >= 0, got {max_records}")
+        if dt.itemsize == 0 or dt.hasobject:
+            # (checked before reading: a view that fails afterwards would lose the records)
+            raise ValueError(f"dtype {dt} cannot view a record's bytes (empty, or holds Python objects)")
         data, seq, ts, streams, size = self._read_array(max_records, stream, dt.itemsize, timeout)
         n = len(seq) // 8
         raw: npt.NDArray[Any] = np.frombuffer(data, np.uint8).reshape(n, size)

@@ -63,7 +63,8 @@ _PRECISE_HZ = 200.0  # precise=None: spin to the deadline at this rate and above
 # realtime: sleeps of at most this long (ns) between the loop's other tasks, and the spin
 # before a deadline: a SCHED_FIFO thread's wake-up took 45 µs typically and up to 900 µs on
 # this VM; spinning half of each 1 ms stays below the kernel's real-time throttle (95 %)
-_RT_SLICE, _RT_SPIN = 400_000, 500_000
+# (while it sleeps, the loop's other tasks wait: at most a slice)
+_RT_SLICE, _RT_SPIN = 100_000, 500_000
 
 _gc_lock = threading.Lock()
 _gc_holders = 0  # acquisitions running with freeze_gc

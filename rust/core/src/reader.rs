@@ -222,11 +222,18 @@ impl Reader {
         out: &mut Vec<RecordRef>,
     ) -> Result<()> {
         out.clear();
+        let start = self.pos;
         let mut first: Option<RecordRef> = None;
         while out.len() < max {
-            let rec = match self.peek()? {
-                Next::Record(r) => r,
-                Next::Busy { .. } | Next::Empty => break,
+            let rec = match self.peek() {
+                Ok(Next::Record(r)) => r,
+                Ok(Next::Busy { .. } | Next::Empty) => break,
+                Err(e) => {
+                    // Not past records nobody confirmed: back to where this run began.
+                    self.pos = first.map_or(start, |f| f.pos);
+                    out.clear();
+                    return Err(e);
+                }
             };
             let f = *first.get_or_insert(rec);
             if rec.payload_len != f.payload_len || stream.is_some_and(|s| s != rec.stream) {

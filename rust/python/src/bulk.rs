@@ -5,7 +5,7 @@
 
 use std::ffi::c_int;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
@@ -44,7 +44,7 @@ impl Dest {
         }
         let len = view.len as usize;
         let rows = if view.ndim == 0 || view.shape.is_null() {
-            len
+            1 // a scalar (a 0-d array): one row of all its bytes
         } else {
             // SAFETY: PyBUF_ND asked for the shape; it has ndim >= 1 entries.
             (unsafe { *view.shape }) as usize
@@ -91,7 +91,8 @@ pub struct Want {
     pub size: Option<u64>,
     /// The payload length must be a multiple of this (a dtype's item size).
     pub item: u64,
-    pub timeout: Duration,
+    /// When the wait for a run ends.
+    pub deadline: Instant,
 }
 
 /// Waits (GIL released, in slices) until a run of records `want` can take is committed, or
@@ -106,7 +107,7 @@ pub fn wait_run<'a>(
 ) -> PyResult<(MutexGuard<'a, Reader>, MutexGuard<'a, Vec<RecordRef>>)> {
     let mut rd = lock_detached(py, reader);
     let mut run = lock_detached(py, scratch);
-    let deadline = Instant::now() + want.timeout;
+    let deadline = want.deadline;
     loop {
         rd.peek_run(want.max, want.stream, &mut run).py_err(py)?;
         if let Some(first) = run.first() {
@@ -182,14 +183,15 @@ pub unsafe fn copy_run(py: Python<'_>, rd: &mut Reader, run: &[RecordRef], out: 
             );
         }
         for (i, rec) in intact.iter().enumerate() {
+            // (a caller's array need not be aligned: numpy makes unaligned views)
             if let Some(p) = out.seq {
-                *p.add(i) = rec.seq;
+                p.add(i).write_unaligned(rec.seq);
             }
             if let Some(p) = out.timestamp_ns {
-                *p.add(i) = rec.timestamp_ns;
+                p.add(i).write_unaligned(rec.timestamp_ns);
             }
             if let Some(p) = out.stream {
-                *p.add(i) = rec.stream;
+                p.add(i).write_unaligned(rec.stream);
             }
         }
     }

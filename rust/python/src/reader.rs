@@ -152,6 +152,48 @@ fn copy_record(py: Python<'_>, rd: &mut Reader, rec: &RecordRef) -> PyResult<Opt
     Ok(rd.confirm(rec).then(|| obj.into_any().unbind()))
 }
 
+/// One bulk read into new bytearrays: (rows, data, seq, timestamp_ns, streams, record
+/// size; usize::MAX when there was no run at all).
+#[allow(clippy::type_complexity)]
+fn read_array_once<'py>(
+    py: Python<'py>,
+    inner: &Mutex<Reader>,
+    scratch: &Mutex<Vec<RecordRef>>,
+    want: &Want,
+) -> PyResult<(
+    usize,
+    Bound<'py, PyByteArray>,
+    Bound<'py, PyByteArray>,
+    Bound<'py, PyByteArray>,
+    Bound<'py, PyByteArray>,
+    usize,
+)> {
+    let (mut rd, run) = wait_run(py, inner, scratch, want)?;
+    let (n, size) = (run.len(), run.first().map_or(0, |r| r.payload_len as usize));
+    let data = new_bytearray(py, n * size)?;
+    let (s, t, st) = (
+        new_bytearray(py, n * 8)?,
+        new_bytearray(py, n * 8)?,
+        new_bytearray(py, n * 4)?,
+    );
+    let cols = Columns {
+        data: SendPtr(data.data()),
+        size,
+        seq: Some(s.data().cast::<u64>()),
+        timestamp_ns: Some(t.data().cast::<i64>()),
+        stream: Some(st.data().cast::<u32>()),
+    };
+    // SAFETY: the bytearrays were made for n rows/items and nobody else has them yet.
+    let got = unsafe { copy_run(py, &mut rd, &run, &cols) };
+    if got < n {
+        shrink(&data, got * size)?;
+        shrink(&s, got * 8)?;
+        shrink(&t, got * 8)?;
+        shrink(&st, got * 4)?;
+    }
+    Ok((got, data, s, t, st, if n == 0 { usize::MAX } else { size }))
+}
+
 #[pymethods]
 impl RingReader {
     #[new]
@@ -267,9 +309,8 @@ impl RingReader {
             stream,
             size: Some(dest.row_bytes() as u64),
             item: 1,
-            timeout,
+            deadline: Instant::now() + timeout,
         };
-        let (mut rd, run) = wait_run(py, &self.inner, &self.scratch, &want)?;
         let cols = Columns {
             data: SendPtr(dest.ptr),
             size: dest.row_bytes(),
@@ -277,9 +318,16 @@ impl RingReader {
             timestamp_ns: t.as_ref().map(|d| d.ptr.cast::<i64>()),
             stream: st.as_ref().map(|d| d.ptr.cast::<u32>()),
         };
-        // SAFETY: run.len() <= rows; every buffer holds `rows` rows or items (checked) and
-        // stays exported until the end of this call.
-        Ok(unsafe { copy_run(py, &mut rd, &run, &cols) })
+        loop {
+            let (mut rd, run) = wait_run(py, &self.inner, &self.scratch, &want)?;
+            // SAFETY: run.len() <= rows; every buffer holds `rows` rows or items (checked)
+            // and stays exported until the end of this call.
+            let got = unsafe { copy_run(py, &mut rd, &run, &cols) };
+            // A run the producer reclaimed whole while it was copied: wait on, to the deadline.
+            if got > 0 || run.is_empty() || Instant::now() >= want.deadline {
+                return Ok(got);
+            }
+        }
     }
 
     /// Bulk read into new arrays (the Python `read_array` wraps it): (data, seq,
@@ -305,32 +353,16 @@ impl RingReader {
             stream,
             size: None,
             item: item.max(1),
-            timeout: duration(timeout, "timeout")?,
+            deadline: Instant::now() + duration(timeout, "timeout")?,
         };
-        let (mut rd, run) = wait_run(py, &self.inner, &self.scratch, &want)?;
-        let (n, size) = (run.len(), run.first().map_or(0, |r| r.payload_len as usize));
-        let data = new_bytearray(py, n * size)?;
-        let (s, t, st) = (
-            new_bytearray(py, n * 8)?,
-            new_bytearray(py, n * 8)?,
-            new_bytearray(py, n * 4)?,
-        );
-        let cols = Columns {
-            data: SendPtr(data.data()),
-            size,
-            seq: Some(s.data().cast::<u64>()),
-            timestamp_ns: Some(t.data().cast::<i64>()),
-            stream: Some(st.data().cast::<u32>()),
-        };
-        // SAFETY: the bytearrays were made for n rows/items and nobody else has them yet.
-        let got = unsafe { copy_run(py, &mut rd, &run, &cols) };
-        if got < n {
-            shrink(&data, got * size)?;
-            shrink(&s, got * 8)?;
-            shrink(&t, got * 8)?;
-            shrink(&st, got * 4)?;
+        loop {
+            let (got, data, s, t, st, size) =
+                read_array_once(py, &self.inner, &self.scratch, &want)?;
+            // A run the producer reclaimed whole while it was copied: wait on, to the deadline.
+            if got > 0 || size == usize::MAX || Instant::now() >= want.deadline {
+                return Ok((data, s, t, st, if size == usize::MAX { 0 } else { size }));
+            }
         }
-        Ok((data, s, t, st, size))
     }
 
     /// Stores this reader's position as the ring's `read_tail` (the primary consumer does
