@@ -209,10 +209,12 @@ def jitter_ours(seconds: float, tmp: str, realtime: bool = False) -> dict[str, A
     }
 
 
-def jitter_floor(seconds: float) -> dict[str, Any]:
-    """The 1 kHz schedule alone, in a tight spin (no read, no write, no event loop): how late
-    this machine lets a busy thread be (a shared VM's own stalls), the floor of every loop."""
-    period, lateness, missed = 1e-3, [], 0
+def _spin_schedule(seconds: float, step: Callable[[], float | None]) -> dict[str, Any]:
+    """A 1 kHz absolute schedule in a tight spin, as a naive loop keeps one: `step()` runs at
+    each deadline and returns the latency of its write (None: it writes nothing). Returns
+    write latency and read jitter percentiles (µs) and missed deadlines (a step more than a
+    period late: its slots are skipped and counted), as ``jitter_ours`` reports them."""
+    period, lateness, lat, missed = 1e-3, [], [], 0
     start = time.perf_counter()
     k = 0
     while time.perf_counter() - start < seconds:
@@ -226,75 +228,50 @@ def jitter_floor(seconds: float) -> dict[str, Any]:
             k += skipped
             late -= skipped * period
         lateness.append(late)
+        took = step()
+        if took is not None:
+            lat.append(took)
         k += 1
-    j = np.array(lateness) * 1e6
-    j99, j999 = np.percentile(j, [99, 99.9])
-    nan = float("nan")
-    return {
-        **{k: nan for k in ("p50", "p99", "p99.9", "max")},
-        "jitter_p99": float(j99),
-        "jitter_p99.9": float(j999),
-        "jitter_max": float(j.max()),
-        "missed": missed,
-        "writes": len(lateness),
-        "lost": 0,
-        "realtime": None,
-    }
+
+    def pct(values: list[float], prefix: str) -> dict[str, float]:
+        if not values:
+            return {f"{prefix}{q}": float("nan") for q in ("p50", "p99", "p99.9", "max")}
+        v = np.array(values) * 1e6
+        p50, p99, p999 = np.percentile(v, [50, 99, 99.9])
+        return {f"{prefix}p50": p50, f"{prefix}p99": p99, f"{prefix}p99.9": p999, f"{prefix}max": v.max()}
+
+    out = {k: float(v) for k, v in {**pct(lat, ""), **pct(lateness, "jitter_")}.items()}
+    return {**out, "missed": missed, "writes": len(lateness), "lost": 0, "realtime": None}
+
+
+def jitter_floor(seconds: float) -> dict[str, Any]:
+    """The 1 kHz schedule alone (no read, no write, no event loop): how late this machine lets
+    a busy thread be (a shared VM's own stalls), the floor of every loop."""
+    return _spin_schedule(seconds, lambda: None)
 
 
 def jitter_h5py(seconds: float, tmp: str) -> dict[str, Any]:
     volt = SimulatedVoltmeter(rate_hz=1000)
-    lat = []
-    lateness = []
-    missed = 0
     with h5py.File(os.path.join(tmp, "naive.h5"), "w") as f:
         t_ds = f.create_dataset("timestamp", (0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
         v_ds = f.create_dataset("voltage", (0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
-        period = 1e-3
-        start = time.perf_counter()
-        last_flush = start
-        k = n = 0
-        while time.perf_counter() - start < seconds:
-            deadline = start + k * period
-            while time.perf_counter() < deadline:
-                pass
-            late = time.perf_counter() - deadline
-            if late > period:
-                skipped = int(late // period)
-                missed += skipped
-                k += skipped
-                late -= skipped * period
-            lateness.append(late)
+        state = {"n": 0, "last_flush": time.perf_counter()}
+
+        def step() -> float:
             batch = anyio.run(volt.read)
             t0 = time.perf_counter()
+            n = state["n"]
             t_ds.resize(n + 1, axis=0)
             v_ds.resize(n + 1, axis=0)
             t_ds[n] = batch.column(0).cast("int64")[0].as_py()
             v_ds[n] = batch.column(1)[0].as_py()
-            n += 1
-            if t0 - last_flush >= 1.0:
+            state["n"] = n + 1
+            if t0 - state["last_flush"] >= 1.0:
                 f.flush()
-                last_flush = t0
-            lat.append(time.perf_counter() - t0)
-            k += 1
-    v = np.array(lat) * 1e6
-    p50, p99, p999 = np.percentile(v, [50, 99, 99.9])
-    j = np.array(lateness) * 1e6
-    j50, j99, j999 = np.percentile(j, [50, 99, 99.9])
-    return {
-        "p50": float(p50),
-        "p99": float(p99),
-        "p99.9": float(p999),
-        "max": float(v.max()),
-        "jitter_p50": float(j50),
-        "jitter_p99": float(j99),
-        "jitter_p99.9": float(j999),
-        "jitter_max": float(j.max()),
-        "missed": missed,
-        "writes": n,
-        "lost": 0,
-        "realtime": None,
-    }
+                state["last_flush"] = t0
+            return time.perf_counter() - t0
+
+        return _spin_schedule(seconds, step)
 
 
 def run(quick: bool, reps: int, storage: str) -> dict[str, Any]:

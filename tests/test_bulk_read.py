@@ -341,3 +341,15 @@ def test_a_bulk_read_that_loses_its_run_waits_on_to_its_timeout(ring_path: str) 
             stop.set()
             t.join()
         assert rd.delivered + rd.lost <= ring.records_written
+
+
+def test_zero_byte_records_are_counted_in_bulk(ring_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_bytes=1 << 20) as ring:
+        for _ in range(5):
+            ring.write(b"")
+        got = ring.reader().read_array()
+        assert got.data.shape == (5, 0) and got.seq.tolist() == [0, 1, 2, 3, 4]
+        out = np.zeros((3, 0), np.uint8)
+        seq = np.zeros(3, np.uint64)
+        rd = ring.reader()
+        assert rd.read_into(out, seq=seq) == 3 and seq.tolist() == [0, 1, 2]

@@ -99,7 +99,7 @@ pub struct Want {
 /// the timeout passes; returns the reader and the run (empty on timeout, or when the next
 /// record is of another stream). Raises ValueError, consuming nothing, when the next record
 /// has a length the caller cannot take: it is for `read()`.
-pub fn wait_run<'a>(
+fn wait_run<'a>(
     py: Python<'_>,
     reader: &'a Mutex<Reader>,
     scratch: &'a Mutex<Vec<RecordRef>>,
@@ -145,6 +145,7 @@ pub fn wait_run<'a>(
 
 /// Where a run's records go: `run.len()` rows of `size` bytes at `data`, and one item per
 /// row in each of the optional column arrays.
+#[derive(Clone, Copy)]
 pub struct Columns {
     pub data: SendPtr,
     pub size: usize,
@@ -160,7 +161,7 @@ pub struct Columns {
 /// # Safety
 /// `out.data` is valid for writes of `run.len() * out.size` bytes, and each column pointer
 /// for `run.len()` items; none of them is ring memory.
-pub unsafe fn copy_run(py: Python<'_>, rd: &mut Reader, run: &[RecordRef], out: &Columns) -> usize {
+unsafe fn copy_run(py: Python<'_>, rd: &mut Reader, run: &[RecordRef], out: &Columns) -> usize {
     let (data, size) = (out.data, out.size);
     let r: &Reader = rd;
     // SAFETY: row i lies inside the caller's buffer (run.len() rows of `size` bytes); each
@@ -196,4 +197,33 @@ pub unsafe fn copy_run(py: Python<'_>, rd: &mut Reader, run: &[RecordRef], out: 
         }
     }
     intact.len()
+}
+
+/// A bulk read to its end: waits for a run, asks `dest(rows, record size)` where it goes,
+/// copies and validates it, and waits on (to the deadline) when the producer reclaimed the
+/// whole run while it was copied. Returns the rows delivered and the destination (None: no
+/// run before the deadline, or the next record is another stream's). Both bulk reads use it.
+///
+/// # Safety
+/// The `Columns` that `dest` returns must be valid for that many rows and items, and stay so
+/// until this returns; none of it ring memory.
+pub unsafe fn read_run<D>(
+    py: Python<'_>,
+    reader: &Mutex<Reader>,
+    scratch: &Mutex<Vec<RecordRef>>,
+    want: &Want,
+    mut dest: impl FnMut(usize, usize) -> PyResult<(D, Columns)>,
+) -> PyResult<Option<(usize, D)>> {
+    loop {
+        let (mut rd, run) = wait_run(py, reader, scratch, want)?;
+        let Some(first) = run.first() else {
+            return Ok(None);
+        };
+        let (d, cols) = dest(run.len(), first.payload_len as usize)?;
+        // SAFETY: the caller's promise for what `dest` returned.
+        let got = unsafe { copy_run(py, &mut rd, &run, &cols) };
+        if got > 0 || Instant::now() >= want.deadline {
+            return Ok(Some((got, d)));
+        }
+    }
 }

@@ -9,7 +9,7 @@ use pyo3::types::{PyByteArray, PyList, PyMemoryView};
 use rust_daq_core::{Next, Reader, RecordRef, Ring, Start, WaitStrategy};
 
 use crate::buffer::{MapView, SendPtr};
-use crate::bulk::{copy_run, wait_run, Columns, Dest, Want};
+use crate::bulk::{read_run, Columns, Dest, Want};
 use crate::errors::IntoPy;
 use crate::ring::RingBuffer;
 use crate::wait::{copy_maybe_detached, duration, lock_detached, sleep_slice};
@@ -152,47 +152,14 @@ fn copy_record(py: Python<'_>, rd: &mut Reader, rec: &RecordRef) -> PyResult<Opt
     Ok(rd.confirm(rec).then(|| obj.into_any().unbind()))
 }
 
-/// One bulk read into new bytearrays: (rows, data, seq, timestamp_ns, streams, record
-/// size; usize::MAX when there was no run at all).
-#[allow(clippy::type_complexity)]
-fn read_array_once<'py>(
-    py: Python<'py>,
-    inner: &Mutex<Reader>,
-    scratch: &Mutex<Vec<RecordRef>>,
-    want: &Want,
-) -> PyResult<(
-    usize,
+/// What `_read_array` returns: data, seq, timestamp_ns, streams (bytearrays), record size.
+type Arrays<'py> = (
     Bound<'py, PyByteArray>,
     Bound<'py, PyByteArray>,
     Bound<'py, PyByteArray>,
     Bound<'py, PyByteArray>,
     usize,
-)> {
-    let (mut rd, run) = wait_run(py, inner, scratch, want)?;
-    let (n, size) = (run.len(), run.first().map_or(0, |r| r.payload_len as usize));
-    let data = new_bytearray(py, n * size)?;
-    let (s, t, st) = (
-        new_bytearray(py, n * 8)?,
-        new_bytearray(py, n * 8)?,
-        new_bytearray(py, n * 4)?,
-    );
-    let cols = Columns {
-        data: SendPtr(data.data()),
-        size,
-        seq: Some(s.data().cast::<u64>()),
-        timestamp_ns: Some(t.data().cast::<i64>()),
-        stream: Some(st.data().cast::<u32>()),
-    };
-    // SAFETY: the bytearrays were made for n rows/items and nobody else has them yet.
-    let got = unsafe { copy_run(py, &mut rd, &run, &cols) };
-    if got < n {
-        shrink(&data, got * size)?;
-        shrink(&s, got * 8)?;
-        shrink(&t, got * 8)?;
-        shrink(&st, got * 4)?;
-    }
-    Ok((got, data, s, t, st, if n == 0 { usize::MAX } else { size }))
-}
+);
 
 #[pymethods]
 impl RingReader {
@@ -318,22 +285,16 @@ impl RingReader {
             timestamp_ns: t.as_ref().map(|d| d.ptr.cast::<i64>()),
             stream: st.as_ref().map(|d| d.ptr.cast::<u32>()),
         };
-        loop {
-            let (mut rd, run) = wait_run(py, &self.inner, &self.scratch, &want)?;
-            // SAFETY: run.len() <= rows; every buffer holds `rows` rows or items (checked)
-            // and stays exported until the end of this call.
-            let got = unsafe { copy_run(py, &mut rd, &run, &cols) };
-            // A run the producer reclaimed whole while it was copied: wait on, to the deadline.
-            if got > 0 || run.is_empty() || Instant::now() >= want.deadline {
-                return Ok(got);
-            }
-        }
+        // SAFETY: a run has at most `rows` records; every buffer holds `rows` rows or items
+        // (checked above) and stays exported until the end of this call.
+        let got =
+            unsafe { read_run(py, &self.inner, &self.scratch, &want, |_, _| Ok(((), cols)))? };
+        Ok(got.map_or(0, |(n, ())| n))
     }
 
     /// Bulk read into new arrays (the Python `read_array` wraps it): (data, seq,
     /// timestamp_ns, streams, record size), the first four as bytearrays.
     #[pyo3(signature = (max_records, stream, item, timeout))]
-    #[allow(clippy::type_complexity)]
     fn _read_array<'py>(
         &self,
         py: Python<'py>,
@@ -341,13 +302,7 @@ impl RingReader {
         stream: Option<u32>,
         item: u64,
         timeout: f64,
-    ) -> PyResult<(
-        Bound<'py, PyByteArray>,
-        Bound<'py, PyByteArray>,
-        Bound<'py, PyByteArray>,
-        Bound<'py, PyByteArray>,
-        usize,
-    )> {
+    ) -> PyResult<Arrays<'py>> {
         let want = Want {
             max: max_records,
             stream,
@@ -355,14 +310,39 @@ impl RingReader {
             item: item.max(1),
             deadline: Instant::now() + duration(timeout, "timeout")?,
         };
-        loop {
-            let (got, data, s, t, st, size) =
-                read_array_once(py, &self.inner, &self.scratch, &want)?;
-            // A run the producer reclaimed whole while it was copied: wait on, to the deadline.
-            if got > 0 || size == usize::MAX || Instant::now() >= want.deadline {
-                return Ok((data, s, t, st, if size == usize::MAX { 0 } else { size }));
-            }
+        let alloc = |n: usize, size: usize| {
+            let arrays = (
+                new_bytearray(py, n * size)?,
+                new_bytearray(py, n * 8)?,
+                new_bytearray(py, n * 8)?,
+                new_bytearray(py, n * 4)?,
+                size,
+            );
+            let cols = Columns {
+                data: SendPtr(arrays.0.data()),
+                size,
+                seq: Some(arrays.1.data().cast::<u64>()),
+                timestamp_ns: Some(arrays.2.data().cast::<i64>()),
+                stream: Some(arrays.3.data().cast::<u32>()),
+            };
+            Ok((arrays, cols))
+        };
+        // SAFETY: the bytearrays are made for the run's rows by `alloc`, and nobody else
+        // has them before this returns.
+        let Some((got, arrays)) =
+            (unsafe { read_run(py, &self.inner, &self.scratch, &want, alloc)? })
+        else {
+            let empty = || new_bytearray(py, 0);
+            return Ok((empty()?, empty()?, empty()?, empty()?, 0));
+        };
+        let (data, s, t, st, size) = &arrays;
+        if got * 8 < s.len() {
+            shrink(data, got * size)?;
+            shrink(s, got * 8)?;
+            shrink(t, got * 8)?;
+            shrink(st, got * 4)?;
         }
+        Ok(arrays)
     }
 
     /// Stores this reader's position as the ring's `read_tail` (the primary consumer does

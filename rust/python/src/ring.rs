@@ -85,10 +85,10 @@ impl RingBuffer {
     /// zero under policy "overwrite", which never waits. Gives the producer this handle's
     /// wait strategy.
     fn wait_limit(&self, p: &mut Producer, timeout: Option<f64>) -> PyResult<Duration> {
-        p.set_wait(wait_of(self.wait.load(Ordering::Relaxed)));
         if p.ring().policy() != Policy::Block {
             return Ok(Duration::ZERO);
         }
+        p.set_wait(wait_of(self.wait.load(Ordering::Relaxed)));
         match timeout {
             Some(t) => duration(t, "timeout"),
             None => Ok(Duration::from_secs_f64(f64::from_bits(
