@@ -466,6 +466,38 @@ def test_a_file_of_one_prefix_is_refused_to_another(
 
 
 @pytest.mark.timeout(120)
+def test_a_fetch_loop_that_stops_is_the_writers_error(
+    nats_server: Any, ring: RingBuffer, tmp_path: Path
+) -> None:
+    """The source's connection closed under it (what a client that gives up reconnecting
+    does): the fetch loop ends, and the writer's next pass says so instead of waiting for
+    ever; what it wrote before stays in the file."""
+    for k in range(3):
+        ring.write_arrow_batch(pa.record_batch({"i": [k]}), "v")
+    publish_all(ring, nats_server.url)
+    out = tmp_path / "run.h5"
+    source = JetStreamSource(nats_server.url, output=str(out))
+    w = HDF5Writer(out, source)
+    try:
+        deadline = time.monotonic() + 30
+        while w.records_written < 3 and time.monotonic() < deadline:
+            w.flush_to_disk()
+            time.sleep(0.05)
+        assert w.records_written == 3
+        source._call(source._nc.close())
+        with pytest.raises(JetStreamError, match="closed"):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                w.flush_to_disk()
+                time.sleep(0.05)
+    finally:
+        w.close()
+        source.close()
+    with h5py.File(out) as f:
+        assert list(f["measurements/h1.v/i"][:]) == [0, 1, 2]
+
+
+@pytest.mark.timeout(120)
 def test_stopping_a_publisher_while_the_server_is_away(nats_server: Any, ring: RingBuffer) -> None:
     """SIGTERM (stop) during an outage: the publisher gives up after its grace period with an
     error saying what is not acknowledged, instead of hanging; a publisher started again once

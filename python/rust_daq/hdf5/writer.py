@@ -71,7 +71,7 @@ import numpy as np
 import pyarrow as pa
 
 from .._arrow import StreamInfo
-from .._errors import IncompatibleFileError, RustDaqError
+from .._errors import IncompatibleFileError, JetStreamError, RustDaqError
 from .._records import DECODE_ERRORS, LossAccount, RecordDecoder, SchemaTable
 from .._ring import RingBuffer
 from . import progress, quarantine
@@ -401,6 +401,9 @@ class HDF5Writer:
                 self._quarantine.failed(e)
             except _NoSpace:
                 raise  # nothing was written: the ring holds it all
+            except JetStreamError:
+                self._out.abandon()  # the source failed, not the file: its own error
+                raise
             except (OSError, RuntimeError) as e:
                 # h5py reports failed writes (disk full, EFBIG, EIO) as RuntimeError or OSError.
                 self._out.abandon()

@@ -31,7 +31,7 @@ from .._errors import JetStreamError, UnknownStreamError
 from .._records import names_decode
 from . import protocol
 from ._loop import LoopThread
-from .connection import Credentials, NatsUrl, connect_js, parse_url, patiently, stream_of
+from .connection import Credentials, NatsUrl, connect_js, parse_url, patiently, stream_of, transient
 
 __all__ = ["JetStreamSource"]
 
@@ -311,9 +311,42 @@ class JetStreamSource:
         )
 
     async def _fetch_loop(self) -> None:
+        """Fetches until the source closes. It never ends silently while the writer waits:
+        a failure it cannot retry (or a bug of ours) is the writer's next read's error."""
+        try:
+            await self._fetching()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not self._closed:
+                log.error("JetStream fetch stopped: %s: %s", type(e).__name__, e)
+                self._error = (
+                    e
+                    if isinstance(e, JetStreamError)
+                    else JetStreamError(
+                        f"fetching from JetStream at {self.path} stopped: {type(e).__name__}: {e}"
+                    )
+                )
+
+    async def _fetching(self) -> None:
         import nats.errors
 
+        again: int | None = None  # deliver again from this message: the consumer to make anew
         while not self._closed:
+            if again is not None:
+                try:
+                    await patiently(lambda start=again: self._consumer(start))
+                except Exception as e:
+                    if not transient(e):
+                        raise
+                    # (the server away longer than patiently waits: the client reconnects
+                    # for ever; so do we)
+                    log.warning(
+                        "JetStream consumer not made again yet (%s: %s); retrying", type(e).__name__, e
+                    )
+                    await asyncio.sleep(0.5)
+                    continue
+                again = None
             if self._bytes > _BUFFER_BYTES:
                 await asyncio.sleep(0.01)
                 continue
@@ -322,8 +355,10 @@ class JetStreamSource:
                 msgs = await self._sub.fetch(max(batch, 1), timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
-            except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
-                return
+            except nats.errors.ConnectionClosedError:
+                if self._closed:
+                    return
+                raise JetStreamError(f"the connection to JetStream at {self.path} closed") from None
             except Exception as e:  # the server away: the client reconnects, fetch again
                 log.warning("JetStream fetch: %s: %s", type(e).__name__, e)
                 await asyncio.sleep(0.25)
@@ -344,14 +379,10 @@ class JetStreamSource:
                     )
                     # (and ask for half as much at a time: the server's max_pending is lower)
                     self._fetch_bytes = max(self._fetch_bytes // 2, 1)
-                    await patiently(lambda: self._consumer(self._high + 1))
+                    again = self._high + 1
                     break
                 self._delivered = delivered
-                try:
-                    await self._add(m)
-                except Exception as e:  # (a bug of ours, not a bad message: stop the writer)
-                    self._error = e
-                    return
+                await self._add(m)  # (an error here is a bug of ours, not a bad message)
 
     async def _add(self, m: Any) -> None:
         seq = int(m.metadata.sequence.stream)
