@@ -310,3 +310,23 @@ class MapView:
     def __len__(self) -> int: ...
     @property
     def address(self) -> int: ...
+
+@final
+class RowTable:
+    """Rows of its stream before each record, in shared memory (an anonymous sealed file):
+    written by the producer, read in other processes through :attr:`fd`."""
+
+    def __new__(cls, slots: int) -> Self:
+        """A new, empty table. Raises ValueError (slots not in 1..2^24), OSError."""
+
+    @staticmethod
+    def from_fd(fd: int) -> RowTable:
+        """The table behind another table's descriptor. Raises ValueError (not a row table),
+        OSError (no such descriptor)."""
+
+    @property
+    def slots(self) -> int: ...
+    @property
+    def fd(self) -> int: ...
+    def note(self, seq: int, rows: int) -> None: ...
+    def rows_before(self, seq: int) -> int | None: ...

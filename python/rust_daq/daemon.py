@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from ._errors import DaemonConfigError, RustDaqError
 from ._session import Session
 from ._supervisor import file_progress
 from .flight import DaqFlightServer
+from .flight.process import FlightProcess
 from .hdf5.options import WriterOptions
 from .runner import Runner, noting_signals
 
@@ -42,6 +45,8 @@ log = logging.getLogger("rust_daq.daemon")
 
 _IDLE_TAIL = 0.05  # seconds between read_tail moves while nothing records
 _RATE_WINDOW = 1.0  # seconds over which status reports rows/s
+_FLIGHT_WATCH = 0.5  # seconds between checks that the Flight process lives
+_FLIGHT_RETRY = 5.0  # seconds before starting it again when a start failed
 
 
 class Daemon:
@@ -92,12 +97,14 @@ class Daemon:
         self.token_file: Path | None = None
         self._token = token
         server: DaqFlightServer | None = None  # to shut down if the start fails after it
+        flight: FlightProcess | None = None
         self.session = session
         # No instruments: a daemon that only receives (remote instruments, do_put): no acq.
         self.runner = Runner(session, own_ring=own_ring, row_index=True)
         self.ring, self.acq = self.runner.ring, self.runner.acq
         assert self.runner.row_index is not None
         self.row_index = self.runner.row_index
+        self._socket_dir: str | None = None
         try:
             self.stopping = threading.Event()
             self.recording_failed: str | None = None  # why the final recording did not end well
@@ -110,29 +117,41 @@ class Daemon:
             self._recording: dict[str, Any] | None = None
             self._puts: dict[str, list[int]] = {}  # stream -> [rows, records, bytes]
             self._rates: dict[str, float] = {}
+            # This process serves puts and actions (they need the producer) on a Unix socket
+            # only this user can reach; the Flight process serves clients, subscriptions
+            # itself, and forwards the rest here.
+            self._socket_dir = tempfile.mkdtemp(prefix="rust-daq-flight-")
+            internal = f"grpc+unix://{os.path.join(self._socket_dir, 'daemon.sock')}"
+            internal_token = _access.new_token()
+            self.server = server = DaqFlightServer(internal, self, token=internal_token)
             scheme = "grpc+tls" if certs else "grpc"
             shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-            try:
-                self.server = server = DaqFlightServer(
-                    f"{scheme}://{shown}:{port}", self, token=token, tls_certificates=certs
-                )
-            except pa.ArrowException as e:  # gRPC says no more than "did not start properly"
-                raise DaemonConfigError(
-                    f"cannot listen on {shown}:{port}: the port is in use, or {host} is not an "
-                    f"address of this host, or the TLS certificate and key do not match ({e})"
-                ) from None
+            self.flight = flight = FlightProcess(
+                ring=self.ring.path,
+                shown=f"{shown}:{port}",
+                rows_fd=self.row_index.fd,
+                location=f"{scheme}://{shown}:{port}",
+                token=token,
+                tls_certificates=certs,
+                daemon_location=internal,
+                daemon_token=internal_token,
+                socket_dir=self._socket_dir,
+            )
             if self._own_token:
                 try:
-                    self.token_file = _access.write_token_file(self.server.port, token)
+                    self.token_file = _access.write_token_file(flight.port, token)
                 except OSError as e:
                     raise DaemonConfigError(f"{e}; or give a token (RUST_DAQ_TOKEN or --token)") from None
                 log.info("token for this user's local clients: %s", self.token_file)
         except BaseException:  # nothing runs yet: leave no ring behind
+            if flight is not None:
+                flight.stop()
             if server is not None:
                 server.shutdown()
+            self._remove_socket_dir()
             self.runner.close()
             raise
-        self.url = f"{scheme}://{shown}:{self.server.port}"
+        self.url = f"{scheme}://{shown}:{flight.port}"
 
     # -- what the Flight service calls ------------------------------------------------------------
 
@@ -183,6 +202,7 @@ class Daemon:
         return {
             "url": self.url,
             "uptime_s": time.time() - self.runner.started,
+            "flight": {"pid": self.flight.pid, "restarts": self.flight.restarts},
             "streams": streams,
             "ring": {
                 "path": rs["path"],
@@ -311,7 +331,7 @@ class Daemon:
             try:
                 # A recording given up on does not stop the daemon: status says so.
                 stats = self.runner.acquire(
-                    tasks=[self._idle_tail, self._sample_rates],
+                    tasks=[self._idle_tail, self._sample_rates, self._watch_flight],
                     on_started=started,
                     stop_on_writer_failure=False,
                 )
@@ -324,9 +344,21 @@ class Daemon:
             stats["recording_failed"] = self.recording_failed
         return stats
 
+    def end_subscriptions(self) -> None:
+        """Refuses puts from now on; subscriptions send what is written and end (new ones
+        too). The daemon does this when it stops."""
+        self.stopping.set()
+        self.flight.drain()
+
+    def close(self) -> None:
+        """Stops in order without running (what :meth:`run` does at its end): subscriptions
+        end at the last record, the recording's final flush, the servers stop, the ring is
+        released. For a daemon fed through :meth:`put` alone."""
+        self._shutdown()
+
     def _shutdown(self) -> None:
         self.recording_failed = None
-        self.stopping.set()  # subscriptions send what is left and end; puts are refused
+        self.end_subscriptions()  # subscriptions send what is left and end; puts are refused
         try:
             if self._recording is not None:
                 try:
@@ -335,6 +367,7 @@ class Daemon:
                 except (ValueError, RuntimeError, OSError) as e:
                     log.error("stopping the writer: %s", e)
                     self.recording_failed = str(e)
+            self.flight.stop()  # its calls in progress get 15 s
             # shutdown() waits for every call in progress; a client that holds a do_put open
             # without sending would hold it forever: give up on it after a while.
             t = threading.Thread(target=self.server.shutdown, daemon=True)
@@ -345,7 +378,31 @@ class Daemon:
         finally:
             if self.token_file is not None:
                 _access.remove_token_file(self.token_file, self._token)
+            self._remove_socket_dir()
             self.runner.close()
+
+    def _remove_socket_dir(self) -> None:
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    async def _watch_flight(self) -> None:
+        """Starts the Flight process again if it dies (its subscribers reconnect): clients
+        are never left without a server while the acquisition runs."""
+        while True:
+            await anyio.sleep(_FLIGHT_WATCH)
+            if self.flight.alive() or self.stopping.is_set():
+                continue
+            log.error(
+                "the Flight process (pid %d) exited with status %s; starting it again",
+                self.flight.pid,
+                self.flight.proc.returncode,
+            )
+            try:
+                await anyio.to_thread.run_sync(self.flight.restart)  # (not on the loop's thread)
+            except DaemonConfigError as e:
+                log.error("%s; trying again in %.0f s", e, _FLIGHT_RETRY)
+                await anyio.sleep(_FLIGHT_RETRY)
 
     async def _idle_tail(self) -> None:
         while True:

@@ -40,11 +40,11 @@ from .._errors import RingUsageError, RustDaqError
 from .._live import LiveView
 from .._records import LossAccount, RecordDecoder, SchemaTable
 from .._ring import RingBuffer
-from ..acquisition import RowIndex
 from .protocol import (
     ACTIONS,
     BAD_REQUEST,
     INTERNAL,
+    LIST_STREAMS,
     REFUSED,
     SCHEMA_CHANGED,
     START_RECORDING,
@@ -62,7 +62,7 @@ from .protocol import (
     put_ack,
 )
 
-__all__ = ["DaqFlightServer", "TokenAuth"]
+__all__ = ["DaemonControl", "DaqFlightServer", "RingFlightService", "RingSide", "TokenAuth"]
 
 log = logging.getLogger("rust_daq.flight")
 
@@ -71,12 +71,24 @@ _POLL = 0.1  # seconds a subscription waits for data before checking for cancell
 _VIEWS = 16  # LiveViews kept for latest-rows requests, the least recently used dropped
 
 
-class DaemonControl(Protocol):
-    """What the Flight service needs from the daemon that runs it."""
+class RingSide(Protocol):
+    """What serving streams needs: the ring, the producer's row index (``rows_before``), and
+    an event set when the daemon stops (subscriptions then end at the last record)."""
 
-    ring: RingBuffer
-    row_index: RowIndex
-    stopping: threading.Event
+    @property
+    def ring(self) -> RingBuffer: ...
+    @property
+    def row_index(self) -> RowsBefore: ...
+    @property
+    def stopping(self) -> threading.Event: ...
+
+
+class RowsBefore(Protocol):
+    def rows_before(self, seq: int) -> int | None: ...
+
+
+class DaemonControl(RingSide, Protocol):
+    """What the Flight service needs from the daemon that runs it."""
 
     def status(self) -> dict[str, Any]: ...
     def start_recording_from_wire(self, params: dict[str, Any]) -> dict[str, Any]: ...
@@ -171,14 +183,17 @@ class TokenAuth(fl.ServerMiddlewareFactory):  # type: ignore[misc]  # pyarrow sh
         )
 
 
-class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow ships no stubs
-    """Serves one daemon's ring over Flight (see the module documentation). Serving starts in
-    the constructor; ``shutdown()`` (from another thread) ends it."""
+class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow ships no stubs
+    """The Flight service over a ring (see the module documentation): discovery and
+    subscriptions (``do_get``) from the ring itself; ``do_put`` and the actions other than
+    ``list_streams`` are a subclass's (:meth:`_put`, :meth:`_act`): the daemon's own
+    (:class:`DaqFlightServer`) or forwarded to it (:mod:`.process`). Serving starts in the
+    constructor; ``shutdown()`` (from another thread) ends it."""
 
     def __init__(
         self,
         location: str,
-        daemon: DaemonControl,
+        daemon: RingSide,
         *,
         token: str | None = None,
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
@@ -186,7 +201,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         middleware = {"auth": TokenAuth(token)} if token else None
         certs = [fl.CertKeyPair(cert, key) for cert, key in tls_certificates or []]
         super().__init__(location, tls_certificates=certs, middleware=middleware)
-        self.daemon = daemon
+        self.side = daemon
         self._state_lock = threading.Lock()
         # One LiveView per (stream, rows) asked for: each request decodes only the records
         # written since the last (`rust-daq tail` asks twice a second), not the whole ring.
@@ -198,7 +213,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
     # -- discovery ------------------------------------------------------------------------------
 
     def _streams(self) -> dict[str, pa.Schema]:
-        return self.daemon.ring.streams()
+        return self.side.ring.streams()
 
     def _info(self, name: str, schema: pa.Schema) -> fl.FlightInfo:
         return fl.FlightInfo(
@@ -243,7 +258,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
     @_guarded("do_get")
     def do_get(self, context: fl.ServerCallContext, ticket: fl.Ticket) -> fl.FlightDataStream:
         t = parse_ticket(ticket.ticket)
-        state = SchemaTable(self.daemon.ring)
+        state = SchemaTable(self.side.ring)
         streams = state.streams()
         if t.stream not in streams:
             raise _unknown(t.stream, streams)
@@ -261,7 +276,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
     def _subscription(
         self, context: fl.ServerCallContext, t: Ticket, state: SchemaTable, stream_id: int, schema: pa.Schema
     ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
-        ring, rows = self.daemon.ring, self.daemon.row_index
+        ring, rows = self.side.ring, self.side.row_index
         # Parked, not spinning, while it waits: many subscribers share the acquisition's cores.
         reader = ring.reader(
             "oldest" if t.start == "oldest" or t.after_seq is not None else "latest", wait="park"
@@ -278,10 +293,10 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
             while not context.is_cancelled():
                 # In place: only this stream's records are copied (below), not the others'.
                 # Stopping: no long wait at the end of what was written.
-                wait = 0.01 if self.daemon.stopping.is_set() else _POLL
+                wait = 0.01 if self.side.stopping.is_set() else _POLL
                 records = reader.read(max_records=_READ_RECORDS, timeout=wait, copy=False)
                 if not records:
-                    if self.daemon.stopping.is_set() and reader.position >= ring.status()["write_head"]:
+                    if self.side.stopping.is_set() and reader.position >= ring.status()["write_head"]:
                         return  # the daemon stops: everything written has been sent
                     continue
                 for rec in records:
@@ -317,7 +332,7 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
     def _latest(self, stream: str, rows: int) -> pa.Table:
         with self._views_lock:
             key = (stream, rows)
-            view = self._views.pop(key, None) or LiveView(self.daemon.ring, stream, rows)
+            view = self._views.pop(key, None) or LiveView(self.side.ring, stream, rows)
             self._views[key] = view
             while len(self._views) > _VIEWS:
                 self._views.popitem(last=False)
@@ -352,29 +367,11 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
                 else f"is longer than {NAME_MAX} bytes"
             )
             raise error(BAD_REQUEST, f"do_put: the stream name {shown(stream)} {why}")
-        while True:
-            try:
-                chunk = reader.read_chunk()
-            except StopIteration:
-                return
-            except pa.ArrowException as e:
-                if isinstance(e, fl.FlightError):
-                    raise
-                raise error(
-                    BAD_REQUEST, f"do_put to stream {shown(stream)}: unreadable batch ({_first(e)})"
-                ) from None
-            if chunk.data is None:
-                continue
-            try:
-                seq = self.daemon.put(stream, chunk.data)
-            except pa.ArrowNotImplementedError as e:
-                raise error(
-                    REFUSED,
-                    f"do_put to stream {shown(stream)}: the ring cannot hold this Arrow type ({_first(e)})",
-                ) from None
-            except (ValueError, TypeError, OSError, RustDaqError, pa.ArrowException) as e:
-                raise error(REFUSED, f"do_put to stream {shown(stream)}: {_first(e)}") from None
-            writer.write(put_ack(seq))
+        self._put(stream, _batches(stream, reader), writer)
+
+    def _put(self, stream: str, batches: Iterator[pa.RecordBatch], writer: fl.FlightMetadataWriter) -> None:
+        """Writes `batches` into the ring as `stream`, acknowledging each (``put_ack``)."""
+        raise NotImplementedError
 
     @_guarded("do_exchange")
     def do_exchange(
@@ -401,23 +398,76 @@ class DaqFlightServer(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow shi
         params = loads(raw, f"{kind}: the body is") if raw.strip() else {}
         if not isinstance(params, dict):
             raise error(BAD_REQUEST, f"{kind}: the body must be a JSON object")
+        result: dict[str, Any]
+        if kind == LIST_STREAMS:
+            result = {name: {f.name: str(f.type) for f in schema} for name, schema in self._streams().items()}
+        else:
+            result = self._act(kind, params)
+        if kind == STATUS:
+            with self._state_lock:
+                result["subscribers"] = self.subscribers
+                result["rows_sent"] = self.rows_sent
+        return iter([action_result(result)])
+
+    def _act(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        """The result of action `kind` (status, start_recording, stop_recording)."""
+        raise NotImplementedError
+
+
+class DaqFlightServer(RingFlightService):
+    """The Flight service in the daemon's own process: puts and actions call the daemon."""
+
+    def __init__(
+        self,
+        location: str,
+        daemon: DaemonControl,
+        *,
+        token: str | None = None,
+        tls_certificates: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(location, daemon, token=token, tls_certificates=tls_certificates)
+        self.daemon = daemon
+
+    def _put(self, stream: str, batches: Iterator[pa.RecordBatch], writer: fl.FlightMetadataWriter) -> None:
+        for batch in batches:
+            try:
+                seq = self.daemon.put(stream, batch)
+            except pa.ArrowNotImplementedError as e:
+                raise error(
+                    REFUSED,
+                    f"do_put to stream {shown(stream)}: the ring cannot hold this Arrow type ({_first(e)})",
+                ) from None
+            except (ValueError, TypeError, OSError, RustDaqError, pa.ArrowException) as e:
+                raise error(REFUSED, f"do_put to stream {shown(stream)}: {_first(e)}") from None
+            writer.write(put_ack(seq))
+
+    def _act(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         try:
             if kind == STATUS:
-                result = self.daemon.status()
-                with self._state_lock:
-                    result["subscribers"] = self.subscribers
-                    result["rows_sent"] = self.rows_sent
-            elif kind == START_RECORDING:
-                result = self.daemon.start_recording_from_wire(params)
-            elif kind == STOP_RECORDING:
-                result = self.daemon.stop_recording()
-            else:  # LIST_STREAMS
-                result = {
-                    name: {f.name: str(f.type) for f in schema} for name, schema in self._streams().items()
-                }
+                return self.daemon.status()
+            if kind == START_RECORDING:
+                return self.daemon.start_recording_from_wire(params)
+            assert kind == STOP_RECORDING, kind
+            return self.daemon.stop_recording()
         except (ValueError, OSError, RuntimeError) as e:
             raise error(REFUSED, f"{kind}: {_first(e)}") from None
-        return iter([action_result(result)])
+
+
+def _batches(stream: str, reader: fl.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:
+    """The batches a do_put sends; an unreadable one a ``bad_request`` error."""
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        except pa.ArrowException as e:
+            if isinstance(e, fl.FlightError):
+                raise
+            raise error(
+                BAD_REQUEST, f"do_put to stream {shown(stream)}: unreadable batch ({_first(e)})"
+            ) from None
+        if chunk.data is not None:
+            yield chunk.data
 
 
 def _unknown(name: str, streams: Iterable[str]) -> fl.FlightError:

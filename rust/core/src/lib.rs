@@ -10,7 +10,8 @@
 //! (futex sleeping), `file` (creating, opening and checking the ring file), `header`
 //! (encoding and validating its header bytes), `region` (its mapping and typed field
 //! access), `schema` (the schema table), `lock` (the producer lock), `guard` (SIGBUS
-//! protection), `copy` (copies into and out of the mapping).
+//! protection), `copy` (copies into and out of the mapping), `rows` (the rows-before table
+//! a producer shares with readers in other processes).
 
 pub(crate) mod copy;
 pub(crate) mod error;
@@ -23,6 +24,7 @@ pub(crate) mod producer;
 pub(crate) mod reader;
 pub(crate) mod region;
 pub(crate) mod ring;
+pub(crate) mod rows;
 pub(crate) mod schema;
 pub(crate) mod tail;
 pub(crate) mod wait;
@@ -33,5 +35,6 @@ pub use producer::{Claim, ClaimResult, Producer};
 pub use reader::{Next, Reader, RecordRef};
 pub use region::{Geometry, Region};
 pub use ring::{Policy, Ring, Start, Status};
+pub use rows::{RowTable, MAX_ROW_SLOTS};
 pub use schema::SchemaEntry;
 pub use wait::WaitStrategy;

@@ -7,6 +7,7 @@ mod errors;
 mod reader;
 mod reserve;
 mod ring;
+mod rows;
 mod wait;
 
 use pyo3::prelude::*;
@@ -19,6 +20,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<buffer::MapView>()?;
     m.add_class::<ring::MappingGuard>()?;
     m.add_class::<reserve::Reservation>()?;
+    m.add_class::<rows::RowTable>()?;
     m.add_function(wrap_pyfunction!(wait::sleep_until, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(

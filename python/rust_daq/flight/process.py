@@ -1,0 +1,327 @@
+"""The daemon's Flight service in a process of its own, so that no number of subscribers
+costs the acquisition's loop a deadline: each subscription reads the ring like any reader,
+decodes and sends in this process, on its own GIL, never in the producer's.
+
+- Subscriptions (``do_get``), discovery and ``list_streams``: served here from the ring
+  (opened read-only) and the producer's row index (a :class:`~rust_daq.acquisition.RowIndex`
+  shared as an anonymous file, its descriptor inherited).
+- ``do_put`` and the other actions: forwarded to the daemon's own service
+  (:class:`~.server.DaqFlightServer`) on a Unix socket in a directory only the daemon's user
+  can enter, with a token of its own; errors reach the client as the daemon raised them
+  (code, details, message), a daemon that does not answer as ``internal``.
+
+The daemon starts it with :class:`FlightProcess`: one JSON line of configuration on its
+stdin, one JSON line back on its stdout (``{"port": N}`` once it serves, or ``{"error":
+"..."}``). Then stdin carries commands: ``drain`` (the daemon stops: subscriptions send what
+is written and end), and ``exit`` or end of file (the daemon gone, however it went):
+subscriptions end, calls in progress get up to 15 s, the process exits. Ctrl-C and SIGTERM
+are the daemon's to handle (it stops in order, then says ``exit``): this process ignores them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from .._errors import DaemonConfigError
+from .._ring import RingBuffer
+from ..acquisition import RowIndex, RowTableReader
+from .protocol import INTERNAL, STATUS, error, error_info, read_action_result
+from .server import RingFlightService
+
+__all__ = ["FlightProcess", "ForwardingFlightServer"]
+
+log = logging.getLogger("rust_daq.flight")
+
+_T = TypeVar("_T")
+
+_START_TIMEOUT = 60.0  # seconds for the process to import, open the ring and listen
+_CALLS_GRACE = 15.0  # seconds calls in progress get when the process exits
+
+
+class _Side:
+    """The ring side of the service, in this process."""
+
+    def __init__(self, ring: RingBuffer, row_index: RowTableReader) -> None:
+        self.ring = ring
+        self.row_index = row_index
+        self.stopping = threading.Event()
+
+
+class ForwardingFlightServer(RingFlightService):
+    """Serves subscriptions itself and forwards puts and actions to the daemon at
+    `daemon_location` (see the module documentation)."""
+
+    def __init__(
+        self,
+        location: str,
+        side: _Side,
+        *,
+        daemon_location: str,
+        daemon_token: str,
+        token: str | None = None,
+        tls_certificates: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(location, side, token=token, tls_certificates=tls_certificates)
+        self._daemon = fl.connect(daemon_location)
+        self._options = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {daemon_token}".encode())])
+
+    def _forwarded(self, what: str, call: Callable[[], _T]) -> _T:
+        try:
+            return call()
+        except fl.FlightError as e:
+            info = error_info(e)
+            if info.code is None:  # the transport's, not the daemon's
+                raise error(
+                    INTERNAL, f"{what}: the daemon's acquisition process did not answer ({info.message})"
+                ) from None
+            raise error(info.code, info.message, **info.details) from None
+
+    def _act(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        action = fl.Action(kind, json.dumps(params).encode())
+        results = self._forwarded(kind, lambda: list(self._daemon.do_action(action, self._options)))
+        result = read_action_result(results)
+        if not isinstance(result, dict):
+            raise error(
+                INTERNAL, f"{kind}: the daemon's acquisition process answered {type(result).__name__}"
+            )
+        if kind == STATUS:
+            result["flight_pid"] = os.getpid()
+        return result
+
+    def _put(self, stream: str, batches: Iterator[pa.RecordBatch], writer: fl.FlightMetadataWriter) -> None:
+        first = next(batches, None)
+        if first is None:
+            return
+        descriptor = fl.FlightDescriptor.for_path(stream)
+        put, acks = self._forwarded(
+            "do_put", lambda: self._daemon.do_put(descriptor, first.schema, self._options)
+        )
+        try:
+            batch: pa.RecordBatch | None = first
+            while batch is not None:
+                self._forwarded("do_put", lambda b=batch: put.write_batch(b))  # type: ignore[misc]
+                ack = self._forwarded("do_put", acks.read)
+                if ack is None:
+                    raise error(INTERNAL, "do_put: the daemon's acquisition process ended the put")
+                writer.write(ack)
+                batch = next(batches, None)
+            self._forwarded("do_put", put.done_writing)
+        finally:
+            self._forwarded("do_put", put.close)
+
+
+# -- the daemon's side ---------------------------------------------------------------------------
+
+
+class FlightProcess:
+    """Starts the Flight process and talks to it (see the module documentation): it listens at
+    `location` (`shown`: host:port for messages) with `token` (and TLS), serves `ring` and the
+    row index behind `rows_fd`, and forwards to `daemon_location` (its socket in
+    `socket_dir`, which the process removes if the daemon dies without telling it). Raises DaemonConfigError
+    if it cannot listen, or does not start."""
+
+    def __init__(
+        self,
+        *,
+        ring: str,
+        shown: str,
+        rows_fd: int,
+        location: str,
+        token: str,
+        tls_certificates: list[tuple[bytes, bytes]],
+        daemon_location: str,
+        daemon_token: str,
+        socket_dir: str | None = None,
+    ) -> None:
+        config: dict[str, Any] = {
+            "socket_dir": socket_dir,
+            "ring": ring,
+            "rows_fd": rows_fd,
+            "location": location,
+            "shown": shown,
+            "token": token,
+            "tls": [
+                [base64.b64encode(c).decode(), base64.b64encode(k).decode()] for c, k in tls_certificates
+            ],
+            "daemon_location": daemon_location,
+            "daemon_token": daemon_token,
+            "log_level": logging.getLogger("rust_daq").getEffectiveLevel(),
+        }
+        self.restarts = 0
+        self._config = config
+        self._lock = threading.Lock()
+        self.port = self._start()
+
+    def _start(self) -> int:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rust_daq.flight.process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=[self._config["rows_fd"]],
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(self._config).encode() + b"\n")
+            self.proc.stdin.flush()
+            line = _line(self.proc.stdout, _START_TIMEOUT)
+        except BrokenPipeError:
+            line = b""
+        try:
+            said = json.loads(line) if line else {}
+        except ValueError:
+            said = {}
+        if "listen" in said:
+            self.proc.wait()
+            raise DaemonConfigError(f"cannot listen on {self._config['shown']}: {said['listen']}")
+        if "port" in said:
+            log.info("Flight served by process %d on port %d", self.proc.pid, said["port"])
+            return int(said["port"])
+        self.proc.kill()
+        code = self.proc.wait()
+        why = said.get("error") or (
+            f"it exited with status {code} before serving" if line or code else "it did not start in time"
+        )
+        raise DaemonConfigError(f"the Flight process did not start: {why}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def restart(self) -> None:
+        """Starts it again on the same port (after it died): subscribers reconnect."""
+        with self._lock:
+            self._config["location"] = _with_port(self._config["location"], self.port)
+            self.restarts += 1
+            self.port = self._start()
+
+    def drain(self) -> None:
+        """Subscriptions send what is written and end; new ones get it and end too."""
+        self._say(b"drain\n")
+
+    def stop(self) -> None:
+        """Ends it: subscriptions end, calls in progress get up to 15 s."""
+        with self._lock:
+            self._say(b"exit\n")
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(_CALLS_GRACE + 10)
+            except subprocess.TimeoutExpired:
+                log.warning("the Flight process did not exit; killing it")
+                self.proc.kill()
+                self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def _say(self, line: bytes) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+        except (OSError, ValueError):  # (it is gone: nothing to tell)
+            pass
+
+
+def _line(stream: Any, timeout: float) -> bytes:
+    """One line from `stream` (a pipe), or b"" at its end or after `timeout` s."""
+    fd = stream.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return b""
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
+
+
+def _with_port(location: str, port: int) -> str:
+    return f"{location.rsplit(':', 1)[0]}:{port}"
+
+
+# -- the process -------------------------------------------------------------------------------
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon's to handle: it tells us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    config = json.loads(sys.stdin.buffer.readline() or b"{}")
+    logging.basicConfig(
+        level=config.get("log_level", logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+    def say(what: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(what) + "\n")
+        sys.stdout.flush()
+
+    try:
+        ring = RingBuffer.open(config["ring"])
+        side = _Side(ring, RowIndex.attach(config["rows_fd"]))
+        certs = [(base64.b64decode(c), base64.b64decode(k)) for c, k in config["tls"]]
+        server = ForwardingFlightServer(
+            config["location"],
+            side,
+            daemon_location=config["daemon_location"],
+            daemon_token=config["daemon_token"],
+            token=config["token"],
+            tls_certificates=certs,
+        )
+    except pa.ArrowException as e:  # gRPC says no more than "did not start properly"
+        say(
+            {
+                "listen": "the port is in use, or the host is not an address of this host, or the TLS "
+                f"certificate and key do not match ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            }
+        )
+        return 1
+    except Exception as e:
+        say({"error": f"{type(e).__name__}: {e}"})
+        return 1
+    say({"port": server.port})
+    told = False
+    for line in sys.stdin.buffer:
+        if line.strip() == b"drain":
+            side.stopping.set()
+        elif line.strip() == b"exit":
+            told = True
+            break
+    side.stopping.set()  # (exit, or the daemon gone)
+    if not told and config.get("socket_dir"):  # the daemon is gone (killed): its socket too
+        shutil.rmtree(config["socket_dir"], ignore_errors=True)
+    t = threading.Thread(target=server.shutdown, daemon=True)
+    t.start()
+    t.join(timeout=_CALLS_GRACE)
+    if t.is_alive():
+        log.warning("Flight calls still open after %.0f s; exiting without them", _CALLS_GRACE)
+        os._exit(0)  # (gRPC's threads would hold the interpreter's exit)
+    ring.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

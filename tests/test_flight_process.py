@@ -1,0 +1,132 @@
+"""The daemon's Flight service runs in a process of its own (rust_daq.flight.process): real
+daemons on loopback, a real Flight process, killed at will; the acquisition's file read back
+with h5py shows the acquisition never noticed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import rust_daq.remote
+from rust_daq import _native
+from rust_daq.remote import RemoteError
+from test_daemon import CLI, _first_line, config, daemon
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # (a zombie of ours: reap it)
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def _voltmeter(batches: list[rust_daq.remote.RemoteBatch]) -> list[int]:
+    return [b.stream_seq for b in batches if b.stream == "voltmeter"]
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_flight_process_is_started_again_on_its_port_and_the_acquisition_never_notices(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run.h5"
+    with daemon(str(config(tmp_path, output=str(out)))) as (url, p):
+        with rust_daq.remote.connect(url) as daq:
+            status = daq.status()
+            flight = status["flight"]["pid"]
+            assert flight not in (p.pid, os.getpid()) and status["flight"]["restarts"] == 0
+            with daq.reader("voltmeter", start="oldest") as r:
+                got: list[rust_daq.remote.RemoteBatch] = []
+                while len(got) < 20:
+                    got += r.read(timeout=0.2)
+                seqs = _voltmeter(got)
+                assert seqs == list(range(len(seqs))), "served from the Flight process, in order"
+                os.kill(flight, signal.SIGKILL)
+                with pytest.raises(RemoteError):  # the subscription breaks; it does not hang
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline:
+                        r.read(timeout=0.2)
+        # Started again, on the same URL, with the same token for this user's clients.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with rust_daq.remote.connect(url) as daq:
+                    status = daq.status()
+                    with daq.reader("voltmeter", start="oldest") as r:
+                        again: list[rust_daq.remote.RemoteBatch] = []
+                        while len(again) < 20:
+                            again += r.read(timeout=0.2)
+                break
+            except RemoteError:
+                assert time.monotonic() < deadline, "the Flight process was not started again"
+                time.sleep(0.2)
+        assert status["flight"]["restarts"] == 1 and status["flight"]["pid"] != flight
+        seqs = _voltmeter(again)
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    # The acquisition and its recording went on throughout: every voltmeter row, none lost.
+    with h5py.File(out) as f:
+        ts = f["measurements/voltmeter/timestamp"][()].view(np.int64)
+        book = f["rust_daq/streams/voltmeter"][()]
+    assert len(ts) > 500 and np.all(np.diff(ts) > 0)
+    assert book[2] == 0, "nothing lost"
+
+
+@pytest.mark.timeout(120)
+def test_a_daemon_killed_leaves_no_flight_process_and_no_socket_behind(tmp_path: Path) -> None:
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("rust-daq-flight-*"))
+    p = subprocess.Popen(
+        [*CLI, "daemon", str(config(tmp_path)), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = _first_line(p).split()[-1]
+        with rust_daq.remote.connect(url) as daq:
+            flight = daq.status()["flight"]["pid"]
+        ours = set(tmp.glob("rust-daq-flight-*")) - before
+        assert len(ours) == 1 and (next(iter(ours)) / "daemon.sock").exists()
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        assert _gone(flight, 30), "the Flight process outlived its daemon"
+        port = int(url.rsplit(":", 1)[1])
+        with socket.socket() as s:  # nobody listens on the daemon's port any more
+            s.bind(("127.0.0.1", port))
+        assert not any(d.exists() for d in ours), "the daemon's socket directory was removed"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def test_a_row_table_is_shared_through_its_descriptor_only() -> None:
+    t = _native.RowTable(1024)
+    t.note(5, 50)
+    other = _native.RowTable.from_fd(t.fd)
+    assert (other.slots, other.rows_before(5), other.rows_before(4)) == (1024, 50, None)
+    t.note(5 + 1024, 7)  # the same entry, another record
+    assert (other.rows_before(5), other.rows_before(5 + 1024)) == (None, 7)
+    with open(__file__, "rb") as f, pytest.raises(ValueError, match="not a row table"):
+        _native.RowTable.from_fd(f.fileno())  # a file that could shrink under a mapping
+    with pytest.raises(OSError):
+        _native.RowTable.from_fd(1 << 20)
+    with pytest.raises(ValueError):
+        _native.RowTable(0)
