@@ -20,6 +20,7 @@ __all__ = [
     "Reservation",
     "RingBuffer",
     "RingReader",
+    "RowTable",
     "__version__",
     "sleep_until",
 ]

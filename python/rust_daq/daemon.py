@@ -1,12 +1,15 @@
 """``rust-daq daemon``: the acquisition, its ring and the HDF5 writer, headless, controlled and
 read over Arrow Flight (:mod:`rust_daq.flight`) from other machines.
 
-One process runs the acquisition loop (the ring's only producer) and the Flight server's
-threads; the HDF5 writer runs in its own process, started and stopped by the config or over
-the wire (``start_recording`` / ``stop_recording``). Remote instruments (``do_put``) write
-through the same producer handle, under one lock, as the acquisition does. SIGTERM/SIGINT:
-the acquisition stops, subscribers receive what was written and their streams end, the
-writer makes its final flush, the server shuts down, exit 0.
+This process runs the acquisition loop (the ring's only producer) and serves puts and
+actions on a Unix socket; the Flight process (:mod:`rust_daq.flight.process`) listens on the
+daemon's URL, serves subscriptions from the ring itself and forwards the rest here, so that no
+number of subscribers takes the loop's GIL; it is started again if it dies. The HDF5 writer
+runs in its own process, started and stopped by the config or over the wire
+(``start_recording`` / ``stop_recording``). Remote instruments (``do_put``) write through the
+same producer handle, under one lock, as the acquisition does. SIGTERM/SIGINT: the
+acquisition stops, subscribers receive what was written and their streams end, the writer
+makes its final flush, the servers shut down, exit 0.
 
 While nothing records, the daemon keeps the ring's ``read_tail`` at the write head: nothing
 counts as lost and a ring with policy ``"block"`` never waits for a writer that does not

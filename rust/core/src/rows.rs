@@ -50,7 +50,8 @@ impl RowTable {
         }
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(slots * ROW_ENTRY_SIZE)?; // zero-filled: every entry empty
+        // Zero-filled: every entry empty.
+        file.set_len(slots * ROW_ENTRY_SIZE)?;
         // SAFETY: fcntl on a descriptor we own, with integer arguments only.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
             return Err(io::Error::last_os_error());
@@ -74,7 +75,9 @@ impl RowTable {
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("descriptor {fd} is not a row table (not a memfd sealed against shrinking)"),
+                format!(
+                    "descriptor {fd} is not a row table (not a memfd sealed against shrinking)"
+                ),
             ));
         }
         Self::map(file)
