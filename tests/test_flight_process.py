@@ -100,15 +100,30 @@ def test_a_daemon_killed_leaves_no_flight_process_and_no_socket_behind(tmp_path:
     )
     try:
         url = _first_line(p).split()[-1]
-        with rust_daq.remote.connect(url) as daq:
-            flight = daq.status()["flight"]["pid"]
+        daq = rust_daq.remote.connect(url)
+        flight = daq.status()["flight"]["pid"]
         ours = set(tmp.glob("rust-daq-flight-*")) - before
         assert len(ours) == 1 and (next(iter(ours)) / "daemon.sock").exists()
+        deadline = time.monotonic() + 30
+        while "voltmeter" not in daq.streams():  # (a stream exists from its first record on)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = daq.reader("voltmeter", start="oldest")
+        got = []
+        while not got:
+            got += r.read(timeout=0.2)
         os.kill(p.pid, signal.SIGKILL)
         p.wait(30)
+        # A subscriber learns that the daemon died: an error, never the end a stop sends.
+        with pytest.raises(RemoteError, match="died|cannot be reached"):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                r.read(timeout=0.2)
+        daq.close()
         assert _gone(flight, 30), "the Flight process outlived its daemon"
         port = int(url.rsplit(":", 1)[1])
         with socket.socket() as s:  # nobody listens on the daemon's port any more
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (past TIME_WAIT, not a listener)
             s.bind(("127.0.0.1", port))
         assert not any(d.exists() for d in ours), "the daemon's socket directory was removed"
     finally:
@@ -124,6 +139,8 @@ def test_a_row_table_is_shared_through_its_descriptor_only() -> None:
     assert (other.slots, other.rows_before(5), other.rows_before(4)) == (1024, 50, None)
     t.note(5 + 1024, 7)  # the same entry, another record
     assert (other.rows_before(5), other.rows_before(5 + 1024)) == (None, 7)
+    t.clear(5 + 1024)
+    assert other.rows_before(5 + 1024) is None
     with open(__file__, "rb") as f, pytest.raises(ValueError, match="not a row table"):
         _native.RowTable.from_fd(f.fileno())  # a file that could shrink under a mapping
     with pytest.raises(OSError):

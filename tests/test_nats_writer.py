@@ -490,6 +490,10 @@ def test_a_fetch_loop_that_stops_is_the_writers_error(
             while time.monotonic() < deadline:
                 w.flush_to_disk()
                 time.sleep(0.05)
+        with pytest.raises(JetStreamError, match="closed"):  # every pass after it too: no quiet retry
+            w.flush_to_disk()
+        with pytest.raises(JetStreamError, match="closed"):  # the final one too; the file is closed
+            w.close()
     finally:
         w.close()
         source.close()

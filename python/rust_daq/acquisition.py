@@ -162,7 +162,7 @@ class RowIndex:
             self._table.note(seq, before)
             got = self.ring.write_arrow_batch(batch, stream)
             if got != seq:  # (a table of several batches: the later ones are not indexed)
-                self._table.note(seq + self._table.slots, 0)  # (its entry names another seq)
+                self._table.clear(seq)
             self.rows[stream] = before + batch.num_rows
             return got
 

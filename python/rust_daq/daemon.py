@@ -390,8 +390,9 @@ class Daemon:
             self._socket_dir = None
 
     async def _watch_flight(self) -> None:
-        """Starts the Flight process again if it dies (its subscribers reconnect): clients
-        are never left without a server while the acquisition runs."""
+        """Starts the Flight process again if it dies (its subscriptions break with an error;
+        clients connect again): clients are not left without a server while the
+        acquisition runs."""
         while True:
             await anyio.sleep(_FLIGHT_WATCH)
             if self.flight.alive() or self.stopping.is_set():
@@ -403,7 +404,7 @@ class Daemon:
             )
             try:
                 await anyio.to_thread.run_sync(self.flight.restart)  # (not on the loop's thread)
-            except DaemonConfigError as e:
+            except Exception as e:  # (never the acquisition's end: it runs in its task group)
                 log.error("%s; trying again in %.0f s", e, _FLIGHT_RETRY)
                 await anyio.sleep(_FLIGHT_RETRY)
 

@@ -63,6 +63,7 @@ class _Side:
         self.ring = ring
         self.row_index = row_index
         self.stopping = threading.Event()
+        self.daemon_gone = threading.Event()
 
 
 class ForwardingFlightServer(RingFlightService):
@@ -82,6 +83,9 @@ class ForwardingFlightServer(RingFlightService):
         super().__init__(location, side, token=token, tls_certificates=tls_certificates)
         self._daemon = fl.connect(daemon_location)
         self._options = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {daemon_token}".encode())])
+
+    def _daemon_gone(self) -> bool:
+        return self.side.daemon_gone.is_set()  # type: ignore[attr-defined,no-any-return]
 
     def _forwarded(self, what: str, call: Callable[[], _T]) -> _T:
         try:
@@ -119,13 +123,19 @@ class ForwardingFlightServer(RingFlightService):
             while batch is not None:
                 self._forwarded("do_put", lambda b=batch: put.write_batch(b))  # type: ignore[misc]
                 ack = self._forwarded("do_put", acks.read)
-                if ack is None:
+                if ack is None:  # the daemon refused: closing raises its error, with its code
+                    self._forwarded("do_put", put.close)
                     raise error(INTERNAL, "do_put: the daemon's acquisition process ended the put")
                 writer.write(ack)
                 batch = next(batches, None)
             self._forwarded("do_put", put.done_writing)
-        finally:
-            self._forwarded("do_put", put.close)
+        except BaseException:
+            try:  # (the first error is the client's; closing the forwarded put must not mask it)
+                put.close()
+            except Exception as e:
+                log.debug("closing a forwarded do_put after an error: %s", e)
+            raise
+        self._forwarded("do_put", put.close)
 
 
 # -- the daemon's side ---------------------------------------------------------------------------
@@ -164,6 +174,9 @@ class FlightProcess:
             "daemon_location": daemon_location,
             "daemon_token": daemon_token,
             "log_level": logging.getLogger("rust_daq").getEffectiveLevel(),
+            # (now, before a real-time loop pins its thread: a restart from a thread started
+            # later would pass that pin on)
+            "cpus": sorted(os.sched_getaffinity(0)),
         }
         self.restarts = 0
         self._config = config
@@ -189,7 +202,7 @@ class FlightProcess:
         except ValueError:
             said = {}
         if "listen" in said:
-            self.proc.wait()
+            self.proc.wait(_START_TIMEOUT)
             raise DaemonConfigError(f"cannot listen on {self._config['shown']}: {said['listen']}")
         if "port" in said:
             log.info("Flight served by process %d on port %d", self.proc.pid, said["port"])
@@ -209,7 +222,8 @@ class FlightProcess:
         return self.proc.poll() is None
 
     def restart(self) -> None:
-        """Starts it again on the same port (after it died): subscribers reconnect."""
+        """Starts it again on the same port (after it died): clients connect again (their
+        subscriptions broke with an error; a new one can resume with ``after_seq``)."""
         with self._lock:
             self._config["location"] = _with_port(self._config["location"], self.port)
             self.restarts += 1
@@ -279,9 +293,22 @@ def main() -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
 
+    def gone() -> None:  # the daemon died (killed): its socket too, and at once
+        if config.get("socket_dir"):
+            shutil.rmtree(config["socket_dir"], ignore_errors=True)
+        os._exit(1)
+
     def say(what: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(what) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(what) + "\n")
+            sys.stdout.flush()
+        except OSError:  # (BrokenPipeError) the daemon died as we started
+            gone()
+
+    if not config:
+        return 1  # the daemon died before it said what to serve
+    if config.get("cpus"):
+        os.sched_setaffinity(0, config["cpus"])
 
     try:
         ring = RingBuffer.open(config["ring"])
@@ -314,9 +341,11 @@ def main() -> int:
         elif line.strip() == b"exit":
             told = True
             break
-    side.stopping.set()  # (exit, or the daemon gone)
-    if not told and config.get("socket_dir"):  # the daemon is gone (killed): its socket too
-        shutil.rmtree(config["socket_dir"], ignore_errors=True)
+    if not told:  # the daemon is gone (killed): subscriptions end with an error saying so
+        side.daemon_gone.set()
+        if config.get("socket_dir"):
+            shutil.rmtree(config["socket_dir"], ignore_errors=True)
+    side.stopping.set()
     t = threading.Thread(target=server.shutdown, daemon=True)
     t.start()
     t.join(timeout=_CALLS_GRACE)

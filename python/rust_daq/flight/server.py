@@ -291,12 +291,14 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
             self.subscribers += 1
         try:
             while not context.is_cancelled():
+                self._check_daemon()
                 # In place: only this stream's records are copied (below), not the others'.
                 # Stopping: no long wait at the end of what was written.
                 wait = 0.01 if self.side.stopping.is_set() else _POLL
                 records = reader.read(max_records=_READ_RECORDS, timeout=wait, copy=False)
                 if not records:
                     if self.side.stopping.is_set() and reader.position >= ring.status()["write_head"]:
+                        self._check_daemon()  # (died, not stopped: not the end a stop sends)
                         return  # the daemon stops: everything written has been sent
                     continue
                 for rec in records:
@@ -412,6 +414,19 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
     def _act(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
         """The result of action `kind` (status, start_recording, stop_recording)."""
         raise NotImplementedError
+
+    def _check_daemon(self) -> None:
+        if self._daemon_gone():
+            raise error(
+                INTERNAL,
+                "the daemon's acquisition process ended without stopping its streams (it died); "
+                "what was sent before is all there is",
+            )
+
+    def _daemon_gone(self) -> bool:
+        """Whether the producer's process ended without stopping (subscriptions then end
+        with an error, not as a stop would end them)."""
+        return False
 
 
 class DaqFlightServer(RingFlightService):

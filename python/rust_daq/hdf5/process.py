@@ -32,7 +32,7 @@ from typing import Annotated, Any
 import typer
 
 from .._arrow import warm_up
-from .._errors import RustDaqError
+from .._errors import JetStreamError, RustDaqError
 from .._ring import resolve_ring_path
 from .options import WriterOptions
 from .writer import HDF5Writer, repair
@@ -419,10 +419,15 @@ def _write(
                     _serve(writer, commands.get())
                 try:
                     writer.flush_to_disk()
+                except JetStreamError:
+                    raise  # the source is gone, not the disk: retrying would wait for ever
                 except OSError as e:  # disk full, I/O error: nothing was committed; retry
                     log.error("flush failed, will retry: %s", e)
                 wake.wait(writer.flush_interval)
                 wake.clear()
+    except JetStreamError as e:
+        log.error("the JetStream source failed: %s; the file holds what was flushed before", e)
+        return 1
     except RustDaqError as e:  # (IncompatibleFileError: the file was changed under us)
         log.error(
             "final flush failed: %s; %d record(s) stay in the ring %s",

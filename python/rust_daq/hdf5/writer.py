@@ -908,6 +908,8 @@ class HDF5Writer:
             while not self._stop_event.is_set():
                 try:
                     await anyio.to_thread.run_sync(self.flush_to_disk, limiter=limiter)
+                except JetStreamError:
+                    raise  # the source is gone, not the disk: retrying would wait for ever
                 except OSError as e:  # disk full, I/O error: nothing was committed; retry
                     log.error("flush failed, will retry: %s", e)
                 await self._notify()

@@ -239,9 +239,9 @@ class JetStreamSource:
             self._call(self._subscribe(self._start))
 
     def raise_error(self) -> None:
+        # Kept, not cleared: the fetch loop has ended, so every later read fails as this one.
         if self._error is not None:
-            err, self._error = self._error, None
-            raise err
+            raise self._error
 
     def ack(self, msgs: list[Any]) -> None:
         if msgs and not self._closed:
@@ -337,7 +337,7 @@ class JetStreamSource:
                 try:
                     await patiently(lambda start=again: self._consumer(start))
                 except Exception as e:
-                    if not transient(e):
+                    if not transient(e) or isinstance(e, nats.errors.ConnectionClosedError):
                         raise
                     # (the server away longer than patiently waits: the client reconnects
                     # for ever; so do we)

@@ -7,7 +7,7 @@
 //! `seq % slots`, in an anonymous shared file (`memfd`) handed to other processes as a file
 //! descriptor: no name another user could open, nothing to clean up. The file is sealed
 //! against shrinking and growing before it is mapped, so no process holding it can make an
-//! access fault (SIGBUS). One writer (the producer, under its own lock); each entry is a
+//! access fault (SIGBUS), and allocated whole at creation. One writer (the producer, under its own lock); each entry is a
 //! seqlock of one word: the writer empties the tag, writes the rows, then publishes the tag;
 //! a reader accepts the rows only if it saw the tag it wants both before and after them.
 
@@ -50,8 +50,14 @@ impl RowTable {
         }
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        // Zero-filled: every entry empty.
+        // Zero-filled: every entry empty. Allocated now, not at a first touch that could
+        // fail (SIGBUS) under strict overcommit.
         file.set_len(slots * ROW_ENTRY_SIZE)?;
+        let len = (slots * ROW_ENTRY_SIZE) as libc::off_t;
+        // SAFETY: fallocate on a descriptor we own, with integer arguments only.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         // SAFETY: fcntl on a descriptor we own, with integer arguments only.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
             return Err(io::Error::last_os_error());
@@ -128,6 +134,12 @@ impl RowTable {
         tag.store(seq.wrapping_add(1), Ordering::Release); // the rows before the tag
     }
 
+    /// Empties the entry of record `seq` (if it still holds it): its rows are unknown.
+    pub fn clear(&self, seq: u64) {
+        let (tag, _) = self.entry(seq);
+        let _ = tag.compare_exchange(seq.wrapping_add(1), 0, Ordering::Release, Ordering::Relaxed);
+    }
+
     /// The rows noted for record `seq`, or None if its entry holds another record (it was
     /// overwritten, or never noted).
     pub fn rows_before(&self, seq: u64) -> Option<u64> {
@@ -157,6 +169,10 @@ mod tests {
         t.note(11, 110); // the slot of 3
         assert_eq!(t.rows_before(3), None);
         assert_eq!(t.rows_before(11), Some(110));
+        t.clear(3); // not its entry any more: left alone
+        assert_eq!(t.rows_before(11), Some(110));
+        t.clear(11);
+        assert_eq!(t.rows_before(11), None);
         assert_eq!(t.rows_before(u64::MAX), None);
     }
 

@@ -54,6 +54,11 @@ impl RowTable {
         self.inner.note(seq, rows)
     }
 
+    /// Empties the entry of record `seq` (its rows unknown), if it still holds it.
+    fn clear(&self, seq: u64) {
+        self.inner.clear(seq)
+    }
+
     /// The rows noted for record `seq`; None if its entry holds another record.
     fn rows_before(&self, seq: u64) -> Option<u64> {
         self.inner.rows_before(seq)
