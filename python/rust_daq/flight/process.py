@@ -80,12 +80,14 @@ class ForwardingFlightServer(RingFlightService):
         token: str | None = None,
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        super().__init__(location, side, token=token, tls_certificates=tls_certificates)
-        self._daemon = fl.connect(daemon_location)
+        self._daemon = fl.connect(daemon_location)  # (before serving starts, in the base's constructor)
         self._options = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {daemon_token}".encode())])
+        super().__init__(location, side, token=token, tls_certificates=tls_certificates)
+
+    side: _Side
 
     def _daemon_gone(self) -> bool:
-        return self.side.daemon_gone.is_set()  # type: ignore[attr-defined,no-any-return]
+        return self.side.daemon_gone.is_set()
 
     def _forwarded(self, what: str, call: Callable[[], _T]) -> _T:
         try:

@@ -198,9 +198,8 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         token: str | None = None,
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        middleware = {"auth": TokenAuth(token)} if token else None
-        certs = [fl.CertKeyPair(cert, key) for cert, key in tls_certificates or []]
-        super().__init__(location, tls_certificates=certs, middleware=middleware)
+        # Everything a call uses is set before serving starts (in FlightServerBase's
+        # constructor): a client connecting at once must not find it missing.
         self.side = daemon
         self._state_lock = threading.Lock()
         # One LiveView per (stream, rows) asked for: each request decodes only the records
@@ -209,6 +208,9 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         self._views_lock = threading.Lock()
         self.subscribers = 0
         self.rows_sent = 0
+        middleware = {"auth": TokenAuth(token)} if token else None
+        certs = [fl.CertKeyPair(cert, key) for cert, key in tls_certificates or []]
+        super().__init__(location, tls_certificates=certs, middleware=middleware)
 
     # -- discovery ------------------------------------------------------------------------------
 
@@ -432,16 +434,11 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
 class DaqFlightServer(RingFlightService):
     """The Flight service in the daemon's own process: puts and actions call the daemon."""
 
-    def __init__(
-        self,
-        location: str,
-        daemon: DaemonControl,
-        *,
-        token: str | None = None,
-        tls_certificates: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        super().__init__(location, daemon, token=token, tls_certificates=tls_certificates)
-        self.daemon = daemon
+    side: DaemonControl
+
+    @property
+    def daemon(self) -> DaemonControl:
+        return self.side
 
     def _put(self, stream: str, batches: Iterator[pa.RecordBatch], writer: fl.FlightMetadataWriter) -> None:
         for batch in batches:
