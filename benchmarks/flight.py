@@ -1,6 +1,6 @@
 """Case 8: a daemon's streams over Arrow Flight on loopback, beside a local ring reader.
 
-A forked process runs the daemon (``rust_daq.daemon.Daemon``: its ring, its row index, its
+A spawned process runs the daemon (``rust_daq.daemon.Daemon``: its ring, its row index, its
 Flight server on 127.0.0.1) and fills the ring through the daemon's own ``put`` path with
 two interleaved streams: ``voltmeter``, 1,000-row batches of (int64 timestamp, float64
 voltage), 16 kB each; ``camera``, one 1024x1024 uint16 frame (2 MiB) per record with its
@@ -42,7 +42,10 @@ from rust_daq.flight import ticket
 
 from ._common import MiB, Table, fmt_rate, median_of, shm_path
 
-CTX = mp.get_context("fork")
+# Not fork: this process has gRPC's threads running by the time the later daemons start (the
+# Flight readers of case 8), and a forked copy of their locks aborts the child
+# ("Mutex::Fer with pending CondVar queueing").
+CTX = mp.get_context("spawn")
 
 VOLT_ROWS = 1000
 FRAME = (1024, 1024)
