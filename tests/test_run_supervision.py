@@ -235,10 +235,19 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 60) -> T
         time.sleep(0.02)
 
 
-def settled(output: Path, seconds: float) -> None:
-    """Waits for the writer's file, then `seconds` more (a few flushes)."""
-    wait_for(f"{output}", output.exists)
-    time.sleep(seconds)
+def book_rows(output: Path, stream: str = "voltmeter") -> int:
+    """The rows the file's book says it holds (an SWMR read beside the writer), 0 before any."""
+    try:
+        with h5py.File(output, "r", libver="latest", swmr=True) as f:
+            return int(f[f"rust_daq/streams/{stream}"][0])
+    except (OSError, KeyError):
+        return 0
+
+
+def settled(output: Path, rows: int = 200) -> None:
+    """Waits until the writer has committed `rows` voltmeter rows to the file (a few flushes):
+    a fixed sleep was not enough on a loaded CI machine, where the start alone can take it."""
+    wait_for(f"{rows} rows in {output}", lambda: book_rows(output) >= rows, timeout=90)
 
 
 def table_rows(stdout: str, stream: str = "voltmeter") -> tuple[int, int]:
@@ -315,7 +324,7 @@ def test_a_writer_that_cannot_be_kept_alive_fails_the_run_and_says_what_is_where
     p = start_run(cfg)
     runs.append(p)
     first = wait_for("a writer", lambda: writer_pids(p.pid))[0]
-    settled(tmp_path / "run.h5", 1.5)
+    settled(tmp_path / "run.h5")
     os.kill(first, signal.SIGKILL)
     kills = 1
     while p.poll() is None:
@@ -350,14 +359,7 @@ def test_a_writer_that_cannot_be_kept_alive_fails_the_run_and_says_what_is_where
             text=True,
         )
 
-        def rows_now() -> int:
-            try:
-                with h5py.File(tmp_path / "run.h5", "r", libver="latest", swmr=True) as f:
-                    return int(f["rust_daq/streams/voltmeter"][0])
-            except (OSError, KeyError):
-                return 0
-
-        wait_for("the rest in the file", lambda: rows_now() >= acquired, timeout=60)
+        wait_for("the rest in the file", lambda: book_rows(tmp_path / "run.h5") >= acquired, timeout=60)
         w.send_signal(signal.SIGTERM)
         _, err = w.communicate(timeout=60)
         assert w.returncode == 0, err
@@ -381,7 +383,7 @@ def test_a_daemon_whose_recording_could_not_be_kept_alive_exits_1(
     )
     runs.append(p)
     first = wait_for("a writer", lambda: writer_pids(p.pid))[0]
-    settled(tmp_path / "run.h5", 1.0)
+    settled(tmp_path / "run.h5")
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # every writer it starts, until it gives up
@@ -407,7 +409,7 @@ def test_a_run_killed_with_sigkill_leaves_no_writer_running_and_a_file_plain_h5p
     runs.append(p)
     writer = wait_for("a writer", lambda: writer_pids(p.pid))[0]
     assert rings_of(p.pid), "the run's ring"
-    settled(tmp_path / "run.h5", 1.5)
+    settled(tmp_path / "run.h5")
     p.kill()
     p.communicate(timeout=60)
     wait_for("the orphaned writer to exit", lambda: not _alive(writer), timeout=60)
@@ -425,7 +427,7 @@ def test_two_sigints_back_to_back_still_print_the_summary(
     p = start_run(cfg)
     runs.append(p)
     wait_for("a writer", lambda: writer_pids(p.pid))
-    settled(tmp_path / "run.h5", 1.0)
+    settled(tmp_path / "run.h5")
     os.kill(p.pid, signal.SIGINT)
     time.sleep(0.01)  # an impatient double Ctrl-C: the second lands in the shutdown
     os.kill(p.pid, signal.SIGINT)
