@@ -235,7 +235,10 @@ def run(quick: bool, reps: int) -> dict[str, Any]:
         if server.is_alive():
             server.kill()
     seconds = 3.0 if quick else 10.0
-    loops = [loop_with_subscribers(n, seconds, rt) for n, rt in ((0, False), (50, False), (50, True))]
+    loops = [
+        loop_with_subscribers(n, seconds, rt, c)
+        for n, rt, c in ((0, False, 0), (50, False, None), (50, False, 0), (50, False, 20), (50, True, 0))
+    ]
     return {
         "loop_with_subscribers": loops,
         "loop_seconds": seconds,
@@ -281,6 +284,7 @@ def tables(res: dict[str, Any]) -> list[Table]:
             f"Case 8 and 6: the daemon's 1 kHz loop for {res['loop_seconds']:.0f} s with live Flight subscribers",
             [
                 "subscribers",
+                "records a message",
                 "loop",
                 "reads",
                 "rows each subscriber got (min)",
@@ -292,6 +296,7 @@ def tables(res: dict[str, Any]) -> list[Table]:
             [
                 [
                     str(x["subscribers"]),
+                    _per_message(x) if x["subscribers"] else "",
                     "SCHED_FIFO"
                     if str(x.get("sched_fifo", "")).startswith("applied")
                     else (f"normal ({x['sched_fifo']})" if x.get("asked_realtime") else "normal"),
@@ -303,6 +308,10 @@ def tables(res: dict[str, Any]) -> list[Table]:
                 for x in res.get("loop_with_subscribers", [])
             ],
             notes=[
+                "Records a message: one (a subscription without `coalesce_ms`, as other Flight clients get "
+                "them), those that piled up (`coalesce_ms=0`, the client's default), or also those within "
+                "20 ms of the first (`coalesce_ms=20`, a live display's 50 Hz); the reader gives each "
+                "record on its own either way. "
                 "Each subscriber a `rust_daq.remote` reader of the voltmeter stream in another process. The "
                 "daemon serves Flight from a process of its own (`rust_daq.flight.process`): subscriptions "
                 "read the ring, decode and send there, at nice 10; the loop's process only produces. The "
@@ -312,6 +321,11 @@ def tables(res: dict[str, Any]) -> list[Table]:
             ],
         ),
     ]
+
+
+def _per_message(x: dict[str, Any]) -> str:
+    c = x.get("coalesce_ms", None)
+    return "one" if c is None else "piled up" if c == 0 else f"within {c:g} ms"
 
 
 # -- the loop's deadlines with subscribers (case 6) ------------------------------------------------
@@ -336,10 +350,13 @@ def _daemon_loop(ring_path: str, seconds: float, realtime: bool, ready: Any, res
     result.put({"missed": v["deadlines_missed"], "reads": v["reads"], **v["jitter_us"], "sched_fifo": sched})
 
 
-def loop_with_subscribers(subscribers: int, seconds: float, realtime: bool = False) -> dict[str, Any]:
+def loop_with_subscribers(
+    subscribers: int, seconds: float, realtime: bool = False, coalesce_ms: float | None = 0
+) -> dict[str, Any]:
     """Case 6 beside Flight: the daemon's loop with `subscribers` live subscriptions (each a
-    ``rust_daq.remote`` reader of the voltmeter, receiving every record), its loop under
-    SCHED_FIFO if `realtime` (and permitted)."""
+    ``rust_daq.remote`` reader of the voltmeter, receiving every record, sent as the
+    subscription's `coalesce_ms` says), its loop under SCHED_FIFO if `realtime` (and
+    permitted)."""
     ring_path = shm_path("subs")
     ready, result = CTX.Queue(), CTX.Queue()
     server = CTX.Process(target=_daemon_loop, args=(ring_path, seconds, realtime, ready, result), daemon=True)
@@ -351,7 +368,7 @@ def loop_with_subscribers(subscribers: int, seconds: float, realtime: bool = Fal
         appears = time.monotonic() + 30
         while "voltmeter" not in daq.streams() and time.monotonic() < appears:
             time.sleep(0.01)  # (a stream exists from its first record on)
-        readers = [daq.reader("voltmeter", "latest") for _ in range(subscribers)]
+        readers = [daq.reader("voltmeter", "latest", coalesce_ms=coalesce_ms) for _ in range(subscribers)]
         deadline = time.monotonic() + seconds + 60
         live = set(range(subscribers))
         while live and time.monotonic() < deadline:
@@ -372,6 +389,7 @@ def loop_with_subscribers(subscribers: int, seconds: float, realtime: bool = Fal
         if server.is_alive():
             server.kill()
     out["subscribers"] = subscribers
+    out["coalesce_ms"] = coalesce_ms
     out["asked_realtime"] = realtime
     out["rows_received_min"] = min(received) if received else 0
     return out

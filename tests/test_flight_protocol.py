@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import pytest
 import rust_daq.remote
 from rust_daq import UnknownStreamError
 from rust_daq.flight import protocol
-from rust_daq.flight.protocol import BatchMeta, Ticket, error, error_info, parse_ticket, ticket
+from rust_daq.flight.protocol import BatchMeta, RecordMeta, Ticket, error, error_info, parse_ticket, ticket
 from rust_daq.remote import RemoteError
 
 # -- the wire, without a daemon ------------------------------------------------------------------
@@ -31,9 +32,28 @@ def test_tickets_of_todays_clients_still_parse_and_round_trip() -> None:
     assert parse_ticket(b'{"stream": "camera", "after_seq": 41}') == Ticket("camera", after_seq=41)
     assert parse_ticket(b'{"stream": "v", "last_rows": 1000}') == Ticket("v", last_rows=1000)
     assert ticket("camera").ticket == b"camera", "a bare name when that says it all"
-    for t in [Ticket("c", "oldest"), Ticket("c", "latest", 41), Ticket("c", last_rows=5), Ticket("c")]:
+    assert parse_ticket(b'{"stream": "v", "coalesce_ms": 20}') == Ticket("v", coalesce_ms=20)
+    for t in [
+        Ticket("c", "oldest"),
+        Ticket("c", "latest", 41),
+        Ticket("c", last_rows=5),
+        Ticket("c"),
+        Ticket("c", coalesce_ms=0),
+        Ticket("c", "oldest", 3, coalesce_ms=12.5),
+    ]:
         assert parse_ticket(t.encode()) == t
         assert set(json.loads(t.encode()) if t.encode().startswith(b"{") else {}) <= set(protocol.TICKET_KEYS)
+
+
+def test_a_coalescing_ticket_is_refused_outside_0_to_1000_ms() -> None:
+    for bad in [b"-1", b"1000.5", b"NaN", b"Infinity", b"true", b'"20"', b"[]", b"null"]:
+        raw = b'{"stream": "v", "coalesce_ms": ' + bad + b"}"
+        if bad == b"null":
+            assert parse_ticket(raw) == Ticket("v"), "null: not given"
+            continue
+        with pytest.raises(fl.FlightServerError, match="coalesce_ms must be a number from 0 to 1000") as e:
+            parse_ticket(raw)
+        assert error_info(e.value).code == protocol.BAD_REQUEST
 
 
 def test_batch_metadata_keeps_todays_keys_and_reads_an_older_daemons() -> None:
@@ -47,8 +67,15 @@ def test_batch_metadata_keeps_todays_keys_and_reads_an_older_daemons() -> None:
         "lost_rows": None,
         "rows_before": 40,
     }
-    assert tuple(wire) == protocol.BATCH_KEYS
+    assert tuple(wire) == protocol.BATCH_KEYS[:-1], "one record: no records key (as for older clients)"
     assert BatchMeta.decode(meta.encode()) == meta
+    assert meta.each(5) == [RecordMeta(7, 3, 99, 5, 40)]
+    # A coalesced batch: each record's numbers and rows, in order.
+    each = [RecordMeta(7, 3, 99, 2, 40), RecordMeta(9, 4, 120, 1, 42)]
+    both = BatchMeta(7, 3, 99, 2, None, 40, each)
+    wire = json.loads(both.encode().to_pybytes())
+    assert tuple(wire) == protocol.BATCH_KEYS and wire["records"] == [[7, 3, 99, 2, 40], [9, 4, 120, 1, 42]]
+    assert BatchMeta.decode(both.encode()) == both and both.each(3) == each
     old = pa.py_buffer(b'{"seq":1,"stream_seq":0,"timestamp_ns":5,"lost_records":0,"lost_rows":0}')
     assert BatchMeta.decode(old) == BatchMeta(1, 0, 5, 0, 0, None)
 
@@ -270,3 +297,160 @@ def test_the_client_counts_what_it_lost_between_two_subscriptions() -> None:
         assert reader.lost_by_stream() == {"s": (3, 6)}
     finally:
         server.shutdown()
+
+
+def _put_rows(daq: rust_daq.remote.RemoteDaq, stream: str, values: range) -> None:
+    """One record of one row per value, in order."""
+    schema = pa.schema([("x", pa.int64())])
+    with daq.put_stream(stream, schema) as put:
+        for v in values:
+            put.write(pa.record_batch([pa.array([v])], schema=schema))
+
+
+def _chunks(
+    client: fl.FlightClient, opts: fl.FlightCallOptions, raw: bytes, n_rows: int
+) -> list[fl.FlightStreamChunk]:
+    call = client.do_get(fl.Ticket(raw), opts)
+    chunks, rows = [], 0
+    while rows < n_rows:
+        chunk = call.read_chunk()
+        chunks.append(chunk)
+        rows += chunk.data.num_rows
+    call.cancel()
+    return chunks
+
+
+def test_a_coalescing_subscription_sends_the_records_that_piled_up_as_one_batch(running: object) -> None:
+    """1,000 one-row records in the ring before the subscription: a stock Flight client with
+    coalesce_ms 0 gets them in a few batches (at most 256 records each), every record's
+    numbers in the metadata; without coalesce_ms each record is a batch of its own, as
+    clients that do not know the key expect."""
+    d = running
+    client = fl.connect(d.url)  # type: ignore[attr-defined]
+    opts = _options(d)
+    with rust_daq.remote.connect(d.url) as daq:  # type: ignore[attr-defined]
+        _put_rows(daq, "other", range(3))  # another stream's records in between are not sent
+        _put_rows(daq, "v", range(500))
+        _put_rows(daq, "other", range(3))
+        _put_rows(daq, "v", range(500, 1000))
+    chunks = _chunks(client, opts, b'{"stream": "v", "start": "oldest", "coalesce_ms": 0}', 1000)
+    assert 4 <= len(chunks) <= 20, len(chunks)
+    values, each = [], []
+    for c in chunks:
+        m = BatchMeta.decode(c.app_metadata)
+        records = m.each(c.data.num_rows)
+        assert len(records) <= 256 and sum(r.rows for r in records) == c.data.num_rows
+        assert (m.seq, m.stream_seq, m.rows_before) == records[0][:2] + (records[0].rows_before,)
+        values += c.data.column("x").to_pylist()
+        each += records
+    assert values == list(range(1000)), "every row once, in order"
+    assert [r.stream_seq for r in each] == list(range(1000))
+    assert [r.rows_before for r in each] == list(range(1000))
+    seqs = [r.seq for r in each]
+    assert seqs == sorted(seqs) and seqs[500] - seqs[499] == 4, "ring numbers, the other stream's between"
+    assert all(r.rows == 1 for r in each)
+    plain = _chunks(client, opts, b'{"stream": "v", "start": "oldest"}', 1000)
+    assert len(plain) == 1000 and all(BatchMeta.decode(c.app_metadata).records is None for c in plain)
+
+
+def test_a_coalescing_reader_gets_each_record_with_its_own_numbers(running: object) -> None:
+    """Live: records put while it reads with coalesce_ms 200 come in fewer messages than
+    records (the daemon's rows_sent counts rows), and the reader still gives them one by one."""
+    d = running
+    with rust_daq.remote.connect(d.url) as daq:  # type: ignore[attr-defined]
+        _put_rows(daq, "v", range(1))
+        with daq.reader("v", start="oldest", coalesce_ms=200) as reader:
+            got = reader.read(timeout=10)
+            t0 = time.monotonic()
+            _put_rows(daq, "v", range(1, 300))
+            while len(got) < 300 and time.monotonic() < t0 + 20:
+                got += reader.read(timeout=0.5)
+        assert [g.batch.column("x").to_pylist() for g in got] == [[i] for i in range(300)]
+        assert [g.stream_seq for g in got] == list(range(300))
+        assert all(g.lost_records == 0 and g.lost_rows == 0 for g in got)
+        seqs = [g.seq for g in got]
+        assert seqs == sorted(set(seqs))
+        with pytest.raises(ValueError, match="coalesce_ms must be from 0 to 1000"):
+            daq.reader("v", coalesce_ms=5000)
+
+
+def test_a_coalescing_subscription_holds_records_back_for_its_window(running: object) -> None:
+    """100 records put 2 ms apart (each a round trip: the subscription is never behind):
+    with coalesce_ms 100 they come in a handful of batches, not 100."""
+    d = running
+    client = fl.connect(d.url)  # type: ignore[attr-defined]
+    with rust_daq.remote.connect(d.url) as daq:  # type: ignore[attr-defined]
+        _put_rows(daq, "v", range(1))
+        chunks: list[fl.FlightStreamChunk] = []
+        reading = threading.Thread(
+            target=lambda: chunks.extend(
+                _chunks(client, _options(d), b'{"stream": "v", "start": "oldest", "coalesce_ms": 100}', 101)
+            )
+        )
+        reading.start()
+        schema = pa.schema([("x", pa.int64())])
+        with daq.put_stream("v", schema) as put:
+            for v in range(1, 101):
+                put.write(pa.record_batch([pa.array([v])], schema=schema))
+                time.sleep(0.002)
+        reading.join(timeout=30)
+    assert sum(c.data.num_rows for c in chunks) == 101
+    assert [v for c in chunks for v in c.data.column("x").to_pylist()] == list(range(101))
+    assert 2 <= len(chunks) <= 30, len(chunks)
+
+
+def test_subscribers_of_one_stream_share_its_decoded_records_and_each_gets_all(running: object) -> None:
+    """Six subscriptions at once (coalescing or not, from the oldest or after a record) over
+    records decoded once and shared: each gets exactly its records, in order, every value
+    its own; the shared copies stay within their bound."""
+    from rust_daq.flight.server import _SharedDecodes
+
+    d = running
+    with rust_daq.remote.connect(d.url) as daq:  # type: ignore[attr-defined]
+        _put_rows(daq, "v", range(600))
+        _put_rows(daq, "w", range(1000, 1600))
+    tickets = [
+        (b'{"stream": "v", "start": "oldest"}', list(range(600))),
+        (b'{"stream": "v", "start": "oldest", "coalesce_ms": 0}', list(range(600))),
+        (b'{"stream": "v", "start": "oldest", "coalesce_ms": 5}', list(range(600))),
+        (b'{"stream": "w", "start": "oldest", "coalesce_ms": 0}', list(range(1000, 1600))),
+        (b'{"stream": "w", "start": "oldest"}', list(range(1000, 1600))),
+    ]
+    got: dict[int, list[int]] = {}
+
+    def read(i: int, raw: bytes, n: int) -> None:
+        client = fl.connect(d.url)  # type: ignore[attr-defined]
+        got[i] = [v for c in _chunks(client, _options(d), raw, n) for v in c.data.column("x").to_pylist()]
+
+    threads = [
+        threading.Thread(target=read, args=(i, raw, len(want))) for i, (raw, want) in enumerate(tickets)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert {i: got.get(i) for i in range(len(tickets))} == {i: want for i, (_, want) in enumerate(tickets)}
+    # After a record: a later start, from the shared copies too.
+    client = fl.connect(d.url)  # type: ignore[attr-defined]
+    first = BatchMeta.decode(
+        _chunks(client, _options(d), b'{"stream": "v", "start": "oldest"}', 1)[0].app_metadata
+    )
+    later = _chunks(
+        client, _options(d), json.dumps({"stream": "v", "after_seq": first.seq + 100}).encode(), 1
+    )
+    assert later[0].data.column("x").to_pylist()[0] == 101, "v's records are consecutive in the ring"
+    # The bound: records and bytes, the oldest dropped first.
+    shared = _SharedDecodes(max_records=3, max_bytes=100)
+    info = object()
+    batch = pa.record_batch({"x": [1]})
+    for seq, size in [(1, 10), (2, 10), (3, 10), (4, 10)]:
+        shared.put(seq, (info, _sent(seq, batch, size)))  # type: ignore[arg-type]
+    assert shared.get(1) is None and [shared.get(s) is not None for s in (2, 3, 4)] == [True] * 3
+    shared.put(5, (info, _sent(5, batch, 95)))  # type: ignore[arg-type]
+    assert [shared.get(s) is not None for s in (2, 3, 4, 5)] == [False, False, False, True], "bytes bound"
+
+
+def _sent(seq: int, batch: pa.RecordBatch, size: int) -> object:
+    from rust_daq.flight.server import _Sent
+
+    return _Sent(seq, seq, 0, batch, None, size)

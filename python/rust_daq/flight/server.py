@@ -28,17 +28,19 @@ import functools
 import hmac
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as fl
 
 from .._access import NAME_MAX, control_char, shown
+from .._arrow import StreamInfo
 from .._errors import RingUsageError, RustDaqError
 from .._live import LiveView
-from .._records import LossAccount, RecordDecoder, SchemaTable
+from .._records import LossAccount, RecordDecoder, SchemaTable, StreamLoss
 from .._ring import RingBuffer
 from .protocol import (
     ACTIONS,
@@ -53,6 +55,7 @@ from .protocol import (
     UNAUTHENTICATED,
     UNKNOWN_STREAM,
     BatchMeta,
+    RecordMeta,
     Ticket,
     action_result,
     error,
@@ -69,6 +72,8 @@ log = logging.getLogger("rust_daq.flight")
 _READ_RECORDS = 256  # records per ring read in a subscription
 _POLL = 0.1  # seconds a subscription waits for data before checking for cancellation
 _VIEWS = 16  # LiveViews kept for latest-rows requests, the least recently used dropped
+_COALESCE_RECORDS = 256  # records a coalescing subscription sends together, at most
+_COALESCE_BYTES = 1 << 20  # and their bytes (a record bigger than this goes alone)
 
 
 class RingSide(Protocol):
@@ -206,6 +211,7 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         # written since the last (`rust-daq tail` asks twice a second), not the whole ring.
         self._views: OrderedDict[tuple[str, int], LiveView] = OrderedDict()
         self._views_lock = threading.Lock()
+        self._decodes = _SharedDecodes()
         self.subscribers = 0
         self.rows_sent = 0
         middleware = {"auth": TokenAuth(token)} if token else None
@@ -278,7 +284,7 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
     def _subscription(
         self, context: fl.ServerCallContext, t: Ticket, state: SchemaTable, stream_id: int, schema: pa.Schema
     ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
-        ring, rows = self.side.ring, self.side.row_index
+        ring = self.side.ring
         # Parked, not spinning, while it waits: many subscribers share the acquisition's cores.
         reader = ring.reader(
             "oldest" if t.start == "oldest" or t.after_seq is not None else "latest", wait="park"
@@ -289,6 +295,7 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         decoder = RecordDecoder(state, copy=True)
         account = LossAccount()
         lost = account.start(stream_id, None)  # this subscription's losses
+        window = None if t.coalesce_ms is None else t.coalesce_ms / 1000
         with self._state_lock:
             self.subscribers += 1
         try:
@@ -296,42 +303,87 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
                 self._check_daemon()
                 # In place: only this stream's records are copied (below), not the others'.
                 # Stopping: no long wait at the end of what was written.
-                wait = 0.01 if self.side.stopping.is_set() else _POLL
-                records = reader.read(max_records=_READ_RECORDS, timeout=wait, copy=False)
+                stopping = self.side.stopping.is_set()
+                records = reader.read(
+                    max_records=_READ_RECORDS, timeout=0.01 if stopping else _POLL, copy=False
+                )
                 if not records:
-                    if self.side.stopping.is_set() and reader.position >= ring.status()["write_head"]:
+                    if stopping and reader.position >= ring.status()["write_head"]:
                         self._check_daemon()  # (died, not stopped: not the end a stop sends)
                         return  # the daemon stops: everything written has been sent
                     continue
-                for rec in records:
-                    if t.after_seq is not None and rec.seq <= t.after_seq:
-                        continue
-                    d = decoder.decode(rec, stream_id=stream_id)
-                    if d is None or d.info is None:
-                        continue
-                    info = d.info
-                    if not info.schema.equals(schema, check_metadata=True):
-                        raise error(
-                            SCHEMA_CHANGED,
-                            f"stream {info.name!r} changed its schema at record {rec.seq}; subscribe "
-                            f'again (ticket {{"stream": ..., "after_seq": {rec.seq - 1}}} resumes here)',
-                            stream=info.name,
-                            after_seq=rec.seq - 1,
-                        )
-                    batch = d.batch
-                    if batch is None:
-                        continue
-                    before = rows.rows_before(rec.seq)
-                    account.observe(stream_id, rec.stream_seq, batch.num_rows, before)
-                    with self._state_lock:
-                        self.rows_sent += batch.num_rows
-                    meta = BatchMeta(
-                        rec.seq, rec.stream_seq, rec.timestamp_ns, lost.records, lost.rows, before
-                    )
-                    yield batch, meta.encode()
+                sent, changed = self._decoded(records, t, decoder, stream_id, schema)
+                if window and changed is None and not stopping and len(records) < _READ_RECORDS:
+                    # Hold the first records back for the window (copied already: the ring
+                    # may lap them meanwhile), then send them with those that came since.
+                    time.sleep(window)
+                    more = reader.read(max_records=_READ_RECORDS, timeout=0.0, copy=False)
+                    later, changed = self._decoded(more, t, decoder, stream_id, schema)
+                    sent += later
+                for group in _groups(sent, window is not None):
+                    yield self._batch(group, account, lost, stream_id)
+                if changed is not None:
+                    raise changed
         finally:
             with self._state_lock:
                 self.subscribers -= 1
+
+    def _decoded(
+        self, records: list[Any], t: Ticket, decoder: RecordDecoder, stream_id: int, schema: pa.Schema
+    ) -> tuple[list[_Sent], fl.FlightError | None]:
+        """The records of the subscription's stream among `records`, decoded and with their
+        row index; and the error that ends it if its schema changed (after those before)."""
+        rows, shared = self.side.row_index, self._decodes
+        out: list[_Sent] = []
+        for rec in records:
+            if rec.stream != stream_id or (t.after_seq is not None and rec.seq <= t.after_seq):
+                continue
+            with shared.lock:  # (one decodes, the others woken by the same record wait)
+                hit = shared.get(rec.seq)
+                if hit is not None:  # another subscription of the stream decoded it already
+                    info, sent = hit
+                else:
+                    d = decoder.decode(rec, stream_id=stream_id)
+                    if d is None or d.info is None:
+                        continue
+                    info, sent = d.info, None
+                    if d.batch is not None:
+                        before = rows.rows_before(rec.seq)
+                        sent = _Sent(rec.seq, rec.stream_seq, rec.timestamp_ns, d.batch, before, len(rec))
+                        shared.put(rec.seq, (info, sent))
+            if not info.schema.equals(schema, check_metadata=True):
+                return out, error(
+                    SCHEMA_CHANGED,
+                    f"stream {info.name!r} changed its schema at record {rec.seq}; subscribe "
+                    f'again (ticket {{"stream": ..., "after_seq": {rec.seq - 1}}} resumes here)',
+                    stream=info.name,
+                    after_seq=rec.seq - 1,
+                )
+            if sent is not None:
+                out.append(sent)
+        return out, None
+
+    def _batch(
+        self, group: list[_Sent], account: LossAccount, lost: StreamLoss, stream_id: int
+    ) -> tuple[pa.RecordBatch, pa.Buffer]:
+        """One wire batch of `group` (consecutive records of the stream) and its metadata."""
+        for r in group:
+            account.observe(stream_id, r.stream_seq, r.batch.num_rows, r.rows_before)
+        first = group[0]
+        if len(group) == 1:
+            batch, each = first.batch, None
+        else:
+            batch = pa.concat_batches([r.batch for r in group])
+            each = [
+                RecordMeta(r.seq, r.stream_seq, r.timestamp_ns, r.batch.num_rows, r.rows_before)
+                for r in group
+            ]
+        with self._state_lock:
+            self.rows_sent += batch.num_rows
+        meta = BatchMeta(
+            first.seq, first.stream_seq, first.timestamp_ns, lost.records, lost.rows, first.rows_before, each
+        )
+        return batch, meta.encode()
 
     def _latest(self, stream: str, rows: int) -> pa.Table:
         with self._views_lock:
@@ -463,6 +515,65 @@ class DaqFlightServer(RingFlightService):
             return self.daemon.stop_recording()
         except (ValueError, OSError, RuntimeError) as e:
             raise error(REFUSED, f"{kind}: {_first(e)}") from None
+
+
+class _Sent(NamedTuple):
+    """A record a subscription sends: its numbers, its batch (a private copy), its stream's
+    rows before it, and its size in the ring."""
+
+    seq: int
+    stream_seq: int | None
+    timestamp_ns: int
+    batch: pa.RecordBatch
+    rows_before: int | None
+    nbytes: int
+
+
+class _SharedDecodes:
+    """The latest records the subscriptions decoded, by ring sequence number, for the other
+    subscriptions of their stream: 50 subscribers of one stream decoded each record 50
+    times, the most of what serving them cost. A sequence number names one write of one
+    record (a lapped slot holds a later number), so a decoded copy stands for it as long as
+    it is kept: at most `max_records` and `max_bytes`, the oldest dropped first."""
+
+    def __init__(self, max_records: int = 4096, max_bytes: int = 64 << 20) -> None:
+        self._items: OrderedDict[int, tuple[StreamInfo, _Sent]] = OrderedDict()
+        self._bytes = 0
+        self._max_records, self._max_bytes = max_records, max_bytes
+        #: Held while looking a record up and decoding it if missing (get and put need it).
+        self.lock = threading.Lock()
+
+    def get(self, seq: int) -> tuple[StreamInfo, _Sent] | None:
+        return self._items.get(seq)
+
+    def put(self, seq: int, item: tuple[StreamInfo, _Sent]) -> None:
+        self._items[seq] = item
+        self._bytes += item[1].nbytes
+        while len(self._items) > self._max_records or (
+            self._bytes > self._max_bytes and len(self._items) > 1
+        ):
+            _, (_, old) = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
+
+
+def _groups(sent: list[_Sent], coalesce: bool) -> Iterator[list[_Sent]]:
+    """`sent` in wire batches: one record each, or (coalescing) runs of consecutive records
+    of up to _COALESCE_RECORDS and _COALESCE_BYTES (a bigger record goes alone, uncopied)."""
+    if not coalesce:
+        for r in sent:
+            yield [r]
+        return
+    group: list[_Sent] = []
+    size = 0
+    for r in sent:
+        n = r.nbytes
+        if group and (len(group) >= _COALESCE_RECORDS or size + n > _COALESCE_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(r)
+        size += n
+    if group:
+        yield group
 
 
 def _batches(stream: str, reader: fl.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:
