@@ -5,19 +5,22 @@ with h5py shows the acquisition never noticed."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import rust_daq.remote
-from rust_daq import _native
+from rust_daq import RingBuffer, _native
 from rust_daq.remote import RemoteError
 from test_daemon import CLI, _first_line, config, daemon
 
@@ -137,6 +140,18 @@ def test_a_row_table_is_shared_through_its_descriptor_only() -> None:
     t.note(5, 50)
     other = _native.RowTable.from_fd(t.fd)
     assert (other.slots, other.rows_before(5), other.rows_before(4)) == (1024, 50, None)
+    # Through a read-only descriptor (what the Flight process gets): read, never changed.
+    ro = os.open(f"/proc/self/fd/{t.fd}", os.O_RDONLY)
+    try:
+        reader = _native.RowTable.from_fd(ro)
+    finally:
+        os.close(ro)  # (the table keeps a duplicate)
+    assert (reader.writable, t.writable, reader.rows_before(5)) == (False, True, 50)
+    with pytest.raises(PermissionError, match="attached read-only"):
+        reader.note(6, 60)
+    with pytest.raises(PermissionError, match="attached read-only"):
+        reader.clear(5)
+    assert (t.rows_before(5), t.rows_before(6)) == (50, None), "nothing changed"
     t.note(5 + 1024, 7)  # the same entry, another record
     assert (other.rows_before(5), other.rows_before(5 + 1024)) == (None, 7)
     t.clear(5 + 1024)
@@ -147,3 +162,120 @@ def test_a_row_table_is_shared_through_its_descriptor_only() -> None:
         _native.RowTable.from_fd(1 << 20)
     with pytest.raises(ValueError):
         _native.RowTable(0)
+
+
+def _fd_targets(pid: int) -> dict[int, tuple[str, int]]:
+    """The process's descriptors: number -> (what it opens, its access mode)."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+        except (OSError, IndexError):
+            continue
+        out[int(fd)] = (target, flags & os.O_ACCMODE)
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_flight_process_serves_the_daemons_ring_not_what_its_path_names_now(
+    tmp_path: Path,
+) -> None:
+    """The ring's path is unlinked and another ring (another user's, say) put there: the Flight
+    process, killed and started again, still serves the daemon's own ring, which it holds by
+    descriptor; it holds the row index only read-only, and its stdout is no pipe to fill."""
+    cfg = config(tmp_path)
+    ring_path = "/dev/shm/" + cfg.read_text().split('path = "')[1].split('"')[0]
+    with daemon(str(cfg)) as (url, p):
+        with rust_daq.remote.connect(url) as daq:
+            flight = daq.status()["flight"]["pid"]
+        fds = _fd_targets(flight)
+        rows = [mode for target, mode in fds.values() if "rust-daq-rows" in target]
+        assert rows and all(mode == os.O_RDONLY for mode in rows), f"the row index, read-only only: {fds}"
+        assert [t for t, _ in fds.values() if t == ring_path], "the ring, by descriptor"
+        assert os.readlink(f"/proc/{flight}/fd/1") == "/dev/null"
+        os.unlink(ring_path)
+        decoy = RingBuffer.create(ring_path, capacity_mb=1)
+        try:
+            decoy.write_arrow_batch(pa.record_batch({"x": [1]}), "decoy")
+            os.kill(flight, signal.SIGKILL)
+            assert _gone(flight, 30)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with rust_daq.remote.connect(url) as daq:
+                        status = daq.status()
+                        streams = daq.streams()
+                        with daq.reader("voltmeter", start="latest") as r:
+                            got: list[rust_daq.remote.RemoteBatch] = []
+                            while len(got) < 5:
+                                got += r.read(timeout=0.2)
+                    break
+                except RemoteError:
+                    assert time.monotonic() < deadline, "the Flight process was not started again"
+                    time.sleep(0.2)
+            assert status["flight"]["restarts"] == 1
+            assert set(streams) == {"voltmeter", "camera"}, "the daemon's streams, not the decoy's"
+            assert all(b.batch.num_rows > 0 and "voltage" in b.batch.schema.names for b in got)
+        finally:
+            decoy.close()
+            os.unlink(ring_path)
+
+
+def test_the_daemons_socket_directory_fits_a_unix_socket_path_and_stale_ones_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rust_daq.flight import process
+
+    base = tmp_path / "t"
+    base.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live, starting = (base / f"rust-daq-flight-{n}" for n in ("stale123", "live1234", "start123"))
+    for d, pid in ((stale, dead.pid), (live, os.getpid()), (starting, None)):
+        d.mkdir(mode=0o700)
+        (d / "daemon.sock").touch()
+        if pid is not None:
+            (d / "daemon.pid").write_text(f"{pid}\n")
+    made = Path(process.socket_dir())
+    try:
+        assert made.parent == base and (made / "daemon.pid").read_text() == f"{os.getpid()}\n"
+        assert made.stat().st_mode & 0o777 == 0o700
+        assert not stale.exists(), "a killed daemon's directory is removed"
+        assert live.exists() and starting.exists(), "a live daemon's, or one without a pid yet, stays"
+    finally:
+        shutil.rmtree(made)
+    # A TMPDIR so long that the socket's path would not fit sockaddr_un: /tmp instead.
+    long = tmp_path / ("d" * 100)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    made = Path(process.socket_dir())
+    try:
+        assert made.parent == Path("/tmp")
+        assert len(os.fsencode(process.socket_location(str(made)).split("://")[1])) <= 107
+    finally:
+        shutil.rmtree(made)
+
+
+def test_a_transport_error_forwarded_to_a_client_does_not_say_where_the_daemon_listens() -> None:
+    import pyarrow.flight as fl
+
+    from rust_daq.flight import process
+    from rust_daq.flight.protocol import INTERNAL, error_info
+
+    # (the method alone: a server would need a daemon to forward to)
+    server = types.SimpleNamespace(_hidden="/tmp/rust-daq-flight-abcdefgh/daemon.sock")
+
+    def unreachable() -> None:
+        raise fl.FlightUnavailableError(
+            "failed to connect to all addresses; last error: UNKNOWN: "
+            "unix:/tmp/rust-daq-flight-abcdefgh/daemon.sock: No such file or directory"
+        )
+
+    with pytest.raises(fl.FlightError) as e:
+        process.ForwardingFlightServer._forwarded(server, "status", unreachable)  # type: ignore[arg-type]
+    said = error_info(e.value)
+    assert said.code == INTERNAL and "rust-daq-flight-" not in str(e.value) and "/tmp" not in str(e.value)
+    assert said.message.startswith("status: the daemon's acquisition process did not answer (")
+    assert "<the daemon's socket>" in said.message

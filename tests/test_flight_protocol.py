@@ -45,6 +45,24 @@ def test_tickets_of_todays_clients_still_parse_and_round_trip() -> None:
         assert set(json.loads(t.encode()) if t.encode().startswith(b"{") else {}) <= set(protocol.TICKET_KEYS)
 
 
+def test_a_coalescing_ticket_is_refused_with_last_rows() -> None:
+    with pytest.raises(fl.FlightServerError, match="coalesce_ms is for live subscriptions"):
+        parse_ticket(b'{"stream": "v", "last_rows": 5, "coalesce_ms": 0}')
+
+
+def test_batches_are_concatenated_without_pa_concat_batches_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow before 19 has no concat_batches: the same batch through a table."""
+    from rust_daq.flight.server import _concat
+
+    a = pa.record_batch({"x": [1, 2], "s": ["a", None]})
+    b = pa.record_batch({"x": [3], "s": ["c"]})
+    want = pa.concat_batches([a, b])
+    monkeypatch.delattr(pa, "concat_batches")
+    got = _concat([a, b])
+    assert got.equals(want) and got.to_pydict() == {"x": [1, 2, 3], "s": ["a", None, "c"]}
+    assert _concat([a.slice(0, 0), b.slice(0, 0)]).num_rows == 0
+
+
 def test_a_coalescing_ticket_is_refused_outside_0_to_1000_ms() -> None:
     for bad in [b"-1", b"1000.5", b"NaN", b"Infinity", b"true", b'"20"', b"[]", b"null"]:
         raw = b'{"stream": "v", "coalesce_ms": ' + bad + b"}"
@@ -370,8 +388,47 @@ def test_a_coalescing_reader_gets_each_record_with_its_own_numbers(running: obje
         assert all(g.lost_records == 0 and g.lost_rows == 0 for g in got)
         seqs = [g.seq for g in got]
         assert seqs == sorted(set(seqs))
-        with pytest.raises(ValueError, match="coalesce_ms must be from 0 to 1000"):
-            daq.reader("v", coalesce_ms=5000)
+        for bad in [5000, -1, True, "20", float("nan")]:
+            with pytest.raises(ValueError, match="coalesce_ms must be a number from 0 to 1000"):
+                daq.reader("v", coalesce_ms=bad)  # type: ignore[arg-type]
+
+
+def test_a_coalescing_reader_keeps_its_buffer_bound_record_by_record(running: object) -> None:
+    """1,000 records piled up, sent in batches of 256: a reader of max_buffered=10 that does
+    not read holds 10 of them, not a batch's 256; it then gets them all, in order."""
+    d = running
+    with rust_daq.remote.connect(d.url) as daq:  # type: ignore[attr-defined]
+        _put_rows(daq, "v", range(1000))
+        with daq.reader("v", start="oldest", max_buffered=10) as reader:
+            deadline = time.monotonic() + 10
+            while len(reader._buf) < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert len(reader._buf) == 10, "the bound holds within a coalesced batch"
+            got: list[int] = []
+            while len(got) < 1000 and time.monotonic() < deadline + 20:
+                got += [v for b in reader.read(timeout=0.5) for v in b.batch.column("x").to_pylist()]
+        assert got == list(range(1000))
+
+
+def test_a_reader_falls_back_to_a_record_a_message_with_a_daemon_older_than_coalescing() -> None:
+    """A daemon that refuses the coalesce_ms key (as one before it did: an unknown key of the
+    ticket) still serves a reader, which asks again without it."""
+
+    class Older(_Resubscribing):
+        def do_get(self, context: fl.ServerCallContext, t: fl.Ticket) -> fl.FlightDataStream:
+            if b"coalesce_ms" in t.ticket:
+                raise error(protocol.BAD_REQUEST, "bad ticket: unknown key(s) ['coalesce_ms']")
+            return super().do_get(context, t)
+
+    server = Older("grpc://127.0.0.1:0")
+    try:
+        with rust_daq.remote.connect(f"grpc://127.0.0.1:{server.port}", token="") as daq:
+            with daq.reader("s", start="oldest") as reader:
+                got = list(reader)
+        assert [b.stream_seq for b in got] == [0, 1, 5]
+    finally:
+        server.shutdown()
 
 
 def test_a_coalescing_subscription_holds_records_back_for_its_window(running: object) -> None:

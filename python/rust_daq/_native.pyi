@@ -322,13 +322,17 @@ class RowTable:
 
     @staticmethod
     def from_fd(fd: int) -> RowTable:
-        """The table behind another table's descriptor. Raises ValueError (not a row table),
-        OSError (no such descriptor)."""
+        """The table behind another table's descriptor (read-only if the descriptor is).
+        Raises ValueError (not a row table), OSError (no such descriptor)."""
 
     @property
     def slots(self) -> int: ...
     @property
     def fd(self) -> int: ...
-    def note(self, seq: int, rows: int) -> None: ...
-    def clear(self, seq: int) -> None: ...
+    @property
+    def writable(self) -> bool: ...
+    def note(self, seq: int, rows: int) -> None:
+        """Raises PermissionError on a table attached read-only."""
+    def clear(self, seq: int) -> None:
+        """Raises PermissionError on a table attached read-only."""
     def rows_before(self, seq: int) -> int | None: ...

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from ._errors import DaemonConfigError, RustDaqError
 from ._session import Session
 from ._supervisor import file_progress
 from .flight import DaqFlightServer
-from .flight.process import FlightProcess
+from .flight.process import FlightProcess, socket_dir, socket_location
 from .hdf5.options import WriterOptions
 from .runner import Runner, noting_signals
 
@@ -123,14 +122,14 @@ class Daemon:
             # This process serves puts and actions (they need the producer) on a Unix socket
             # only this user can reach; the Flight process serves clients, subscriptions
             # itself, and forwards the rest here.
-            self._socket_dir = tempfile.mkdtemp(prefix="rust-daq-flight-")
-            internal = f"grpc+unix://{os.path.join(self._socket_dir, 'daemon.sock')}"
+            self._socket_dir = socket_dir()
+            internal = socket_location(self._socket_dir)
             internal_token = _access.new_token()
             self.server = server = DaqFlightServer(internal, self, token=internal_token)
             scheme = "grpc+tls" if certs else "grpc"
             shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
             self.flight = flight = FlightProcess(
-                ring=self.ring.path,
+                ring_fd=self.ring._data_file()[0],  # (the producer's: the file it writes)
                 shown=f"{shown}:{port}",
                 rows_fd=self.row_index.fd,
                 location=f"{scheme}://{shown}:{port}",

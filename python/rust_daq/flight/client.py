@@ -313,8 +313,14 @@ class RemoteReader(LossTotals):
     ) -> None:
         if start not in ("latest", "oldest"):
             raise ValueError(f'start must be "latest" or "oldest", got {start!r}')
-        if coalesce_ms is not None and not 0 <= coalesce_ms <= protocol.COALESCE_MAX_MS:
-            raise ValueError(f"coalesce_ms must be from 0 to {protocol.COALESCE_MAX_MS}, got {coalesce_ms!r}")
+        if coalesce_ms is not None and (
+            isinstance(coalesce_ms, bool)
+            or not isinstance(coalesce_ms, int | float)
+            or not 0 <= coalesce_ms <= protocol.COALESCE_MAX_MS
+        ):
+            raise ValueError(
+                f"coalesce_ms must be a number from 0 to {protocol.COALESCE_MAX_MS} (or None), got {coalesce_ms!r}"
+            )
         self._coalesce_ms = coalesce_ms
         self.daq = daq
         self.start = start
@@ -370,10 +376,12 @@ class RemoteReader(LossTotals):
 
     def _receive(self, name: str, start: str) -> None:
         after: int | None = None
+        coalesce = self._coalesce_ms
+        received = False
         while not self._closed:
             try:
                 call = self.daq._client.do_get(
-                    ticket(name, start, after_seq=after, coalesce_ms=self._coalesce_ms),
+                    ticket(name, start, after_seq=after, coalesce_ms=coalesce),
                     options=self.daq.options(),
                 )
                 self._calls[name] = call
@@ -382,20 +390,21 @@ class RemoteReader(LossTotals):
                         chunk = call.read_chunk()
                     except StopIteration:
                         break
+                    received = True
                     meta = BatchMeta.decode(chunk.app_metadata)
                     with self._cond:
-                        while (
-                            self._buf
-                            and (len(self._buf) >= self._max or self._buf_bytes >= self._max_bytes)
-                            and not self._closed
-                        ):
-                            self._cond.wait(0.1)
-                        if self._closed:
-                            return
                         offset = 0
                         # (RecordBatch.nbytes of a slice costs 3.6 µs: a share of the chunk's)
                         data, size = chunk.data, chunk.data.get_total_buffer_size()
                         for r in meta.each(data.num_rows):  # (a coalesced batch: several)
+                            while (  # room for each record, as for batches of one
+                                self._buf
+                                and (len(self._buf) >= self._max or self._buf_bytes >= self._max_bytes)
+                                and not self._closed
+                            ):
+                                self._cond.wait(0.1)
+                            if self._closed:
+                                return
                             # Our own account, from stream_seq and rows_before, continues across
                             # resubscriptions (the daemon's lost_* start again with each).
                             self._loss.observe(name, r.stream_seq, r.rows, r.rows_before)
@@ -413,12 +422,16 @@ class RemoteReader(LossTotals):
                             self._buf.append((item, share))
                             self._buf_bytes += share
                             self._last_seq[name] = item.seq
-                        self._cond.notify_all()
+                            self._cond.notify_all()
             except fl.FlightError as e:
                 if self._closed:
                     return
-                if error_info(e).code == protocol.SCHEMA_CHANGED and name in self._last_seq:
+                code = error_info(e).code
+                if code == protocol.SCHEMA_CHANGED and name in self._last_seq:
                     after = self._last_seq[name]  # resume right after the last record we have
+                    continue
+                if code == protocol.BAD_REQUEST and coalesce is not None and not received:
+                    coalesce = None  # a daemon older than coalesce_ms: a record a message
                     continue
                 with self._cond:
                     self._error = _remote_error(e, f"stream {name!r}")

@@ -3,8 +3,8 @@ costs the acquisition's loop a deadline: each subscription reads the ring like a
 decodes and sends in this process, on its own GIL, never in the producer's.
 
 - Subscriptions (``do_get``), discovery and ``list_streams``: served here from the ring
-  (opened read-only) and the producer's row index (a :class:`~rust_daq.acquisition.RowIndex`
-  shared as an anonymous file, its descriptor inherited).
+  and the producer's row index (a :class:`~rust_daq.acquisition.RowIndex` shared as an
+  anonymous file), both through read-only descriptors inherited from the daemon.
 - ``do_put`` and the other actions: forwarded to the daemon's own service
   (:class:`~.server.DaqFlightServer`) on a Unix socket in a directory only the daemon's user
   can enter, with a token of its own; errors reach the client as the daemon raised them
@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +44,7 @@ from ..acquisition import RowIndex, RowTableReader
 from .protocol import INTERNAL, STATUS, error, error_info, read_action_result
 from .server import RingFlightService
 
-__all__ = ["FlightProcess", "ForwardingFlightServer"]
+__all__ = ["FlightProcess", "ForwardingFlightServer", "socket_dir", "socket_location"]
 
 log = logging.getLogger("rust_daq.flight")
 
@@ -81,6 +82,8 @@ class ForwardingFlightServer(RingFlightService):
         tls_certificates: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self._daemon = fl.connect(daemon_location)  # (before serving starts, in the base's constructor)
+        # Where the daemon listens is nobody else's business: never in a client's message.
+        self._hidden = daemon_location.split("://", 1)[-1]
         self._options = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {daemon_token}".encode())])
         super().__init__(location, side, token=token, tls_certificates=tls_certificates)
 
@@ -95,8 +98,9 @@ class ForwardingFlightServer(RingFlightService):
         except fl.FlightError as e:
             info = error_info(e)
             if info.code is None:  # the transport's, not the daemon's
+                said = info.message.replace(self._hidden, "<the daemon's socket>")
                 raise error(
-                    INTERNAL, f"{what}: the daemon's acquisition process did not answer ({info.message})"
+                    INTERNAL, f"{what}: the daemon's acquisition process did not answer ({said})"
                 ) from None
             raise error(info.code, info.message, **info.details) from None
 
@@ -145,15 +149,20 @@ class ForwardingFlightServer(RingFlightService):
 
 class FlightProcess:
     """Starts the Flight process and talks to it (see the module documentation): it listens at
-    `location` (`shown`: host:port for messages) with `token` (and TLS), serves `ring` and the
-    row index behind `rows_fd`, and forwards to `daemon_location` (its socket in
-    `socket_dir`, which the process removes if the daemon dies without telling it). Raises DaemonConfigError
-    if it cannot listen, or does not start."""
+    `location` (`shown`: host:port for messages) with `token` (and TLS), serves the ring file
+    behind `ring_fd` and the row index behind `rows_fd`, and forwards to `daemon_location`
+    (its socket in `socket_dir`, which the process removes if the daemon dies without telling
+    it). Raises DaemonConfigError if it cannot listen, or does not start.
+
+    The process gets both files as read-only descriptors of their own, never by name: a
+    process started again after a crash serves the very ring the daemon writes, even if its
+    path was unlinked and another user's file put there, and it cannot change the daemon's
+    row index."""
 
     def __init__(
         self,
         *,
-        ring: str,
+        ring_fd: int,
         shown: str,
         rows_fd: int,
         location: str,
@@ -163,10 +172,11 @@ class FlightProcess:
         daemon_token: str,
         socket_dir: str | None = None,
     ) -> None:
+        self._fds = [_read_only(ring_fd), _read_only(rows_fd)]
         config: dict[str, Any] = {
             "socket_dir": socket_dir,
-            "ring": ring,
-            "rows_fd": rows_fd,
+            "ring": f"/proc/self/fd/{self._fds[0]}",  # (the same number in the process)
+            "rows_fd": self._fds[1],
             "location": location,
             "shown": shown,
             "token": token,
@@ -183,14 +193,26 @@ class FlightProcess:
         self.restarts = 0
         self._config = config
         self._lock = threading.Lock()
-        self.port = self._start()
+        try:
+            self.port = self._start()
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
 
     def _start(self) -> int:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rust_daq.flight.process"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            pass_fds=[self._config["rows_fd"]],
+            pass_fds=self._fds,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
@@ -252,6 +274,7 @@ class FlightProcess:
                 self.proc.wait()
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
+            self._close_fds()
 
     def _say(self, line: bytes) -> None:
         try:
@@ -260,6 +283,72 @@ class FlightProcess:
             self.proc.stdin.flush()
         except (OSError, ValueError):  # (it is gone: nothing to tell)
             pass
+
+
+_SOCKET_PREFIX = "rust-daq-flight-"
+_SUN_PATH = 107  # bytes a Unix socket's path may have (sockaddr_un.sun_path, less its NUL)
+_SOCKET_NAME = "daemon.sock"
+_PID_NAME = "daemon.pid"
+
+
+def socket_dir() -> str:
+    """A new directory only this user can enter, for the daemon's socket (``daemon.sock``)
+    and its pid (``daemon.pid``): in the temporary directory, or in /tmp where a long TMPDIR
+    would make the socket's path too long to bind. Those a daemon left when it was killed
+    with its Flight process (nobody removed them) are removed first, once their pid is gone."""
+    bases = [tempfile.gettempdir(), "/tmp"]
+    for base in bases:
+        if len(os.fsencode(os.path.join(base, _SOCKET_PREFIX + "x" * 8, _SOCKET_NAME))) <= _SUN_PATH:
+            break
+    else:
+        raise DaemonConfigError(f"no directory for the daemon's socket: {bases[0]} makes its path too long")
+    _remove_stale(base)
+    path = tempfile.mkdtemp(prefix=_SOCKET_PREFIX, dir=base)
+    with open(os.path.join(path, _PID_NAME), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return path
+
+
+def socket_location(directory: str) -> str:
+    return f"grpc+unix://{os.path.join(directory, _SOCKET_NAME)}"
+
+
+def _remove_stale(base: str) -> None:
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(_SOCKET_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != uid:
+                continue  # (another user's, or not ours to judge)
+            with open(os.path.join(entry.path, _PID_NAME)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue  # no pid yet (a daemon starting now), or not ours
+        if pid <= 0 or _alive(pid):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("removed %s, left by daemon %d (killed)", entry.path, pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_only(fd: int) -> int:
+    """A new read-only descriptor of the file behind `fd` (its own open file description:
+    the process it goes to cannot write the file through it, nor map it writable)."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _line(stream: Any, timeout: float) -> bytes:
@@ -336,6 +425,11 @@ def main() -> int:
         say({"error": f"{type(e).__name__}: {e}"})
         return 1
     say({"port": server.port})
+    # Nobody reads this pipe after the first line: whatever else would write to it (a library
+    # printing) must not fill it and block.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     told = False
     for line in sys.stdin.buffer:
         if line.strip() == b"drain":

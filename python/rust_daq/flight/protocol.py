@@ -141,6 +141,8 @@ def parse_ticket(raw: bytes) -> Ticket:
             BAD_REQUEST,
             f"bad ticket: coalesce_ms must be a number from 0 to {COALESCE_MAX_MS}, got {shown(coalesce)}",
         )
+    if coalesce is not None and body.get("last_rows") is not None:
+        raise error(BAD_REQUEST, "bad ticket: coalesce_ms is for live subscriptions, not with last_rows")
     return Ticket(body["stream"], start, body.get("after_seq"), body.get("last_rows"), coalesce)
 
 

@@ -291,11 +291,15 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         )
         # Our own copies: gRPC sends a batch after this generator moves on. A copy torn by the
         # producer is lost (a gap before the next record); an undecodable record, counted by
-        # the writer, is skipped.
+        # the writer, is skipped. Decoded one at a time as gRPC takes them: a subscriber that
+        # does not read holds at most a batch's copies here, not a ring read's.
         decoder = RecordDecoder(state, copy=True)
         account = LossAccount()
         lost = account.start(stream_id, None)  # this subscription's losses
         window = None if t.coalesce_ms is None else t.coalesce_ms / 1000
+        group: list[_Sent] = []  # coalescing: records not sent yet (copies, safe from laps)
+        size = 0
+        hold = 0.0  # (monotonic) when the group goes out at the latest
         with self._state_lock:
             self.subscribers += 1
         try:
@@ -304,64 +308,70 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
                 # In place: only this stream's records are copied (below), not the others'.
                 # Stopping: no long wait at the end of what was written.
                 stopping = self.side.stopping.is_set()
-                records = reader.read(
-                    max_records=_READ_RECORDS, timeout=0.01 if stopping else _POLL, copy=False
-                )
-                if not records:
-                    if stopping and reader.position >= ring.status()["write_head"]:
-                        self._check_daemon()  # (died, not stopped: not the end a stop sends)
-                        return  # the daemon stops: everything written has been sent
-                    continue
-                sent, changed = self._decoded(records, t, decoder, stream_id, schema)
-                if window and changed is None and not stopping and len(records) < _READ_RECORDS:
-                    # Hold the first records back for the window (copied already: the ring
-                    # may lap them meanwhile), then send them with those that came since.
-                    time.sleep(window)
-                    more = reader.read(max_records=_READ_RECORDS, timeout=0.0, copy=False)
-                    later, changed = self._decoded(more, t, decoder, stream_id, schema)
-                    sent += later
-                for group in _groups(sent, window is not None):
+                timeout = 0.01 if stopping else _POLL
+                if group and not stopping:  # held for the window: sleep to its end (not a wake-up a record)
+                    time.sleep(min(max(hold - time.monotonic(), 0.0), _POLL))
+                    timeout = 0.0
+                records = reader.read(max_records=_READ_RECORDS, timeout=timeout, copy=False)
+                changed = None
+                for info, sent in self._decoded(records, t, decoder, stream_id):
+                    if not info.schema.equals(schema, check_metadata=True):
+                        changed = _schema_changed(info, sent)
+                        break
+                    if window is None:
+                        yield self._batch([sent], account, lost, stream_id)
+                        continue
+                    if group and (len(group) >= _COALESCE_RECORDS or size + sent.nbytes > _COALESCE_BYTES):
+                        yield self._batch(group, account, lost, stream_id)
+                        group, size = [], 0
+                    if not group:
+                        hold = time.monotonic() + window
+                    group.append(sent)
+                    size += sent.nbytes
+                if group and (
+                    changed is not None
+                    or stopping
+                    or len(records) >= _READ_RECORDS  # (behind: no reason to wait)
+                    or time.monotonic() >= hold
+                ):
                     yield self._batch(group, account, lost, stream_id)
+                    group, size = [], 0
                 if changed is not None:
                     raise changed
+                if not records and not group and stopping and reader.position >= ring.status()["write_head"]:
+                    self._check_daemon()  # (died, not stopped: not the end a stop sends)
+                    return  # the daemon stops: everything written has been sent
         finally:
             with self._state_lock:
                 self.subscribers -= 1
+                if not self.subscribers:
+                    self._decodes.clear()  # (nobody to share them with)
 
     def _decoded(
-        self, records: list[Any], t: Ticket, decoder: RecordDecoder, stream_id: int, schema: pa.Schema
-    ) -> tuple[list[_Sent], fl.FlightError | None]:
-        """The records of the subscription's stream among `records`, decoded and with their
-        row index; and the error that ends it if its schema changed (after those before)."""
+        self, records: list[Any], t: Ticket, decoder: RecordDecoder, stream_id: int
+    ) -> Iterator[tuple[StreamInfo, _Sent]]:
+        """The records of the subscription's stream among `records`, one at a time, decoded,
+        with their row index and their stream's info (its schema may have changed); a record
+        another subscription decoded already is its copy."""
         rows, shared = self.side.row_index, self._decodes
-        out: list[_Sent] = []
         for rec in records:
             if rec.stream != stream_id or (t.after_seq is not None and rec.seq <= t.after_seq):
                 continue
-            with shared.lock:  # (one decodes, the others woken by the same record wait)
+            # One decodes, the others woken by the same record wait for it (those of other
+            # streams never: a lock per stream).
+            with shared.lock(stream_id):
                 hit = shared.get(rec.seq)
-                if hit is not None:  # another subscription of the stream decoded it already
-                    info, sent = hit
-                else:
+                if hit is None:
                     d = decoder.decode(rec, stream_id=stream_id)
-                    if d is None or d.info is None:
-                        continue
-                    info, sent = d.info, None
-                    if d.batch is not None:
-                        before = rows.rows_before(rec.seq)
-                        sent = _Sent(rec.seq, rec.stream_seq, rec.timestamp_ns, d.batch, before, len(rec))
-                        shared.put(rec.seq, (info, sent))
-            if not info.schema.equals(schema, check_metadata=True):
-                return out, error(
-                    SCHEMA_CHANGED,
-                    f"stream {info.name!r} changed its schema at record {rec.seq}; subscribe "
-                    f'again (ticket {{"stream": ..., "after_seq": {rec.seq - 1}}} resumes here)',
-                    stream=info.name,
-                    after_seq=rec.seq - 1,
-                )
-            if sent is not None:
-                out.append(sent)
-        return out, None
+                    if d is None or d.info is None or d.batch is None:
+                        continue  # (another stream's; undecodable; torn: a gap)
+                    before = rows.rows_before(rec.seq)
+                    hit = (
+                        d.info,
+                        _Sent(rec.seq, rec.stream_seq, rec.timestamp_ns, d.batch, before, len(rec)),
+                    )
+                    shared.put(rec.seq, hit)
+            yield hit
 
     def _batch(
         self, group: list[_Sent], account: LossAccount, lost: StreamLoss, stream_id: int
@@ -373,7 +383,7 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         if len(group) == 1:
             batch, each = first.batch, None
         else:
-            batch = pa.concat_batches([r.batch for r in group])
+            batch = _concat([r.batch for r in group])
             each = [
                 RecordMeta(r.seq, r.stream_seq, r.timestamp_ns, r.batch.num_rows, r.rows_before)
                 for r in group
@@ -540,40 +550,58 @@ class _SharedDecodes:
         self._items: OrderedDict[int, tuple[StreamInfo, _Sent]] = OrderedDict()
         self._bytes = 0
         self._max_records, self._max_bytes = max_records, max_bytes
-        #: Held while looking a record up and decoding it if missing (get and put need it).
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()  # (the items)
+        self._streams: dict[int, threading.Lock] = {}
+
+    def lock(self, stream_id: int) -> threading.Lock:
+        """Held while looking up a record of the stream and decoding it if missing: the
+        subscriptions woken by the same record decode it once."""
+        with self._lock:
+            lock = self._streams.get(stream_id)
+            if lock is None:
+                lock = self._streams[stream_id] = threading.Lock()
+            return lock
 
     def get(self, seq: int) -> tuple[StreamInfo, _Sent] | None:
-        return self._items.get(seq)
+        with self._lock:
+            return self._items.get(seq)
 
     def put(self, seq: int, item: tuple[StreamInfo, _Sent]) -> None:
-        self._items[seq] = item
-        self._bytes += item[1].nbytes
-        while len(self._items) > self._max_records or (
-            self._bytes > self._max_bytes and len(self._items) > 1
-        ):
-            _, (_, old) = self._items.popitem(last=False)
-            self._bytes -= old.nbytes
+        with self._lock:
+            if seq in self._items:
+                return
+            self._items[seq] = item
+            self._bytes += item[1].nbytes
+            while len(self._items) > self._max_records or (
+                self._bytes > self._max_bytes and len(self._items) > 1
+            ):
+                _, (_, old) = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
 
 
-def _groups(sent: list[_Sent], coalesce: bool) -> Iterator[list[_Sent]]:
-    """`sent` in wire batches: one record each, or (coalescing) runs of consecutive records
-    of up to _COALESCE_RECORDS and _COALESCE_BYTES (a bigger record goes alone, uncopied)."""
-    if not coalesce:
-        for r in sent:
-            yield [r]
-        return
-    group: list[_Sent] = []
-    size = 0
-    for r in sent:
-        n = r.nbytes
-        if group and (len(group) >= _COALESCE_RECORDS or size + n > _COALESCE_BYTES):
-            yield group
-            group, size = [], 0
-        group.append(r)
-        size += n
-    if group:
-        yield group
+def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    """`batches` (of one schema) as one batch: ``pa.concat_batches`` where pyarrow has it (19
+    and later), through a table before."""
+    concat = getattr(pa, "concat_batches", None)
+    if concat is not None:
+        return concat(batches)
+    out = pa.Table.from_batches(batches).combine_chunks().to_batches()
+    return out[0] if len(out) == 1 else batches[0].slice(0, 0)  # (none: no rows in any)
+
+
+def _schema_changed(info: StreamInfo, sent: _Sent) -> fl.FlightError:
+    return error(
+        SCHEMA_CHANGED,
+        f"stream {info.name!r} changed its schema at record {sent.seq}; subscribe "
+        f'again (ticket {{"stream": ..., "after_seq": {sent.seq - 1}}} resumes here)',
+        stream=info.name,
+        after_seq=sent.seq - 1,
+    )
 
 
 def _batches(stream: str, reader: fl.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:

@@ -29,6 +29,9 @@ pub struct RowTable {
     file: File,
     map: MmapRaw,
     slots: u64,
+    /// Mapped read-write: a table attached through a read-only descriptor (a reader's, in
+    /// another process) is mapped read-only, and refuses `note` and `clear`.
+    writable: bool,
 }
 
 impl RowTable {
@@ -62,12 +65,13 @@ impl RowTable {
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Self::map(file)
+        Self::map(file, true)
     }
 
     /// Attaches to the table behind `fd` (a descriptor another process passed; it is
     /// duplicated, the caller keeps `fd`). Refused unless the file is sealed against
-    /// shrinking and its length is a whole number of entries.
+    /// shrinking and its length is a whole number of entries. A descriptor opened read-only
+    /// gives a read-only mapping: that process can read the table and never change it.
     pub fn from_fd(fd: RawFd) -> io::Result<Self> {
         // SAFETY: dup of a descriptor number; an invalid one fails with EBADF.
         let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -86,10 +90,15 @@ impl RowTable {
                 ),
             ));
         }
-        Self::map(file)
+        // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Self::map(file, flags & libc::O_ACCMODE != libc::O_RDONLY)
     }
 
-    fn map(file: File) -> io::Result<Self> {
+    fn map(file: File, writable: bool) -> io::Result<Self> {
         let len = file.metadata()?.len();
         if len == 0 || len % ROW_ENTRY_SIZE != 0 || len / ROW_ENTRY_SIZE > MAX_ROW_SLOTS {
             return Err(io::Error::new(
@@ -97,11 +106,17 @@ impl RowTable {
                 format!("a row table of {len} bytes: not a whole number of entries"),
             ));
         }
-        let map = MmapOptions::new().len(len as usize).map_raw(&file)?;
+        let options = MmapOptions::new().len(len as usize).to_owned();
+        let map = if writable {
+            options.map_raw(&file)?
+        } else {
+            options.map_raw_read_only(&file)?
+        };
         Ok(Self {
             file,
             map,
             slots: len / ROW_ENTRY_SIZE,
+            writable,
         })
     }
 
@@ -118,26 +133,48 @@ impl RowTable {
         let at = (seq % self.slots) * ROW_ENTRY_SIZE;
         // SAFETY: `at + 16 <= len` (slot < slots), the mapping is page-aligned so the two
         // words are 8-byte aligned, it lives as long as `self`, and its length is sealed:
-        // it cannot shrink under us. Every process touches these words only atomically.
+        // it cannot shrink under us. Every process touches these words only atomically, and
+        // through a read-only mapping only loads them (`note` and `clear` refuse first).
         unsafe {
             let p = self.map.as_mut_ptr().add(at as usize) as *const AtomicU64;
             (&*p, &*p.add(1))
         }
     }
 
+    /// Whether this mapping may change the table (not one attached read-only).
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.writable {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "this row table was attached read-only (through a read-only descriptor)",
+        ))
+    }
+
     /// Notes that record `seq`'s stream held `rows` rows before it. One writer at a time.
-    pub fn note(&self, seq: u64, rows: u64) {
+    /// Refused on a table attached read-only.
+    pub fn note(&self, seq: u64, rows: u64) -> io::Result<()> {
+        self.check_writable()?;
         let (tag, value) = self.entry(seq);
         tag.store(0, Ordering::Relaxed);
         fence(Ordering::Release); // the empty tag before the new rows
         value.store(rows, Ordering::Relaxed);
         tag.store(seq.wrapping_add(1), Ordering::Release); // the rows before the tag
+        Ok(())
     }
 
     /// Empties the entry of record `seq` (if it still holds it): its rows are unknown.
-    pub fn clear(&self, seq: u64) {
+    /// Refused on a table attached read-only.
+    pub fn clear(&self, seq: u64) -> io::Result<()> {
+        self.check_writable()?;
         let (tag, _) = self.entry(seq);
         let _ = tag.compare_exchange(seq.wrapping_add(1), 0, Ordering::Release, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The rows noted for record `seq`, or None if its entry holds another record (it was
@@ -162,16 +199,16 @@ mod tests {
     fn notes_are_read_back_and_overwritten_entries_refused() {
         let t = RowTable::create(8).unwrap();
         assert_eq!(t.rows_before(0), None);
-        t.note(3, 30);
-        t.note(4, 40);
+        t.note(3, 30).unwrap();
+        t.note(4, 40).unwrap();
         assert_eq!(t.rows_before(3), Some(30));
         assert_eq!(t.rows_before(4), Some(40));
-        t.note(11, 110); // the slot of 3
+        t.note(11, 110).unwrap(); // the slot of 3
         assert_eq!(t.rows_before(3), None);
         assert_eq!(t.rows_before(11), Some(110));
-        t.clear(3); // not its entry any more: left alone
+        t.clear(3).unwrap(); // not its entry any more: left alone
         assert_eq!(t.rows_before(11), Some(110));
-        t.clear(11);
+        t.clear(11).unwrap();
         assert_eq!(t.rows_before(11), None);
         assert_eq!(t.rows_before(u64::MAX), None);
     }
@@ -182,12 +219,35 @@ mod tests {
         let other = RowTable::from_fd(t.fd()).unwrap();
         assert_eq!(other.slots(), 1024);
         for seq in 0..5000u64 {
-            t.note(seq, seq * 7);
+            t.note(seq, seq * 7).unwrap();
         }
         for seq in 0..5000u64 {
             let want = (seq >= 5000 - 1024).then_some(seq * 7);
             assert_eq!(other.rows_before(seq), want, "seq {seq}");
         }
+    }
+
+    #[test]
+    fn a_table_attached_through_a_read_only_descriptor_is_read_only() {
+        let t = RowTable::create(16).unwrap();
+        t.note(3, 30).unwrap();
+        let ro = File::open(format!("/proc/self/fd/{}", t.fd())).unwrap(); // O_RDONLY
+        let other = RowTable::from_fd(ro.as_raw_fd()).unwrap();
+        assert!(!other.writable() && t.writable());
+        assert_eq!(other.rows_before(3), Some(30));
+        let e = other.note(4, 40).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            other.clear(3).unwrap_err().kind(),
+            io::ErrorKind::PermissionDenied
+        );
+        assert_eq!((t.rows_before(3), t.rows_before(4)), (Some(30), None));
+        t.note(4, 41).unwrap();
+        assert_eq!(
+            other.rows_before(4),
+            Some(41),
+            "it still sees the writer's notes"
+        );
     }
 
     #[test]
@@ -199,7 +259,7 @@ mod tests {
             s.spawn(|| {
                 let mut seq = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    t.note(seq, seq * 3);
+                    t.note(seq, seq * 3).unwrap();
                     seq += 1;
                 }
             });

@@ -2,7 +2,7 @@
 //! processes through its file descriptor. Python's `RowIndex` (acquisition.py) writes it;
 //! the daemon's Flight process reads it.
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyPermissionError, PyValueError};
 use pyo3::prelude::*;
 use std::io;
 
@@ -14,6 +14,8 @@ pub struct RowTable {
 fn to_py(e: io::Error) -> PyErr {
     if e.kind() == io::ErrorKind::InvalidInput {
         PyValueError::new_err(e.to_string())
+    } else if e.kind() == io::ErrorKind::PermissionDenied && e.raw_os_error().is_none() {
+        PyPermissionError::new_err(e.to_string())
     } else {
         PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))
     }
@@ -50,13 +52,21 @@ impl RowTable {
     }
 
     /// Notes that record `seq`'s stream held `rows` rows before it (one writer at a time).
-    fn note(&self, seq: u64, rows: u64) {
-        self.inner.note(seq, rows)
+    /// Raises PermissionError on a table attached through a read-only descriptor.
+    fn note(&self, seq: u64, rows: u64) -> PyResult<()> {
+        self.inner.note(seq, rows).map_err(to_py)
     }
 
-    /// Empties the entry of record `seq` (its rows unknown), if it still holds it.
-    fn clear(&self, seq: u64) {
-        self.inner.clear(seq)
+    /// Empties the entry of record `seq` (its rows unknown), if it still holds it. Raises
+    /// PermissionError on a table attached through a read-only descriptor.
+    fn clear(&self, seq: u64) -> PyResult<()> {
+        self.inner.clear(seq).map_err(to_py)
+    }
+
+    /// Whether this table may be changed here (False: attached read-only).
+    #[getter]
+    fn writable(&self) -> bool {
+        self.inner.writable()
     }
 
     /// The rows noted for record `seq`; None if its entry holds another record.
