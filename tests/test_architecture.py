@@ -77,7 +77,13 @@ def _depends_on(path: Path, module: str) -> bool:
         # Live views sit above the ring API, not inside it.
         ("_ring.py", ["rust_daq._live", "rust_daq.hdf5", "rust_daq.flight"]),
         # The client speaks the protocol, it does not borrow the server's code.
-        ("flight/client.py", ["rust_daq.flight.server"]),
+        ("flight/client.py", ["rust_daq.flight.server", "rust_daq.flight.subscription"]),
+        ("flight/subscriber.py", ["rust_daq.flight.server", "rust_daq.flight.subscription"]),
+        # A subscription is served without the service around it, and knows no client.
+        (
+            "flight/subscription.py",
+            ["rust_daq.flight.server", "rust_daq.flight.client", "rust_daq.flight.subscriber"],
+        ),
         # The HDF5 writer knows no transport: JetStream reaches it as a RecordSource.
         ("hdf5/writer.py", ["rust_daq.nats", "rust_daq.flight"]),
         # JetStream's consumers speak its protocol; none borrows the publisher's code.

@@ -52,15 +52,15 @@ def test_a_coalescing_ticket_is_refused_with_last_rows() -> None:
 
 def test_batches_are_concatenated_without_pa_concat_batches_too(monkeypatch: pytest.MonkeyPatch) -> None:
     """pyarrow before 19 has no concat_batches: the same batch through a table."""
-    from rust_daq.flight.server import _concat
+    from rust_daq.flight.subscription import concat
 
     a = pa.record_batch({"x": [1, 2], "s": ["a", None]})
     b = pa.record_batch({"x": [3], "s": ["c"]})
     want = pa.concat_batches([a, b])
     monkeypatch.delattr(pa, "concat_batches")
-    got = _concat([a, b])
+    got = concat([a, b])
     assert got.equals(want) and got.to_pydict() == {"x": [1, 2, 3], "s": ["a", None, "c"]}
-    assert _concat([a.slice(0, 0), b.slice(0, 0)]).num_rows == 0
+    assert concat([a.slice(0, 0), b.slice(0, 0)]).num_rows == 0
 
 
 def test_a_coalescing_ticket_is_refused_outside_0_to_1000_ms() -> None:
@@ -281,6 +281,30 @@ def test_a_schema_change_resubscribes_the_reader_right_after_its_last_record(run
             assert (reader.lost_records, reader.lost_rows) == (0, 0)
 
 
+def test_a_reader_from_the_oldest_record_gets_a_stream_whose_schema_changed_in_the_ring(
+    running: object,
+) -> None:
+    """The ring holds records of the stream's old schema, then of its new one: a reader from
+    the oldest gets both, in order (today it got an error at once: the subscription had the
+    current schema and ended at the first record, with nothing to resume after)."""
+    d = running
+    a, b = pa.table({"x": [1, 2]}), pa.table({"x": [0.5], "y": ["new"]})
+    with rust_daq.remote.connect(d.url) as daq:  # type: ignore[attr-defined]
+        for _ in range(3):
+            daq.put("s", a)
+        for _ in range(2):
+            daq.put("s", b)
+        for start_coalescing in (None, 0):
+            with daq.reader("s", start="oldest", coalesce_ms=start_coalescing) as reader:
+                got: list[rust_daq.remote.RemoteBatch] = []
+                deadline = time.monotonic() + 10
+                while len(got) < 5 and time.monotonic() < deadline:
+                    got += reader.read(timeout=0.5)
+            assert [g.batch.schema for g in got] == [a.schema] * 3 + [b.schema] * 2
+            assert [g.stream_seq for g in got] == [0, 1, 2, 3, 4]
+            assert [g.batch.column("x").to_pylist() for g in got] == [[1, 2]] * 3 + [[0.5]] * 2
+
+
 class _Resubscribing(fl.FlightServerBase):  # type: ignore[misc]
     """A daemon's side of the protocol only: stream "s" sends stream_seq 0 and 1 (2 rows each),
     then its schema changes; the resubscription (after_seq 1) starts at stream_seq 5, rows 10:
@@ -460,7 +484,7 @@ def test_subscribers_of_one_stream_share_its_decoded_records_and_each_gets_all(r
     """Six subscriptions at once (coalescing or not, from the oldest or after a record) over
     records decoded once and shared: each gets exactly its records, in order, every value
     its own; the shared copies stay within their bound."""
-    from rust_daq.flight.server import _SharedDecodes
+    from rust_daq.flight.subscription import SharedDecodes
 
     d = running
     with rust_daq.remote.connect(d.url) as daq:  # type: ignore[attr-defined]
@@ -497,7 +521,7 @@ def test_subscribers_of_one_stream_share_its_decoded_records_and_each_gets_all(r
     )
     assert later[0].data.column("x").to_pylist()[0] == 101, "v's records are consecutive in the ring"
     # The bound: records and bytes, the oldest dropped first.
-    shared = _SharedDecodes(max_records=3, max_bytes=100)
+    shared = SharedDecodes(max_records=3, max_bytes=100)
     info = object()
     batch = pa.record_batch({"x": [1]})
     for seq, size in [(1, 10), (2, 10), (3, 10), (4, 10)]:
@@ -508,6 +532,6 @@ def test_subscribers_of_one_stream_share_its_decoded_records_and_each_gets_all(r
 
 
 def _sent(seq: int, batch: pa.RecordBatch, size: int) -> object:
-    from rust_daq.flight.server import _Sent
+    from rust_daq.flight.subscription import _Sent
 
     return _Sent(seq, seq, 0, batch, None, size)

@@ -28,35 +28,28 @@ import functools
 import hmac
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as fl
 
 from .._access import NAME_MAX, control_char, shown
-from .._arrow import StreamInfo
 from .._errors import RingUsageError, RustDaqError
 from .._live import LiveView
-from .._records import LossAccount, RecordDecoder, SchemaTable, StreamLoss
-from .._ring import RingBuffer
+from .._records import SchemaTable
 from .protocol import (
     ACTIONS,
     BAD_REQUEST,
     INTERNAL,
     LIST_STREAMS,
     REFUSED,
-    SCHEMA_CHANGED,
     START_RECORDING,
     STATUS,
     STOP_RECORDING,
     UNAUTHENTICATED,
     UNKNOWN_STREAM,
-    BatchMeta,
-    RecordMeta,
-    Ticket,
     action_result,
     error,
     loads,
@@ -64,32 +57,13 @@ from .protocol import (
     parse_ticket,
     put_ack,
 )
+from .subscription import Counters, RingSide, SharedDecodes, Subscription, first_record
 
 __all__ = ["DaemonControl", "DaqFlightServer", "RingFlightService", "RingSide", "TokenAuth"]
 
 log = logging.getLogger("rust_daq.flight")
 
-_READ_RECORDS = 256  # records per ring read in a subscription
-_POLL = 0.1  # seconds a subscription waits for data before checking for cancellation
 _VIEWS = 16  # LiveViews kept for latest-rows requests, the least recently used dropped
-_COALESCE_RECORDS = 256  # records a coalescing subscription sends together, at most
-_COALESCE_BYTES = 1 << 20  # and their bytes (a record bigger than this goes alone)
-
-
-class RingSide(Protocol):
-    """What serving streams needs: the ring, the producer's row index (``rows_before``), and
-    an event set when the daemon stops (subscriptions then end at the last record)."""
-
-    @property
-    def ring(self) -> RingBuffer: ...
-    @property
-    def row_index(self) -> RowsBefore: ...
-    @property
-    def stopping(self) -> threading.Event: ...
-
-
-class RowsBefore(Protocol):
-    def rows_before(self, seq: int) -> int | None: ...
 
 
 class DaemonControl(RingSide, Protocol):
@@ -206,14 +180,12 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         # Everything a call uses is set before serving starts (in FlightServerBase's
         # constructor): a client connecting at once must not find it missing.
         self.side = daemon
-        self._state_lock = threading.Lock()
         # One LiveView per (stream, rows) asked for: each request decodes only the records
         # written since the last (`rust-daq tail` asks twice a second), not the whole ring.
         self._views: OrderedDict[tuple[str, int], LiveView] = OrderedDict()
         self._views_lock = threading.Lock()
-        self._decodes = _SharedDecodes()
-        self.subscribers = 0
-        self.rows_sent = 0
+        self._decodes = SharedDecodes()
+        self.counters = Counters()
         middleware = {"auth": TokenAuth(token)} if token else None
         certs = [fl.CertKeyPair(cert, key) for cert, key in tls_certificates or []]
         super().__init__(location, tls_certificates=certs, middleware=middleware)
@@ -273,127 +245,39 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         info = streams[t.stream]
         if t.last_rows is not None:
             return fl.RecordBatchStream(self._latest(t.stream, t.last_rows))
-        return fl.GeneratorStream(
-            info.schema,
-            _guarded_iter(
-                f"do_get of {shown(t.stream, 40)}",
-                self._subscription(context, t, state, info.stream_id, info.schema),
-            ),
-        )
-
-    def _subscription(
-        self, context: fl.ServerCallContext, t: Ticket, state: SchemaTable, stream_id: int, schema: pa.Schema
-    ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
-        ring = self.side.ring
         # Parked, not spinning, while it waits: many subscribers share the acquisition's cores.
-        reader = ring.reader(
+        reader = self.side.ring.reader(
             "oldest" if t.start == "oldest" or t.after_seq is not None else "latest", wait="park"
         )
-        # Our own copies: gRPC sends a batch after this generator moves on. A copy torn by the
-        # producer is lost (a gap before the next record); an undecodable record, counted by
-        # the writer, is skipped. Decoded one at a time as gRPC takes them: a subscriber that
-        # does not read holds at most a batch's copies here, not a ring read's.
-        decoder = RecordDecoder(state, copy=True)
-        account = LossAccount()
-        lost = account.start(stream_id, None)  # this subscription's losses
-        window = None if t.coalesce_ms is None else t.coalesce_ms / 1000
-        group: list[_Sent] = []  # coalescing: records not sent yet (copies, safe from laps)
-        size = 0
-        hold = 0.0  # (monotonic) when the group goes out at the latest
-        with self._state_lock:
-            self.subscribers += 1
-        try:
-            while not context.is_cancelled():
-                self._check_daemon()
-                # In place: only this stream's records are copied (below), not the others'.
-                # Stopping: no long wait at the end of what was written.
-                stopping = self.side.stopping.is_set()
-                timeout = 0.01 if stopping else _POLL
-                if group and not stopping:  # held for the window: sleep to its end (not a wake-up a record)
-                    time.sleep(min(max(hold - time.monotonic(), 0.0), _POLL))
-                    timeout = 0.0
-                records = reader.read(max_records=_READ_RECORDS, timeout=timeout, copy=False)
-                changed = None
-                for info, sent in self._decoded(records, t, decoder, stream_id):
-                    if not info.schema.equals(schema, check_metadata=True):
-                        changed = _schema_changed(info, sent)
-                        break
-                    if window is None:
-                        yield self._batch([sent], account, lost, stream_id)
-                        continue
-                    if group and (len(group) >= _COALESCE_RECORDS or size + sent.nbytes > _COALESCE_BYTES):
-                        yield self._batch(group, account, lost, stream_id)
-                        group, size = [], 0
-                    if not group:
-                        hold = time.monotonic() + window
-                    group.append(sent)
-                    size += sent.nbytes
-                if group and (
-                    changed is not None
-                    or stopping
-                    or len(records) >= _READ_RECORDS  # (behind: no reason to wait)
-                    or time.monotonic() >= hold
-                ):
-                    yield self._batch(group, account, lost, stream_id)
-                    group, size = [], 0
-                if changed is not None:
-                    raise changed
-                if not records and not group and stopping and reader.position >= ring.status()["write_head"]:
-                    self._check_daemon()  # (died, not stopped: not the end a stop sends)
-                    return  # the daemon stops: everything written has been sent
-        finally:
-            with self._state_lock:
-                self.subscribers -= 1
-                if not self.subscribers:
-                    self._decodes.clear()  # (nobody to share them with)
-
-    def _decoded(
-        self, records: list[Any], t: Ticket, decoder: RecordDecoder, stream_id: int
-    ) -> Iterator[tuple[StreamInfo, _Sent]]:
-        """The records of the subscription's stream among `records`, one at a time, decoded,
-        with their row index and their stream's info (its schema may have changed); a record
-        another subscription decoded already is its copy."""
-        rows, shared = self.side.row_index, self._decodes
-        for rec in records:
-            if rec.stream != stream_id or (t.after_seq is not None and rec.seq <= t.after_seq):
-                continue
-            # One decodes, the others woken by the same record wait for it (those of other
-            # streams never: a lock per stream).
-            with shared.lock(stream_id):
-                hit = shared.get(rec.seq)
-                if hit is None:
-                    d = decoder.decode(rec, stream_id=stream_id)
-                    if d is None or d.info is None or d.batch is None:
-                        continue  # (another stream's; undecodable; torn: a gap)
-                    before = rows.rows_before(rec.seq)
-                    hit = (
-                        d.info,
-                        _Sent(rec.seq, rec.stream_seq, rec.timestamp_ns, d.batch, before, len(rec)),
-                    )
-                    shared.put(rec.seq, hit)
-            yield hit
-
-    def _batch(
-        self, group: list[_Sent], account: LossAccount, lost: StreamLoss, stream_id: int
-    ) -> tuple[pa.RecordBatch, pa.Buffer]:
-        """One wire batch of `group` (consecutive records of the stream) and its metadata."""
-        for r in group:
-            account.observe(stream_id, r.stream_seq, r.batch.num_rows, r.rows_before)
-        first = group[0]
-        if len(group) == 1:
-            batch, each = first.batch, None
-        else:
-            batch = _concat([r.batch for r in group])
-            each = [
-                RecordMeta(r.seq, r.stream_seq, r.timestamp_ns, r.batch.num_rows, r.rows_before)
-                for r in group
-            ]
-        with self._state_lock:
-            self.rows_sent += batch.num_rows
-        meta = BatchMeta(
-            first.seq, first.stream_seq, first.timestamp_ns, lost.records, lost.rows, first.rows_before, each
+        # The stream's batches have the schema of the first record it sends: a subscription
+        # from the oldest record of a stream whose schema changed since starts with the old
+        # one (the stream's current schema would end it at once, at a record before which
+        # nothing could be resumed), then ends at the change with ``schema_changed``.
+        schema = info.schema
+        pending: list[Any] = []
+        if t.start == "oldest" or t.after_seq is not None:
+            first, pending = first_record(reader, t.after_seq, info.stream_id)
+            known = state.info(first.schema_id) if first is not None else None
+            if known is not None:
+                schema = known.schema
+        return fl.GeneratorStream(
+            schema,
+            _guarded_iter(
+                f"do_get of {shown(t.stream, 40)}",
+                Subscription(
+                    self.side,
+                    t,
+                    state,
+                    info.stream_id,
+                    schema,
+                    reader,
+                    pending,
+                    decodes=self._decodes,
+                    counters=self.counters,
+                    check_daemon=self._check_daemon,
+                ).batches(context),
+            ),
         )
-        return batch, meta.encode()
 
     def _latest(self, stream: str, rows: int) -> pa.Table:
         with self._views_lock:
@@ -470,9 +354,8 @@ class RingFlightService(fl.FlightServerBase):  # type: ignore[misc]  # pyarrow s
         else:
             result = self._act(kind, params)
         if kind == STATUS:
-            with self._state_lock:
-                result["subscribers"] = self.subscribers
-                result["rows_sent"] = self.rows_sent
+            result["subscribers"] = self.counters.subscribers
+            result["rows_sent"] = self.counters.rows_sent
         return iter([action_result(result)])
 
     def _act(self, kind: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -525,83 +408,6 @@ class DaqFlightServer(RingFlightService):
             return self.daemon.stop_recording()
         except (ValueError, OSError, RuntimeError) as e:
             raise error(REFUSED, f"{kind}: {_first(e)}") from None
-
-
-class _Sent(NamedTuple):
-    """A record a subscription sends: its numbers, its batch (a private copy), its stream's
-    rows before it, and its size in the ring."""
-
-    seq: int
-    stream_seq: int | None
-    timestamp_ns: int
-    batch: pa.RecordBatch
-    rows_before: int | None
-    nbytes: int
-
-
-class _SharedDecodes:
-    """The latest records the subscriptions decoded, by ring sequence number, for the other
-    subscriptions of their stream: 50 subscribers of one stream decoded each record 50
-    times, the most of what serving them cost. A sequence number names one write of one
-    record (a lapped slot holds a later number), so a decoded copy stands for it as long as
-    it is kept: at most `max_records` and `max_bytes`, the oldest dropped first."""
-
-    def __init__(self, max_records: int = 4096, max_bytes: int = 64 << 20) -> None:
-        self._items: OrderedDict[int, tuple[StreamInfo, _Sent]] = OrderedDict()
-        self._bytes = 0
-        self._max_records, self._max_bytes = max_records, max_bytes
-        self._lock = threading.Lock()  # (the items)
-        self._streams: dict[int, threading.Lock] = {}
-
-    def lock(self, stream_id: int) -> threading.Lock:
-        """Held while looking up a record of the stream and decoding it if missing: the
-        subscriptions woken by the same record decode it once."""
-        with self._lock:
-            lock = self._streams.get(stream_id)
-            if lock is None:
-                lock = self._streams[stream_id] = threading.Lock()
-            return lock
-
-    def get(self, seq: int) -> tuple[StreamInfo, _Sent] | None:
-        with self._lock:
-            return self._items.get(seq)
-
-    def put(self, seq: int, item: tuple[StreamInfo, _Sent]) -> None:
-        with self._lock:
-            if seq in self._items:
-                return
-            self._items[seq] = item
-            self._bytes += item[1].nbytes
-            while len(self._items) > self._max_records or (
-                self._bytes > self._max_bytes and len(self._items) > 1
-            ):
-                _, (_, old) = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
-
-def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
-    """`batches` (of one schema) as one batch: ``pa.concat_batches`` where pyarrow has it (19
-    and later), through a table before."""
-    concat = getattr(pa, "concat_batches", None)
-    if concat is not None:
-        return concat(batches)
-    out = pa.Table.from_batches(batches).combine_chunks().to_batches()
-    return out[0] if len(out) == 1 else batches[0].slice(0, 0)  # (none: no rows in any)
-
-
-def _schema_changed(info: StreamInfo, sent: _Sent) -> fl.FlightError:
-    return error(
-        SCHEMA_CHANGED,
-        f"stream {info.name!r} changed its schema at record {sent.seq}; subscribe "
-        f'again (ticket {{"stream": ..., "after_seq": {sent.seq - 1}}} resumes here)',
-        stream=info.name,
-        after_seq=sent.seq - 1,
-    )
 
 
 def _batches(stream: str, reader: fl.MetadataRecordBatchReader) -> Iterator[pa.RecordBatch]:
