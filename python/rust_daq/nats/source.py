@@ -354,6 +354,9 @@ class JetStreamSource:
                 batch = min(_FETCH, self._fetch_bytes // self._largest) if self._largest else 1
                 msgs = await self._sub.fetch(max(batch, 1), timeout=0.5)
             except (TimeoutError, nats.errors.TimeoutError):
+                if await self._deliveries_lost():
+                    self._fetch_bytes = max(self._fetch_bytes // 2, 1)
+                    again = self._high + 1
                 continue
             except nats.errors.ConnectionClosedError:
                 if self._closed:
@@ -383,6 +386,27 @@ class JetStreamSource:
                     break
                 self._delivered = delivered
                 await self._add(m)  # (an error here is a bug of ours, not a bad message)
+
+    async def _deliveries_lost(self) -> bool:
+        """After a fetch that got nothing: whether the server delivered more than arrived. A
+        slow-consumer disconnect can take every delivery of a fetch with it, the last of the
+        stream's messages among them: no later one then shows the gap, and the server would
+        send them again only after ack_wait (300 s)."""
+        try:
+            info = await self._sub.consumer_info()
+        except Exception as e:  # (the server away: the next fetch says so)
+            log.debug("JetStream consumer info: %s: %s", type(e).__name__, e)
+            return False
+        sent = int(info.delivered.consumer_seq) if info.delivered is not None else 0
+        if sent <= self._delivered:
+            return False
+        log.warning(
+            "JetStream deliveries %d..%d did not arrive; delivering again from message %d",
+            self._delivered + 1,
+            sent,
+            self._high + 1,
+        )
+        return True
 
     async def _add(self, m: Any) -> None:
         seq = int(m.metadata.sequence.stream)
