@@ -195,6 +195,8 @@ class JetStreamSource:
         self._high = 0  # the highest stream sequence fetched
         self._largest = 0  # the largest message fetched (0: none yet, fetch one)
         self._fetch_bytes = _FETCH_BYTES  # what one pull asks for at most (halved after losses)
+        # (consumer's deliveries, ours) when the server had delivered more than arrived
+        self._short: tuple[int, int] | None = None
         self._start: int | None = None
         self._error: BaseException | None = None
         self._closed = False
@@ -284,6 +286,7 @@ class JetStreamSource:
 
     async def _consumer(self, start: int) -> None:
         self._delivered = 0  # the consumer's own delivery count: a gap is deliveries lost
+        self._short = None
         old = getattr(self, "_sub", None)
         if old is not None:
             try:
@@ -398,8 +401,12 @@ class JetStreamSource:
             log.debug("JetStream consumer info: %s: %s", type(e).__name__, e)
             return False
         sent = int(info.delivered.consumer_seq) if info.delivered is not None else 0
-        if sent <= self._delivered:
+        # Lost only if seen twice, nothing having arrived in between (a 0.5 s fetch): a
+        # delivery still on its way when a fetch timed out is not fetched again for nothing.
+        seen, self._short = self._short, (sent, self._delivered) if sent > self._delivered else None
+        if seen is None or self._short is None or seen[1] != self._delivered:
             return False
+        self._short = None
         log.warning(
             "JetStream deliveries %d..%d did not arrive; delivering again from message %d",
             self._delivered + 1,
