@@ -13,6 +13,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -45,6 +46,26 @@ def _voltmeter(batches: list[rust_daq.remote.RemoteBatch]) -> list[int]:
     return [b.stream_seq for b in batches if b.stream == "voltmeter"]
 
 
+def _after_restart(
+    url: str, start: str, n: int
+) -> tuple[dict[str, Any], dict[str, Any], list[rust_daq.remote.RemoteBatch]]:
+    """Once the Flight process serves again (within 30 s): the daemon's status, its streams
+    and `n` voltmeter batches from `start`."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with rust_daq.remote.connect(url) as daq:
+                status, streams = daq.status(), daq.streams()
+                with daq.reader("voltmeter", start=start) as r:
+                    got: list[rust_daq.remote.RemoteBatch] = []
+                    while len(got) < n:
+                        got += r.read(timeout=0.2)
+            return status, streams, got
+        except RemoteError:
+            assert time.monotonic() < deadline, "the Flight process was not started again"
+            time.sleep(0.2)
+
+
 @pytest.mark.timeout(180)
 def test_a_killed_flight_process_is_started_again_on_its_port_and_the_acquisition_never_notices(
     tmp_path: Path,
@@ -67,19 +88,7 @@ def test_a_killed_flight_process_is_started_again_on_its_port_and_the_acquisitio
                     while time.monotonic() < deadline:
                         r.read(timeout=0.2)
         # Started again, on the same URL, with the same token for this user's clients.
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with rust_daq.remote.connect(url) as daq:
-                    status = daq.status()
-                    with daq.reader("voltmeter", start="oldest") as r:
-                        again: list[rust_daq.remote.RemoteBatch] = []
-                        while len(again) < 20:
-                            again += r.read(timeout=0.2)
-                break
-            except RemoteError:
-                assert time.monotonic() < deadline, "the Flight process was not started again"
-                time.sleep(0.2)
+        status, _, again = _after_restart(url, "oldest", 20)
         assert status["flight"]["restarts"] == 1 and status["flight"]["pid"] != flight
         seqs = _voltmeter(again)
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
@@ -200,20 +209,7 @@ def test_a_restarted_flight_process_serves_the_daemons_ring_not_what_its_path_na
             decoy.write_arrow_batch(pa.record_batch({"x": [1]}), "decoy")
             os.kill(flight, signal.SIGKILL)
             assert _gone(flight, 30)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with rust_daq.remote.connect(url) as daq:
-                        status = daq.status()
-                        streams = daq.streams()
-                        with daq.reader("voltmeter", start="latest") as r:
-                            got: list[rust_daq.remote.RemoteBatch] = []
-                            while len(got) < 5:
-                                got += r.read(timeout=0.2)
-                    break
-                except RemoteError:
-                    assert time.monotonic() < deadline, "the Flight process was not started again"
-                    time.sleep(0.2)
+            status, streams, got = _after_restart(url, "latest", 5)
             assert status["flight"]["restarts"] == 1
             assert set(streams) == {"voltmeter", "camera"}, "the daemon's streams, not the decoy's"
             assert all(b.batch.num_rows > 0 and "voltage" in b.batch.schema.names for b in got)
@@ -238,7 +234,18 @@ def test_the_daemons_socket_directory_fits_a_unix_socket_path_and_stale_ones_go(
         (d / "daemon.sock").touch()
         if pid is not None:
             (d / "daemon.pid").write_text(f"{pid}\n")
-    made = Path(process.socket_dir())
+    # A dead pid whose socket still answers (a daemon in another pid namespace): kept.
+    answering = base / "rust-daq-flight-answer1"
+    answering.mkdir(mode=0o700)
+    (answering / "daemon.pid").write_text(f"{dead.pid}\n")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(answering / "daemon.sock"))
+    listener.listen(1)
+    try:
+        made = Path(process.socket_dir())
+    finally:
+        listener.close()
+    assert answering.exists(), "a socket that answers is a live daemon's"
     try:
         assert made.parent == base and (made / "daemon.pid").read_text() == f"{os.getpid()}\n"
         assert made.stat().st_mode & 0o777 == 0o700

@@ -20,8 +20,9 @@ Depends on ``_native`` and ``_arrow`` only.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -351,3 +352,35 @@ class LossTotals:
         """Per stream: (records lost, rows lost or None)."""
         with self._cond:
             return {str(name): (loss.records, loss.rows) for name, loss in self._loss.streams.items()}
+
+
+class BatchReads:
+    """``read_batches`` and ``read_table`` of a live reader, over its ``read()`` (items with
+    ``stream`` and ``batch``) and ``_schema_of(stream)`` (the stream's schema when nothing of
+    it was read; UnknownStreamError for a stream there is none of): the remote readers of
+    Flight and JetStream."""
+
+    def read(self, max_records: int | None = None, timeout: float = 0.0) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def _schema_of(self, stream: str) -> pa.Schema:
+        raise NotImplementedError
+
+    def read_batches(
+        self, max_records: int | None = None, timeout: float = 0.0
+    ) -> list[tuple[str, pa.RecordBatch]]:
+        """``(stream name, RecordBatch)`` pairs received so far, like ``RingReader.read_batches``."""
+        return [(b.stream, b.batch) for b in self.read(max_records, timeout)]
+
+    def read_table(self, stream: str, max_records: int | None = None, timeout: float = 0.0) -> pa.Table:
+        """The batches of `stream` received so far as one table (empty, of its schema, if
+        none; batches on both sides of a schema change promoted to one schema); batches of
+        other streams read meanwhile are dropped (use a reader per stream). Raises
+        UnknownStreamError for a stream there is none of."""
+        batches = [b for name, b in self.read_batches(max_records, timeout) if name == stream]
+        if batches:
+            if all(b.schema.equals(batches[0].schema) for b in batches):
+                return pa.Table.from_batches(batches)
+            tables = [pa.Table.from_batches([b]) for b in batches]
+            return pa.concat_tables(tables, promote_options="default")
+        return pa.Table.from_batches([empty_batch(self._schema_of(stream))])

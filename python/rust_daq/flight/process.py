@@ -27,6 +27,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -329,10 +330,19 @@ def _remove_stale(base: str) -> None:
                 pid = int(f.read().strip())
         except (OSError, ValueError):
             continue  # no pid yet (a daemon starting now), or not ours
-        if pid <= 0 or _alive(pid):
-            continue
+        if pid <= 0 or _alive(pid) or _listening(os.path.join(entry.path, _SOCKET_NAME)):
+            continue  # (a daemon whose pid this namespace does not see still answers)
         shutil.rmtree(entry.path, ignore_errors=True)
         log.info("removed %s, left by daemon %d (killed)", entry.path, pid)
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def _alive(pid: int) -> bool:

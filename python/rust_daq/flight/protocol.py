@@ -209,8 +209,18 @@ class BatchMeta:
         )
 
     def each(self, num_rows: int) -> list[RecordMeta]:
-        """The records of a batch of `num_rows` rows this metadata came with."""
+        """The records of a batch of `num_rows` rows this metadata came with. Raises
+        ValueError if `records` does not add up to them."""
         if self.records is not None:
+            rows = [r.rows for r in self.records]
+            if (
+                not self.records
+                or any(not isinstance(n, int) or n < 0 for n in rows)
+                or sum(rows) != num_rows
+            ):
+                raise ValueError(
+                    f"the batch metadata's records ({rows[:8]}...) do not add up to its {num_rows} rows"
+                )
             return self.records
         return [RecordMeta(self.seq, self.stream_seq, self.timestamp_ns, num_rows, self.rows_before)]
 

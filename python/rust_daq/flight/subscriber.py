@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .._errors import RemoteError, UnknownStreamError
-from .._records import LossAccount, LossTotals
+from .._records import BatchReads, LossAccount, LossTotals
 from . import protocol
 from .protocol import BatchMeta, error_info, ticket
 
@@ -59,7 +59,7 @@ class RemoteBatch:
     lost_rows: int | None
 
 
-class RemoteReader(LossTotals):
+class RemoteReader(LossTotals, BatchReads):
     """A live subscription to a daemon's streams, with the API of ``RingReader``:
     :meth:`read` (records with their sequence numbers), :meth:`read_batches`,
     :meth:`read_table`. One thread per stream receives batches into a buffer of at most
@@ -199,15 +199,30 @@ class RemoteReader(LossTotals):
                 if code == protocol.BAD_REQUEST and coalesce is not None and not received:
                     coalesce = None  # a daemon older than coalesce_ms: a record a message
                     continue
-                with self._cond:
-                    self._error = remote_error(e, f"stream {name!r}")
-                    self._ended.add(name)
-                    self._cond.notify_all()
+                self._fail(name, remote_error(e, f"stream {name!r}"))
+                return
+            except (ValueError, KeyError, TypeError, pa.ArrowException) as e:
+                # A batch or its metadata this client cannot read (a daemon of another
+                # release, a bug): the stream ends with an error that says so, never a
+                # receiving thread that dies and leaves the reader waiting for ever.
+                self._fail(
+                    name,
+                    RemoteError(
+                        f"stream {name!r}: the daemon sent a batch this client cannot read "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                    ),
+                )
                 return
             with self._cond:  # the daemon stopped: everything it wrote was received
                 self._ended.add(name)
                 self._cond.notify_all()
             return
+
+    def _fail(self, name: str, error: RemoteError) -> None:
+        with self._cond:
+            self._error = error
+            self._ended.add(name)
+            self._cond.notify_all()
 
     # -- the reader API -------------------------------------------------------------------------
 
@@ -239,22 +254,11 @@ class RemoteReader(LossTotals):
                 raise err
         return out
 
-    def read_batches(
-        self, max_records: int | None = None, timeout: float = 0.0
-    ) -> list[tuple[str, pa.RecordBatch]]:
-        """``(stream name, RecordBatch)`` pairs received so far, like ``RingReader.read_batches``."""
-        return [(b.stream, b.batch) for b in self.read(max_records, timeout)]
-
-    def read_table(self, stream: str, max_records: int | None = None, timeout: float = 0.0) -> pa.Table:
-        """The batches of `stream` received so far as one table; batches of other streams read
-        meanwhile are dropped (use a reader per stream), like ``RingReader.read_table``."""
-        batches = [b for name, b in self.read_batches(max_records, timeout) if name == stream]
-        if batches:
-            return pa.Table.from_batches(batches)
+    def _schema_of(self, stream: str) -> pa.Schema:
         schemas = self.daq.streams()
         if stream not in schemas:
             raise UnknownStreamError(f"unknown stream {stream!r}; the daemon's streams: {', '.join(schemas)}")
-        return schemas[stream].empty_table()
+        return schemas[stream]
 
     def __iter__(self) -> Iterator[RemoteBatch]:
         """Every batch until the daemon stops (its streams end)."""

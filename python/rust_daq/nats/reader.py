@@ -36,9 +36,8 @@ from typing import Any, Literal, Self, TypeVar
 
 import pyarrow as pa
 
-from .._arrow import empty_batch
 from .._errors import JetStreamError, UnknownStreamError
-from .._records import LossTotals, names_decode
+from .._records import BatchReads, LossTotals, names_decode
 from . import protocol
 from ._consumer import Consumer, Losses, subjects_of, transient
 from ._loop import LoopThread
@@ -283,7 +282,7 @@ class JetStreamDaq:
         return f"<JetStreamDaq {self.url} stream {self.stream}{' closed' if self._closed else ''}>"
 
 
-class JetStreamReader(LossTotals):
+class JetStreamReader(LossTotals, BatchReads):
     """A live reader of a prefix's streams (see :meth:`JetStreamDaq.reader`), with the API of
     ``RingReader`` and ``RemoteReader``: :meth:`read` (batches with their sequence numbers),
     :meth:`read_batches`, :meth:`read_table`, the loss counters, iteration."""
@@ -397,22 +396,7 @@ class JetStreamReader(LossTotals):
                 raise err
         return out
 
-    def read_batches(
-        self, max_records: int | None = None, timeout: float = 0.0
-    ) -> list[tuple[str, pa.RecordBatch]]:
-        """``(stream name, RecordBatch)`` pairs received so far, like ``RingReader.read_batches``."""
-        return [(b.stream, b.batch) for b in self.read(max_records, timeout)]
-
-    def read_table(self, stream: str, max_records: int | None = None, timeout: float = 0.0) -> pa.Table:
-        """The batches of `stream` received so far as one table (of its schema, empty if none);
-        batches of other streams read meanwhile are dropped (use a reader per stream).
-        Raises UnknownStreamError for a stream that has no record."""
-        batches = [b for name, b in self.read_batches(max_records, timeout) if name == stream]
-        if batches:
-            if all(b.schema.equals(batches[0].schema) for b in batches):
-                return pa.Table.from_batches(batches)
-            tables = [pa.Table.from_batches([b]) for b in batches]
-            return pa.concat_tables(tables, promote_options="default")
+    def _schema_of(self, stream: str) -> pa.Schema:
         with self._cond:
             schema = self._schemas.get(stream)
         if schema is None:
@@ -422,7 +406,7 @@ class JetStreamReader(LossTotals):
                     f"unknown stream {stream!r}; the streams: {', '.join(known) or 'none'}"
                 )
             schema = known[stream]
-        return pa.Table.from_batches([empty_batch(schema)])
+        return schema
 
     def __iter__(self) -> Iterator[JetStreamBatch]:
         """Every batch, as it arrives, until the reader is closed (JetStream streams do not end)."""
