@@ -582,3 +582,93 @@ def _sent(seq: int, batch: pa.RecordBatch, size: int) -> object:
     from rust_daq.flight.subscription import _Sent
 
     return _Sent(seq, seq, 0, batch, None, size)
+
+
+@pytest.mark.timeout(180)
+def test_lapped_subscribers_sharing_decoded_records_get_each_record_right_or_count_it_lost(
+    running: object,
+) -> None:
+    """Two streams of 2 kB records through the daemon's 1 MiB ring, seven subscriptions at
+    once: fast and slow (lapped), coalescing or not, all sharing decoded copies. Each gets
+    its own stream's records only, every value its own, none twice, in order; what it missed
+    is exactly what its lost_records says, and rows_before is each record's."""
+    d = running
+    n = 3000
+    schema = pa.schema([("stream", pa.string()), ("v", pa.int64()), ("pad", pa.string())])
+
+    def record(name: str, v: int) -> pa.RecordBatch:
+        return pa.record_batch(
+            [pa.array([name] * 2), pa.array([v, v]), pa.array(["p" * 2000, "x"])], schema=schema
+        )
+
+    for name in ("a", "b"):
+        d.put(name, record(name, -1))  # type: ignore[attr-defined]
+    subs = [
+        ("a", None, 0.0),
+        ("a", 0, 0.0),
+        ("a", 5, 0.0),
+        ("a", 0, 0.01),
+        ("a", None, 0.002),
+        ("b", 0, 0.0),
+        ("b", 20, 0.05),
+    ]
+    results: dict[int, list[tuple[int, int, list[str], list[int], int | None, int]]] = {}
+
+    def subscribe(i: int, name: str, coalesce: float | None, slow: float) -> None:
+        body: dict[str, object] = {"stream": name, "start": "oldest"}
+        if coalesce is not None:
+            body["coalesce_ms"] = coalesce
+        call = fl.connect(d.url).do_get(fl.Ticket(json.dumps(body).encode()), _options(d))  # type: ignore[attr-defined]
+        got = results[i] = []
+        while not got or got[-1][1] < n + 1:  # (the end marker's)
+            chunk = call.read_chunk()
+            meta, offset = BatchMeta.decode(chunk.app_metadata), 0
+            for r in meta.each(chunk.data.num_rows):
+                part = chunk.data.slice(offset, r.rows)
+                offset += r.rows
+                got.append(
+                    (
+                        r.seq,
+                        r.stream_seq,
+                        part.column("stream").to_pylist(),
+                        part.column("v").to_pylist(),
+                        r.rows_before,
+                        meta.lost_records,
+                    )
+                )
+            time.sleep(slow)
+        call.cancel()
+
+    readers = [threading.Thread(target=subscribe, args=(i, *s)) for i, s in enumerate(subs)]
+    for t in readers:
+        t.start()
+    time.sleep(0.5)
+
+    def produce(name: str) -> None:
+        for v in range(n):
+            d.put(name, record(name, v))  # type: ignore[attr-defined]
+
+    producers = [threading.Thread(target=produce, args=(name,)) for name in ("a", "b")]
+    for t in producers:
+        t.start()
+    for t in producers:
+        t.join()
+    # An end marker each, once nothing else is written: a subscriber lapped past a stream's
+    # last record (by the other stream's) would wait for it for ever.
+    for name in ("a", "b"):
+        d.put(name, record(name, n))  # type: ignore[attr-defined]
+    for t in readers:
+        t.join(timeout=120)
+    lapped = 0
+    for i, (name, _, _) in enumerate(subs):
+        got = results[i]
+        stream_seqs = [g[1] for g in got]
+        assert stream_seqs[0] == 0 and stream_seqs[-1] == n + 1, i
+        assert all(g[2] == [name] * 2 and g[3] == [g[1] - 1] * 2 for g in got), f"{i}: a value not its own"
+        assert stream_seqs == sorted(set(stream_seqs)), f"{i}: twice or out of order"
+        assert [g[0] for g in got] == sorted({g[0] for g in got})
+        missed = n + 2 - len(got)
+        assert got[-1][5] == missed, f"{i}: lost_records says {got[-1][5]}, {missed} missed"
+        assert all(g[4] is None or g[4] == 2 * g[1] for g in got), f"{i}: rows_before"
+        lapped += missed > 0
+    assert lapped >= 1, "the slow subscribers were lapped (what the test is for)"
