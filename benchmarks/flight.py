@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -236,8 +238,15 @@ def run(quick: bool, reps: int) -> dict[str, Any]:
             server.kill()
     seconds = 3.0 if quick else 10.0
     loops = [
-        loop_with_subscribers(n, seconds, rt, c)
-        for n, rt, c in ((0, False, 0), (50, False, None), (50, False, 0), (50, False, 20), (50, True, 0))
+        loop_with_subscribers(n, seconds, rt, c, cpus)
+        for n, rt, c, cpus in (
+            (0, False, 0, None),
+            (50, False, None, None),
+            (50, False, 0, None),
+            (50, False, 20, None),
+            (50, False, 0, off_loop_cpus()),
+            (50, True, 0, None),
+        )
     ]
     return {
         "loop_with_subscribers": loops,
@@ -285,6 +294,7 @@ def tables(res: dict[str, Any]) -> list[Table]:
             [
                 "subscribers",
                 "records a message",
+                "subscribers' CPUs",
                 "loop",
                 "reads",
                 "rows each subscriber got (min)",
@@ -297,6 +307,7 @@ def tables(res: dict[str, Any]) -> list[Table]:
                 [
                     str(x["subscribers"]),
                     _per_message(x) if x["subscribers"] else "",
+                    _cpus(x.get("subscriber_cpus")) if x["subscribers"] else "",
                     "SCHED_FIFO"
                     if str(x.get("sched_fifo", "")).startswith("applied")
                     else (f"normal ({x['sched_fifo']})" if x.get("asked_realtime") else "normal"),
@@ -312,15 +323,21 @@ def tables(res: dict[str, Any]) -> list[Table]:
                 "them), those that piled up (`coalesce_ms=0`, the client's default), or also those within "
                 "20 ms of the first (`coalesce_ms=20`, a live display's 50 Hz); the reader gives each "
                 "record on its own either way. "
-                "Each subscriber a `rust_daq.remote` reader of the voltmeter stream in another process. The "
-                "daemon serves Flight from a process of its own (`rust_daq.flight.process`): subscriptions "
-                "read the ring, decode and send there, at nice 10; the loop's process only produces. The "
-                "subscribers' own process (here on the same 2 cores, as it would not be on a beamline) still "
-                "takes CPU time from a loop at normal priority; `[acquisition] realtime = true` "
+                "The 50 subscribers: `rust_daq.remote` readers of the voltmeter stream in one process of "
+                "their own. The daemon serves Flight from a process of its own (`rust_daq.flight.process`): "
+                "subscriptions read the ring, decode and send there, at nice 19, and off the CPU the loop "
+                "keeps busy (`Acquisition.loop_cpu`: the last); the loop's process only produces. "
+                "Subscribers' CPUs: any (the subscribers' process shares both cores with the loop, as it "
+                "would not on a beamline, and takes CPU time from a loop at normal priority), or all but "
+                "the loop's (what subscribers on other hosts leave it). `[acquisition] realtime = true` "
                 "(SCHED_FIFO) gives the loop the CPU first, whatever runs beside it."
             ],
         ),
     ]
+
+
+def _cpus(cpus: list[int] | None) -> str:
+    return "any" if not cpus else ",".join(map(str, cpus))
 
 
 def _per_message(x: dict[str, Any]) -> str:
@@ -347,49 +364,95 @@ def _daemon_loop(ring_path: str, seconds: float, realtime: bool, ready: Any, res
     stats = d.run(on_ready=lambda dm: ready.put(dm.url))
     v = stats["streams"]["voltmeter"]
     sched = (stats.get("realtime") or {}).get("sched_fifo", "not asked")
-    result.put({"missed": v["deadlines_missed"], "reads": v["reads"], **v["jitter_us"], "sched_fifo": sched})
+    result.put(
+        {
+            "missed": v["deadlines_missed"],
+            "reads": v["reads"],
+            **v["jitter_us"],
+            "sched_fifo": sched,
+            "flight_cpus": d.flight.cpus,
+        }
+    )
+
+
+@contextmanager
+def _on_cpus(cpus: list[int] | None) -> Iterator[None]:
+    """This thread on `cpus` (if given) meanwhile: what it starts inherits them."""
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _subscribe(url: str, n: int, coalesce_ms: float | None, result: Any) -> None:
+    """`n` ``rust_daq.remote`` readers of the voltmeter from its latest record, each read
+    until its stream ends; reports the rows each got."""
+    received = [0] * n
+    daq = rust_daq.remote.connect(url)
+    appears = time.monotonic() + 30
+    while "voltmeter" not in daq.streams() and time.monotonic() < appears:
+        time.sleep(0.01)  # (a stream exists from its first record on)
+    readers = [daq.reader("voltmeter", "latest", coalesce_ms=coalesce_ms) for _ in range(n)]
+    deadline = time.monotonic() + 600
+    live = set(range(n))
+    while live and time.monotonic() < deadline:
+        for i in list(live):
+            try:
+                received[i] += sum(b.num_rows for _, b in readers[i].read_batches(timeout=0.0))
+            except rust_daq.remote.RemoteError:  # cut at the daemon's exit (behind by > 15 s)
+                live.discard(i)
+            if readers[i].ended:
+                live.discard(i)
+        time.sleep(0.01)
+    for r in readers:
+        r.close()
+    daq.close()
+    result.put(received)
+
+
+def off_loop_cpus() -> list[int] | None:
+    """The CPUs but the one a daemon's spinning loop keeps busy (the last: ``loop_cpu``), for
+    subscribers that leave the loop's CPU alone, as those on other hosts do; None with one CPU."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[:-1] if len(allowed) > 1 else None
 
 
 def loop_with_subscribers(
-    subscribers: int, seconds: float, realtime: bool = False, coalesce_ms: float | None = 0
+    subscribers: int,
+    seconds: float,
+    realtime: bool = False,
+    coalesce_ms: float | None = 0,
+    cpus: list[int] | None = None,
 ) -> dict[str, Any]:
     """Case 6 beside Flight: the daemon's loop with `subscribers` live subscriptions (each a
     ``rust_daq.remote`` reader of the voltmeter, receiving every record, sent as the
-    subscription's `coalesce_ms` says), its loop under SCHED_FIFO if `realtime` (and
-    permitted)."""
+    subscription's `coalesce_ms` says, in a process of their own, on `cpus` if given), its
+    loop under SCHED_FIFO if `realtime` (and permitted)."""
     ring_path = shm_path("subs")
-    ready, result = CTX.Queue(), CTX.Queue()
+    ready, result, got = CTX.Queue(), CTX.Queue(), CTX.Queue()
     server = CTX.Process(target=_daemon_loop, args=(ring_path, seconds, realtime, ready, result), daemon=True)
     server.start()
-    received = [0] * subscribers
+    client = None
     try:
         url = _wait_for(ready, server, 120)
-        daq = rust_daq.remote.connect(url)
-        appears = time.monotonic() + 30
-        while "voltmeter" not in daq.streams() and time.monotonic() < appears:
-            time.sleep(0.01)  # (a stream exists from its first record on)
-        readers = [daq.reader("voltmeter", "latest", coalesce_ms=coalesce_ms) for _ in range(subscribers)]
-        deadline = time.monotonic() + seconds + 60
-        live = set(range(subscribers))
-        while live and time.monotonic() < deadline:
-            for i in list(live):
-                try:
-                    received[i] += sum(b.num_rows for _, b in readers[i].read_batches(timeout=0.0))
-                except rust_daq.remote.RemoteError:  # cut at the daemon's exit (behind by > 15 s)
-                    live.discard(i)
-                if readers[i].ended:
-                    live.discard(i)
-            time.sleep(0.01)
-        for r in readers:
-            r.close()
-        daq.close()
-        out: dict[str, Any] = result.get(timeout=60)
+        if subscribers:
+            client = CTX.Process(target=_subscribe, args=(url, subscribers, coalesce_ms, got), daemon=True)
+            with _on_cpus(cpus):  # (from its start: the pools it sizes at import see them)
+                client.start()
+        out: dict[str, Any] = result.get(timeout=seconds + 120)
+        received: list[int] = got.get(timeout=120) if client is not None else []
     finally:
-        server.join(timeout=60)
-        if server.is_alive():
-            server.kill()
+        for p in (client, server):
+            if p is not None:
+                p.join(timeout=60)
+                if p.is_alive():
+                    p.kill()
     out["subscribers"] = subscribers
     out["coalesce_ms"] = coalesce_ms
     out["asked_realtime"] = realtime
+    out["subscriber_cpus"] = cpus
     out["rows_received_min"] = min(received) if received else 0
     return out

@@ -286,3 +286,48 @@ def test_a_transport_error_forwarded_to_a_client_does_not_say_where_the_daemon_l
     assert said.code == INTERNAL and "rust-daq-flight-" not in str(e.value) and "/tmp" not in str(e.value)
     assert said.message.startswith("status: the daemon's acquisition process did not answer (")
     assert "<the daemon's socket>" in said.message
+
+
+def _threads(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("instruments", [True, False], ids=["a 500 Hz loop", "no acquisition"])
+def test_the_flight_process_runs_at_the_lowest_priority_and_off_the_cpu_the_loop_keeps_busy(
+    tmp_path: Path, instruments: bool
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    # The daemon's voltmeter (500 Hz) spins to its deadlines on the last CPU: the Flight
+    # process keeps off it. Without an acquisition it may use every CPU.
+    expected = allowed[:-1] if instruments and len(allowed) > 1 else allowed
+    with daemon(str(config(tmp_path, instruments=instruments)), streams=2 if instruments else 0) as (url, p):
+        with rust_daq.remote.connect(url) as daq:
+            flight = daq.status()["flight"]
+        assert flight["cpus"] == expected
+        pid = flight["pid"]
+        # Every thread of it, gRPC's included (they inherit what the process set at its start).
+        threads = _threads(pid)
+        assert len(threads) > 1
+        for tid in threads:
+            assert sorted(os.sched_getaffinity(tid)) == expected, f"thread {tid}"
+            assert os.getpriority(os.PRIO_PROCESS, tid) == 19, f"thread {tid}"
+        # The daemon's own threads are left as they were.
+        assert os.getpriority(os.PRIO_PROCESS, p.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+        # Started again after a crash: the same.
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with rust_daq.remote.connect(url) as daq:
+                    again = daq.status()["flight"]
+                if again["pid"] != pid:
+                    break
+            except RemoteError:
+                pass
+            assert time.monotonic() < deadline, "the Flight process was not started again"
+            time.sleep(0.2)
+        assert again["cpus"] == expected
+        for tid in _threads(again["pid"]):
+            assert sorted(os.sched_getaffinity(tid)) == expected
+            assert os.getpriority(os.PRIO_PROCESS, tid) == 19

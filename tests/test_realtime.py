@@ -157,3 +157,28 @@ def test_memory_locked_before_is_left_to_whoever_locked_it() -> None:
         assert locked > 0  # still ours: restore did not unlock it
     finally:
         libc.munlockall()
+
+
+@linux
+def test_the_cpu_a_loop_keeps_busy_is_the_one_a_realtime_run_pins_it_to(ring_path: str) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("one CPU: the loop keeps none to itself")
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring:
+        fast, slow = SimulatedVoltmeter(rate_hz=1000, seed=1), SimulatedVoltmeter(rate_hz=10, seed=1)
+        # A loop that spins to its deadlines takes the last CPU; one that sleeps takes none.
+        assert Acquisition(ring, [fast]).loop_cpu() == allowed[-1]
+        assert Acquisition(ring, [slow]).loop_cpu() is None
+        assert Acquisition(ring, [slow], precise=True).loop_cpu() == allowed[-1]
+        assert Acquisition(ring, [fast], precise=False).loop_cpu() is None
+        # A realtime run's thread is pinned, also at 10 Hz: to the CPU asked for, or the last.
+        asked = Acquisition(ring, [slow], realtime=RealtimeSettings(cpu=allowed[0]))
+        assert asked.loop_cpu() == allowed[0]
+        acq = Acquisition(ring, [slow], realtime=True)
+        assert acq.realtime is not None
+        try:
+            apply(acq.realtime)
+            assert acq.realtime.report["affinity"] == f"applied (CPU {acq.loop_cpu()})"
+        finally:
+            restore(acq.realtime)
+    assert sorted(os.sched_getaffinity(0)) == allowed

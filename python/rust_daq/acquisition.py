@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -386,7 +387,7 @@ class Acquisition:
         inst = st.instrument
         assert isinstance(inst, PolledInstrument)
         period = 1.0 / inst.rate_hz
-        precise = inst.rate_hz >= _PRECISE_HZ if self.precise is None else self.precise
+        precise = self._precise(inst)
         start = time.perf_counter()
         k = 0
         done = 0
@@ -449,6 +450,36 @@ class Acquisition:
         st.bytes += batch.nbytes
         st.pending.clear()
         st.pending_rows = st.pending_bytes = 0
+
+    def loop_cpu(self) -> int | None:
+        """The CPU this acquisition's loop keeps busy while it runs, for its owner to keep its
+        other processes off (the daemon's Flight process): the CPU a real-time run pins its
+        thread to, or, for a loop that spins to its deadlines (a precise polled instrument),
+        the one it would be pinned to (the last this process may use). None when the loop
+        leaves its CPU free between reads, or this process may use only one CPU.
+
+        On 2 cores, with 50 subscribers whose own process kept off the loop's CPU (as those
+        on other hosts do), the daemon's Flight process at nice 19 on any CPU cost a 1 kHz
+        loop at normal priority 13 to 1,856 missed deadlines in 8 s; kept off the loop's
+        CPU, 0 to 18 (benchmarks/flight.py)."""
+        if not hasattr(os, "sched_getaffinity"):
+            return None
+        rt = self.realtime
+        allowed = rt.allowed() if rt is not None else sorted(os.sched_getaffinity(0))
+        if len(allowed) < 2:
+            return None
+        if rt is not None:  # (the CPU apply() pins the thread to, unless it refuses)
+            cpu = allowed[-1] if rt.cpu is None else rt.cpu
+            if cpu in allowed:
+                return cpu
+        for st in self._streams.values():
+            if st.polled and self._precise(st.instrument):
+                return allowed[-1]
+        return None
+
+    def _precise(self, inst: Instrument) -> bool:
+        rate = getattr(inst, "rate_hz", 0.0)
+        return rate >= _PRECISE_HZ if self.precise is None else self.precise
 
     def rows(self) -> dict[str, int]:
         """Rows written so far per stream (cheap: for frequent polling, unlike :meth:`stats`)."""

@@ -138,6 +138,7 @@ class Daemon:
                 daemon_location=internal,
                 daemon_token=internal_token,
                 socket_dir=self._socket_dir,
+                cpus=self.flight_cpus(),
             )
             if self._own_token:
                 try:
@@ -154,6 +155,13 @@ class Daemon:
             self.runner.close()
             raise
         self.url = f"{scheme}://{shown}:{flight.port}"
+
+    def flight_cpus(self) -> list[int]:
+        """The CPUs the Flight process runs on: those this process may use, but the one the
+        acquisition's loop keeps busy (:meth:`Acquisition.loop_cpu`), if it keeps one."""
+        allowed = sorted(os.sched_getaffinity(0))
+        cpu = self.acq.loop_cpu() if self.acq is not None else None
+        return [c for c in allowed if c != cpu]
 
     # -- what the Flight service calls ------------------------------------------------------------
 
@@ -204,7 +212,7 @@ class Daemon:
         return {
             "url": self.url,
             "uptime_s": time.time() - self.runner.started,
-            "flight": {"pid": self.flight.pid, "restarts": self.flight.restarts},
+            "flight": {"pid": self.flight.pid, "restarts": self.flight.restarts, "cpus": self.flight.cpus},
             "streams": streams,
             "ring": {
                 "path": rs["path"],
