@@ -76,7 +76,7 @@ from .._records import DECODE_ERRORS, LossAccount, RecordDecoder, SchemaTable
 from .._ring import RingBuffer
 from . import progress, quarantine
 from .batches import BatchesLayout
-from .columns import pieces_of
+from .columns import Plan, pieces_of, plan_of
 from .file import allocate, clear_consistency_flags, compression_filters, hdf5_name
 from .layouts import ENTRY_NAMES, AppendLayout, FileLayout, Item, StreamBook
 from .open import OutputFile
@@ -210,6 +210,7 @@ class HDF5Writer:
         only = self._only
         self._wanted = None if only is None else (lambda info: info.name in only)
         self._losses = LossAccount()  # the books' StreamLoss objects, by stream name
+        self._plans: dict[int, tuple[StreamInfo, Plan]] = {}  # id(info) -> its schema's plan
         self._lock = threading.Lock()  # one flush at a time (run() and flush_to_disk())
         self._closed = False
         self._in_run = False  # run() delivers on_flush on its event loop
@@ -591,9 +592,17 @@ class HDF5Writer:
         if batch is None or info is None:  # (its schema is unknown, or it does not decode)
             return info, d.error or "does not decode"
         try:
-            return Item(pieces_of(batch), batch.num_rows, rec, info)
+            return Item(pieces_of(batch, self._plan(info)), batch.num_rows, rec, info)
         except Exception as e:  # a batch that contradicts its schema
             return info, f"cannot be converted for HDF5: {type(e).__name__}: {e}"
+
+    def _plan(self, info: StreamInfo) -> Plan:
+        """What the pieces of `info`'s batches are, as far as its schema decides (once per
+        schema-table entry: the entry kept with it, so that its id names it alone)."""
+        hit = self._plans.get(id(info))
+        if hit is None or hit[0] is not info:
+            hit = self._plans[id(info)] = (info, plan_of(info.schema))
+        return hit[1]
 
     def _cost(
         self, rec: Any, sorted_: Item | tuple[StreamInfo | None, str], pass_rows: dict[str, int]
