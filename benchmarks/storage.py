@@ -360,7 +360,7 @@ def tables(res: dict[str, Any]) -> list[Table]:
             "Read jitter: how late each read started against its absolute deadline (a read more than a "
             "period late is a missed deadline, its slot skipped). The default loop spins the last 1.5 ms "
             "to each deadline; `realtime=True` runs it under SCHED_FIFO, pinned, pages locked, sleeping "
-            "in the kernel to 500 µs before each deadline and spinning from there"
+            "in the kernel to 800 µs before each deadline (at most 80 % of the period) and spinning from there"
             + (
                 f" ({', '.join(f'{k} {v}' for k, v in rt['realtime'].items())})."
                 if rt and rt.get("realtime")

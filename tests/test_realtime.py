@@ -182,3 +182,14 @@ def test_the_cpu_a_loop_keeps_busy_is_the_one_a_realtime_run_pins_it_to(ring_pat
         finally:
             restore(acq.realtime)
     assert sorted(os.sched_getaffinity(0)) == allowed
+
+
+def test_a_realtime_loop_sleeps_a_fifth_of_each_period_at_least() -> None:
+    from rust_daq.acquisition import rt_spin_ns
+
+    # Below the kernel's real-time throttle (95 % of each second) at any rate: a thread that
+    # spins through its whole period loses 50 ms of every second to it.
+    assert rt_spin_ns(1e-3) == 800_000
+    assert rt_spin_ns(1 / 2000) == 400_000
+    assert rt_spin_ns(1 / 10_000) == 80_000
+    assert rt_spin_ns(0.1) == 800_000  # (slow schedules: 800 µs, then spin)

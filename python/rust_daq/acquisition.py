@@ -63,10 +63,19 @@ __all__ = ["Acquisition", "RowIndex", "RowTableReader"]
 _SAMPLES = 1 << 17  # latency/jitter samples kept (a ring of the most recent)
 _PRECISE_HZ = 200.0  # precise=None: spin to the deadline at this rate and above
 # realtime: sleeps of at most this long (ns) between the loop's other tasks, and the spin
-# before a deadline: a SCHED_FIFO thread's wake-up took 45 µs typically and up to 900 µs on
-# this VM; spinning half of each 1 ms stays below the kernel's real-time throttle (95 %)
-# (while it sleeps, the loop's other tasks wait: at most a slice)
-_RT_SLICE, _RT_SPIN = 100_000, 500_000
+# before a deadline (at most _RT_SPIN_SHARE of the period): a SCHED_FIFO thread's wake-up
+# took 45 µs typically and up to 900 µs on this VM, and a vCPU woken from a sleep is
+# sometimes late by more (the host's), which a spinning one never is. Spinning 800 µs of
+# each 1 ms, five runs of case 6 missed 0, 0, 7, 1 and 0 deadlines in 30 s; spinning 500,
+# 21, 10, 2, 6 and 1. 80 % stays below the kernel's real-time throttle (95 % of each
+# second). (While it sleeps, the loop's other tasks wait: at most a slice.)
+_RT_SLICE, _RT_SPIN, _RT_SPIN_SHARE = 100_000, 800_000, 0.8
+
+
+def rt_spin_ns(period: float) -> int:
+    """How long (ns) a real-time loop spins before each deadline of a `period` s schedule."""
+    return min(_RT_SPIN, int(period * _RT_SPIN_SHARE * 1e9))
+
 
 _gc_lock = threading.Lock()
 _gc_holders = 0  # acquisitions running with freeze_gc
@@ -360,7 +369,7 @@ class Acquisition:
         if self._stop is not None:
             self._stop.set()
 
-    async def _sleep_until(self, deadline: float, precise: bool) -> None:
+    async def _sleep_until(self, deadline: float, precise: bool, period: float) -> None:
         delay = deadline - time.perf_counter()
         if not precise:
             if delay > 0:
@@ -371,14 +380,15 @@ class Acquisition:
         if self._fifo:
             # Under SCHED_FIFO a thread that spins all the time loses 50 ms of each second to
             # the kernel's real-time throttle: sleep in the kernel (GIL released; in slices,
-            # the loop's other tasks between them) to _RT_SPIN before the deadline, then spin
+            # the loop's other tasks between them) to the spin before the deadline, then spin
             # as below. A late wake-up then costs nothing.
             end = int(deadline * 1e9)
+            spin = rt_spin_ns(period)
             while True:
                 left = end - time.perf_counter_ns()
-                if left <= _RT_SPIN:
+                if left <= spin:
                     break
-                sleep_until(time.perf_counter_ns() + min(left - _RT_SPIN, _RT_SLICE), 0)
+                sleep_until(time.perf_counter_ns() + min(left - spin, _RT_SLICE), 0)
                 await anyio.lowlevel.checkpoint()
         while time.perf_counter() < deadline:
             await anyio.lowlevel.checkpoint()
@@ -393,7 +403,7 @@ class Acquisition:
         done = 0
         while reads is None or done < reads:
             deadline = start + k * period
-            await self._sleep_until(deadline, precise)
+            await self._sleep_until(deadline, precise, period)
             late = time.perf_counter() - deadline
             if late > period:  # slots passed while we were busy: skip them, count them
                 skipped = int(late // period)
