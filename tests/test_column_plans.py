@@ -4,6 +4,9 @@ pieces the general path gives (values, dtype, validity, signature, attributes)."
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -126,3 +129,46 @@ def test_a_planned_piece_owns_its_attributes() -> None:
     first, second = pieces_of(b, plan)[0], pieces_of(b, plan)[0]
     first.attrs["units"] = "changed"
     assert second.attrs["units"] == "mV" and pieces_of(b, plan)[0].attrs["units"] == "mV"
+
+
+def test_the_writer_plans_each_schema_once_and_writes_the_same_values(
+    ring_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import h5py
+
+    import rust_daq.hdf5.writer as writer_module
+    from rust_daq import HDF5Writer, RingBuffer
+
+    planned: list[pa.Schema] = []
+
+    def counting(schema: pa.Schema) -> Any:
+        planned.append(schema)
+        return plan_of(schema)
+
+    monkeypatch.setattr(writer_module, "plan_of", counting)
+    schema = pa.schema([pa.field("t", pa.timestamp("ns")), pa.field("v", pa.float64(), metadata=MD)])
+    out = tmp_path / "planned.h5"
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring:
+        w = HDF5Writer(str(out), ring, swmr=False)
+        for k in range(40):
+            for name in ("a", "b"):
+                t = pa.array(np.arange(k * 5, k * 5 + 5), pa.timestamp("ns"))
+                v = pa.array(
+                    np.arange(k * 5, k * 5 + 5) / 4, mask=np.arange(5) == k % 5 if k % 3 == 0 else None
+                )
+                ring.write_arrow_batch(pa.record_batch([t, v], schema=schema), name)
+            if k % 10 == 9:
+                w.flush_to_disk()
+        w.close()
+    # One plan per schema-table entry (a stream's schema), not one per record.
+    assert len(planned) == 2 and all(s.equals(schema) for s in planned)
+    with h5py.File(out) as f:
+        for name in ("a", "b"):
+            g = f[f"measurements/{name}"]
+            v, valid = g["v"][()], g["v__valid"][()]
+            assert v.shape == (200,) and g["t"].shape == (200,)
+            assert g["v"].attrs["units"] == "mV"
+            expect_valid = np.array([not (k % 3 == 0 and i == k % 5) for k in range(40) for i in range(5)])
+            np.testing.assert_array_equal(valid.astype(bool), expect_valid)
+            np.testing.assert_array_equal(v[expect_valid], (np.arange(200) / 4)[expect_valid])
+            assert np.isnan(v[~expect_valid]).all()

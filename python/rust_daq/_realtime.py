@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import cast
 
-__all__ = ["RealtimeSettings", "apply", "confine", "restore"]
+__all__ = ["RealtimeSettings", "apply", "restore"]
 
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30
 _MCL_CURRENT = 1
@@ -155,22 +155,3 @@ def restore(s: RealtimeSettings) -> None:
             s.report["affinity"] += f"; not undone: {e.strerror or e}"
     if prev.pop("mlock", False) and libc is not None:
         libc.munlockall()
-
-
-def confine(cpus: list[int] | None = None, nice: int | None = None) -> None:
-    """Every thread of this process on `cpus`, at nice `nice` (or its own, if higher), now.
-    Linux keeps both per thread and a new thread inherits them from the one that starts it:
-    set for the calling thread alone, they miss the threads that imports started already (in
-    the Flight process two, pyarrow's and gRPC's, stayed on every CPU at nice 0). (A thread
-    that exits as this runs is skipped.)"""
-    if not sys.platform.startswith("linux"):
-        return
-    for name in os.listdir("/proc/self/task"):
-        tid = int(name)
-        try:
-            if cpus:
-                os.sched_setaffinity(tid, cpus)
-            if nice is not None and os.getpriority(os.PRIO_PROCESS, tid) < nice:
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
-        except ProcessLookupError:
-            pass

@@ -468,30 +468,36 @@ class Acquisition:
         st.pending.clear()
         st.pending_rows = st.pending_bytes = 0
 
-    def loop_cpu(self) -> int | None:
+    def loop_cpu(self, allowed: Sequence[int] | None = None) -> int | None:
         """The CPU this acquisition's loop keeps busy while it runs, for its owner to keep its
         other processes off (the daemon's Flight process): the CPU a real-time run pins its
         thread to, or, for a loop that spins to its deadlines (a precise polled instrument),
-        the one it would be pinned to (the last this process may use). None when the loop
-        leaves its CPU free between reads, or this process may use only one CPU.
+        the last this process may use: not pinned there, the loop is where the scheduler
+        puts it once the owner's other processes keep off that CPU. None when the loop
+        leaves its CPU free between reads, or this process may use only one CPU. `allowed`:
+        the CPUs to choose from (None: the calling thread's, or a real-time run's before it
+        pinned its thread); the same rule as the real-time pin's.
 
         On 2 cores, with 50 subscribers whose own process kept off the loop's CPU (as those
-        on other hosts do), the daemon's Flight process at nice 19 on any CPU cost a 1 kHz
-        loop at normal priority 13 to 1,856 missed deadlines in 8 s; kept off the loop's
-        CPU, 0 to 18 (benchmarks/flight.py)."""
+        on other hosts do), the daemon's Flight process on any CPU cost a 1 kHz loop at
+        normal priority 13 to 1,856 missed deadlines in runs of 8 s; kept off the loop's
+        CPU, 0 to 18 (benchmarks/flight.py, case 8 and 6)."""
         if not hasattr(os, "sched_getaffinity"):
             return None
         rt = self.realtime
-        allowed = rt.allowed() if rt is not None else sorted(os.sched_getaffinity(0))
-        if len(allowed) < 2:
+        if allowed is None:
+            cpus = rt.allowed() if rt is not None else sorted(os.sched_getaffinity(0))
+        else:
+            cpus = sorted(allowed)
+        if len(cpus) < 2:
             return None
         if rt is not None:  # (the CPU apply() pins the thread to, unless it refuses)
-            cpu = allowed[-1] if rt.cpu is None else rt.cpu
-            if cpu in allowed:
+            cpu = cpus[-1] if rt.cpu is None else rt.cpu
+            if cpu in cpus:
                 return cpu
         for st in self._streams.values():
             if st.polled and self._precise(st.instrument):
-                return allowed[-1]
+                return cpus[-1]
         return None
 
     def _precise(self, inst: Instrument) -> bool:

@@ -107,6 +107,7 @@ class Daemon:
         assert self.runner.row_index is not None
         self.row_index = self.runner.row_index
         self._socket_dir: str | None = None
+        self._cpus_allowed = sorted(os.sched_getaffinity(0))  # (before any real-time pin)
         try:
             self.stopping = threading.Event()
             self.recording_failed: str | None = None  # why the final recording did not end well
@@ -138,7 +139,7 @@ class Daemon:
                 daemon_location=internal,
                 daemon_token=internal_token,
                 socket_dir=self._socket_dir,
-                cpus=self.flight_cpus(),
+                cpus=self.flight_cpus,
             )
             if self._own_token:
                 try:
@@ -156,12 +157,20 @@ class Daemon:
             raise
         self.url = f"{scheme}://{shown}:{flight.port}"
 
+    def _flight_affinity(self) -> list[int]:
+        """The CPUs the Flight process runs on now (those it was started on, if it is gone)."""
+        try:
+            return sorted(os.sched_getaffinity(self.flight.pid))
+        except OSError:
+            return list(self.flight.cpus)
+
     def flight_cpus(self) -> list[int]:
-        """The CPUs the Flight process runs on: those this process may use, but the one the
-        acquisition's loop keeps busy (:meth:`Acquisition.loop_cpu`), if it keeps one."""
-        allowed = sorted(os.sched_getaffinity(0))
-        cpu = self.acq.loop_cpu() if self.acq is not None else None
-        return [c for c in allowed if c != cpu]
+        """The CPUs the Flight process is started on: those this process could use when it
+        was made, but the one the acquisition's loop keeps busy
+        (:meth:`Acquisition.loop_cpu`), if it keeps one and another is left. (The same from
+        any thread, also one a real-time loop pinned.)"""
+        cpu = self.acq.loop_cpu(self._cpus_allowed) if self.acq is not None else None
+        return [c for c in self._cpus_allowed if c != cpu] or list(self._cpus_allowed)
 
     # -- what the Flight service calls ------------------------------------------------------------
 
@@ -212,7 +221,11 @@ class Daemon:
         return {
             "url": self.url,
             "uptime_s": time.time() - self.runner.started,
-            "flight": {"pid": self.flight.pid, "restarts": self.flight.restarts, "cpus": self.flight.cpus},
+            "flight": {
+                "pid": self.flight.pid,
+                "restarts": self.flight.restarts,
+                "cpus": self._flight_affinity(),
+            },
             "streams": streams,
             "ring": {
                 "path": rs["path"],

@@ -40,7 +40,6 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .._errors import DaemonConfigError
-from .._realtime import confine
 from .._ring import RingBuffer
 from ..acquisition import RowIndex, RowTableReader
 from .protocol import INTERNAL, STATUS, error, error_info, read_action_result
@@ -55,9 +54,28 @@ _T = TypeVar("_T")
 _START_TIMEOUT = 60.0  # seconds for the process to import, open the ring and listen
 _CALLS_GRACE = 15.0  # seconds calls in progress get when the process exits
 # Subscribers are best effort (a slow one is lapped); the acquisition is not: on a machine
-# with few cores, the scheduler gives the loop's process the CPU first. (At nice 10, 50
-# subscribers cost a real-time 1 kHz loop 9 missed deadlines in 10 s, on 2 cores; at 19, none.)
-_NICE = 19
+# with few cores, the scheduler gives the loop's process the CPU first. (Not lower: this
+# process also forwards remote instruments' puts, which are acquisition.)
+_NICE = 10
+
+# The process's CPUs and nice from its first instruction on, before its imports start the
+# threads of pyarrow and gRPC (which inherit both; Linux keeps them per thread: set after
+# the imports, two of those threads stayed at nice 0 on every CPU). Also a process started
+# again from a thread that a real-time loop pinned starts off the loop's CPU.
+_LAUNCH = """
+import os, sys
+try:
+    os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(",") if c])
+except (AttributeError, OSError, ValueError) as e:
+    print(f"rust-daq Flight process: cannot keep to CPUs {sys.argv[1]} ({e}); on those it inherited",
+          file=sys.stderr)
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, max(int(sys.argv[2]), os.getpriority(os.PRIO_PROCESS, 0)))
+except (AttributeError, OSError):
+    pass
+import runpy
+runpy.run_module("rust_daq.flight.process", run_name="__main__", alter_sys=True)
+"""
 
 
 class _Side:
@@ -155,7 +173,7 @@ class FlightProcess:
     `location` (`shown`: host:port for messages) with `token` (and TLS), serves the ring file
     behind `ring_fd` and the row index behind `rows_fd`, and forwards to `daemon_location`
     (its socket in `socket_dir`, which the process removes if the daemon dies without telling
-    it), on the CPUs `cpus` (None: those this process may use now). Raises
+    it), on the CPUs `cpus()` gives at each start (None: those this process may use now). Raises
     DaemonConfigError if it cannot listen, or does not start.
 
     The process gets both files as read-only descriptors of their own, never by name: a
@@ -175,7 +193,7 @@ class FlightProcess:
         daemon_location: str,
         daemon_token: str,
         socket_dir: str | None = None,
-        cpus: list[int] | None = None,
+        cpus: Callable[[], list[int]] | None = None,
     ) -> None:
         self._fds = [_read_only(ring_fd), _read_only(rows_fd)]
         config: dict[str, Any] = {
@@ -191,13 +209,14 @@ class FlightProcess:
             "daemon_location": daemon_location,
             "daemon_token": daemon_token,
             "log_level": logging.getLogger("rust_daq").getEffectiveLevel(),
-            # (now, before a real-time loop pins its thread: a restart from a thread started
-            # later would pass that pin on)
-            "cpus": sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus),
         }
+        # (now, before a real-time loop pins its thread: a restart from a thread started
+        # later would pass that pin on)
+        allowed = sorted(os.sched_getaffinity(0))
+        self._cpus: Callable[[], list[int]] = cpus if cpus is not None else lambda: allowed
+        #: The CPUs it was started on (asked for: ``status`` reports those it has).
+        self.cpus: list[int] = []
         self.restarts = 0
-        #: The CPUs it runs on.
-        self.cpus: list[int] = config["cpus"]
         self._config = config
         self._lock = threading.Lock()
         try:
@@ -215,8 +234,9 @@ class FlightProcess:
         self._fds = []
 
     def _start(self) -> int:
+        self.cpus = self._cpus()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rust_daq.flight.process"],
+            [sys.executable, "-c", _LAUNCH, ",".join(map(str, self.cpus)), str(_NICE)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=self._fds,
@@ -240,7 +260,7 @@ class FlightProcess:
                 "Flight served by process %d on port %d (CPUs %s)",
                 self.proc.pid,
                 said["port"],
-                ",".join(map(str, self._config["cpus"])),
+                ",".join(map(str, self.cpus)),
             )
             return int(said["port"])
         self.proc.kill()
@@ -261,6 +281,7 @@ class FlightProcess:
         """Starts it again on the same port (after it died): clients connect again (their
         subscriptions broke with an error; a new one can resume with ``after_seq``)."""
         with self._lock:
+            self._close_pipes()  # (the dead one's)
             self._config["location"] = _with_port(self._config["location"], self.port)
             self.restarts += 1
             self.port = self._start()
@@ -287,6 +308,14 @@ class FlightProcess:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
             self._close_fds()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:  # (a write the dead process never read)
+                    pass
 
     def _say(self, line: bytes) -> None:
         try:
@@ -418,8 +447,6 @@ def main() -> int:
 
     if not config:
         return 1  # the daemon died before it said what to serve
-    confine(config.get("cpus"), _NICE)  # (every thread: its imports started some)
-
     try:
         ring = RingBuffer.open(config["ring"])
         side = _Side(ring, RowIndex.attach(config["rows_fd"]))

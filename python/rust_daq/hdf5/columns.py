@@ -369,11 +369,13 @@ def plan_of(schema: pa.Schema) -> Plan:
 
 def pieces_of(batch: pa.RecordBatch, plan: Plan | None = None) -> list[Piece]:
     """Every column of `batch` as pieces, in schema order. Raises only on a batch whose data
-    contradicts its own schema (the writer quarantines that record). `plan`: its schema's
-    :func:`plan_of`, for the columns without nulls that need no more than their values
-    (the same pieces, in half the time: 11.6 µs a batch of two columns without it)."""
+    contradicts its own schema (the writer quarantines that record). `plan`: the
+    :func:`plan_of` of the batch's own schema (the writer's, from the schema table entry
+    the batch was decoded with), for the columns without nulls that need no more than their
+    values (the same pieces, in less than half the time: 11.6 µs a batch of two columns
+    without it, 4.7 with it)."""
     out: list[Piece] = []
-    if plan is None:
+    if plan is None or len(plan) != batch.num_columns:  # (a plan of another schema: not used)
         for i, f in enumerate(batch.schema):
             out += _leaf(f, batch.column(i), (f.name,))
         return out
