@@ -58,10 +58,8 @@ _CALLS_GRACE = 15.0  # seconds calls in progress get when the process exits
 # process also forwards remote instruments' puts, which are acquisition.)
 _NICE = 10
 
-# The process's CPUs and nice from its first instruction on, before its imports start the
-# threads of pyarrow and gRPC (which inherit both; Linux keeps them per thread: set after
-# the imports, two of those threads stayed at nice 0 on every CPU). Also a process started
-# again from a thread that a real-time loop pinned starts off the loop's CPU.
+# CPUs and nice set before the imports start pyarrow's and gRPC's threads, which inherit
+# them (per thread in Linux: set after, two threads kept nice 0 and every CPU).
 _LAUNCH = """
 import os, sys
 try:
