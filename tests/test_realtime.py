@@ -193,3 +193,60 @@ def test_a_realtime_loop_sleeps_a_fifth_of_each_period_at_least() -> None:
     assert rt_spin_ns(1 / 2000) == 400_000
     assert rt_spin_ns(1 / 10_000) == 80_000
     assert rt_spin_ns(0.1) == 800_000  # (slow schedules: 800 µs, then spin)
+
+
+class _Clocks:
+    """A wall clock and a thread CPU clock that the test moves by hand (ns)."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0
+
+    def run(self, busy: int, idle: int = 0) -> None:
+        self.wall += busy + idle
+        self.cpu += busy
+
+
+def test_the_spin_budget_keeps_a_busy_loop_below_the_kernels_real_time_throttle() -> None:
+    from rust_daq._realtime import SpinBudget
+
+    c = _Clocks()
+    b = SpinBudget(share=0.85, cap_ns=50_000_000, clock=lambda: c.wall, cpu_clock=lambda: c.cpu)
+    period, want = 1_000_000, 800_000
+    # 1 kHz with 200 µs of work a period: spinning 800 µs each time would use it all (the
+    # kernel stops the thread for the rest of the second once it used 95 %).
+    used, spins = 0, []
+    for _ in range(5_000):
+        c.run(200_000)  # the work
+        spin = b.allowed(want)
+        spins.append(spin)
+        c.run(spin, idle=period - 200_000 - spin)  # the spin, the rest asleep
+        used += 200_000 + spin
+    assert spins[0] == want  # (credit for a burst at first)
+    assert used <= 0.85 * 5_000 * period + 50_000_000
+    # Settled at what is left of 85 % after the work, never more than was asked.
+    assert abs(spins[-1] - 650_000) <= 1_000, spins[-1]
+    assert max(spins) == want and min(spins) >= 0
+    # Any window of one second stays below 95 %.
+    per = [200_000 + s for s in spins]
+    assert max(sum(per[i : i + 1000]) for i in range(0, 4000, 50)) <= 0.95e9
+
+
+def test_the_spin_budget_pays_back_a_burst_and_spins_in_full_when_the_work_is_light() -> None:
+    from rust_daq._realtime import SpinBudget
+
+    c = _Clocks()
+    b = SpinBudget(share=0.85, cap_ns=50_000_000, clock=lambda: c.wall, cpu_clock=lambda: c.cpu)
+    c.run(500_000_000)  # half a second of work (a slow instrument; 85 % of it is earned meanwhile)
+    assert b.allowed(800_000) == 0  # no spinning: sleep to the deadline
+    spins = []
+    for _ in range(2_000):
+        c.run(50_000)
+        spins.append(b.allowed(800_000))
+        c.run(spins[-1], idle=1_000_000 - 50_000 - spins[-1])
+    assert spins[0] < 800_000  # paid back first...
+    assert spins[-1] == 800_000  # ...then 50 µs of work and 800 µs of spin fit in 85 %
+    # The credit never grows past its cap, however long the thread idles.
+    c.run(0, idle=10_000_000_000)
+    assert b.allowed(800_000) == 800_000
+    c.run(400_000_000)  # 400 ms of work earns 340: 50 of credit, no more, leaves none
+    assert b.allowed(800_000) == 0
