@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from rust_daq import Acquisition, RingBuffer
-from rust_daq import acquisition as acquisition_module
 from rust_daq.adapters import CallableInstrument, SimulatedVoltmeter
 
 
@@ -86,7 +85,7 @@ def test_gc_freeze_restores_the_state_before(
 ) -> None:
     freezes: list[int] = []
     real = gc.freeze
-    monkeypatch.setattr(acquisition_module.gc, "freeze", lambda: freezes.append(1) or real())
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(1) or real())
     with RingBuffer.create(ring_path, capacity_mb=8) as ring:
         assert gc.get_freeze_count() == 0
         assert _run_and_watch(ring, None) > 0  # the main thread: frozen during the run
@@ -140,7 +139,7 @@ def test_no_freeze_and_no_collect_on_a_loop_of_another_thread(
 ) -> None:
     collects: list[int] = []
     real = gc.collect
-    monkeypatch.setattr(acquisition_module.gc, "collect", lambda *a: collects.append(1) or real(*a))
+    monkeypatch.setattr(gc, "collect", lambda *a: collects.append(1) or real(*a))
     seen: list[int] = []
     with RingBuffer.create(ring_path, capacity_mb=8) as ring:
         # A loop in another thread (as the RunEngine runs its own): off by default...

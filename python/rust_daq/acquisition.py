@@ -40,7 +40,6 @@ thread only.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import threading
@@ -57,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._arrow import warm_up
+from ._gc import frozen as _frozen_gc
 from ._native import sleep_until
 from ._realtime import RealtimeSettings, SpinBudget
 from ._realtime import apply as apply_realtime
@@ -83,34 +83,6 @@ _RT_SLICE, _RT_SPIN, _RT_SPIN_SHARE = 100_000, 800_000, 0.8
 def rt_spin_ns(period: float) -> int:
     """How long (ns) a real-time loop spins before each deadline of a `period` s schedule."""
     return min(_RT_SPIN, int(period * _RT_SPIN_SHARE * 1e9))
-
-
-_gc_lock = threading.Lock()
-_gc_holders = 0  # acquisitions running with freeze_gc
-_gc_froze = False  # whether the first of them froze (nothing was frozen before it)
-
-
-@contextmanager
-def _frozen_gc(collect: bool) -> Iterator[None]:
-    """gc.freeze() for the outermost of nested or concurrent acquisitions, undone by the last
-    to end, and only if nothing was frozen before (see the module documentation)."""
-    global _gc_holders, _gc_froze
-    with _gc_lock:
-        if _gc_holders == 0:
-            _gc_froze = gc.get_freeze_count() == 0
-            if _gc_froze:
-                if collect:
-                    gc.collect()
-                gc.freeze()
-        _gc_holders += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_holders -= 1
-            if _gc_holders == 0 and _gc_froze:
-                gc.unfreeze()
-                _gc_froze = False
 
 
 class _Samples:

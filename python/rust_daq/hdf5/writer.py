@@ -72,6 +72,7 @@ import pyarrow as pa
 
 from .._arrow import StreamInfo
 from .._errors import IncompatibleFileError, JetStreamError, RustDaqError
+from .._gc import paused as gc_paused
 from .._records import DECODE_ERRORS, LossAccount, RecordDecoder, SchemaTable
 from .._ring import RingBuffer
 from . import progress, quarantine
@@ -381,7 +382,8 @@ class HDF5Writer:
         with self._lock:
             if self._closed:
                 raise ValueError("flush_to_disk() on a closed HDF5Writer")
-            return self._flush_retrying()
+            with gc_paused():  # (the pass holds its records: see rust_daq._gc)
+                return self._flush_retrying()
 
     def _flush_retrying(self) -> int:
         if self._idle:  # (rotated to no file: the ring keeps what comes, for the next)
@@ -728,9 +730,10 @@ class HDF5Writer:
         """The current file's final drain and flush (up to ``_until``, if set), its final
         metadata, then it is closed. (Under the lock.)"""
         try:
-            self._flush_retrying()
-            while self._unfinished:  # (many records to quarantine: each pass finds one)
+            with gc_paused():
                 self._flush_retrying()
+                while self._unfinished:  # (many records to quarantine: each pass finds one)
+                    self._flush_retrying()
             if final_metadata:
                 self._out.finish(final_metadata)
         finally:
