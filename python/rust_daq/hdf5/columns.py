@@ -342,6 +342,7 @@ class _Direct:
     signature: str
     attrs: dict[str, Any]
     view64: bool  # a 64-bit time type: its values viewed as int64
+    numpy_view: bool  # (timestamps, durations: numpy's datetime64/timedelta64, viewed there)
 
 
 #: One entry per column of a schema: how its piece is made without the general path, or
@@ -363,7 +364,8 @@ def plan_of(schema: pa.Schema) -> Plan:
             plan.append(None)
             continue
         (p,) = _leaf(f, pa.array([], type=t), (f.name,))
-        plan.append(_Direct(p.path, p.signature, p.attrs, ns_time))
+        numpy_view = ns_time and not pa.types.is_time64(t)
+        plan.append(_Direct(p.path, p.signature, p.attrs, ns_time, numpy_view))
     return plan
 
 
@@ -379,15 +381,16 @@ def pieces_of(batch: pa.RecordBatch, plan: Plan | None = None) -> list[Piece]:
         for i, f in enumerate(batch.schema):
             out += _leaf(f, batch.column(i), (f.name,))
         return out
-    for i, direct in enumerate(plan):
-        col = batch.column(i)
+    for i, (direct, col) in enumerate(zip(plan, batch.columns, strict=True)):
         if direct is None or col.null_count:
             f = batch.schema.field(i)
             out += _leaf(f, col, (f.name,))
             continue
-        values = col.view(pa.int64()) if direct.view64 else col
-        data = np.ascontiguousarray(values.to_numpy(zero_copy_only=False))
-        out.append(Piece(direct.path, data, None, direct.signature, dict(direct.attrs)))
+        if direct.numpy_view:  # (no second Arrow array: numpy views its datetime64 as int64)
+            data = col.to_numpy(zero_copy_only=False).view(np.int64)
+        else:
+            data = (col.view(pa.int64()) if direct.view64 else col).to_numpy(zero_copy_only=False)
+        out.append(Piece(direct.path, np.ascontiguousarray(data), None, direct.signature, dict(direct.attrs)))
     return out
 
 

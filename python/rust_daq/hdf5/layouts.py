@@ -452,23 +452,19 @@ class AppendLayout:
         if written:
             self.flushes += 1
 
-    def _axis(self, book: StreamBook, it: Item) -> Piece | None:
-        """The time axis piece of one item: its timestamps as seconds since start_time."""
-        if book.time_key is None:
-            return None
-        for key, p in zip(piece_keys(it.pieces), it.pieces, strict=True):
-            if key == book.time_key and p.dtype.kind == "i" and p.data.ndim == 1:
-                seconds = (p.data.astype(np.int64) - self.start_ns) / 1e9
-                if p.valid is not None:
-                    seconds[~p.valid] = np.nan
-                attrs = {
-                    "units": "s",
-                    "long_name": f"time since start_time (s), from {p.path[0]}",
-                    "start_time": self.start_time,
-                    "axis_of": attr_text(".".join(p.path)),
-                }
-                return Piece(("time",), seconds, None, AXIS_SIGNATURE, attrs)
-        return None
+    def _axis(self, p: Piece) -> Piece:
+        """The time axis piece of an item's time column `p`: its timestamps as seconds since
+        start_time."""
+        seconds = (p.data.astype(np.int64, copy=False) - self.start_ns) / 1e9
+        if p.valid is not None:
+            seconds[~p.valid] = np.nan
+        attrs = {
+            "units": "s",
+            "long_name": f"time since start_time (s), from {p.path[0]}",
+            "start_time": self.start_time,
+            "axis_of": attr_text(".".join(p.path)),
+        }
+        return Piece(("time",), seconds, None, AXIS_SIGNATURE, attrs)
 
     def _resume(self, f: h5py.File, book: StreamBook) -> None:
         """Targets from the file; every dataset trimmed back to the committed rows."""
@@ -522,12 +518,12 @@ class AppendLayout:
             )
         writes: dict[tuple[str, str], list[tuple[int, Piece]]] = {}
         at = start
+        time_key = book.time_key
         for it in items:
             for key, p in zip(piece_keys(it.pieces), it.pieces, strict=True):
                 writes.setdefault((key, p.signature), []).append((at, p))
-            axis = self._axis(book, it)
-            if axis is not None:
-                writes.setdefault((AXIS_KEY, AXIS_SIGNATURE), []).append((at, axis))
+                if key == time_key and p.dtype.kind == "i" and p.data.ndim == 1:
+                    writes.setdefault((AXIS_KEY, AXIS_SIGNATURE), []).append((at, self._axis(p)))
             at += it.rows
         # What needs new objects: the group, datasets of new (column, signature) pairs,
         # validity datasets for targets that now have rows without a value of their own.
