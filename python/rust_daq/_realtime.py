@@ -18,7 +18,8 @@ writer, started before the run, does not): start worker threads before a realtim
 Under SCHED_FIFO the precise schedule sleeps in the kernel (``_native.sleep_until``) instead
 of spinning: the kernel throttles real-time tasks to 95 % of each second, and a thread
 spinning towards every 1 ms deadline lost 50 ms a second to it (900 missed deadlines in 20 s
-in case 6's loop). Refused settings (no CAP_SYS_NICE, a container's limits, RLIMIT_MEMLOCK)
+in case 6's loop); it spins only the last part of each period, as much as :class:`SpinBudget`
+leaves once its own work is counted. Refused settings (no CAP_SYS_NICE, a container's limits, RLIMIT_MEMLOCK)
 are reported with the reason; nothing is silently skipped.
 """
 
@@ -67,9 +68,10 @@ class SpinBudget:
 
     The kernel lets real-time tasks run 95 % of each second (``sched_rt_runtime_us`` of
     ``sched_rt_period_us``) and stops them for the rest of that second once they have: a
-    1 kHz loop spinning 800 µs of each period with 150 µs of work a period lost a stretch of
-    about 20 ms a second (a write that "took" 17.9 ms in case 6's full run, 17 deadlines
-    missed). The thread earns `share` of wall time as credit, up to `cap_ns` (a burst of
+    1 kHz loop spinning 800 µs of each period with 180 µs of work lost 29-34 ms once a second
+    (95 of 4,000 deadlines; 300 µs of work, 50 ms a second), and with the budget none. (The
+    one write that "took" 17.9 ms in case 6's realtime run of 2026-12-04, 17 deadlines
+    missed, has that shape.) The thread earns `share` of wall time as credit, up to `cap_ns` (a burst of
     work is paid back over the next periods); its CPU time (``CLOCK_THREAD_CPUTIME_ID``),
     whatever it spent it on, is taken off, at each call (a loop asks once a period, so the
     cap holds to within one period's earnings). Over any window of T seconds it therefore
