@@ -111,6 +111,31 @@ def test_column_names_hdf5_cannot_hold_and_duplicates(ring_path: str, h5_path: s
         assert clash[(("x", "y"), 0)] == [1.5, 2.5] and clash[(("x.y",), 0)] == [7, 8]
 
 
+def test_a_column_named_time_keeps_its_name_and_the_time_axis_takes_the_next(
+    ring_path: str, h5_path: str
+) -> None:
+    """The time axis (derived from the time column) is named after the stream's own columns:
+    a column called "time" keeps "time" in every file, the axis gets "time__2"."""
+    ts = pa.field("timestamp", pa.timestamp("ns"), metadata={"units": "ns", "epoch": "unix"})
+    schema = pa.schema([ts, pa.field("time", pa.float64())])
+    t0 = 1_700_000_000_000_000_000
+    batch = pa.record_batch(
+        [pa.array([t0, t0 + 10**9], pa.timestamp("ns")), pa.array([7.0, 8.0])], schema=schema
+    )
+    with RingBuffer.create(ring_path, capacity_mb=8) as ring:
+        ring.write_arrow_batch(batch, "clock")
+        with HDF5Writer(h5_path, ring) as w:
+            w.flush_to_disk()
+            ring.write_arrow_batch(batch, "clock")
+    with h5py.File(h5_path, "r") as f:
+        g = stream_group(f, "clock")
+        assert g["time"][:].tolist() == [7.0, 8.0, 7.0, 8.0]
+        assert g["time"].attrs["rust_daq_key"] != "axis"
+        axis = g["time__2"]
+        assert axis.attrs["rust_daq_key"] == "axis" and axis.attrs["units"] == "s"
+        assert np.diff(axis[:]).tolist()[:1] == [1.0]
+
+
 def test_a_stream_named_like_another_streams_column(ring_path: str, h5_path: str) -> None:
     with RingBuffer.create(ring_path, capacity_mb=8) as ring:
         ring.write_arrow_batch(pa.record_batch({"a": [1.0, 2.0]}), "x")

@@ -520,10 +520,13 @@ class AppendLayout:
         at = start
         time_key = book.time_key
         for it in items:
+            time_piece = None
             for key, p in zip(piece_keys(it.pieces), it.pieces, strict=True):
                 writes.setdefault((key, p.signature), []).append((at, p))
                 if key == time_key and p.dtype.kind == "i" and p.data.ndim == 1:
-                    writes.setdefault((AXIS_KEY, AXIS_SIGNATURE), []).append((at, self._axis(p)))
+                    time_piece = p
+            if time_piece is not None:  # (after the columns: their datasets are named first)
+                writes.setdefault((AXIS_KEY, AXIS_SIGNATURE), []).append((at, self._axis(time_piece)))
             at += it.rows
         # What needs new objects: the group, datasets of new (column, signature) pairs,
         # validity datasets for targets that now have rows without a value of their own.
