@@ -382,8 +382,7 @@ class HDF5Writer:
         with self._lock:
             if self._closed:
                 raise ValueError("flush_to_disk() on a closed HDF5Writer")
-            with gc_paused():  # (the pass holds its records: see rust_daq._gc)
-                return self._flush_retrying()
+            return self._flush_retrying()
 
     def _flush_retrying(self) -> int:
         if self._idle:  # (rotated to no file: the ring keeps what comes, for the next)
@@ -463,62 +462,63 @@ class HDF5Writer:
         until = self._until
         reached = False  # rotating: a record of the next file was read; this pass ends here
         while not (full or reached):
-            # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
-            # validated after the write; a torn one aborts the flush.
-            records = self._reader.read(max_records=limit, copy=copy)
-            pending: dict[str, list[Item]] = {}
-            bad: list[Bad] = []
-            taken = 0
-            for rec in records:
-                if rec.seq <= last_seq or rec.seq < self._floor:
-                    # Already in the file (a restart after its marker, before its commit), or
-                    # before this file's start (another file's, or a run before start="now").
-                    taken += 1
-                    continue
-                if until is not None and rec.seq >= until:
-                    reached = True  # the next file's: left in the ring
-                    break
-                sorted_ = self._sort(rec)
-                if budget is not None and sorted_ is not None:
-                    cost = self._cost(rec, sorted_, pass_rows)
-                    if cost + MARGIN > budget:
-                        full = True  # whole records only, in ring order: the marker stays exact
+            with gc_paused():  # (this read's records held until written: see rust_daq._gc)
+                # Zero-copy: HDF5 reads the columns straight from the ring. Every record used is
+                # validated after the write; a torn one aborts the flush.
+                records = self._reader.read(max_records=limit, copy=copy)
+                pending: dict[str, list[Item]] = {}
+                bad: list[Bad] = []
+                taken = 0
+                for rec in records:
+                    if rec.seq <= last_seq or rec.seq < self._floor:
+                        # Already in the file (a restart after its marker, before its commit), or
+                        # before this file's start (another file's, or a run before start="now").
+                        taken += 1
+                        continue
+                    if until is not None and rec.seq >= until:
+                        reached = True  # the next file's: left in the ring
                         break
-                    budget -= cost
-                if rec.seq > expected and self._dense:  # overwritten before the writer read them
-                    lost += rec.seq - expected
-                expected = rec.seq + 1
-                taken += 1
-                gap = self._take(rec, sorted_, pending, bad, pass_rows)
-                if not self._dense:  # (a source's losses: its streams' sequence gaps)
-                    lost += gap
-            records = records[:taken]
-            if full and not pending and not bad and written == 0 and quarantined == 0:
-                self._new_reader()  # (our cursor read past what it wrote)
-                self.records_skipped = skipped_before  # counted again when read again
-                raise _NoSpace(
-                    code,
-                    f"{self.path}: no room for the next record ({budget or 0} bytes left after a "
-                    f"{MARGIN}-byte margin); nothing was written, the ring still holds it",
-                )
-            for name, items in pending.items():
-                written += self._write_stream(self._books[name], items)
-            if bad:
-                self._quarantine.write(self._out.file, bad, self._book)
-                quarantined += len(bad)
-            used = [it.record for items in pending.values() for it in items] + [r for r, _, _ in bad]
-            torn = sorted(r.seq for r in used if not r.valid())
-            if torn:
-                # The producer lapped the writer while HDF5 copied these records: what reached
-                # the file may be torn. Abandon this flush before its marker; the retry reads
-                # the ring again from its tail (the lapped records are then counted as lost).
-                raise _TornRead(f"records {torn[0]}..{torn[-1]} were overwritten while being written")
-            if records:
-                last_seq = max(last_seq, records[-1].seq)
-            if len(records) < limit or reached:
-                break
-            average = sum(len(r.data) for r in records) / len(records)
-            limit = int(min(max(_READ_BYTES // max(average, 1), 1), _READ_CHUNK))
+                    sorted_ = self._sort(rec)
+                    if budget is not None and sorted_ is not None:
+                        cost = self._cost(rec, sorted_, pass_rows)
+                        if cost + MARGIN > budget:
+                            full = True  # whole records only, in ring order: the marker stays exact
+                            break
+                        budget -= cost
+                    if rec.seq > expected and self._dense:  # overwritten before the writer read them
+                        lost += rec.seq - expected
+                    expected = rec.seq + 1
+                    taken += 1
+                    gap = self._take(rec, sorted_, pending, bad, pass_rows)
+                    if not self._dense:  # (a source's losses: its streams' sequence gaps)
+                        lost += gap
+                records = records[:taken]
+                if full and not pending and not bad and written == 0 and quarantined == 0:
+                    self._new_reader()  # (our cursor read past what it wrote)
+                    self.records_skipped = skipped_before  # counted again when read again
+                    raise _NoSpace(
+                        code,
+                        f"{self.path}: no room for the next record ({budget or 0} bytes left after a "
+                        f"{MARGIN}-byte margin); nothing was written, the ring still holds it",
+                    )
+                for name, items in pending.items():
+                    written += self._write_stream(self._books[name], items)
+                if bad:
+                    self._quarantine.write(self._out.file, bad, self._book)
+                    quarantined += len(bad)
+                used = [it.record for items in pending.values() for it in items] + [r for r, _, _ in bad]
+                torn = sorted(r.seq for r in used if not r.valid())
+                if torn:
+                    # The producer lapped the writer while HDF5 copied these records: what reached
+                    # the file may be torn. Abandon this flush before its marker; the retry reads
+                    # the ring again from its tail (the lapped records are then counted as lost).
+                    raise _TornRead(f"records {torn[0]}..{torn[-1]} were overwritten while being written")
+                if records:
+                    last_seq = max(last_seq, records[-1].seq)
+                if len(records) < limit or reached:
+                    break
+                average = sum(len(r.data) for r in records) / len(records)
+                limit = int(min(max(_READ_BYTES // max(average, 1), 1), _READ_CHUNK))
         if lost:
             log.warning("%d record(s) were overwritten in the ring before the writer read them", lost)
             self.records_lost += lost
@@ -730,10 +730,9 @@ class HDF5Writer:
         """The current file's final drain and flush (up to ``_until``, if set), its final
         metadata, then it is closed. (Under the lock.)"""
         try:
-            with gc_paused():
+            self._flush_retrying()
+            while self._unfinished:  # (many records to quarantine: each pass finds one)
                 self._flush_retrying()
-                while self._unfinished:  # (many records to quarantine: each pass finds one)
-                    self._flush_retrying()
             if final_metadata:
                 self._out.finish(final_metadata)
         finally:
