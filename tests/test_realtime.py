@@ -250,3 +250,31 @@ def test_the_spin_budget_pays_back_a_burst_and_spins_in_full_when_the_work_is_li
     assert b.allowed(800_000) == 800_000
     c.run(400_000_000)  # 400 ms of work earns 340: 50 of credit, no more, leaves none
     assert b.allowed(800_000) == 0
+
+
+def test_a_long_burst_costs_the_spin_at_most_one_cap_of_debt() -> None:
+    from rust_daq._realtime import SpinBudget
+
+    c = _Clocks()
+    b = SpinBudget(share=0.85, cap_ns=50_000_000, clock=lambda: c.wall, cpu_clock=lambda: c.cpu)
+    c.run(2_000_000_000)  # two seconds of work (the kernel has long forgotten the first)
+    assert b.allowed(800_000) == 0
+    periods = 0
+    while b.allowed(800_000) == 0:  # 50 µs of work a period, asleep the rest
+        c.run(50_000, idle=950_000)
+        periods += 1
+    assert periods <= 70, periods  # (50 ms of debt at 0.8 ms a period; 358 without the floor)
+
+
+def test_each_thread_keeps_its_own_budget_across_runs() -> None:
+    import threading
+
+    from rust_daq._realtime import thread_budget
+
+    mine = thread_budget()
+    assert thread_budget() is mine
+    other: list[object] = []
+    t = threading.Thread(target=lambda: other.append(thread_budget()))
+    t.start()
+    t.join(10)
+    assert other and other[0] is not mine

@@ -29,12 +29,13 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-__all__ = ["RealtimeSettings", "SpinBudget", "apply", "restore"]
+__all__ = ["RealtimeSettings", "SpinBudget", "apply", "restore", "thread_budget"]
 
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30
 _MCL_CURRENT = 1
@@ -96,9 +97,23 @@ class SpinBudget:
         """How much of `want_ns` of spinning the thread may do now (0: sleep to the deadline)."""
         wall, cpu = self._clock(), self._cpu_clock()
         earned = self.share * (wall - self._wall) - (cpu - self._cpu)
-        self._credit = min(float(self.cap_ns), self._credit + earned)
+        # (a debt is forgotten beyond one cap: the kernel forgets each second's use, and a
+        # long burst of work must not cost the loop its spinning for seconds after)
+        self._credit = max(-float(self.cap_ns), min(float(self.cap_ns), self._credit + earned))
         self._wall, self._cpu = wall, cpu
         return max(0, min(want_ns, int(self._credit)))
+
+
+_budgets = threading.local()
+
+
+def thread_budget() -> SpinBudget:
+    """The calling thread's SpinBudget, kept across runs (a detector's short runs one after
+    another must not each start with a full credit): its CPU clock is this thread's."""
+    b: SpinBudget | None = getattr(_budgets, "budget", None)
+    if b is None:
+        b = _budgets.budget = SpinBudget()
+    return b
 
 
 def _locked_kb() -> int:

@@ -58,7 +58,7 @@ import pyarrow as pa
 from ._arrow import warm_up
 from ._gc import frozen as _frozen_gc
 from ._native import sleep_until
-from ._realtime import RealtimeSettings, SpinBudget
+from ._realtime import RealtimeSettings, SpinBudget, thread_budget
 from ._realtime import apply as apply_realtime
 from ._realtime import restore as restore_realtime
 from ._ring import RingBuffer
@@ -218,7 +218,7 @@ class Acquisition:
         if rt is not None:
             apply_realtime(rt)
             self._fifo = rt.fifo
-            self._spin_budget = SpinBudget() if rt.fifo else None  # (this thread's CPU time)
+            self._spin_budget = thread_budget() if rt.fifo else None  # (this thread's, kept across runs)
         try:
             with _frozen_gc(collect=collect) if freeze else _nothing():
                 await self._run(reads, duration)
