@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,52 @@ else:
     _, err = p.communicate(timeout=10)
     assert time.monotonic() - t0 < 5
     assert p.returncode != 0 and "KeyboardInterrupt" in err
+
+
+@pytest.mark.parametrize("hot_bytes", [1 << 20, 0])
+def test_a_block_ring_reused_from_its_start_loses_and_tears_nothing(ring_path: str, hot_bytes: int) -> None:
+    """Policy "block" with hot reuse (the default): while the consumer process keeps up, the
+    producer goes back to the start of the 8 MiB ring after about 1 MiB, racing the reads and
+    commits of the consumer; every record arrives once, whole, in order. (hot_bytes=0: every
+    lap the whole ring, as a control.)"""
+    n, size = 3_000, 64 * 1024
+    capacity = 8 << 20
+    RingBuffer.create(ring_path, capacity_bytes=capacity, policy="block").close()
+    helpers = str(Path(__file__).parent / "helpers")
+    producer_code = f"""
+import sys
+sys.path.insert(0, {helpers!r})
+from payloads import make_payload
+from rust_daq import RingBuffer
+ring = RingBuffer.open({ring_path!r}, writable=True)
+ring.hot_bytes = {hot_bytes}
+print("started", flush=True)
+for i in range({n}):
+    ring.write(make_payload(i, {size}), timeout=60)
+print("done", flush=True)
+"""
+    with RingBuffer.open(ring_path) as ring:
+        reader = ring.reader("tail")
+        p = subprocess.Popen(
+            [sys.executable, "-c", producer_code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            assert first_line(p) == "started"
+            got: list[int] = []
+            while len(got) < n:
+                for rec in reader.read(max_records=16, timeout=5.0):
+                    assert check_payload(rec.data) == rec.seq == len(got)
+                    got.append(rec.seq)
+                reader.commit()
+                assert p.poll() in (None, 0)
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0 and out.strip() == "done", err
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert reader.lost == 0 and ring.records_lost == 0
+        data = n * (size + 64)
+        if hot_bytes:
+            assert ring.write_head > data + 8 * capacity, "back to the start before the end of laps"
+        else:
+            assert ring.write_head < data + capacity

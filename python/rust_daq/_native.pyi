@@ -148,6 +148,13 @@ class RingBuffer:
         """How a write blocked for room waits: "adaptive", "busy" or "park"."""
     @wait.setter
     def wait(self, wait: str) -> None: ...
+    @property
+    def hot_bytes(self) -> int:
+        """Policy "block": how far into the ring (bytes) the producer goes before it returns
+        to the start early, once the consumer has taken all it would overwrite (and at least
+        twice the record's size); 0: every lap the whole ring. Default 1 MiB."""
+    @hot_bytes.setter
+    def hot_bytes(self, nbytes: int) -> None: ...
     def reserve(
         self,
         nbytes: int,

@@ -31,7 +31,7 @@ pub(crate) mod wait;
 
 pub use error::{Error, Result};
 pub use guard::Guard;
-pub use producer::{Claim, ClaimResult, Producer};
+pub use producer::{Claim, ClaimResult, Producer, HOT_WRAP_DEFAULT};
 pub use reader::{Next, Reader, RecordRef};
 pub use region::{Geometry, Region};
 pub use ring::{Policy, Ring, Start, Status};

@@ -51,7 +51,12 @@ pub struct Producer {
     arrow: Option<StreamIds>,
     /// How a blocked write waits for room.
     wait: WaitStrategy,
+    /// Policy "block": the offset past which a drained ring goes back to 0 (`set_hot_wrap`).
+    hot_wrap: u64,
 }
+
+/// The default `Producer::set_hot_wrap`: 1 MiB (what a core's L2 holds, or about).
+pub const HOT_WRAP_DEFAULT: u64 = 1 << 20;
 
 /// Outcome of `Producer::try_claim`.
 pub enum ClaimResult {
@@ -79,6 +84,7 @@ impl Producer {
             fork_gen,
             arrow: None,
             wait: WaitStrategy::default(),
+            hot_wrap: HOT_WRAP_DEFAULT,
             pending: None,
             took_over_from: match acquired {
                 lock::Acquired::TookOver(pid) => Some(pid),
@@ -243,33 +249,34 @@ impl Producer {
         };
         let w = self.write_pos;
         let at = w % cap;
-        let pad = if at + size > cap { cap - at } else { 0 };
-        let start = w + pad;
-        let end = start + size;
-        // Walk the records the new one will overlap (those starting before end - cap).
-        let must_free = end.saturating_sub(cap);
-        let mut oldest = self.oldest;
-        let mut lost = 0u64;
         let tail = self.ring.h64(off::READ_TAIL).load(Ordering::Acquire);
         let block = self.ring.policy() == Policy::Block;
         // What lies between the oldest record and the write position fits in the ring (the
         // walk below is bounded by it); must_free itself may be up to a padding beyond that.
-        if w.saturating_sub(oldest) > cap {
+        if w.saturating_sub(self.oldest) > cap {
             return Err(self.ring.positions_error());
         }
-        while oldest < must_free {
-            if oldest >= w {
-                oldest = start; // only the padding (never written) lay in between
-                break;
+        let mut pad = if at + size > cap { cap - at } else { 0 };
+        let mut walked = None;
+        // Hot reuse (policy "block"): once the consumer has taken what it would reclaim, go
+        // back to offset 0 early, so that the records cycle through the first megabytes
+        // (still in cache) instead of the whole ring; a consumer that lags gets the rest
+        // of the ring as slack, as before.
+        if pad == 0 && block && self.hot_wrap != 0 && at >= self.hot_wrap.max(2 * size) {
+            let start = w + (cap - at);
+            let (oldest, lost) = self.reclaim(w, start, start + size - cap, tail)?;
+            if tail >= oldest.min(w) {
+                pad = cap - at;
+                walked = Some((oldest, lost));
             }
-            let oat = oldest % cap;
-            let h = self.ring.load_header(oat);
-            let rsize = self.ring.check_header(oldest, &h)?;
-            if h.rtype == TYPE_DATA && oldest >= tail {
-                lost += 1;
-            }
-            oldest += rsize;
         }
+        let start = w + pad;
+        let end = start + size;
+        // Walk the records the new one will overlap (those starting before end - cap).
+        let (oldest, lost) = match walked {
+            Some(done) => done,
+            None => self.reclaim(w, start, end.saturating_sub(cap), tail)?,
+        };
         // Under "block", every record reclaimed must have been consumed. Reclaiming only
         // the (never written) padding beyond `w` needs nothing.
         let needed_tail = oldest.min(w);
@@ -325,6 +332,39 @@ impl Producer {
         };
         self.pending = Some(claim);
         Ok(ClaimResult::Claimed(claim))
+    }
+
+    /// The oldest record once a record placed at `start` (after the write position `w`)
+    /// reclaimed every record starting before `must_free`, and how many of those were data
+    /// not yet consumed (at or after `tail`).
+    #[inline(always)]
+    fn reclaim(&self, w: u64, start: u64, must_free: u64, tail: u64) -> Result<(u64, u64)> {
+        let cap = self.ring.cap;
+        let mut oldest = self.oldest;
+        let mut lost = 0u64;
+        while oldest < must_free {
+            if oldest >= w {
+                oldest = start; // only the padding (never written) lay in between
+                break;
+            }
+            let h = self.ring.load_header(oldest % cap);
+            let rsize = self.ring.check_header(oldest, &h)?;
+            if h.rtype == TYPE_DATA && oldest >= tail {
+                lost += 1;
+            }
+            oldest += rsize;
+        }
+        Ok((oldest, lost))
+    }
+
+    /// Policy "block": how far into the ring (bytes) the producer goes before it returns to
+    /// offset 0 early, when the consumer has taken all it would reclaim (at least twice
+    /// the record's size); 0: never early, every lap the whole ring.
+    pub fn set_hot_wrap(&mut self, bytes: u64) {
+        self.hot_wrap = bytes;
+    }
+    pub fn hot_wrap(&self) -> u64 {
+        self.hot_wrap
     }
 
     #[allow(clippy::too_many_arguments)]

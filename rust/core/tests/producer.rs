@@ -203,3 +203,90 @@ fn block_policy_waits_for_the_consumer_and_loses_nothing() {
     assert_eq!(lost, 0);
     assert_eq!(ring.status().records_lost, 0);
 }
+
+/// Writes `n` records of `len` bytes, each read (and committed) by `rd` before the next one
+/// when `drain_each`; returns the ring offset (position % capacity) of every record read.
+fn offsets_written(
+    ring: &std::sync::Arc<Ring>,
+    p: &mut rust_daq_core::Producer,
+    rd: &mut Reader,
+    n: u64,
+    len: usize,
+    drain_each: bool,
+) -> Vec<u64> {
+    let cap = ring.capacity();
+    let mut offsets = vec![];
+    let take = |rd: &mut Reader, offsets: &mut Vec<u64>| {
+        while let Some((rec, buf)) = rd.next_copy().unwrap() {
+            assert_eq!(check(&buf), rec.seq);
+            assert_eq!(rec.seq, offsets.len() as u64, "in order, none lost");
+            offsets.push(rec.pos % cap);
+            rd.commit().unwrap();
+        }
+    };
+    for i in 0..n {
+        p.write(&payload(i, len), 0, None, Duration::ZERO).unwrap();
+        if drain_each {
+            take(rd, &mut offsets);
+        }
+    }
+    take(rd, &mut offsets);
+    assert_eq!(offsets.len() as u64, n);
+    offsets
+}
+
+#[test]
+fn a_block_ring_its_consumer_keeps_up_with_reuses_its_first_bytes() {
+    let t = TempRing::new("hot");
+    let (ring, mut p) = Ring::create(&t.0, 256 * 1024, Policy::Block, false).unwrap();
+    assert_eq!(p.hot_wrap(), rust_daq_core::HOT_WRAP_DEFAULT);
+    p.set_hot_wrap(16 * 1024);
+    let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    let offsets = offsets_written(&ring, &mut p, &mut rd, 2_000, 1024, true);
+    // 1,088 bytes a record: back to 0 once past 16 KiB, never deeper into the 256 KiB.
+    assert!(
+        offsets.iter().all(|&o| o < 16 * 1024 + 1088),
+        "{:?}",
+        offsets.iter().max()
+    );
+    assert_eq!(offsets.iter().filter(|&&o| o == 0).count(), 2_000 / 16);
+    assert_eq!((rd.lost(), ring.status().records_lost), (0, 0));
+}
+
+#[test]
+fn a_block_ring_whose_consumer_lags_still_has_all_of_its_room() {
+    let t = TempRing::new("hot-lag");
+    let (ring, mut p) = Ring::create(&t.0, 256 * 1024, Policy::Block, false).unwrap();
+    p.set_hot_wrap(16 * 1024);
+    let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    // 200 records of 1,088 bytes unread (217 KiB): nothing is wrapped early, none blocks.
+    let offsets = offsets_written(&ring, &mut p, &mut rd, 200, 1024, false);
+    assert_eq!(offsets, (0..200u64).map(|i| i * 1088).collect::<Vec<_>>());
+    // All consumed now: the next record goes back to 0 from where the producer is, not at
+    // the end of the ring.
+    p.write(&payload(200, 1024), 0, None, Duration::ZERO)
+        .unwrap();
+    let (rec, buf) = rd.next_copy().unwrap().unwrap();
+    assert_eq!(
+        (rec.seq, check(&buf), rec.pos % ring.capacity()),
+        (200, 200, 0)
+    );
+    assert_eq!(rec.pos, ring.capacity());
+}
+
+#[test]
+fn hot_reuse_off_and_overwrite_rings_go_through_the_whole_ring() {
+    for (policy, hot) in [(Policy::Block, 0), (Policy::Overwrite, 16 * 1024)] {
+        let t = TempRing::new("hot-off");
+        let (ring, mut p) = Ring::create(&t.0, 256 * 1024, policy, false).unwrap();
+        p.set_hot_wrap(hot);
+        let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+        let offsets = offsets_written(&ring, &mut p, &mut rd, 600, 1024, true);
+        let lap = (256 * 1024 / 1088) as usize; // records a lap holds
+        assert_eq!(
+            offsets[..lap],
+            (0..lap as u64).map(|i| i * 1088).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(offsets[lap], 0, "{policy:?}");
+    }
+}

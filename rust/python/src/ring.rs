@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use rust_daq_core::{Claim, ClaimResult, Error, Guard, Policy, Producer, Ring, WaitStrategy};
+use rust_daq_core::{
+    Claim, ClaimResult, Error, Guard, Policy, Producer, Ring, WaitStrategy, HOT_WRAP_DEFAULT,
+};
 
 use crate::buffer::{MapView, Rows, SendPtr, Source};
 use crate::errors::{to_py, IntoPy};
@@ -36,6 +38,8 @@ pub struct RingBuffer {
     block_timeout: AtomicU64,
     /// How a blocked write waits for room (a `WaitStrategy`, as `wait_code`).
     wait: AtomicU8,
+    /// Policy "block": `Producer::set_hot_wrap` (settable from Python as `hot_bytes`).
+    hot_wrap: AtomicU64,
 }
 
 fn wait_code(w: WaitStrategy) -> u8 {
@@ -89,6 +93,7 @@ impl RingBuffer {
             return Ok(Duration::ZERO);
         }
         p.set_wait(wait_of(self.wait.load(Ordering::Relaxed)));
+        p.set_hot_wrap(self.hot_wrap.load(Ordering::Relaxed));
         match timeout {
             Some(t) => duration(t, "timeout"),
             None => Ok(Duration::from_secs_f64(f64::from_bits(
@@ -182,6 +187,7 @@ impl RingBuffer {
             closed: AtomicBool::new(false),
             block_timeout: AtomicU64::new(block_timeout.to_bits()),
             wait: AtomicU8::new(wait_code(wait)),
+            hot_wrap: AtomicU64::new(HOT_WRAP_DEFAULT),
         })
     }
 
@@ -457,6 +463,19 @@ impl RingBuffer {
         let w = WaitStrategy::parse(wait).py_err(py)?;
         self.wait.store(wait_code(w), Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Policy "block": how far into the ring (bytes) the producer goes before it returns to
+    /// the start early, once the consumer has taken all it would overwrite (and at least
+    /// twice the record's size): records a consumer keeps up with cycle through memory still in
+    /// cache; one that lags has the whole ring as slack. 0: every lap the whole ring.
+    #[getter]
+    fn get_hot_bytes(&self) -> u64 {
+        self.hot_wrap.load(Ordering::Relaxed)
+    }
+    #[setter]
+    fn set_hot_bytes(&self, nbytes: u64) {
+        self.hot_wrap.store(nbytes, Ordering::Relaxed);
     }
 
     /// Reserves ring space for one record of `nbytes` payload bytes (waiting for room under
