@@ -128,6 +128,7 @@ class RingTransport(Transport):
     # Frames: commit every second frame. A frame slot freed at once is rewritten by the
     # producer while its lines are still in the consumer's L2 (RingCommitEachTransport).
     commit_every = 2
+    hot_bytes: int | None = None  # (None: the ring's default)
 
     def __init__(self, size: int, readers: int, ctx: Any) -> None:
         super().__init__(size, readers, ctx)
@@ -145,6 +146,8 @@ class RingTransport(Transport):
         from rust_daq import RingBuffer
 
         ring = RingBuffer.open(self.path, writable=True, wait=self.wait)
+        if self.hot_bytes is not None:
+            ring.hot_bytes = self.hot_bytes
 
         class S(Sender):
             send = ring.write  # type: ignore[assignment]
@@ -227,6 +230,15 @@ class RingParkTransport(RingTransport):
 class RingCommitEachTransport(RingTransport):
     label = "rust-daq ring, commit each frame"
     commit_every = 1
+
+
+class RingWholeTransport(RingTransport):
+    """The ring with ``hot_bytes = 0``: each lap through the whole ring, as before hot reuse
+    (iceoryx2 and the shared_memory peer hand out a just-freed slot again, whose lines are
+    still in cache; the default ring goes back to its start once its consumer has caught up)."""
+
+    label = "rust-daq ring, hot_bytes=0 (each lap the whole ring)"
+    hot_bytes = 0
 
 
 class RingBulkTransport(RingTransport):
@@ -569,6 +581,7 @@ TRANSPORTS: dict[str, type[Transport]] = {
     "ring_busy": RingBusyTransport,
     "ring_park": RingParkTransport,
     "ring_commit_each": RingCommitEachTransport,
+    "ring_whole": RingWholeTransport,
     "faster_fifo": FasterFifoTransport,
     "iceoryx2": Iceoryx2Transport,
     "shared_memory": SharedMemoryTransport,
