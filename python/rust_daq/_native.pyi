@@ -152,7 +152,9 @@ class RingBuffer:
     def hot_bytes(self) -> int:
         """Policy "block": how far into the ring (bytes) the producer goes before it returns
         to the start early, once the consumer has taken all it would overwrite (and at least
-        twice the record's size); 0: every lap the whole ring. Default 1 MiB."""
+        twice the record's size); 0: every lap the whole ring. Default 1 MiB. (A
+        ``read_snapshot()`` across such a lap's end copies its padding, up to the ring's size:
+        a producer for snapshot consumers sets 0.)"""
     @hot_bytes.setter
     def hot_bytes(self, nbytes: int) -> None: ...
     def reserve(
