@@ -151,10 +151,11 @@ class RingBuffer:
     @property
     def hot_bytes(self) -> int:
         """Policy "block": how far into the ring (bytes) the producer goes before it returns
-        to the start early, once the consumer has taken all it would overwrite (and at least
-        twice the record's size); 0: every lap the whole ring. Default 1 MiB. (A
-        ``read_snapshot()`` across such a lap's end copies its padding, up to the ring's size:
-        a producer for snapshot consumers sets 0.)"""
+        to the start early, once the consumer has taken every record (and at least twice the
+        record's size); 0: every lap the whole ring. Default 1 MiB. A drained ring then keeps
+        about that much history, and a ``read_snapshot()`` across such a lap's end copies its
+        padding: a producer whose readers want history (``latest``, ``LiveView``, readers from
+        the oldest record) or snapshots sets 0."""
     @hot_bytes.setter
     def hot_bytes(self, nbytes: int) -> None: ...
     def reserve(

@@ -258,11 +258,12 @@ impl Producer {
         }
         let mut pad = if at + size > cap { cap - at } else { 0 };
         let mut walked = None;
-        // Hot reuse (policy "block"): once the consumer has taken what it would reclaim, go
-        // back to offset 0 early, so that the records cycle through the first megabytes
-        // (still in cache) instead of the whole ring; a consumer that lags gets the rest
-        // of the ring as slack, as before.
-        if pad == 0 && block && self.hot_wrap != 0 && at >= self.hot_wrap.max(2 * size) {
+        // Hot reuse (policy "block"): once the consumer has taken everything, go back to
+        // offset 0 early, so that the records cycle through the first megabytes (still in
+        // cache) instead of the whole ring. Only a drained ring: a consumer that lags by
+        // any record keeps the whole ring as slack, and no walk is made for nothing.
+        if pad == 0 && block && self.hot_wrap != 0 && tail >= w && at >= self.hot_wrap.max(2 * size)
+        {
             let start = w + (cap - at);
             let (oldest, lost) = self.reclaim(w, start, start + size - cap, tail)?;
             if tail >= oldest.min(w) {
@@ -358,8 +359,8 @@ impl Producer {
     }
 
     /// Policy "block": how far into the ring (bytes) the producer goes before it returns to
-    /// offset 0 early, when the consumer has taken all it would reclaim (at least twice
-    /// the record's size); 0: never early, every lap the whole ring.
+    /// offset 0 early, when the consumer has taken every record (at least twice the
+    /// record's size); 0: never early, every lap the whole ring.
     pub fn set_hot_wrap(&mut self, bytes: u64) {
         self.hot_wrap = bytes;
     }

@@ -290,3 +290,32 @@ fn hot_reuse_off_and_overwrite_rings_go_through_the_whole_ring() {
         assert_eq!(offsets[lap], 0, "{policy:?}");
     }
 }
+
+#[test]
+fn a_consumer_that_stops_after_one_record_still_leaves_the_whole_ring() {
+    let t = TempRing::new("hot-stop");
+    let (ring, mut p) = Ring::create(&t.0, 256 * 1024, Policy::Block, false).unwrap();
+    p.set_hot_wrap(16 * 1024);
+    let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    p.write(&payload(0, 1024), 0, None, Duration::ZERO).unwrap();
+    let (rec, _) = rd.next_copy().unwrap().unwrap();
+    assert_eq!(rec.seq, 0);
+    rd.commit().unwrap(); // ...and reads no more
+    let mut written = 1u64;
+    while p
+        .write(&payload(written, 1024), 0, None, Duration::ZERO)
+        .is_ok()
+    {
+        written += 1;
+    }
+    // 1,088 bytes a record in 256 KiB: the whole ring, not the first 16 KiB of it.
+    assert_eq!(written, 241, "records written before the ring was full");
+    let offsets: Vec<u64> = std::iter::from_fn(|| rd.next_copy().unwrap())
+        .map(|(r, buf)| {
+            assert_eq!(check(&buf), r.seq);
+            r.pos % ring.capacity()
+        })
+        .collect();
+    assert_eq!(offsets.len(), 240);
+    assert_eq!(offsets[0], 1088);
+}

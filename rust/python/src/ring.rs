@@ -466,9 +466,9 @@ impl RingBuffer {
     }
 
     /// Policy "block": how far into the ring (bytes) the producer goes before it returns to
-    /// the start early, once the consumer has taken all it would overwrite (and at least
-    /// twice the record's size): records a consumer keeps up with cycle through memory still in
-    /// cache; one that lags has the whole ring as slack. 0: every lap the whole ring.
+    /// the start early, once the consumer has taken every record (and at least twice the
+    /// record's size): records a consumer keeps up with cycle through memory still in cache,
+    /// and a drained ring keeps about that much history. 0: every lap the whole ring.
     #[getter]
     fn get_hot_bytes(&self) -> u64 {
         self.hot_wrap.load(Ordering::Relaxed)
