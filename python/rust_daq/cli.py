@@ -295,7 +295,9 @@ def _write_remote(
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        # (from a thread: the handler runs in the main thread, which may hold stop's lock
+        # inside stop.wait(); setting it there could deadlock)
+        signal.signal(sig, lambda *_: threading.Thread(target=stop.set, daemon=True).start())
     try:
         stats = relay(
             url,

@@ -352,8 +352,11 @@ def run(options: WriterOptions) -> int:
     wake = threading.Event()  # a stop, or a command from the parent
 
     def stopped(*_: object) -> None:
+        # A signal handler runs in the main thread, which may be inside wake.wait() holding
+        # the event's (non-reentrant) lock: setting it here could deadlock the writer for
+        # good. stop is never waited on; wake is set from a thread of its own.
         stop.set()
-        wake.set()
+        threading.Thread(target=wake.set, name="wake", daemon=True).start()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stopped)
