@@ -257,27 +257,19 @@ impl Producer {
             return Err(self.ring.positions_error());
         }
         let mut pad = if at + size > cap { cap - at } else { 0 };
-        let mut walked = None;
         // Hot reuse (policy "block"): once the consumer has taken everything, go back to
-        // offset 0 early, so that the records cycle through the first megabytes (still in
-        // cache) instead of the whole ring. Only a drained ring: a consumer that lags by
-        // any record keeps the whole ring as slack, and no walk is made for nothing.
+        // offset 0 early (an end-of-lap padding before the end), so that the records cycle
+        // through the first megabytes (still in cache) instead of the whole ring. Only a
+        // drained ring: everything the walk below reclaims is then consumed (it never
+        // blocks, nothing is lost), and a consumer that lags keeps the whole ring as slack.
         if pad == 0 && block && self.hot_wrap != 0 && tail >= w && at >= self.hot_wrap.max(2 * size)
         {
-            let start = w + (cap - at);
-            let (oldest, lost) = self.reclaim(w, start, start + size - cap, tail)?;
-            if tail >= oldest.min(w) {
-                pad = cap - at;
-                walked = Some((oldest, lost));
-            }
+            pad = cap - at;
         }
         let start = w + pad;
         let end = start + size;
         // Walk the records the new one will overlap (those starting before end - cap).
-        let (oldest, lost) = match walked {
-            Some(done) => done,
-            None => self.reclaim(w, start, end.saturating_sub(cap), tail)?,
-        };
+        let (oldest, lost) = self.reclaim(w, start, end.saturating_sub(cap), tail)?;
         // Under "block", every record reclaimed must have been consumed. Reclaiming only
         // the (never written) padding beyond `w` needs nothing.
         let needed_tail = oldest.min(w);

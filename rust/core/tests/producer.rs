@@ -235,6 +235,14 @@ fn offsets_written(
     offsets
 }
 
+/// A 256 KiB block ring going back to its start past 16 KiB, and a reader at its tail.
+fn hot_ring(t: &TempRing) -> (std::sync::Arc<Ring>, rust_daq_core::Producer, Reader) {
+    let (ring, mut p) = Ring::create(&t.0, 256 * 1024, Policy::Block, false).unwrap();
+    p.set_hot_wrap(16 * 1024);
+    let rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    (ring, p, rd)
+}
+
 #[test]
 fn a_block_ring_its_consumer_keeps_up_with_reuses_its_first_bytes() {
     let t = TempRing::new("hot");
@@ -256,9 +264,7 @@ fn a_block_ring_its_consumer_keeps_up_with_reuses_its_first_bytes() {
 #[test]
 fn a_block_ring_whose_consumer_lags_still_has_all_of_its_room() {
     let t = TempRing::new("hot-lag");
-    let (ring, mut p) = Ring::create(&t.0, 256 * 1024, Policy::Block, false).unwrap();
-    p.set_hot_wrap(16 * 1024);
-    let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    let (ring, mut p, mut rd) = hot_ring(&t);
     // 200 records of 1,088 bytes unread (217 KiB): nothing is wrapped early, none blocks.
     let offsets = offsets_written(&ring, &mut p, &mut rd, 200, 1024, false);
     assert_eq!(offsets, (0..200u64).map(|i| i * 1088).collect::<Vec<_>>());
@@ -294,9 +300,7 @@ fn hot_reuse_off_and_overwrite_rings_go_through_the_whole_ring() {
 #[test]
 fn a_consumer_that_stops_after_one_record_still_leaves_the_whole_ring() {
     let t = TempRing::new("hot-stop");
-    let (ring, mut p) = Ring::create(&t.0, 256 * 1024, Policy::Block, false).unwrap();
-    p.set_hot_wrap(16 * 1024);
-    let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    let (ring, mut p, mut rd) = hot_ring(&t);
     p.write(&payload(0, 1024), 0, None, Duration::ZERO).unwrap();
     let (rec, _) = rd.next_copy().unwrap().unwrap();
     assert_eq!(rec.seq, 0);
