@@ -95,6 +95,18 @@ def test_the_same_pass_unpaused_collects_again_and_again(
     assert len(_pass_collections(ring_path, tmp_path, collections)) > 10
 
 
+def _pause_in_another_thread() -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """A thread (not started) that holds a pause from setting `held` until `leave` is set."""
+    held, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with paused():
+            held.set()
+            leave.wait(10)
+
+    return threading.Thread(target=other), held, leave
+
+
 def test_overlapping_pauses_collect_after_max_pause(
     collections: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,14 +115,7 @@ def test_overlapping_pauses_collect_after_max_pause(
     from rust_daq import _gc
 
     monkeypatch.setattr(_gc, "MAX_PAUSE", 0.05)
-    held, done = threading.Event(), threading.Event()
-
-    def other() -> None:
-        with paused():
-            held.set()
-            done.wait(10)
-
-    t = threading.Thread(target=other)
+    t, held, done = _pause_in_another_thread()
     t.start()
     assert held.wait(10)
     try:
@@ -160,14 +165,7 @@ def test_a_finalizer_that_pauses_during_the_freezes_collection_does_not_deadlock
 
 def test_pauses_nest_across_threads() -> None:
     assert gc.isenabled()
-    entered, leave = threading.Event(), threading.Event()
-
-    def other() -> None:
-        with paused():
-            entered.set()
-            leave.wait(10)
-
-    t = threading.Thread(target=other)
+    t, entered, leave = _pause_in_another_thread()
     with paused():
         assert not gc.isenabled()
         t.start()

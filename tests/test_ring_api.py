@@ -347,3 +347,16 @@ def test_misusing_a_reservation_raises_ring_usage_error(ring_path: str) -> None:
             ring.reserve(8)
         res.abort()
         assert [r.seq for r in ring.reader().read()] == [seq]
+
+
+def test_hot_bytes_takes_a_byte_count_and_refuses_anything_else(ring_path: str) -> None:
+    with RingBuffer.create(ring_path, capacity_mb=4, policy="block") as ring:
+        assert ring.hot_bytes == 1 << 20  # the default
+        ring.hot_bytes = 0
+        assert ring.hot_bytes == 0
+        for bad, error in ((-1, OverflowError), (2**64, OverflowError), (1.5, TypeError), ("1", TypeError)):
+            with pytest.raises(error):
+                ring.hot_bytes = bad  # type: ignore[assignment]
+            assert ring.hot_bytes == 0  # unchanged
+        ring.write(b"x" * 100)
+        assert ring.reader("oldest").read()[0].data == b"x" * 100
