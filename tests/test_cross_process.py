@@ -163,18 +163,27 @@ else:
     assert p.returncode != 0 and "KeyboardInterrupt" in err
 
 
-@pytest.mark.parametrize("hot_bytes", [1 << 20, 0])
-def test_a_block_ring_reused_from_its_start_loses_and_tears_nothing(ring_path: str, hot_bytes: int) -> None:
+@pytest.mark.parametrize(
+    ("hot_bytes", "size", "batch"),
+    [(1 << 20, 64 * 1024, 16), (1 << 20, 256 * 1024, 1), (0, 64 * 1024, 16)],
+    ids=["hot", "hot-frames-one-at-a-time-in-place", "whole-ring"],
+)
+def test_a_block_ring_reused_from_its_start_loses_and_tears_nothing(
+    ring_path: str, hot_bytes: int, size: int, batch: int
+) -> None:
     """Policy "block" with hot reuse (the default): while the consumer process keeps up, the
     producer goes back to the start of the 8 MiB ring after about 1 MiB, racing the reads and
-    commits of the consumer; every record arrives once, whole, in order. (hot_bytes=0: every
-    lap the whole ring, as a control.)"""
-    n, size = 3_000, 64 * 1024
+    commits of the consumer; every record arrives once, whole, in order. Frames read one at
+    a time, in place (a record or two behind the producer), are where the producer copies
+    the next frame ahead to the start of the ring while it waits for the consumer: a frame
+    torn by that copy would fail its checksum here. (hot_bytes=0: every lap the whole ring,
+    as a control.)"""
+    n = 3_000 if batch > 1 else 1_000
     capacity = 8 << 20
     RingBuffer.create(ring_path, capacity_bytes=capacity, policy="block").close()
     helpers = str(Path(__file__).parent / "helpers")
     producer_code = f"""
-import sys
+import sys, time
 sys.path.insert(0, {helpers!r})
 from payloads import make_payload
 from rust_daq import RingBuffer
@@ -183,6 +192,8 @@ ring.hot_bytes = {hot_bytes}
 print("started", flush=True)
 for i in range({n}):
     ring.write(make_payload(i, {size}), timeout=60)
+    if {batch} == 1 and i % 3 == 2:
+        time.sleep(0.0005)  # about the consumer's pace: it keeps up, a frame or two behind
 print("done", flush=True)
 """
     with RingBuffer.open(ring_path) as ring:
@@ -194,8 +205,9 @@ print("done", flush=True)
             assert first_line(p) == "started"
             got: list[int] = []
             while len(got) < n:
-                for rec in reader.read(max_records=16, timeout=5.0):
+                for rec in reader.read(max_records=batch, timeout=5.0, copy=batch > 1):
                     assert check_payload(rec.data) == rec.seq == len(got)
+                    assert rec.valid(), "the primary consumer's records are never reclaimed"
                     got.append(rec.seq)
                 reader.commit()
                 assert p.poll() in (None, 0)

@@ -29,6 +29,8 @@ pub struct Claim {
     pub stream: u32,
     /// Sequence number within the stream (`NO_SEQ` if the stream is not tracked).
     pub stream_seq: u64,
+    /// The payload is already in place (`prefill_hot`): do not fill it again.
+    pub prefilled: bool,
     now_ns: i64,
 }
 
@@ -53,6 +55,11 @@ pub struct Producer {
     wait: WaitStrategy,
     /// Policy "block": the offset past which a drained ring goes back to 0 (`set_hot_wrap`).
     hot_wrap: u64,
+    /// The lap (`write_pos / capacity`) in which the producer last waited for its consumer
+    /// to drain (`ClaimResult::WouldBlock::hot_wait`): at most once a lap.
+    hot_waited_lap: u64,
+    /// `prefill_hot`'s copy: (position of the record it is for, payload bytes).
+    prefilled: Option<(u64, u64)>,
 }
 
 /// The default `Producer::set_hot_wrap`: 1 MiB (what a core's L2 holds, or about).
@@ -64,8 +71,21 @@ pub enum ClaimResult {
     /// Policy "block": this many bytes of `read_tail` progress are needed first.
     WouldBlock {
         needed_tail: u64,
+        /// `Some(d)`: the ring is not full. Its consumer is taking the last one or two large
+        /// records (hot reuse, `set_hot_wrap`): the producer waits at most `d` for it to take
+        /// them, so that the lap can end early, then claims again, which goes on in any
+        /// case (it asks at most once a lap). `None`: full, wait for room.
+        hot_wait: Option<Duration>,
     },
 }
+
+/// Records from this size on may wait for the consumer to drain (`hot_wait`); smaller
+/// records are read in batches and never wait while the ring has room.
+pub const HOT_WAIT_MIN_RECORD: u64 = 64 * 1024;
+/// How long `hot_wait` lasts: the time the consumer needs for the bytes it still has to take
+/// at 2 GB/s (a consumer keeping up with large records copies far faster), at most 10 ms.
+const HOT_WAIT_BYTES_PER_NS: u64 = 2;
+const HOT_WAIT_MAX: Duration = Duration::from_millis(10);
 
 impl Producer {
     pub(crate) fn attach(ring: Arc<Ring>) -> Result<Producer> {
@@ -85,6 +105,8 @@ impl Producer {
             arrow: None,
             wait: WaitStrategy::default(),
             hot_wrap: HOT_WRAP_DEFAULT,
+            hot_waited_lap: u64::MAX,
+            prefilled: None,
             pending: None,
             took_over_from: match acquired {
                 lock::Acquired::TookOver(pid) => Some(pid),
@@ -198,6 +220,20 @@ impl Producer {
         schema_id: u32,
         timestamp_ns: Option<i64>,
     ) -> Result<ClaimResult> {
+        self.prefilled = None;
+        self.try_claim_prefilled(payload_len, stream, schema_id, timestamp_ns)
+    }
+
+    /// `try_claim_tagged` again after `prefill_hot` returned true for this record's payload
+    /// (and a wait): if the record goes where the payload was copied, the claim says so
+    /// (`Claim::prefilled`) and the caller commits it without filling it.
+    pub fn try_claim_prefilled(
+        &mut self,
+        payload_len: u64,
+        stream: u32,
+        schema_id: u32,
+        timestamp_ns: Option<i64>,
+    ) -> Result<ClaimResult> {
         if lock::forked_since(self.fork_gen) {
             return Err(Error::Forked);
         }
@@ -262,9 +298,22 @@ impl Producer {
         // through the first megabytes (still in cache) instead of the whole ring. Only a
         // drained ring: everything the walk below reclaims is then consumed (it never
         // blocks, nothing is lost), and a consumer that lags keeps the whole ring as slack.
-        if pad == 0 && block && self.hot_wrap != 0 && tail >= w && at >= self.hot_wrap.max(2 * size)
-        {
-            pad = cap - at;
+        if pad == 0 && block && self.hot_wrap != 0 && at >= self.hot_wrap.max(2 * size) {
+            if tail >= w {
+                pad = cap - at;
+            } else if size >= HOT_WAIT_MIN_RECORD
+                && w - tail <= 2 * size
+                && self.hot_waited_lap != w / cap
+            {
+                // A consumer a record or two behind large records is copying them: wait
+                // for it briefly (once a lap) rather than go on through cold memory.
+                self.hot_waited_lap = w / cap;
+                let ns = (w - tail) / HOT_WAIT_BYTES_PER_NS;
+                return Ok(ClaimResult::WouldBlock {
+                    needed_tail: w,
+                    hot_wait: Some(Duration::from_nanos(ns).min(HOT_WAIT_MAX)),
+                });
+            }
         }
         let start = w + pad;
         let end = start + size;
@@ -274,7 +323,10 @@ impl Producer {
         // the (never written) padding beyond `w` needs nothing.
         let needed_tail = oldest.min(w);
         if block && needed_tail > self.oldest && tail < needed_tail {
-            return Ok(ClaimResult::WouldBlock { needed_tail });
+            return Ok(ClaimResult::WouldBlock {
+                needed_tail,
+                hot_wait: None,
+            });
         }
         let now = now_ns();
         let r = &self.ring.region;
@@ -296,6 +348,7 @@ impl Producer {
             r.r64(at, off::R_COMMIT)
                 .store(COMMITTED | pad, Ordering::Release);
         }
+        let prefilled = self.prefilled.take() == Some((start, payload_len));
         let sat = start % cap;
         self.write_header(
             sat,
@@ -321,6 +374,7 @@ impl Producer {
             seq: self.next_seq,
             stream,
             stream_seq,
+            prefilled,
             now_ns: now,
         };
         self.pending = Some(claim);
@@ -350,9 +404,62 @@ impl Producer {
         Ok((oldest, lost))
     }
 
+    /// After `WouldBlock { hot_wait: Some(_) }`, before waiting: copies the payload of the
+    /// record being written to where it goes if the consumer drains in time (the start of
+    /// the next lap), so that this copy overlaps the consumer's copy of the last records
+    /// instead of following it. The records it overwrites are consumed; they are reclaimed
+    /// first, exactly as a claim there would (`oldest_pos`, then a release fence). The claim
+    /// that follows the wait uses the copy (`Claim::prefilled`) if the lap ends early there,
+    /// and otherwise goes on as usual (the copy was only into reclaimed space). Returns false,
+    /// having done nothing, if that space is not free yet.
+    ///
+    /// # Safety
+    /// `src` is valid for reads of `len` bytes, the payload of the claim that asked.
+    pub unsafe fn prefill_hot(&mut self, src: *const u8, len: usize) -> Result<bool> {
+        self.prefilled = None;
+        let cap = self.ring.cap;
+        let w = self.write_pos;
+        let size = match format::record_size(len as u64) {
+            Some(s) if s <= cap && self.pending.is_none() => s,
+            _ => return Ok(false),
+        };
+        let start = w + (cap - w % cap);
+        let tail = self.ring.h64(off::READ_TAIL).load(Ordering::Acquire);
+        let (oldest, lost) = self.reclaim(w, start, start + size - cap, tail)?;
+        // As in claim_inner: everything reclaimed must have been consumed.
+        if lost != 0 || oldest > w || (oldest > self.oldest && tail < oldest) {
+            return Ok(false);
+        }
+        if oldest != self.oldest {
+            self.oldest = oldest;
+            self.ring
+                .h64(off::OLDEST_POS)
+                .store(oldest, Ordering::Relaxed);
+            fence(Ordering::Release);
+        }
+        let claim = Claim {
+            pos: start,
+            size,
+            payload_len: len as u64,
+            seq: 0,
+            stream: 0,
+            stream_seq: 0,
+            prefilled: false,
+            now_ns: 0,
+        };
+        // SAFETY: the payload of a record at `start`: inside the data region (size <= cap,
+        // at offset 0 of a lap), reclaimed above and beyond write_pos, so no reader looks
+        // at it; `src` is the caller's promise.
+        unsafe { copy::to_ring(self.payload_ptr(&claim), src, len) };
+        self.prefilled = Some((start, len as u64));
+        Ok(true)
+    }
+
     /// Policy "block": how far into the ring (bytes) the producer goes before it returns to
     /// offset 0 early, when the consumer has taken every record (at least twice the
-    /// record's size); 0: never early, every lap the whole ring.
+    /// record's size); 0: never early, every lap the whole ring. Past it, a claim of a
+    /// large record whose consumer is a record or two behind asks its caller to wait for it
+    /// briefly (`ClaimResult::WouldBlock::hot_wait`, once a lap).
     pub fn set_hot_wrap(&mut self, bytes: u64) {
         self.hot_wrap = bytes;
     }
@@ -564,16 +671,36 @@ impl Producer {
         timeout: Duration,
     ) -> Result<u64> {
         let deadline = Instant::now() + timeout;
+        let mut prefilled = false;
         loop {
-            match self.try_claim(payload.len() as u64, stream, timestamp_ns)? {
+            let claimed = if prefilled {
+                self.try_claim_prefilled(payload.len() as u64, stream, 0, timestamp_ns)?
+            } else {
+                self.try_claim(payload.len() as u64, stream, timestamp_ns)?
+            };
+            match claimed {
                 ClaimResult::Claimed(c) => {
-                    // SAFETY: payload is a live slice of exactly this length.
-                    unsafe { self.fill(&c, payload.as_ptr(), payload.len()) };
+                    if !c.prefilled {
+                        // SAFETY: payload is a live slice of exactly this length.
+                        unsafe { self.fill(&c, payload.as_ptr(), payload.len()) };
+                    }
                     let seq = self.commit(c)?;
                     self.notify();
                     return Ok(seq);
                 }
-                ClaimResult::WouldBlock { needed_tail } => {
+                ClaimResult::WouldBlock {
+                    needed_tail,
+                    hot_wait: Some(d),
+                } => {
+                    // Not full: wait no longer than the caller allows (not at all for 0).
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if !left.is_zero() {
+                        // SAFETY: as above.
+                        prefilled = unsafe { self.prefill_hot(payload.as_ptr(), payload.len())? };
+                        self.wait_for_room(needed_tail, d.min(left));
+                    }
+                }
+                ClaimResult::WouldBlock { needed_tail, .. } => {
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(self.full_error(needed_tail, timeout));

@@ -114,12 +114,45 @@ fn claim_with_wait(
     schema_id: u32,
     ts: Option<i64>,
     timeout: Duration,
+    prefill: Option<&Source>,
 ) -> PyResult<Claim> {
     let mut deadline: Option<Instant> = None;
+    let mut prefilled = false;
     loop {
-        match p.try_claim_tagged(len, stream, schema_id, ts).py_err(py)? {
+        let claimed = if prefilled {
+            p.try_claim_prefilled(len, stream, schema_id, ts)
+        } else {
+            p.try_claim_tagged(len, stream, schema_id, ts)
+        };
+        match claimed.py_err(py)? {
             ClaimResult::Claimed(c) => return Ok(c),
-            ClaimResult::WouldBlock { needed_tail } => {
+            ClaimResult::WouldBlock {
+                needed_tail,
+                hot_wait: Some(d),
+            } => {
+                // A hot wait (not full): copy the payload ahead while the consumer finishes
+                // (see Producer::prefill_hot), then wait for it, both without the GIL; no
+                // longer than the caller allows (not at all for a timeout of 0).
+                let end = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+                let d = d.min(end.saturating_duration_since(Instant::now()));
+                if d.is_zero() {
+                    continue;
+                }
+                let src = prefill.map(|s| (SendPtr(s.ptr as *mut u8), s.len));
+                let pr = &mut *p;
+                prefilled = py
+                    .detach(move || -> rust_daq_core::Result<bool> {
+                        let done = match src {
+                            // SAFETY: the caller's Source holds the buffer export for this call.
+                            Some((ptr, len)) => unsafe { pr.prefill_hot(ptr.get(), len)? },
+                            None => false,
+                        };
+                        pr.wait_for_room(needed_tail, d);
+                        Ok(done)
+                    })
+                    .py_err(py)?;
+            }
+            ClaimResult::WouldBlock { needed_tail, .. } => {
                 let end = *deadline.get_or_insert_with(|| Instant::now() + timeout);
                 let pr = &*p;
                 if !sleep_slice(py, end, |slice| {
@@ -141,7 +174,10 @@ fn write_one(
     ts: Option<i64>,
     timeout: Duration,
 ) -> PyResult<u64> {
-    let c = claim_with_wait(py, p, src.len as u64, stream, 0, ts, timeout)?;
+    let c = claim_with_wait(py, p, src.len as u64, stream, 0, ts, timeout, Some(src))?;
+    if c.prefilled {
+        return p.commit(c).py_err(py);
+    }
     let (s, n) = (SendPtr(src.ptr as *mut u8), src.len);
     let pr = &*p;
     // SAFETY: `src` holds the buffer export (or the bytes object) until after this call;
@@ -468,7 +504,9 @@ impl RingBuffer {
     /// Policy "block": how far into the ring (bytes) the producer goes before it returns to
     /// the start early, once the consumer has taken every record (and at least twice the
     /// record's size): records a consumer keeps up with cycle through memory still in cache,
-    /// and a drained ring keeps about that much history. 0: every lap the whole ring.
+    /// and a drained ring keeps about that much history. Records of 64 KiB and more wait
+    /// there, once a lap and briefly, for a consumer a record or two behind, the next
+    /// record copied ahead meanwhile. 0: every lap the whole ring, no wait.
     #[getter]
     fn get_hot_bytes(&self) -> u64 {
         self.hot_wrap.load(Ordering::Relaxed)
@@ -496,7 +534,7 @@ impl RingBuffer {
         // IPC writer maps it), which the SIGBUS guard does not cover: refuse a shrunk file.
         p.ring().check_intact().py_err(py)?;
         let limit = self.wait_limit(p, timeout)?;
-        let claim = claim_with_wait(py, p, nbytes, stream, schema_id, timestamp_ns, limit)?;
+        let claim = claim_with_wait(py, p, nbytes, stream, schema_id, timestamp_ns, limit, None)?;
         Ok(Reservation::new(
             self.ring.clone(),
             self.producer.clone(),
