@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -278,3 +279,33 @@ def test_each_thread_keeps_its_own_budget_across_runs() -> None:
     t.start()
     t.join(10)
     assert other and other[0] is not mine
+
+
+def test_the_spin_budget_follows_the_kernels_throttle() -> None:
+    from rust_daq._realtime import _RT_FILES, budget_for, thread_budget
+
+    assert budget_for(950_000, 1_000_000) == (pytest.approx(0.85), 50_000_000)  # the default
+    assert budget_for(-1, 1_000_000) == (pytest.approx(0.85), 50_000_000)  # no throttle
+    assert budget_for(500_000, 1_000_000) == (pytest.approx(0.40), 50_000_000)
+    assert budget_for(95_000, 100_000) == (pytest.approx(0.85), 5_000_000)  # a shorter period
+    assert budget_for(80_000, 1_000_000) == (0.0, 50_000_000)  # a tenth or less: never spin
+    with pytest.raises(ValueError, match="sched_rt_period_us"):
+        budget_for(950_000, 0)
+    # Under any throttle, spinning with no work fits a twentieth of the period below it.
+    for runtime, period in [
+        (950_000, 1_000_000),
+        (600_000, 1_000_000),
+        (190_000, 200_000),
+        (150_000, 1_000_000),
+    ]:
+        share, cap_ns = budget_for(runtime, period)
+        assert share * period * 1_000 + cap_ns <= (runtime / period - 0.05) * period * 1_000 + 1
+    # This machine's budget is the one its kernel's files give.
+    runtime, period = (int(Path(f).read_text()) for f in _RT_FILES)
+    import threading
+
+    got: list[tuple[float, int]] = []
+    t = threading.Thread(target=lambda: got.append((thread_budget().share, thread_budget().cap_ns)))
+    t.start()
+    t.join()
+    assert got == [budget_for(runtime, period)]

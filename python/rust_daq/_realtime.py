@@ -33,9 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
-__all__ = ["RealtimeSettings", "SpinBudget", "apply", "restore", "thread_budget"]
+__all__ = ["RealtimeSettings", "SpinBudget", "apply", "budget_for", "restore", "thread_budget"]
 
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30
 _MCL_CURRENT = 1
@@ -67,8 +68,8 @@ class SpinBudget:
     """How long a SCHED_FIFO thread may spin before its next deadline, so that all it does
     (its work, measured, and its spinning) stays below the kernel's real-time throttle.
 
-    The kernel lets real-time tasks run 95 % of each second (``sched_rt_runtime_us`` of
-    ``sched_rt_period_us``) and stops them for the rest of that second once they have: a
+    The kernel lets real-time tasks run 95 % of each second by default (``sched_rt_runtime_us``
+    of ``sched_rt_period_us``; :func:`thread_budget` reads them, :func:`budget_for`) and stops them for the rest of that second once they have: a
     1 kHz loop spinning 800 µs of each period with 180 µs of work lost 29-34 ms once a second
     (95 of 4,000 deadlines; 300 µs of work, 50 ms a second), and with the budget none. (The
     one write that "took" 17.9 ms in case 6's realtime run of 2026-12-04, 17 deadlines
@@ -105,14 +106,40 @@ class SpinBudget:
 
 
 _budgets = threading.local()
+_RT_FILES = ("/proc/sys/kernel/sched_rt_runtime_us", "/proc/sys/kernel/sched_rt_period_us")
+
+
+def budget_for(runtime_us: int, period_us: int) -> tuple[float, int]:
+    """SpinBudget's (share, cap_ns) under a real-time throttle of `runtime_us` in each
+    `period_us` (the kernel's ``sched_rt_runtime_us``, ``sched_rt_period_us``; runtime -1: no
+    throttle). The share leaves a tenth of the period, and the cap a twentieth, so that
+    share * period + cap stays a twentieth below the throttle; never more than 85 %, so that
+    an unthrottled (or barely throttled) thread still leaves its CPU to the rest now and then.
+    A throttle of a tenth or less: no spinning at all."""
+    if period_us <= 0:
+        raise ValueError(f"sched_rt_period_us must be > 0, got {period_us}")
+    fraction = 1.0 if runtime_us < 0 else min(1.0, runtime_us / period_us)
+    share = max(0.0, min(0.85, fraction - 0.10))
+    return share, int(min(50_000_000, 0.05 * period_us * 1_000))
+
+
+def kernel_budget() -> tuple[float, int]:
+    """`budget_for` this kernel's throttle; the default's (95 % of 1 s) if it cannot be read."""
+    try:
+        runtime, period = (int(Path(f).read_text()) for f in _RT_FILES)
+    except (OSError, ValueError):
+        runtime, period = 950_000, 1_000_000
+    return budget_for(runtime, period)
 
 
 def thread_budget() -> SpinBudget:
     """The calling thread's SpinBudget, kept across runs (a detector's short runs one after
-    another must not each start with a full credit): its CPU clock is this thread's."""
+    another must not each start with a full credit): its CPU clock is this thread's; its
+    share and cap follow this kernel's real-time throttle (`kernel_budget`)."""
     b: SpinBudget | None = getattr(_budgets, "budget", None)
     if b is None:
-        b = _budgets.budget = SpinBudget()
+        share, cap_ns = kernel_budget()
+        b = _budgets.budget = SpinBudget(share=share, cap_ns=cap_ns)
     return b
 
 
