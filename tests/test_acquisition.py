@@ -60,6 +60,12 @@ def test_voltmeter_and_camera_into_the_ring(ring_path: str, backend: str) -> Non
     assert c.column("frame_id").to_pylist() == list(range(c.num_rows))
     assert stats["records_lost"] == 0
     assert stats["write_latency_us"]["p50"] > 0
+    # Each stream's write latency counts its own writes; together, all of them.
+    lv, lc = sv["write_latency_us"], sc["write_latency_us"]
+    assert (lv["n"], lc["n"]) == (sv["records"], sc["records"])
+    assert lv["n"] + lc["n"] == stats["write_latency_us"]["n"]
+    assert 0 < lv["p50"] <= lv["p99"] <= lv["max"] and 0 < lc["p50"] <= lc["max"]
+    assert max(lv["max"], lc["max"]) == stats["write_latency_us"]["max"]
 
 
 def test_one_kilohertz_is_scheduled_and_accounted(ring_path: str) -> None:

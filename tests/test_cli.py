@@ -36,6 +36,8 @@ def test_demo_writes_the_expected_rows_on_every_stream(tmp_path: Path) -> None:
     r = cli("demo", "--duration", "2", "--output", str(out), "--rate", "50", "--fps", "5", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "stopped by duration" in r.stdout and "f['measurements/voltmeter/voltage'][:]" in r.stdout
+    # Write latency per stream (its own column) and over all writes.
+    assert "write" in r.stdout and "p99.9 µs" in r.stdout and "ring write latency, all streams" in r.stdout
     with h5py.File(out, "r") as f:
         v = f["measurements/voltmeter/voltage"]
         c = f["measurements/camera/frame"]

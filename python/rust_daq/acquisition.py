@@ -88,18 +88,18 @@ def rt_spin_ns(period: float) -> int:
 class _Samples:
     """The last `_SAMPLES` values of a measurement, for percentiles; no allocation per sample."""
 
-    def __init__(self) -> None:
-        self.values = np.zeros(_SAMPLES, dtype=np.float64)
+    def __init__(self, keep: int = _SAMPLES) -> None:
+        self.values = np.zeros(keep, dtype=np.float64)
         self.n = 0
 
     def add(self, v: float) -> None:
-        self.values[self.n % _SAMPLES] = v
+        self.values[self.n % len(self.values)] = v
         self.n += 1
 
     def summary(self, scale: float = 1e6) -> dict[str, float]:
         if self.n == 0:
             return {"p50": 0.0, "p99": 0.0, "p99.9": 0.0, "max": 0.0, "n": 0}
-        v = self.values[: min(self.n, _SAMPLES)] * scale
+        v = self.values[: min(self.n, len(self.values))] * scale
         p50, p99, p999 = np.percentile(v, [50, 99, 99.9])
         return {
             "p50": float(p50),
@@ -124,6 +124,9 @@ class _Stream:
     reads: int = 0
     missed: int = 0
     jitter: _Samples = field(default_factory=_Samples)
+    # this stream's writes into the ring (a camera's frames and a voltmeter's readings cost
+    # different things: their percentiles apart, besides all writes')
+    write_latency: _Samples = field(default_factory=lambda: _Samples(_SAMPLES // 8))
 
 
 class Acquisition:
@@ -376,7 +379,9 @@ class Acquisition:
             self.row_index.write(batch, st.instrument.name)
         else:
             self.ring.write_arrow_batch(batch, st.instrument.name)
-        self._write_latency.add(time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        self._write_latency.add(took)
+        st.write_latency.add(took)
         st.rows += batch.num_rows
         st.records += 1
         st.bytes += batch.nbytes
@@ -425,7 +430,8 @@ class Acquisition:
 
     def stats(self) -> dict[str, Any]:
         """Rows, records and bytes per stream; read jitter (lateness against the schedule, µs)
-        and missed deadlines per polled stream; write latency into the ring (µs); records the
+        and missed deadlines per polled stream; write latency into the ring (µs), per stream
+        and over all writes; records the
         ring lost (overwritten before its primary consumer read them)."""
         running = self._run_started
         elapsed = self._elapsed + (time.perf_counter() - running if running is not None else 0.0)
@@ -441,6 +447,7 @@ class Acquisition:
                 "expected_reads": math.floor(elapsed * rate) if rate else None,
                 "deadlines_missed": st.missed,
                 "jitter_us": st.jitter.summary(),
+                "write_latency_us": st.write_latency.summary(),
             }
         return {
             "elapsed_s": elapsed,

@@ -77,7 +77,7 @@ def _summary(stats: dict[str, Any]) -> bool:
     book = (stats.get("file") or {}).get("streams", {})
     table = Table(title=f"acquisition ({stats['elapsed_s']:.1f} s, stopped by {stats['stopped_by']})")
     columns = ["stream", "rows"] + (["in file"] if stats.get("output") else [])
-    for col in (*columns, "records", "MB", "missed deadlines", "jitter p99 (µs)"):
+    for col in (*columns, "records", "MB", "missed", "jitter p99 µs", "write p99.9 µs"):
         table.add_column(col, justify="right" if col != "stream" else "left")
     for name, st in stats["streams"].items():
         in_file = [f"{book[name]['rows']:,}" if name in book else "0"] if stats.get("output") else []
@@ -89,11 +89,12 @@ def _summary(stats: dict[str, Any]) -> bool:
             f"{st['bytes'] / 1e6:.2f}",
             str(st["deadlines_missed"]),
             f"{st['jitter_us']['p99']:.0f}",
+            f"{st['write_latency_us']['p99.9']:.0f}",
         )
     out.print(table)
     lat = stats["write_latency_us"]
     out.print(
-        f"ring write latency ({lat['n']:,} writes): p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, "
+        f"ring write latency, all streams ({lat['n']:,} writes): p50 {lat['p50']:.1f} µs, p99 {lat['p99']:.1f} µs, "
         f"p99.9 {lat['p99.9']:.1f} µs, max {lat['max']:.0f} µs; records lost: {stats['records_lost']}"
     )
     if stats.get("realtime"):
