@@ -124,7 +124,13 @@ fn claim_with_wait(
         } else {
             p.try_claim_tagged(len, stream, schema_id, ts)
         };
-        match claimed.py_err(py)? {
+        let claimed = claimed.py_err(py)?;
+        if let ClaimResult::WouldBlock { .. } = claimed {
+            // Wake the readers of what this call committed so far (write_many notifies once
+            // at its end): asleep, they would free no room until their own timeout.
+            p.notify();
+        }
+        match claimed {
             ClaimResult::Claimed(c) => return Ok(c),
             ClaimResult::WouldBlock {
                 needed_tail,
