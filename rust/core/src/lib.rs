@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use guard::Guard;
 pub use producer::{Claim, ClaimResult, Producer, HOT_WRAP_DEFAULT};
 pub use reader::{Next, Reader, RecordRef};
-pub use region::{Geometry, Region};
+pub use region::{now_ns, Geometry, Region};
 pub use ring::{Policy, Ring, Start, Status};
 pub use rows::{RowTable, MAX_ROW_SLOTS};
 pub use schema::SchemaEntry;

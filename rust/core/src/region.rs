@@ -52,7 +52,8 @@ unsafe impl Send for Region {}
 // SAFETY: as above; no method takes `&self` and mutates non-atomic state.
 unsafe impl Sync for Region {}
 
-pub(crate) fn now_ns() -> i64 {
+/// Wall clock, ns since the Unix epoch (negative before it): records' timestamps.
+pub fn now_ns() -> i64 {
     match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i64,
         Err(e) => -(e.duration().as_nanos() as i64),

@@ -203,3 +203,90 @@ fn block_policy_waits_for_the_consumer_and_loses_nothing() {
     assert_eq!(lost, 0);
     assert_eq!(ring.status().records_lost, 0);
 }
+
+/// `rows` rows of `len` bytes, back to back, row i being `payload(first + i, len)`.
+fn rows_of(first: u64, rows: u64, len: usize) -> Vec<u8> {
+    (first..first + rows)
+        .flat_map(|i| payload(i, len))
+        .collect()
+}
+
+#[test]
+fn write_rows_writes_what_fits_in_order_under_one_timestamp_and_publishes_once() {
+    let t = TempRing::new("rows");
+    let (ring, mut p) = Ring::create(&t.0, 64 * 1024, Policy::Block, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    let rows = rows_of(0, 1000, 64);
+    // SAFETY: `rows` holds 1,000 rows of 64 bytes.
+    let n = unsafe { p.write_rows(rows.as_ptr(), 1000, 64, 5) }.unwrap();
+    // 128 bytes a record in 64 KiB: all the room, then it stops instead of waiting.
+    assert_eq!(n, 512);
+    let st = ring.status();
+    assert_eq!(
+        (st.next_seq, st.commit_pos),
+        (512, 512 * 128),
+        "published at the end"
+    );
+    let mut stamps = vec![];
+    while let Some((rec, buf)) = rd.next_copy().unwrap() {
+        assert_eq!(
+            (check(&buf), rec.stream, rec.stream_seq),
+            (rec.seq, 5, rec.seq)
+        );
+        stamps.push(rec.timestamp_ns);
+    }
+    assert_eq!(stamps.len(), 512);
+    assert!(stamps.iter().all(|&s| s == stamps[0]) && stamps[0] == st.heartbeat_ns);
+    rd.commit().unwrap();
+    // The rest, once there is room: sequence and per-stream numbers go on.
+    // SAFETY: rows 512.. of the same buffer.
+    let m = unsafe { p.write_rows(rows.as_ptr().add(512 * 64), 488, 64, 5) }.unwrap();
+    assert_eq!(m, 488);
+    let got: Vec<(u64, u64)> = std::iter::from_fn(|| rd.next_copy().unwrap())
+        .map(|(rec, buf)| (check(&buf), rec.stream_seq))
+        .collect();
+    assert_eq!(got, (512..1000).map(|i| (i, i)).collect::<Vec<_>>());
+    assert_eq!((rd.lost(), ring.status().records_lost), (0, 0));
+}
+
+#[test]
+fn write_rows_on_an_overwrite_ring_counts_what_it_overwrites() {
+    let t = TempRing::new("rows-ow");
+    let (ring, mut p) = Ring::create(&t.0, 64 * 1024, Policy::Overwrite, false).unwrap();
+    let mut rd = Reader::new(ring.clone(), Start::Tail).unwrap();
+    let rows = rows_of(0, 2000, 64);
+    // SAFETY: `rows` holds 2,000 rows of 64 bytes.
+    assert_eq!(
+        unsafe { p.write_rows(rows.as_ptr(), 2000, 64, 0) }.unwrap(),
+        2000
+    );
+    let got = drain(&mut rd);
+    assert_eq!(got.len(), 512);
+    assert_eq!(check(&got[0].1), 2000 - 512);
+    assert_eq!((rd.lost(), ring.status().records_lost), (1488, 1488));
+}
+
+#[test]
+fn write_rows_refuses_what_write_refuses_and_leaves_large_rows_to_write() {
+    let t = TempRing::new("rows-bad");
+    let (ring, mut p) = Ring::create(&t.0, 1 << 20, Policy::Block, false).unwrap();
+    let e = p.register_schema("s", b"schema").unwrap();
+    let rows = rows_of(0, 4, 64);
+    // SAFETY (each call): `rows` holds 4 rows of 64 bytes; `big` 2 rows of 64 KiB.
+    let err = unsafe { p.write_rows(rows.as_ptr(), 4, 64, e.stream_id) }.unwrap_err();
+    assert!(err.to_string().contains("\"s\""), "{err}");
+    let c = match p.try_claim(8, 0, None).unwrap() {
+        ClaimResult::Claimed(c) => c,
+        ClaimResult::WouldBlock { .. } => unreachable!(),
+    };
+    let err = unsafe { p.write_rows(rows.as_ptr(), 4, 64, 0) }.unwrap_err();
+    assert!(err.to_string().contains("pending"), "{err}");
+    p.abort(c).unwrap();
+    let big = rows_of(0, 2, 64 * 1024);
+    assert_eq!(
+        unsafe { p.write_rows(big.as_ptr(), 2, 64 * 1024, 0) }.unwrap(),
+        0
+    );
+    assert_eq!(unsafe { p.write_rows(rows.as_ptr(), 0, 64, 0) }.unwrap(), 0);
+    assert_eq!(ring.status().next_seq, 0, "nothing written");
+}
