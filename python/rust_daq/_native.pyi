@@ -154,9 +154,9 @@ class RingBuffer:
     def hot_bytes(self) -> int:
         """Policy "block": how far into the ring (bytes) the producer goes before it returns
         to the start early, once the consumer has taken every record (and at least twice the
-        record's size); 0: every lap the whole ring. Default 1 MiB. For records of 64 KiB and
-        more, a write there whose consumer is a record or two behind waits for it, once a lap,
-        at most as long as those bytes take at 2 GB/s (10 ms at most), having copied its
+        record's size); 0: every lap the whole ring. Default 1 MiB. For records of 64 KiB to
+        8 MiB, a write there whose consumer is a record or two behind waits for it, once a lap,
+        at most as long as those bytes take at 8 GB/s (2 ms at most), having copied its
         payload ahead to the start meanwhile; if the consumer does not drain in time, the
         write goes on through the ring (no room is lost). A drained ring then keeps
         about that much history, and a ``read_snapshot()`` across such a lap's end copies its

@@ -79,13 +79,16 @@ pub enum ClaimResult {
     },
 }
 
-/// Records from this size on may wait for the consumer to drain (`hot_wait`); smaller
-/// records are read in batches and never wait while the ring has room.
+/// Records from this size up to `HOT_WAIT_MAX_RECORD` may wait for the consumer to drain
+/// (`hot_wait`); smaller records are read in batches and never wait while the ring has room,
+/// larger ones cycle through more memory than a cache holds anyway.
 pub const HOT_WAIT_MIN_RECORD: u64 = 64 * 1024;
+pub const HOT_WAIT_MAX_RECORD: u64 = 8 << 20;
 /// How long `hot_wait` lasts: the time the consumer needs for the bytes it still has to take
-/// at 2 GB/s (a consumer keeping up with large records copies far faster), at most 10 ms.
-const HOT_WAIT_BYTES_PER_NS: u64 = 2;
-const HOT_WAIT_MAX: Duration = Duration::from_millis(10);
+/// at 8 GB/s (a consumer that copies frames as they come goes faster; one that processes
+/// them as it reads is not kept up with, and the lap goes on), at most 2 ms.
+const HOT_WAIT_BYTES_PER_NS: u64 = 8;
+const HOT_WAIT_MAX: Duration = Duration::from_millis(2);
 
 impl Producer {
     pub(crate) fn attach(ring: Arc<Ring>) -> Result<Producer> {
@@ -304,7 +307,7 @@ impl Producer {
         if pad == 0 && block && self.hot_wrap != 0 && at >= self.hot_wrap.max(2 * size) {
             if tail >= w {
                 pad = cap - at;
-            } else if size >= HOT_WAIT_MIN_RECORD
+            } else if (HOT_WAIT_MIN_RECORD..=HOT_WAIT_MAX_RECORD).contains(&size)
                 && w - tail <= 2 * size
                 && self.hot_waited_lap != w / cap
             {
@@ -419,13 +422,31 @@ impl Producer {
     /// `src` is valid for reads of `len` bytes, the payload of the claim that asked.
     pub unsafe fn prefill_hot(&mut self, src: *const u8, len: usize) -> Result<bool> {
         self.prefilled = None;
+        if lock::forked_since(self.fork_gen) {
+            return Err(Error::Forked);
+        }
+        self.ring.check_tripped()?;
         let cap = self.ring.cap;
         let w = self.write_pos;
         let size = match format::record_size(len as u64) {
             Some(s) if s <= cap && self.pending.is_none() => s,
             _ => return Ok(false),
         };
-        let start = w + (cap - w % cap);
+        let lap_start = w - w % cap;
+        let start = lap_start + cap;
+        // Nothing a wait that fails would not have reclaimed soon anyway: this lap's first
+        // records and padding. Data of an earlier lap still in the ring (after a lap through
+        // the whole ring, or a longer one) stays there for readers of the history until this
+        // lap reaches it, if the consumer does not drain in time.
+        let mut p = self.oldest;
+        while p < lap_start {
+            let h = self.ring.load_header(p % cap);
+            let rsize = self.ring.check_header(p, &h)?;
+            if h.rtype == TYPE_DATA {
+                return Ok(false);
+            }
+            p += rsize;
+        }
         let tail = self.ring.h64(off::READ_TAIL).load(Ordering::Acquire);
         let (oldest, lost) = self.reclaim(w, start, start + size - cap, tail)?;
         // As in claim_inner: everything reclaimed must have been consumed.
@@ -596,7 +617,8 @@ impl Producer {
     /// Writes rows `0..rows` of `row_len` bytes each (row i at `base + i * row_len`) as one
     /// plain record each on `stream`, as far as the ring has room without waiting, and
     /// returns how many it wrote (the caller writes the next one with `write`'s wait, then
-    /// calls again; rows of `HOT_WAIT_MIN_RECORD` bytes or more are left to `write`: 0). What a row-by-row `write` would do, for a fraction of its cost: the
+    /// calls again; rows of `HOT_WAIT_MIN_RECORD` bytes or more are left to `write`: 0).
+    /// What a row-by-row `write` would do, for a fraction of its cost: the
     /// checks once, one clock read (the records' timestamp and the heartbeat: they are
     /// handed over at once), `commit_pos` and `next_seq` published once at the end (also
     /// when an error stops it: what was committed stays committed).
@@ -753,11 +775,14 @@ impl Producer {
                     needed_tail,
                     hot_wait: Some(d),
                 } => {
-                    // Not full: wait no longer than the caller allows (not at all for 0).
+                    // Not full: wait no longer than the caller allows, and copy ahead only
+                    // if the whole wait is allowed.
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if !left.is_zero() {
+                    if left >= d {
                         // SAFETY: as above.
                         prefilled = unsafe { self.prefill_hot(payload.as_ptr(), payload.len())? };
+                    }
+                    if !left.is_zero() {
                         self.wait_for_room(needed_tail, d.min(left));
                     }
                 }

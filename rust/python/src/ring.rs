@@ -144,11 +144,15 @@ fn claim_with_wait(
                 // (see Producer::prefill_hot), then wait for it, both without the GIL; no
                 // longer than the caller allows (not at all for a timeout of 0).
                 let end = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-                let d = d.min(end.saturating_duration_since(Instant::now()));
-                if d.is_zero() {
+                let left = end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
                     continue;
                 }
-                let src = prefill.map(|s| (SendPtr(s.ptr as *mut u8), s.len));
+                // (the copy ahead only if the whole wait is allowed)
+                let src = prefill
+                    .filter(|_| left >= d)
+                    .map(|s| (SendPtr(s.ptr as *mut u8), s.len));
+                let d = d.min(left);
                 let pr = &mut *p;
                 prefilled = py
                     .detach(move || -> rust_daq_core::Result<bool> {
@@ -524,7 +528,7 @@ impl RingBuffer {
     /// Policy "block": how far into the ring (bytes) the producer goes before it returns to
     /// the start early, once the consumer has taken every record (and at least twice the
     /// record's size): records a consumer keeps up with cycle through memory still in cache,
-    /// and a drained ring keeps about that much history. Records of 64 KiB and more wait
+    /// and a drained ring keeps about that much history. Records of 64 KiB to 8 MiB wait
     /// there, once a lap and briefly, for a consumer a record or two behind, the next
     /// record copied ahead meanwhile. 0: every lap the whole ring, no wait.
     #[getter]
