@@ -48,7 +48,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import anyio
 import anyio.lowlevel
@@ -242,9 +242,11 @@ class Acquisition:
                 # One read of one instrument (a detector's point): due now, read now; no task
                 # group, no schedule (half the cost of a run on a busy loop).
                 try:
-                    assert isinstance(st.instrument, PolledInstrument)
+                    # (st.polled says what it is: an isinstance against the runtime-checkable
+                    # protocol took 20-30 µs, a third of a detector's point in this method)
+                    inst = cast(PolledInstrument, st.instrument)
                     st.jitter.add(0.0)
-                    self._add(st, await st.instrument.read())
+                    self._add(st, await inst.read())
                 finally:
                     self._elapsed += time.perf_counter() - started
                     self._run_started = None
@@ -319,8 +321,7 @@ class Acquisition:
             await anyio.lowlevel.checkpoint()
 
     async def _poll(self, st: _Stream, reads: int | None) -> None:
-        inst = st.instrument
-        assert isinstance(inst, PolledInstrument)
+        inst = cast(PolledInstrument, st.instrument)  # (st.polled)
         period = 1.0 / inst.rate_hz
         precise = self._precise(inst)
         start = time.perf_counter()

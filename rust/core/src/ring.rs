@@ -315,6 +315,15 @@ impl Ring {
     pub fn write_pos(&self) -> u64 {
         self.h64(off::WRITE_POS).load(Ordering::Acquire)
     }
+    /// `status().records_lost` alone: one load, not the producer's liveness check (a
+    /// signal and a read of /proc, about 12 µs).
+    pub fn records_lost(&self) -> u64 {
+        self.h64(off::RECORDS_LOST).load(Ordering::Relaxed)
+    }
+    /// `status().heartbeat_ns` alone.
+    pub fn heartbeat_ns(&self) -> i64 {
+        self.h64(off::HEARTBEAT_NS).load(Ordering::Relaxed) as i64
+    }
 
     /// Two fields written under one seqlock version word, as one consistent pair.
     fn seqlock_pair(&self, version: usize, first: usize, second: usize) -> (u64, u64) {
@@ -355,8 +364,8 @@ impl Ring {
             next_seq,
             read_tail,
             read_tail_seq,
-            records_lost: self.h64(off::RECORDS_LOST).load(Ordering::Relaxed),
-            heartbeat_ns: self.h64(off::HEARTBEAT_NS).load(Ordering::Relaxed) as i64,
+            records_lost: self.records_lost(),
+            heartbeat_ns: self.heartbeat_ns(),
             producer_pid: (word != 0).then(|| lock::lock_pid(word)),
             producer_alive: lock::holder_alive(word),
         }

@@ -453,7 +453,7 @@ impl RingBuffer {
     /// Data records overwritten before the primary consumer's `read_tail` reached them.
     #[getter]
     fn records_lost(&self) -> PyResult<u64> {
-        Ok(self.ring()?.status().records_lost)
+        Ok(self.ring()?.records_lost())
     }
     #[getter]
     fn capacity(&self) -> u64 {
@@ -491,7 +491,7 @@ impl RingBuffer {
     }
     #[getter]
     fn heartbeat_ns(&self) -> PyResult<i64> {
-        Ok(self.ring()?.status().heartbeat_ns)
+        Ok(self.ring()?.heartbeat_ns())
     }
     /// Bytes of the schema region (the stream table; fixed at creation).
     #[getter]
