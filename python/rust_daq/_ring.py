@@ -137,7 +137,8 @@ class RingBuffer(_native.RingBuffer):
 
     def reader(self, start: StartAt = "oldest", *, wait: Wait = "adaptive") -> RingReader:
         """A new reader with its own cursor: from the ``"oldest"`` record still in the ring, the
-        ``"latest"`` (only records committed from now on), or the primary consumer's ``"tail"``.
+        ``"latest"`` (only records committed from now on, and those of a ``write_many`` run
+        going on since its last publish), or the primary consumer's ``"tail"``.
         ``wait`` is how its reads with a timeout wait for data (:data:`Wait`)."""
         return RingReader(self, start, wait)
 

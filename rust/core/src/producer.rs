@@ -617,11 +617,14 @@ impl Producer {
     /// Writes rows `0..rows` of `row_len` bytes each (row i at `base + i * row_len`) as one
     /// plain record each on `stream`, as far as the ring has room without waiting, and
     /// returns how many it wrote (the caller writes the next one with `write`'s wait, then
-    /// calls again; rows of `HOT_WAIT_MIN_RECORD` bytes or more are left to `write`: 0).
+    /// calls again; rows whose records are `HOT_WAIT_MIN_RECORD` bytes or more are left to
+    /// `write`: 0).
     /// What a row-by-row `write` would do, for a fraction of its cost: the
     /// checks once, one clock read (the records' timestamp and the heartbeat: they are
-    /// handed over at once), `commit_pos` and `next_seq` published once at the end (also
-    /// when an error stops it: what was committed stays committed).
+    /// handed over at once), `commit_pos` and `next_seq` published at the end (also when an
+    /// error stops it: what was committed stays committed) and whenever the run has gone
+    /// half a capacity past the last publish, so that `oldest_pos <= commit_pos` holds at
+    /// every moment (an overwrite ring reclaims as the run goes).
     ///
     /// # Safety
     /// `base` is valid for reads of `rows * row_len` bytes.
@@ -632,8 +635,10 @@ impl Producer {
         row_len: usize,
         stream: u32,
     ) -> Result<usize> {
-        if rows == 0 || row_len as u64 >= HOT_WAIT_MIN_RECORD {
-            return Ok(0); // (large rows: one `write` each, with its hot wait and copy ahead)
+        match format::record_size(row_len as u64) {
+            // (records a hot wait is for: one `write` each, with its wait and copy ahead)
+            Some(size) if rows != 0 && size < HOT_WAIT_MIN_RECORD => {}
+            _ => return Ok(0),
         }
         if lock::forked_since(self.fork_gen) {
             return Err(Error::Forked);
@@ -648,10 +653,20 @@ impl Producer {
         }
         self.prefilled = None;
         let now = now_ns();
+        let size = format::record_size(row_len as u64).unwrap_or(u64::MAX);
+        // commit_pos may lag the committed records during the run, never oldest_pos: it is
+        // published before the run has written half a capacity past it (the new oldest
+        // record is then never beyond that published record boundary).
+        let half = self.ring.cap / 2;
+        let mut published = self.commit_pos;
         let mut done = 0;
         let result = (|| {
             while done < rows {
                 self.ring.check_tripped()?;
+                if self.write_pos + size > published + half {
+                    self.publish();
+                    published = self.commit_pos;
+                }
                 let c = match self.claim_inner(row_len as u64, stream, Some(now), now)? {
                     ClaimResult::Claimed(c) => c,
                     ClaimResult::WouldBlock { .. } => break,
