@@ -78,7 +78,8 @@ def _summary(stats: dict[str, Any]) -> bool:
     table = Table(title=f"acquisition ({stats['elapsed_s']:.1f} s, stopped by {stats['stopped_by']})")
     columns = ["stream", "rows"] + (["in file"] if stats.get("output") else [])
     for col in (*columns, "records", "MB", "missed", "jitter p99 µs", "write p99.9 µs"):
-        table.add_column(col, justify="right" if col != "stream" else "left")
+        # (a stream's name folds onto more lines rather than lose its end to an ellipsis)
+        table.add_column(col, justify="right" if col != "stream" else "left", overflow="fold")
     for name, st in stats["streams"].items():
         in_file = [f"{book[name]['rows']:,}" if name in book else "0"] if stats.get("output") else []
         table.add_row(
