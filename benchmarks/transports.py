@@ -340,6 +340,16 @@ class Iceoryx2Transport(Transport):
         self.service_name = f"rdaq-bench-{os.getpid()}-{id(self)}-{size}-{readers}"
         self.buffer = depth(size, 1024)
 
+    def cleanup(self) -> None:
+        """The service's files in /dev/shm: its processes exit without dropping their nodes
+        (a Python object alive at exit is not finalised), so iceoryx2 would leave them."""
+        import iceoryx2 as iox2
+
+        node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+        node.force_remove_service(
+            iox2.ServiceName.new(self.service_name), iox2.MessagingPattern.PublishSubscribe
+        )
+
     def _service(self) -> Any:
         import iceoryx2 as iox2
 

@@ -50,6 +50,16 @@ def ring_path() -> Iterator[str]:
         p.unlink(missing_ok=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_daemon_ring_left() -> Iterator[None]:
+    """The rings `test_daemon.config()` names (its daemons do not own them, and a daemon a test
+    kills cannot remove what it owns): removed after every test that may have used one, in
+    whichever module (test_flight_process and test_daemon_security use that config too)."""
+    yield
+    for p in Path("/dev/shm").glob("rdaq-test-daemon-*"):
+        p.unlink(missing_ok=True)
+
+
 # -- real nats-server processes (tests/helpers/nats_servers.py) ------------------------------
 # Each fixture stops the servers it started and removes their temporary directories, whatever the
 # test did; a test that needs nats-server is skipped where it is not installed (failed on CI).

@@ -132,13 +132,6 @@ def config(
     return path
 
 
-@pytest.fixture(autouse=True)
-def _no_ring_left() -> Iterator[None]:
-    yield
-    for p in Path("/dev/shm").glob("rdaq-test-daemon-*"):
-        p.unlink(missing_ok=True)
-
-
 def _start_s(path: Path) -> float:
     import datetime as dt
 
