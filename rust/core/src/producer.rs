@@ -742,6 +742,33 @@ impl Producer {
         wake_sleepers(self.ring.h32(off::DATA_NOTIFY));
     }
 
+    /// The wait `WouldBlock { needed_tail, hot_wait: Some(d) }` asks for, `left` being what
+    /// the caller's timeout still allows: copies `payload` ahead (`prefill_hot`) if there is
+    /// one and the whole wait is allowed, then waits for the consumer to drain, at most `d`
+    /// (and `left`; not at all for 0). Returns whether the payload was copied ahead: claim
+    /// again with `try_claim_prefilled` then, else with `try_claim_tagged`.
+    ///
+    /// # Safety
+    /// `payload`, if given, is valid for reads of its length, the claim's payload.
+    pub unsafe fn hot_wait(
+        &mut self,
+        needed_tail: u64,
+        d: Duration,
+        left: Duration,
+        payload: Option<(*const u8, usize)>,
+    ) -> Result<bool> {
+        if left.is_zero() {
+            return Ok(false);
+        }
+        let prefilled = match payload {
+            // SAFETY: the caller's promise, passed on.
+            Some((src, len)) if left >= d => unsafe { self.prefill_hot(src, len)? },
+            _ => false,
+        };
+        self.wait_for_room(needed_tail, d.min(left));
+        Ok(prefilled)
+    }
+
     /// Policy "block": waits until `read_tail` reaches `needed_tail` or `timeout` passes, as
     /// the producer's wait strategy says (adaptive unless set). May return false early.
     pub fn wait_for_room(&self, needed_tail: u64, timeout: Duration) -> bool {
@@ -790,16 +817,10 @@ impl Producer {
                     needed_tail,
                     hot_wait: Some(d),
                 } => {
-                    // Not full: wait no longer than the caller allows, and copy ahead only
-                    // if the whole wait is allowed.
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left >= d {
-                        // SAFETY: as above.
-                        prefilled = unsafe { self.prefill_hot(payload.as_ptr(), payload.len())? };
-                    }
-                    if !left.is_zero() {
-                        self.wait_for_room(needed_tail, d.min(left));
-                    }
+                    let src = Some((payload.as_ptr(), payload.len()));
+                    // SAFETY: as above.
+                    prefilled = unsafe { self.hot_wait(needed_tail, d, left, src)? };
                 }
                 ClaimResult::WouldBlock { needed_tail, .. } => {
                     let now = Instant::now();

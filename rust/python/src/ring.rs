@@ -140,29 +140,16 @@ fn claim_with_wait(
                 needed_tail,
                 hot_wait: Some(d),
             } => {
-                // A hot wait (not full): copy the payload ahead while the consumer finishes
-                // (see Producer::prefill_hot), then wait for it, both without the GIL; no
-                // longer than the caller allows (not at all for a timeout of 0).
+                // A hot wait (not full): Producer::hot_wait, without the GIL (at most 2 ms).
                 let end = *deadline.get_or_insert_with(|| Instant::now() + timeout);
                 let left = end.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    continue;
-                }
-                // (the copy ahead only if the whole wait is allowed)
-                let src = prefill
-                    .filter(|_| left >= d)
-                    .map(|s| (SendPtr(s.ptr as *mut u8), s.len));
-                let d = d.min(left);
+                let src = prefill.map(|s| (SendPtr(s.ptr as *mut u8), s.len));
                 let pr = &mut *p;
                 prefilled = py
-                    .detach(move || -> rust_daq_core::Result<bool> {
-                        let done = match src {
-                            // SAFETY: the caller's Source holds the buffer export for this call.
-                            Some((ptr, len)) => unsafe { pr.prefill_hot(ptr.get(), len)? },
-                            None => false,
-                        };
-                        pr.wait_for_room(needed_tail, d);
-                        Ok(done)
+                    .detach(move || {
+                        let src = src.map(|(ptr, len)| (ptr.get() as *const u8, len));
+                        // SAFETY: the caller's Source holds the buffer export for this call.
+                        unsafe { pr.hot_wait(needed_tail, d, left, src) }
                     })
                     .py_err(py)?;
             }
