@@ -151,6 +151,24 @@ fn at_the_hot_point(t: &TempRing) -> (std::sync::Arc<Ring>, rust_daq_core::Produ
     (ring, p, rd)
 }
 
+/// A claim of a BIG record that must be a hot wait (the ring not full, not claimed).
+fn expect_hot_wait(p: &mut rust_daq_core::Producer) {
+    match p.try_claim(BIG as u64, 0, None).unwrap() {
+        ClaimResult::WouldBlock {
+            hot_wait: Some(_), ..
+        } => {}
+        ClaimResult::WouldBlock { .. } => panic!("full, not a hot wait"),
+        ClaimResult::Claimed(c) => panic!("claimed at {}, not a hot wait", c.pos),
+    }
+}
+
+/// `prefill_hot` of a BIG payload no record ever carries (0xEE bytes fail every checksum).
+fn copy_junk_ahead(p: &mut rust_daq_core::Producer) -> bool {
+    let junk = vec![0xEEu8; BIG];
+    // SAFETY: `junk` is BIG bytes long.
+    unsafe { p.prefill_hot(junk.as_ptr(), BIG) }.unwrap()
+}
+
 fn claimed(r: ClaimResult) -> rust_daq_core::Claim {
     match r {
         ClaimResult::Claimed(c) => c,
@@ -210,16 +228,8 @@ fn large_records_a_consumer_finishes_in_time_go_back_to_the_start_copied_ahead()
 fn a_copy_ahead_the_consumer_is_too_slow_for_is_never_read_and_costs_no_room() {
     let t = TempRing::new("hot-slow");
     let (ring, mut p, mut rd) = at_the_hot_point(&t);
-    assert!(matches!(
-        p.try_claim(BIG as u64, 0, None).unwrap(),
-        ClaimResult::WouldBlock {
-            hot_wait: Some(_),
-            ..
-        }
-    ));
-    let junk = vec![0xEEu8; BIG];
-    // SAFETY: `junk` is BIG bytes long.
-    assert!(unsafe { p.prefill_hot(junk.as_ptr(), BIG) }.unwrap());
+    expect_hot_wait(&mut p);
+    assert!(copy_junk_ahead(&mut p));
     // The consumer did not take record 1 in time: the record goes where it would have
     // without hot reuse, filled as usual, and the lap goes on without another wait.
     let c = claimed(p.try_claim_prefilled(BIG as u64, 0, 0, None).unwrap());
@@ -254,10 +264,8 @@ fn a_plain_claim_after_a_copy_ahead_fills_its_record_itself() {
     // copy to the next record of the same size.
     let t = TempRing::new("hot-abandon");
     let (ring, mut p, mut rd) = at_the_hot_point(&t);
-    let junk = vec![0xEEu8; BIG];
-    let _ = p.try_claim(BIG as u64, 0, None).unwrap();
-    // SAFETY: `junk` is BIG bytes long.
-    assert!(unsafe { p.prefill_hot(junk.as_ptr(), BIG) }.unwrap());
+    expect_hot_wait(&mut p);
+    assert!(copy_junk_ahead(&mut p));
     rd.next_copy().unwrap().unwrap();
     rd.commit().unwrap();
     let c = claimed(p.try_claim(BIG as u64, 0, None).unwrap());
@@ -269,10 +277,8 @@ fn a_plain_claim_after_a_copy_ahead_fills_its_record_itself() {
 fn a_producer_killed_after_its_copy_ahead_leaves_a_ring_the_next_one_continues() {
     let t = TempRing::new("hot-crash");
     let (ring, mut p, mut rd) = at_the_hot_point(&t);
-    let _ = p.try_claim(BIG as u64, 0, None).unwrap();
-    let junk = vec![0xEEu8; BIG];
-    // SAFETY: `junk` is BIG bytes long.
-    assert!(unsafe { p.prefill_hot(junk.as_ptr(), BIG) }.unwrap());
+    expect_hot_wait(&mut p);
+    assert!(copy_junk_ahead(&mut p));
     std::mem::forget(p); // SIGKILL: no Drop; the lock word names a pid that is gone
     ring.region()
         .h64(rust_daq_core::format::off::PRODUCER_LOCK)
@@ -307,16 +313,8 @@ fn a_copy_ahead_never_tears_a_record_its_consumer_still_owes() {
         p.write(&payload(i, BIG), 0, None, Duration::ZERO).unwrap();
     }
     // The consumer owes both records: offset 0 is record 0's, not free.
-    assert!(matches!(
-        p.try_claim(BIG as u64, 0, None).unwrap(),
-        ClaimResult::WouldBlock {
-            hot_wait: Some(_),
-            ..
-        }
-    ));
-    let junk = vec![0xEEu8; BIG];
-    // SAFETY: `junk` is BIG bytes long.
-    assert!(!unsafe { p.prefill_hot(junk.as_ptr(), BIG) }.unwrap());
+    expect_hot_wait(&mut p);
+    assert!(!copy_junk_ahead(&mut p));
     let got: Vec<u64> = std::iter::from_fn(|| rd.next_copy().unwrap())
         .map(|(r, buf)| {
             assert_eq!(check(&buf), r.seq, "record {} intact", r.seq);
@@ -330,10 +328,8 @@ fn a_copy_ahead_never_tears_a_record_its_consumer_still_owes() {
 fn a_copy_ahead_of_another_length_is_not_taken_for_the_record() {
     let t = TempRing::new("hot-len");
     let (ring, mut p, mut rd) = at_the_hot_point(&t);
-    let _ = p.try_claim(BIG as u64, 0, None).unwrap();
-    let junk = vec![0xEEu8; BIG];
-    // SAFETY: `junk` is BIG bytes long.
-    assert!(unsafe { p.prefill_hot(junk.as_ptr(), BIG) }.unwrap());
+    expect_hot_wait(&mut p);
+    assert!(copy_junk_ahead(&mut p));
     rd.next_copy().unwrap().unwrap();
     rd.commit().unwrap();
     let c = claimed(p.try_claim_prefilled(BIG as u64 - 8, 0, 0, None).unwrap());
@@ -360,16 +356,8 @@ fn a_wait_that_fails_keeps_the_history_of_the_last_lap_for_readers_from_the_olde
     }
     assert_eq!(rd.next_copy().unwrap().unwrap().0.seq, 15);
     rd.commit().unwrap(); // ...it owes 16
-    assert!(matches!(
-        p.try_claim(BIG as u64, 0, None).unwrap(),
-        ClaimResult::WouldBlock {
-            hot_wait: Some(_),
-            ..
-        }
-    ));
-    let junk = vec![0xEEu8; BIG];
-    // SAFETY: `junk` is BIG bytes long.
-    assert!(!unsafe { p.prefill_hot(junk.as_ptr(), BIG) }.unwrap());
+    expect_hot_wait(&mut p);
+    assert!(!copy_junk_ahead(&mut p));
     // Not drained in time: record 17 goes on after 16; the history of lap 0 from record 2
     // on (0 and 1 gave their room to 15 and 16) is still there.
     p.write(&payload(17, BIG), 0, None, Duration::ZERO).unwrap();
