@@ -81,6 +81,7 @@ print("view-sum", int(sum(int(a.sum()) for a in arrays)), "data-sum", int(data[:
 # ...and no view says it is valid.
 print("views-valid", any(r.valid() for r in views), flush=True)
 for name, op in [
+    ("write-many-rows", lambda: ring.write_many(np.zeros((100, 64), np.uint8))),  # first: untripped
     ("read", lambda: reader.read()),
     ("read-timeout", lambda: reader.read(timeout=0.2)),
     ("other-read", lambda: other_reader.read()),
@@ -115,6 +116,7 @@ def test_truncation_while_mapped_gives_ring_corrupt_error_not_sigbus(ring_path: 
     assert lines[0] == "view-sum 0 data-sum 0", lines
     assert lines[1] == "views-valid False"
     for name in (
+        "write-many-rows",
         "read",
         "read-timeout",
         "other-read",

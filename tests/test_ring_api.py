@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -75,6 +76,41 @@ def test_write_many_batches_records(ring_path: str) -> None:
         assert len(recs) == 1002
         assert [check_payload(r.data) for r in recs[:1000]] == list(range(1000))
         assert [r.stream for r in recs[1000:]] == [9, 9]
+
+
+def test_write_many_of_an_array_writes_every_row_in_runs_that_share_a_timestamp(ring_path: str) -> None:
+    """Rows go in runs of up to 1,024, each with one clock read; a run that meets a full
+    block ring goes on through the wait; rows of 64 KiB each go one by one."""
+    rows = np.zeros((3000, 64), np.uint8)
+    rows[:, :8].view(np.int64)[:, 0] = np.arange(3000)
+    rows[:, 8:] = (np.arange(3000) % 251)[:, None]
+    with RingBuffer.create(ring_path, capacity_bytes=128 * 1024, policy="block") as ring:
+        reader = ring.reader("tail")
+        got: list[Any] = []
+
+        def consume() -> None:
+            while len(got) < 3000 + 3:
+                got.extend(reader.read(max_records=256, timeout=10.0))
+                reader.commit()
+
+        t = threading.Thread(target=consume)
+        t.start()
+        t0 = time.time_ns()
+        assert ring.write_many(rows, stream=4, timeout=30) == 2999  # 384 KiB through 128 KiB
+        big = np.full((3, 64 * 1024), 7, np.uint8)
+        assert ring.write_many(big, stream=5, timeout=30) == 3002
+        t.join(timeout=60)
+    assert [r.seq for r in got] == list(range(3003))
+    data = np.array([np.frombuffer(r.data, np.uint8) for r in got[:3000]])
+    np.testing.assert_array_equal(data, rows)
+    assert [r.stream_seq for r in got[:3000]] == list(range(3000))
+    stamps = np.array([r.timestamp_ns for r in got[:3000]])
+    assert np.all(np.diff(stamps) >= 0) and stamps[0] >= t0
+    # Runs of at most 1,024 rows share one clock read (more when the ring was full).
+    _, counts = np.unique(stamps, return_counts=True)
+    assert counts.max() <= 1024 and len(counts) >= 3
+    assert [bytes(r.data) == bytes(big[0]) for r in got[3000:]] == [True] * 3
+    assert [(r.stream, r.stream_seq) for r in got[3000:]] == [(5, 0), (5, 1), (5, 2)]
 
 
 def test_write_many_keeps_what_it_wrote_before_a_bad_item(ring_path: str) -> None:

@@ -432,8 +432,8 @@ class Acquisition:
     def stats(self) -> dict[str, Any]:
         """Rows, records and bytes per stream; read jitter (lateness against the schedule, µs)
         and missed deadlines per polled stream; write latency into the ring (µs), per stream
-        and over all writes; records the
-        ring lost (overwritten before its primary consumer read them)."""
+        and over all writes; records the ring lost (overwritten before its primary consumer
+        read them)."""
         running = self._run_started
         elapsed = self._elapsed + (time.perf_counter() - running if running is not None else 0.0)
         streams = {}

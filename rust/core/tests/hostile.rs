@@ -262,3 +262,21 @@ fn long_ring_names_work_up_to_the_file_name_limit() {
         other => panic!("expected Config, got {other:?}"),
     }
 }
+
+#[test]
+fn a_run_of_rows_into_a_truncated_ring_is_an_error_and_publishes_nothing_it_lost() {
+    let t = TempRing::new("shrink-rows");
+    let (ring, mut p) = Ring::create(&t.0, 1 << 16, Policy::Overwrite, false).unwrap();
+    let rows: Vec<u8> = (0..100u8).flat_map(|i| [i; 64]).collect();
+    // SAFETY (both calls): `rows` holds 100 rows of 64 bytes.
+    assert_eq!(
+        unsafe { p.write_rows(rows.as_ptr(), 100, 64, 0) }.unwrap(),
+        100
+    );
+    let before = ring.status();
+    truncate(&t.0, 12288);
+    corrupt_truncated(unsafe { p.write_rows(rows.as_ptr(), 100, 64, 0) }.unwrap_err());
+    // The data region is gone (12 KiB is inside the header and schema region): the run's
+    // first record went into a zero page, and nothing of the run was counted as written.
+    assert_eq!(ring.snapshot(), (before.commit_pos, before.next_seq));
+}
